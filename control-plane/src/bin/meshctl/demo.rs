@@ -1,0 +1,419 @@
+//! `meshctl demo`: a whole mesh on one laptop, as separate processes — the
+//! controller, a sidecar per pod, and the apps — each pod on its own loopback
+//! address, with traffic from frontend to hello and a live summary.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, Semaphore};
+use trellis_control_plane::cli::duration;
+use trellis_control_plane::context::{self, Context};
+use trellis_control_plane::demo::apps::Greeting;
+use trellis_control_plane::demo::manifests::{
+    self, DemoPod, ADMIN_PORT, APP_PORT, INBOUND_PORT, OUTBOUND_PORT,
+};
+use trellis_control_plane::identity::BootstrapTokens;
+use trellis_proto::SpiffeId;
+
+use crate::report::{Report, Sample};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Run this many seconds, print the summary and stop (exit status 0 only
+    /// if at least 99% of requests succeeded). Without it: until Ctrl-C.
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<u64>,
+    /// `json` makes the last line on stdout one JSON object.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+    /// Requests per second from the load generator to the frontend.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    rps: u32,
+    /// Keep manifests, keys and logs here (default: a temporary directory,
+    /// removed at the end). Edit `manifests/` while the demo runs.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Lifetime of the workload certificates.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    leaf_lifetime: Duration,
+}
+
+const TRUST_DOMAIN: &str = "cluster.local";
+const CONTROLLER_PORT: u16 = 8090;
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
+    let temp;
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("trellis-demo-")
+                .tempdir()
+                .context("creating a state directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let manifests_dir = state_dir.join("manifests");
+    let logs = state_dir.join("logs");
+    for dir in [&manifests_dir, &logs, &state_dir.join("tokens")] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let base = free_loopback_block().await?;
+    let pods = manifests::pods(base);
+    std::fs::write(manifests_dir.join("demo.yaml"), manifests::render(&pods))
+        .context("writing the demo manifests")?;
+
+    let say = |line: String| match args.output {
+        Output::Table => println!("{line}"),
+        Output::Json => eprintln!("{line}"),
+    };
+    let mut children = Children::new(logs.clone());
+    let result = async {
+        let controller = SocketAddr::from((Ipv4Addr::new(base[0], base[1], base[2], 1), CONTROLLER_PORT));
+        let lifetime = format!("{}ms", args.leaf_lifetime.as_millis());
+        children.spawn("controller", &[], &[
+            "controller", "--manifests", path(&manifests_dir)?, "--state-dir", path(&state_dir)?,
+            "--listen", &controller.to_string(), "--trust-domain", TRUST_DOMAIN, "--leaf-lifetime", &lifetime,
+        ])?;
+        wait_for_port(controller, &mut children).await?;
+
+        let tokens = BootstrapTokens::load_or_create(&state_dir).context("opening the bootstrap tokens")?;
+        for pod in &pods {
+            start_pod(&mut children, pod, controller, &tokens, &state_dir)?;
+        }
+        for pod in &pods {
+            wait_ready(pod, &mut children).await?;
+        }
+        say(format!("Trellis demo mesh is up (state and logs in {}):", state_dir.display()));
+        say(format!("  controller  {controller}"));
+        for pod in &pods {
+            say(format!(
+                "  {:<10}  app {}:{APP_PORT}  proxy outbound :{OUTBOUND_PORT} inbound :{INBOUND_PORT} admin http://{}:{ADMIN_PORT}/ready",
+                pod.name, pod.ip, pod.ip
+            ));
+        }
+        say(format!("  manifests   {} (edit them while the demo runs)", manifests_dir.display()));
+        let context = Context {
+            manifests: manifests_dir.clone(),
+            controller: controller.to_string(),
+            proxies: pods.iter().map(|p| (p.name.to_string(), format!("http://{}:{ADMIN_PORT}", p.ip))).collect(),
+            pid: std::process::id(),
+        };
+        context.save(&context::path()).context("writing the meshctl context")?;
+        say("Try, in another terminal: meshctl route set hello --backend hello-v1=50 --backend hello-v2=50".into());
+        let frontend = SocketAddr::from((pods[0].ip, APP_PORT));
+        let hello_identity = SpiffeId::new(TRUST_DOMAIN, manifests::NAMESPACE, "hello").to_string();
+        drive(&args, frontend, &hello_identity, &mut children).await
+    }
+    .await;
+    children.stop().await;
+    Context::remove_own(&context::path());
+    if let Err(e) = &result {
+        eprintln!("demo logs are in {}", logs.display());
+        if args.state_dir.is_none() {
+            // Keep the logs of a failed run for the user to read.
+            let kept =
+                std::env::temp_dir().join(format!("trellis-demo-logs-{}", std::process::id()));
+            let _ = std::fs::rename(&logs, &kept);
+            eprintln!("(kept as {}) after: {e:#}", kept.display());
+        }
+    }
+    result
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not valid UTF-8", p.display()))
+}
+
+/// A `127.x.y.0/24` block whose demo ports are free, so several demos (and
+/// tests) can run side by side.
+async fn free_loopback_block() -> anyhow::Result<[u8; 3]> {
+    for _ in 0..64 {
+        let block = [127, fastrand::u8(1..=254), fastrand::u8(1..=254)];
+        let probe = SocketAddr::from((
+            Ipv4Addr::new(block[0], block[1], block[2], 1),
+            CONTROLLER_PORT,
+        ));
+        if std::net::TcpListener::bind(probe).is_ok() {
+            return Ok(block);
+        }
+    }
+    bail!("found no free loopback block 127.x.y.0/24 for the demo; is 127.0.0.0/8 routed to lo?")
+}
+
+fn start_pod(
+    children: &mut Children,
+    pod: &DemoPod,
+    controller: SocketAddr,
+    tokens: &BootstrapTokens,
+    state_dir: &Path,
+) -> anyhow::Result<()> {
+    let app = SocketAddr::from((pod.ip, APP_PORT));
+    let outbound = SocketAddr::from((pod.ip, OUTBOUND_PORT));
+    match pod.app {
+        "frontend" => children.spawn(
+            pod.name,
+            &[],
+            &[
+                "frontend",
+                "--listen",
+                &app.to_string(),
+                "--backend",
+                manifests::HELLO_AUTHORITY,
+                "--proxy",
+                &outbound.to_string(),
+            ],
+        )?,
+        _ => children.spawn(
+            pod.name,
+            &[],
+            &[
+                "hello",
+                "--listen",
+                &app.to_string(),
+                "--version",
+                pod.version,
+                "--pod",
+                pod.name,
+            ],
+        )?,
+    }
+    let identity = SpiffeId::new(TRUST_DOMAIN, manifests::NAMESPACE, pod.service_account);
+    let token_file = state_dir.join("tokens").join(format!("{}.token", pod.name));
+    write_private(&token_file, tokens.token_for(&identity).as_bytes())?;
+    let env = [
+        ("TRELLIS_CONTROLLER", format!("http://{controller}")),
+        ("TRELLIS_IDENTITY", identity.to_string()),
+        ("TRELLIS_TOKEN_FILE", path(&token_file)?.to_string()),
+        ("TRELLIS_OUTBOUND_LISTEN", outbound.to_string()),
+        (
+            "TRELLIS_INBOUND_LISTEN",
+            SocketAddr::from((pod.ip, INBOUND_PORT)).to_string(),
+        ),
+        (
+            "TRELLIS_ADMIN_LISTEN",
+            SocketAddr::from((pod.ip, ADMIN_PORT)).to_string(),
+        ),
+        ("TRELLIS_APP_IP", pod.ip.to_string()),
+        ("TRELLIS_WORKLOAD", pod.name.to_string()),
+    ];
+    children.spawn(&format!("{}-proxy", pod.name), &env, &["proxy"])
+}
+
+fn write_private(file: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("writing {}", file.display()))?;
+    f.write_all(contents)
+        .with_context(|| format!("writing {}", file.display()))
+}
+
+async fn wait_for_port(addr: SocketAddr, children: &mut Children) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        children.check()?;
+        if Instant::now() > deadline {
+            bail!(
+                "nothing listens on {addr} after 20 s; see {}",
+                children.logs.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn wait_ready(pod: &DemoPod, children: &mut Children) -> anyhow::Result<()> {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let url: http::Uri = format!("http://{}:{ADMIN_PORT}/ready", pod.ip).parse()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = client.get(url.clone()).await {
+            if response.status().is_success() {
+                return Ok(());
+            }
+        }
+        children.check()?;
+        if Instant::now() > deadline {
+            bail!(
+                "the proxy of {} is not ready after 30 s ({url}); see {}",
+                pod.name,
+                children.logs.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends requests to the frontend at a fixed rate until the duration ends
+/// or Ctrl-C, then prints the summary.
+async fn drive(
+    args: &DemoArgs,
+    frontend: SocketAddr,
+    server_identity: &str,
+    children: &mut Children,
+) -> anyhow::Result<bool> {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let url: http::Uri = format!("http://{frontend}/").parse()?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let in_flight = Arc::new(Semaphore::new(256));
+    let started = Instant::now();
+    let end = args.duration.map(|s| started + Duration::from_secs(s));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rps)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut progress = tokio::time::interval(Duration::from_secs(1));
+    let mut report = Report::default();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    if args.duration.is_none() {
+        eprintln!(
+            "sending {} requests/s to the frontend; Ctrl-C to stop",
+            args.rps
+        );
+    }
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if end.is_some_and(|end| Instant::now() >= end) {
+                    break;
+                }
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
+                let (client, url, tx) = (client.clone(), url.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let sent = Instant::now();
+                    let answer = request(&client, url).await;
+                    let _ = tx.send(Sample { latency: sent.elapsed(), answer });
+                    drop(permit);
+                });
+            }
+            Some(sample) = rx.recv() => report.add(sample),
+            _ = progress.tick() => {
+                children.check()?;
+                eprint!("\r{}   ", report.progress(started.elapsed()));
+            }
+            _ = &mut ctrl_c => break,
+        }
+    }
+    // Let the last requests finish.
+    drop(tx);
+    let drain = async {
+        while let Some(sample) = rx.recv().await {
+            report.add(sample)
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    eprintln!("\r{}   ", report.progress(started.elapsed()));
+    let summary = report.summary(server_identity, started.elapsed());
+    match args.output {
+        Output::Table => print!("\n{}", summary.table()),
+        Output::Json => println!("{}", serde_json::to_string(&summary)?),
+    }
+    Ok(args.duration.is_none() || summary.success_rate >= 0.99)
+}
+
+/// One request; the version and client identity `hello` reported on success.
+async fn request(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: http::Uri,
+) -> Option<(String, String)> {
+    let response = tokio::time::timeout(Duration::from_secs(10), client.get(url))
+        .await
+        .ok()?
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    let greeting: Greeting = serde_json::from_slice(&body).ok()?;
+    Some((greeting.version, greeting.client_identity))
+}
+
+/// The demo's processes. Each holds a pipe to us on stdin and exits when it
+/// closes; `kill_on_drop` is the backstop.
+struct Children {
+    logs: PathBuf,
+    running: Vec<(String, Child)>,
+}
+
+impl Children {
+    fn new(logs: PathBuf) -> Self {
+        Self {
+            logs,
+            running: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self, name: &str, env: &[(&str, String)], args: &[&str]) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("finding the meshctl binary")?;
+        let log_path = self.logs.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new(exe)
+            .arg("internal")
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.running.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Fails if a process has exited.
+    fn check(&mut self) -> anyhow::Result<()> {
+        for (name, child) in &mut self.running {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "{name} exited ({status}); see {}",
+                    self.logs.join(format!("{name}.log")).display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every stdin (the signal to exit), then waits; kills stragglers.
+    async fn stop(&mut self) {
+        for (_, child) in &mut self.running {
+            drop(child.stdin.take());
+        }
+        for (name, child) in &mut self.running {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%name, "did not exit in 5 s; killing it");
+                let _ = child.kill().await;
+            }
+        }
+        self.running.clear();
+    }
+}

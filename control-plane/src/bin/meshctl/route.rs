@@ -1,0 +1,548 @@
+//! `meshctl route set|get|delete`: write, show and remove the HTTPRoute of a
+//! Service. In local mode the route is a file in the manifest directory the
+//! controller serves, validated exactly as the controller will before it is
+//! written.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use trellis_control_plane::context::{self, Context};
+use trellis_control_plane::model::*;
+use trellis_control_plane::source::local::parse_dir;
+use trellis_control_plane::source::manifest;
+use trellis_control_plane::store::Store;
+use trellis_proto::discovery::route_match::PathKind;
+use trellis_proto::discovery::Rule;
+
+#[derive(clap::Subcommand)]
+pub enum RouteCommand {
+    /// Create or replace the route of a Service.
+    ///
+    /// Examples:
+    ///   meshctl route set hello --backend hello-v1=90 --backend hello-v2=10
+    ///   meshctl route set hello --backend hello-v1=100 --match header:x-canary=true --to hello-v2
+    ///   meshctl route set hello --timeout 2s --retries 2 --fault abort=503:5%
+    #[command(verbatim_doc_comment)]
+    Set(SetArgs),
+    /// Show the routing rules of a Service, in the order proxies apply them.
+    Get(Target),
+    /// Remove the route `meshctl route set` wrote; traffic falls back to the
+    /// Service's own endpoints.
+    Delete(Target),
+}
+
+#[derive(clap::Args)]
+pub struct Target {
+    /// The Service whose traffic is routed.
+    service: String,
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// The manifest directory the controller serves (default: the running
+    /// demo's, from the meshctl context).
+    #[arg(long, env = "TRELLIS_MANIFESTS")]
+    manifests: Option<PathBuf>,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct SetArgs {
+    #[command(flatten)]
+    target: Target,
+    /// A weighted backend Service, NAME=WEIGHT (repeat for a split).
+    #[arg(long = "backend", value_name = "NAME=WEIGHT")]
+    backends: Vec<String>,
+    /// Conditions for an A/B rule (all must hold): header:NAME=VALUE,
+    /// query:NAME=VALUE, path:/PREFIX, exact-path:/PATH, method:METHOD.
+    #[arg(long = "match", value_name = "KIND:SPEC", requires = "to")]
+    matches: Vec<String>,
+    /// The backend Service for requests that satisfy --match.
+    #[arg(long, requires = "matches")]
+    to: Option<String>,
+    /// Whole-request timeout, e.g. 2s or 500ms (504 when it passes).
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Retry failed idempotent requests up to N times (within a 20% budget).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=10))]
+    retries: Option<u32>,
+    /// Status codes to retry (default 502, 503, 504), e.g. 500,503.
+    #[arg(long, value_delimiter = ',', requires = "retries")]
+    retry_on: Vec<u16>,
+    /// Fault injection: abort=STATUS:PERCENT% or delay=DURATION:PERCENT%.
+    #[arg(long = "fault", value_name = "abort=503:5%|delay=200ms:10%")]
+    faults: Vec<String>,
+}
+
+pub fn run(command: RouteCommand) -> anyhow::Result<bool> {
+    match command {
+        RouteCommand::Set(args) => set(args),
+        RouteCommand::Get(target) => get(&target),
+        RouteCommand::Delete(target) => delete(&target),
+    }
+}
+
+fn manifests_dir(target: &Target) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &target.manifests {
+        return Ok(dir.clone());
+    }
+    let path = context::path();
+    match Context::load(&path).with_context(|| format!("reading {}", path.display()))? {
+        Some(context) => Ok(context.manifests),
+        None => bail!(
+            "no mesh to talk to: pass --manifests DIR (the controller's manifest directory), \
+             or start `meshctl demo` first"
+        ),
+    }
+}
+
+/// The file `route set` owns for a Service.
+fn route_file(dir: &Path, target: &Target) -> PathBuf {
+    dir.join(format!(
+        "route-{}-{}.yaml",
+        target.namespace, target.service
+    ))
+}
+
+fn set(args: SetArgs) -> anyhow::Result<bool> {
+    let dir = manifests_dir(&args.target)?;
+    let file = route_file(&dir, &args.target);
+    let (route, fault) = build(&args)?;
+    let mut objects = vec![Object::HttpRoute(route.clone())];
+    if let Some(fault) = &fault {
+        objects.push(Object::HttpFault(fault.clone()));
+    }
+    // Validate against what the controller serves, as the controller will.
+    let mut all: Vec<Object> = Vec::new();
+    for (other, parsed) in parse_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        if other != file {
+            all.extend(parsed.unwrap_or_default());
+        }
+    }
+    let service = ObjectKey::new(&args.target.namespace, &args.target.service);
+    if !all
+        .iter()
+        .any(|o| o.kind() == "Service" && o.key() == service)
+    {
+        bail!(
+            "no Service {service} in {}; route an existing Service",
+            dir.display()
+        );
+    }
+    let everything: Vec<&Object> = all.iter().chain(&objects).collect();
+    if let Err(e) = manifest::validate(&file, &objects, &everything) {
+        bail!("refusing to write the route: {}", e.reason);
+    }
+    let yaml = objects
+        .iter()
+        .map(to_yaml)
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .join("---\n");
+    let unchanged = std::fs::read_to_string(&file).is_ok_and(|current| current == yaml);
+    if !unchanged {
+        let tmp = file.with_extension("yaml.tmp~");
+        std::fs::write(&tmp, &yaml).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+    }
+    match args.target.output {
+        Format::Yaml => print!("{yaml}"),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&route)?),
+        Format::Table => {
+            let verb = if unchanged { "unchanged" } else { "written" };
+            println!("HTTPRoute {service} {verb}: {}", file.display());
+            all.extend(objects);
+            print!("{}", table(&all, &service)?);
+        }
+    }
+    Ok(true)
+}
+
+fn get(target: &Target) -> anyhow::Result<bool> {
+    let dir = manifests_dir(target)?;
+    let all: Vec<Object> = parse_dir(&dir)?
+        .into_iter()
+        .flat_map(|(_, p)| p.unwrap_or_default())
+        .collect();
+    let service = ObjectKey::new(&target.namespace, &target.service);
+    let routes: Vec<&HttpRoute> = all
+        .iter()
+        .filter_map(|o| match o {
+            Object::HttpRoute(r) if attaches_to(r, &service) => Some(r),
+            _ => None,
+        })
+        .collect();
+    match target.output {
+        Format::Yaml => {
+            let docs: Vec<String> = routes
+                .iter()
+                .map(|r| to_yaml(&Object::HttpRoute((*r).clone())))
+                .collect::<anyhow::Result<_>>()?;
+            print!("{}", docs.join("---\n"));
+        }
+        Format::Json => println!("{}", serde_json::to_string_pretty(&routes)?),
+        Format::Table => print!("{}", table(&all, &service)?),
+    }
+    Ok(true)
+}
+
+fn delete(target: &Target) -> anyhow::Result<bool> {
+    let dir = manifests_dir(target)?;
+    let file = route_file(&dir, target);
+    match std::fs::remove_file(&file) {
+        Ok(()) => println!(
+            "HTTPRoute {}/{} deleted ({})",
+            target.namespace,
+            target.service,
+            file.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let service = ObjectKey::new(&target.namespace, &target.service);
+            let elsewhere: BTreeSet<String> = parse_dir(&dir)?
+                .into_iter()
+                .filter(|(_, parsed)| {
+                    parsed.as_ref().is_ok_and(|objects| {
+                        objects
+                            .iter()
+                            .any(|o| matches!(o, Object::HttpRoute(r) if attaches_to(r, &service)))
+                    })
+                })
+                .map(|(f, _)| f.display().to_string())
+                .collect();
+            if elsewhere.is_empty() {
+                println!("Service {service} has no route; nothing to delete");
+            } else {
+                bail!("the routes of {service} are defined in {elsewhere:?}, not written by meshctl; edit or remove them there");
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+    }
+    Ok(true)
+}
+
+fn attaches_to(route: &HttpRoute, service: &ObjectKey) -> bool {
+    let ns = route.metadata.key().namespace;
+    route.spec.parent_refs.iter().any(|p| {
+        p.is_service()
+            && p.name == service.name
+            && p.namespace.as_deref().unwrap_or(&ns) == service.namespace
+    })
+}
+
+fn to_yaml(object: &Object) -> anyhow::Result<String> {
+    Ok(match object {
+        Object::HttpRoute(r) => serde_saphyr::to_string(r)?,
+        Object::HttpFault(f) => serde_saphyr::to_string(f)?,
+        other => bail!("cannot write {other}"),
+    })
+}
+
+/// The HTTPRoute (and HTTPFault) the flags describe.
+fn build(args: &SetArgs) -> anyhow::Result<(HttpRoute, Option<HttpFault>)> {
+    let t = &args.target;
+    if args.backends.is_empty()
+        && args.matches.is_empty()
+        && args.timeout.is_none()
+        && args.retries.is_none()
+        && args.faults.is_empty()
+    {
+        bail!("nothing to set: give --backend NAME=WEIGHT, --match … --to NAME, --timeout, --retries or --fault");
+    }
+    let meta = |name: String| ObjectMeta {
+        name,
+        namespace: Some(t.namespace.clone()),
+        labels: [(
+            "app.kubernetes.io/managed-by".to_string(),
+            "meshctl".to_string(),
+        )]
+        .into(),
+        ..ObjectMeta::default()
+    };
+    let backends = args
+        .backends
+        .iter()
+        .map(|b| {
+            let (name, weight) = b.split_once('=').with_context(|| {
+                format!("--backend {b:?}: expected NAME=WEIGHT, e.g. hello-v1=90")
+            })?;
+            let weight: u32 = weight.parse().with_context(|| {
+                format!("--backend {b:?}: weight {weight:?} is not a whole number")
+            })?;
+            Ok(backend(name, weight))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let mut fault = HttpFaultSpec::default();
+    for f in &args.faults {
+        parse_fault(f, &mut fault)?;
+    }
+    let fault_object = (!args.faults.is_empty()).then(|| HttpFault {
+        api_version: TRELLIS_API_VERSION.into(),
+        kind: "HTTPFault".into(),
+        metadata: meta(format!("{}-fault", t.service)),
+        spec: fault,
+    });
+    if let Some(timeout) = &args.timeout {
+        if trellis_control_plane::store::parse_gateway_duration(timeout).is_none() {
+            bail!("--timeout {timeout:?}: expected a duration like 2s or 500ms");
+        }
+    }
+    let shape = |rule: HttpRouteRule| HttpRouteRule {
+        timeouts: args
+            .timeout
+            .clone()
+            .map(|t| HttpRouteTimeouts { request: Some(t) }),
+        retry: args.retries.map(|attempts| HttpRouteRetry {
+            attempts: Some(attempts),
+            codes: args.retry_on.clone(),
+            backoff: None,
+        }),
+        filters: fault_object
+            .iter()
+            .map(|f| HttpRouteFilter {
+                kind: "ExtensionRef".into(),
+                request_header_modifier: None,
+                extension_ref: Some(LocalObjectReference {
+                    group: TRELLIS_GROUP.into(),
+                    kind: "HTTPFault".into(),
+                    name: f.metadata.name.clone(),
+                }),
+            })
+            .collect(),
+        ..rule
+    };
+    let mut rules = Vec::new();
+    if let Some(to) = &args.to {
+        let mut m = HttpRouteMatch::default();
+        for spec in &args.matches {
+            parse_match(spec, &mut m)?;
+        }
+        rules.push(shape(HttpRouteRule {
+            matches: vec![m],
+            backend_refs: vec![backend(to, 1)],
+            ..HttpRouteRule::default()
+        }));
+    }
+    rules.push(shape(HttpRouteRule {
+        backend_refs: backends,
+        ..HttpRouteRule::default()
+    }));
+    let route = HttpRoute {
+        api_version: GATEWAY_API_VERSION.into(),
+        kind: "HTTPRoute".into(),
+        metadata: meta(t.service.clone()),
+        spec: HttpRouteSpec {
+            parent_refs: vec![ParentReference {
+                group: Some(String::new()),
+                kind: Some("Service".into()),
+                name: t.service.clone(),
+                namespace: None,
+                port: None,
+            }],
+            rules,
+        },
+    };
+    Ok((route, fault_object))
+}
+
+fn backend(name: &str, weight: u32) -> BackendRef {
+    BackendRef {
+        group: None,
+        kind: None,
+        name: name.to_string(),
+        namespace: None,
+        port: None,
+        weight: Some(weight),
+    }
+}
+
+fn parse_match(spec: &str, m: &mut HttpRouteMatch) -> anyhow::Result<()> {
+    let bad = || {
+        format!("--match {spec:?}: expected header:NAME=VALUE, query:NAME=VALUE, path:/PREFIX, exact-path:/PATH or method:METHOD")
+    };
+    let (kind, rest) = spec.split_once(':').with_context(bad)?;
+    let pair = || -> anyhow::Result<HttpHeaderMatch> {
+        let (name, value) = rest.split_once('=').with_context(bad)?;
+        Ok(HttpHeaderMatch {
+            kind: "Exact".into(),
+            name: name.into(),
+            value: value.into(),
+        })
+    };
+    match kind {
+        "header" => m.headers.push(pair()?),
+        "query" => m.query_params.push(pair()?),
+        "path" => {
+            m.path = Some(HttpPathMatch {
+                kind: "PathPrefix".into(),
+                value: rest.into(),
+            })
+        }
+        "exact-path" => {
+            m.path = Some(HttpPathMatch {
+                kind: "Exact".into(),
+                value: rest.into(),
+            })
+        }
+        "method" => m.method = Some(rest.to_ascii_uppercase()),
+        _ => bail!(bad()),
+    }
+    Ok(())
+}
+
+fn parse_fault(spec: &str, fault: &mut HttpFaultSpec) -> anyhow::Result<()> {
+    let bad = || {
+        format!("--fault {spec:?}: expected abort=STATUS:PERCENT% (e.g. abort=503:5%) or delay=DURATION:PERCENT% (e.g. delay=200ms:10%)")
+    };
+    let (kind, rest) = spec.split_once('=').with_context(bad)?;
+    let (value, percent) = rest.split_once(':').with_context(bad)?;
+    let percent: f64 = percent
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| anyhow::anyhow!(bad()))?;
+    if !(0.0..=100.0).contains(&percent) {
+        bail!("--fault {spec:?}: the percentage must be between 0 and 100");
+    }
+    match kind {
+        "abort" => {
+            let status: u16 = value.parse().map_err(|_| anyhow::anyhow!(bad()))?;
+            fault.abort = Some(FaultAbort {
+                http_status: status,
+                percent,
+            });
+        }
+        "delay" => {
+            fault.delay = Some(FaultDelay {
+                fixed_delay: value.into(),
+                percent,
+            })
+        }
+        _ => bail!(bad()),
+    }
+    Ok(())
+}
+
+/// The rules proxies will apply to the Service, as a table.
+fn table(objects: &[Object], service: &ObjectKey) -> anyhow::Result<String> {
+    let port = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Service(s) if s.metadata.key() == *service => {
+                s.spec.ports.first().map(|p| p.port)
+            }
+            _ => None,
+        })
+        .with_context(|| format!("no Service {service}"))?;
+    let store = Store::new("cluster.local");
+    store.replace_all(objects.iter().cloned());
+    let routes = store.routes(&format!(
+        "{}.{}.svc.cluster.local:{port}",
+        service.name, service.namespace
+    ));
+    if routes.rules.is_empty() {
+        return Ok(format!(
+            "Service {service} has no route: requests go to its own endpoints\n"
+        ));
+    }
+    let mut rows = vec![["RULE", "MATCH", "BACKENDS", "TIMEOUT", "RETRIES", "FAULT"]
+        .map(String::from)
+        .to_vec()];
+    for (i, rule) in routes.rules.iter().enumerate() {
+        rows.push(row(i + 1, rule));
+    }
+    Ok(render_table(&rows))
+}
+
+/// Rows as left-aligned columns, the first row being the header.
+pub fn render_table(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            cells.join("  ").trim_end().to_string() + "\n"
+        })
+        .collect()
+}
+
+fn row(index: usize, rule: &Rule) -> Vec<String> {
+    let mut conditions = Vec::new();
+    if let Some(m) = &rule.r#match {
+        match PathKind::try_from(m.path_kind) {
+            Ok(PathKind::Exact) => conditions.push(format!("path = {}", m.path)),
+            Ok(PathKind::Regex) => conditions.push(format!("path ~ {}", m.path)),
+            _ if m.path != "/" => conditions.push(format!("path {}*", m.path)),
+            _ => {}
+        }
+        if !m.method.is_empty() {
+            conditions.push(m.method.clone());
+        }
+        for h in &m.headers {
+            conditions.push(format!(
+                "header {}{}{}",
+                h.name,
+                if h.regex { "~" } else { "=" },
+                h.value
+            ));
+        }
+        for q in &m.query_params {
+            conditions.push(format!(
+                "query {}{}{}",
+                q.name,
+                if q.regex { "~" } else { "=" },
+                q.value
+            ));
+        }
+    }
+    let total: u32 = rule.backends.iter().map(|b| b.weight).sum();
+    let backends: Vec<String> = rule
+        .backends
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {:.0}%",
+                b.name,
+                f64::from(b.weight) * 100.0 / f64::from(total.max(1))
+            )
+        })
+        .collect();
+    let fault = rule.fault.as_ref().map_or("-".to_string(), |f| {
+        let mut parts = Vec::new();
+        if f.abort_percent > 0.0 {
+            parts.push(format!("abort {} {}%", f.abort_status, f.abort_percent));
+        }
+        if f.delay_percent > 0.0 {
+            parts.push(format!("delay {}ms {}%", f.delay_ms, f.delay_percent));
+        }
+        parts.join(", ")
+    });
+    vec![
+        index.to_string(),
+        if conditions.is_empty() {
+            "*".into()
+        } else {
+            conditions.join(", ")
+        },
+        backends.join(", "),
+        if rule.timeout_ms > 0 {
+            format!("{}ms", rule.timeout_ms)
+        } else {
+            "-".into()
+        },
+        rule.retry
+            .as_ref()
+            .map_or("-".into(), |r| r.attempts.to_string()),
+        fault,
+    ]
+}

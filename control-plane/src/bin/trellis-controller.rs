@@ -1,0 +1,31 @@
+//! `trellis-controller`: the Trellis control plane (local mode).
+
+use anyhow::Context;
+use clap::Parser;
+use trellis_control_plane::cli::{init_tracing, ControllerArgs};
+use trellis_control_plane::controller::Controller;
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-controller",
+    version,
+    about = "The Trellis control plane"
+)]
+struct Cli {
+    #[command(flatten)]
+    controller: ControllerArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing("info");
+    let cli = Cli::parse();
+    let controller = Controller::start(cli.controller.into())
+        .await
+        .context("starting the controller")?;
+    tokio::select! {
+        () = controller.wait() => anyhow::bail!("a controller task stopped unexpectedly"),
+        signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
+    }
+    Ok(())
+}

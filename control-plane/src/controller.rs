@@ -1,0 +1,148 @@
+//! The controller process as a library: load the manifests, open the CA,
+//! serve discovery and identity over gRPC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::discovery::DiscoveryService;
+use crate::identity::{BootstrapTokens, Ca, IdentityService};
+use crate::source::local::LocalSource;
+use crate::source::manifest::ManifestError;
+use crate::store::Store;
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// The directory of Kubernetes manifests (local mode).
+    pub manifests: PathBuf,
+    /// Where the CA and bootstrap-token keys live (files 0600).
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub leaf_lifetime: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The manifest directory cannot be read.
+    #[error(
+        "cannot read the manifest directory {dir}: {source}; create it or pass another --manifests"
+    )]
+    Manifests {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// The CA could not be opened or created.
+    #[error(transparent)]
+    Ca(#[from] crate::identity::CaError),
+    /// The bootstrap-token key could not be opened or created.
+    #[error("bootstrap tokens in {dir}: {reason}")]
+    Tokens { dir: PathBuf, reason: String },
+    /// The gRPC listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running controller. Dropping it stops its tasks (open gRPC streams end
+/// with the runtime that runs them).
+pub struct Controller {
+    pub addr: SocketAddr,
+    pub store: Arc<Store>,
+    pub ca: Arc<Ca>,
+    pub tokens: Arc<BootstrapTokens>,
+    /// The problems of the last manifest reload.
+    pub manifest_errors: watch::Receiver<Vec<ManifestError>>,
+    tasks: JoinSet<()>,
+}
+
+/// How often the CA files are checked for a rotated issuer or bundle.
+const CA_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Controller {
+    pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
+        let store = Store::new(&config.trust_domain);
+        let mut source = LocalSource::new(&config.manifests, store.clone());
+        // Load once before serving, so the first answers are complete.
+        source
+            .reload()
+            .map_err(|source| ControllerError::Manifests {
+                dir: config.manifests.clone(),
+                source,
+            })?;
+        let manifest_errors = source.errors();
+
+        let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
+        let tokens = Arc::new(
+            BootstrapTokens::load_or_create(&config.state_dir).map_err(|e| {
+                ControllerError::Tokens {
+                    dir: config.state_dir.clone(),
+                    reason: e.to_string(),
+                }
+            })?,
+        );
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ControllerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().unwrap_or(config.listen);
+
+        let identity = IdentityService::new(ca.clone(), tokens.clone(), config.leaf_lifetime);
+        let router = tonic::transport::Server::builder()
+            .add_service(DiscoveryService::new(store.clone()).into_server())
+            .add_service(identity.into_server());
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(source.run());
+        tasks.spawn(reload_ca(ca.clone()));
+        tasks.spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        tracing::info!(%addr, manifests = %config.manifests.display(), trust_domain = %config.trust_domain, "controller started");
+        Ok(Self {
+            addr,
+            store,
+            ca,
+            tokens,
+            manifest_errors,
+            tasks,
+        })
+    }
+
+    /// Runs until one of the controller's tasks ends (they only end on failure).
+    pub async fn wait(mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+async fn reload_ca(ca: Arc<Ca>) {
+    let mut tick = tokio::time::interval(CA_RELOAD_INTERVAL);
+    loop {
+        tick.tick().await;
+        match ca.reload() {
+            Ok(true) => {
+                tracing::info!("CA files changed; now signing with the new issuer and bundle")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "rejected new CA files; still signing with the previous issuer")
+            }
+        }
+    }
+}

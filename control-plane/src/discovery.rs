@@ -1,0 +1,154 @@
+//! The Discovery gRPC service: streams an authority's endpoints to proxies.
+//!
+//! A watch sends a full snapshot first, then only what changed (Add/Remove),
+//! computed against what this stream last sent.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use trellis_proto::discovery::discovery_server::{Discovery, DiscoveryServer};
+use trellis_proto::discovery::endpoint_update::Kind;
+use trellis_proto::discovery::{
+    Endpoint, EndpointUpdate, Endpoints, NoEndpoints, Removed, Routes, ServiceInfo, Snapshot,
+    WatchRequest,
+};
+
+use crate::store::{parse_authority, ServiceEndpoints, Store};
+
+pub struct DiscoveryService {
+    store: Arc<Store>,
+}
+
+impl DiscoveryService {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+
+    pub fn into_server(self) -> DiscoveryServer<Self> {
+        DiscoveryServer::new(self)
+    }
+}
+
+type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type WatchEndpointsStream = Stream<EndpointUpdate>;
+    type WatchRoutesStream = Stream<Routes>;
+
+    async fn watch_routes(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchRoutesStream>, Status> {
+        let authority = request.into_inner().authority;
+        if let Err(e) = parse_authority(&authority) {
+            return Err(Status::invalid_argument(e.to_string()));
+        }
+        let mut watch = self.store.watch_routes(&authority);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let routes = (**watch.borrow_and_update()).clone();
+                if tx.send(Ok(routes)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    changed = watch.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn watch_endpoints(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchEndpointsStream>, Status> {
+        let request = request.into_inner();
+        let authority = request.authority;
+        if let Err(e) = parse_authority(&authority) {
+            return Err(Status::invalid_argument(e.to_string()));
+        }
+        let mut watch = self.store.watch(&authority);
+        let (tx, rx) = mpsc::channel(16);
+        tracing::debug!(%authority, client = %request.client_identity, "endpoint watch opened");
+        tokio::spawn(async move {
+            let mut sent: Option<ServiceEndpoints> = None;
+            let mut first = true;
+            loop {
+                let current = (**watch.borrow_and_update()).clone();
+                for update in diff(sent.as_ref(), current.as_ref(), first) {
+                    if tx.send(Ok(update)).await.is_err() {
+                        return;
+                    }
+                }
+                first = false;
+                sent = current;
+                tokio::select! {
+                    changed = watch.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The updates that take a client from `sent` to `current`.
+fn diff(
+    sent: Option<&ServiceEndpoints>,
+    current: Option<&ServiceEndpoints>,
+    first: bool,
+) -> Vec<EndpointUpdate> {
+    let update = |kind| EndpointUpdate { kind: Some(kind) };
+    let Some(current) = current else {
+        return vec![update(Kind::NoEndpoints(NoEndpoints { exists: false }))];
+    };
+    let previous = match sent {
+        // A new Service behind the authority (or the first message) starts over.
+        Some(sent) if !first && sent.service == current.service => &sent.endpoints,
+        _ => {
+            if current.endpoints.is_empty() {
+                return vec![update(Kind::NoEndpoints(NoEndpoints { exists: true }))];
+            }
+            return vec![update(Kind::Snapshot(Snapshot {
+                service: Some(ServiceInfo {
+                    name: current.service.name.clone(),
+                    namespace: current.service.namespace.clone(),
+                    port: u32::from(current.port),
+                }),
+                endpoints: current.endpoints.values().cloned().collect(),
+            }))];
+        }
+    };
+    if current.endpoints.is_empty() {
+        return if previous.is_empty() {
+            Vec::new()
+        } else {
+            vec![update(Kind::NoEndpoints(NoEndpoints { exists: true }))]
+        };
+    }
+    let removed: Vec<String> = previous
+        .keys()
+        .filter(|k| !current.endpoints.contains_key(*k))
+        .cloned()
+        .collect();
+    let added: Vec<Endpoint> = current
+        .endpoints
+        .iter()
+        .filter(|(k, ep)| previous.get(*k) != Some(ep))
+        .map(|(_, ep)| ep.clone())
+        .collect();
+    let mut updates = Vec::new();
+    if !added.is_empty() {
+        updates.push(update(Kind::Add(Endpoints { endpoints: added })));
+    }
+    if !removed.is_empty() {
+        updates.push(update(Kind::Remove(Removed { addresses: removed })));
+    }
+    updates
+}

@@ -1,0 +1,195 @@
+//! The in-memory model of the mesh, and the watches that stream it.
+//!
+//! Every source (the manifest directory, kube-rs watchers) feeds the same
+//! `apply` / `delete` / `replace_all`; every consumer subscribes to an
+//! authority and gets a `tokio::sync::watch` of its endpoints. After each
+//! change only the watches whose answer changed are woken.
+
+mod resolve;
+mod routes;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+use trellis_proto::discovery::Routes;
+
+use crate::model::{EndpointSlice, HttpFault, HttpRoute, Object, ObjectKey, Pod, Service};
+pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
+pub use routes::parse_gateway_duration;
+
+/// What a watch of one authority sees: the Service's endpoints, or `None`
+/// when no Service matches.
+pub type Resolution = Arc<Option<ServiceEndpoints>>;
+
+/// The mesh's objects and the open watches over them.
+pub struct Store {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) trust_domain: String,
+    pub(crate) services: HashMap<ObjectKey, Service>,
+    pub(crate) slices: HashMap<ObjectKey, EndpointSlice>,
+    pub(crate) pods: HashMap<ObjectKey, Pod>,
+    pub(crate) routes: HashMap<ObjectKey, HttpRoute>,
+    pub(crate) faults: HashMap<ObjectKey, HttpFault>,
+    watches: HashMap<String, watch::Sender<Resolution>>,
+    route_watches: HashMap<String, watch::Sender<Arc<Routes>>>,
+}
+
+/// How many objects of each kind the store holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub services: usize,
+    pub endpoint_slices: usize,
+    pub pods: usize,
+    pub http_routes: usize,
+    pub watches: usize,
+}
+
+impl Store {
+    pub fn new(trust_domain: &str) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                trust_domain: trust_domain.to_string(),
+                ..State::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain maps behind; keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds or replaces one object.
+    pub fn apply(&self, object: Object) {
+        let mut state = self.lock();
+        state.insert(object);
+        state.notify();
+    }
+
+    /// Removes one object; unknown keys are ignored.
+    pub fn delete(&self, kind: &str, key: &ObjectKey) {
+        let mut state = self.lock();
+        match kind {
+            "Service" => drop(state.services.remove(key)),
+            "EndpointSlice" => drop(state.slices.remove(key)),
+            "Pod" => drop(state.pods.remove(key)),
+            "HTTPRoute" => drop(state.routes.remove(key)),
+            "HTTPFault" => drop(state.faults.remove(key)),
+            _ => return,
+        }
+        state.notify();
+    }
+
+    /// Replaces everything at once (a re-list, or a reload of the manifest
+    /// directory), so watchers never see a half-applied state.
+    pub fn replace_all(&self, objects: impl IntoIterator<Item = Object>) {
+        let mut state = self.lock();
+        state.services.clear();
+        state.slices.clear();
+        state.pods.clear();
+        state.routes.clear();
+        state.faults.clear();
+        for object in objects {
+            state.insert(object);
+        }
+        state.notify();
+    }
+
+    /// Watches the endpoints of an authority (`name.ns.svc.cluster.local:port`,
+    /// `name.ns:port` or `clusterIP:port`).
+    pub fn watch(&self, authority: &str) -> watch::Receiver<Resolution> {
+        let mut state = self.lock();
+        if let Some(sender) = state.watches.get(authority) {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = watch::channel(Arc::new(state.resolve(authority)));
+        state.watches.insert(authority.to_string(), sender);
+        receiver
+    }
+
+    /// Watches the routes of an authority (same forms as [`Store::watch`]).
+    pub fn watch_routes(&self, authority: &str) -> watch::Receiver<Arc<Routes>> {
+        let mut state = self.lock();
+        if let Some(sender) = state.route_watches.get(authority) {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = watch::channel(Arc::new(state.routes_for(authority)));
+        state.route_watches.insert(authority.to_string(), sender);
+        receiver
+    }
+
+    /// The current routes of an authority, without watching them.
+    pub fn routes(&self, authority: &str) -> Routes {
+        self.lock().routes_for(authority)
+    }
+
+    /// The current answer for an authority, without watching it.
+    pub fn resolve(&self, authority: &str) -> Option<ServiceEndpoints> {
+        self.lock().resolve(authority)
+    }
+
+    pub fn counts(&self) -> Counts {
+        let state = self.lock();
+        Counts {
+            services: state.services.len(),
+            endpoint_slices: state.slices.len(),
+            pods: state.pods.len(),
+            http_routes: state.routes.len(),
+            watches: state.watches.len() + state.route_watches.len(),
+        }
+    }
+
+    /// All objects, for `meshctl` and for validating against the current state.
+    pub fn services(&self) -> Vec<Service> {
+        self.lock().services.values().cloned().collect()
+    }
+}
+
+impl State {
+    fn insert(&mut self, object: Object) {
+        let key = object.key();
+        match object {
+            Object::Service(o) => drop(self.services.insert(key, o)),
+            Object::EndpointSlice(o) => drop(self.slices.insert(key, o)),
+            Object::Pod(o) => drop(self.pods.insert(key, o)),
+            Object::HttpRoute(o) => drop(self.routes.insert(key, o)),
+            Object::HttpFault(o) => drop(self.faults.insert(key, o)),
+        }
+    }
+
+    /// Recomputes every watched authority and wakes the watchers whose answer
+    /// changed; forgets watches nobody holds any more.
+    fn notify(&mut self) {
+        self.watches.retain(|_, sender| sender.receiver_count() > 0);
+        self.route_watches
+            .retain(|_, sender| sender.receiver_count() > 0);
+        for (authority, sender) in &self.watches {
+            publish(sender, self.resolve(authority));
+        }
+        for (authority, sender) in &self.route_watches {
+            publish(sender, self.routes_for(authority));
+        }
+    }
+}
+
+/// Sends `value` only if it differs from what the watchers have.
+fn publish<T: PartialEq>(sender: &watch::Sender<Arc<T>>, value: T) {
+    sender.send_if_modified(|current| {
+        if **current == value {
+            return false;
+        }
+        *current = Arc::new(value);
+        true
+    });
+}
+
+#[cfg(test)]
+mod tests;

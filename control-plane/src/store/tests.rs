@@ -1,0 +1,124 @@
+use std::path::Path;
+
+use super::*;
+use crate::source::manifest;
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: hello-1
+  labels: {kubernetes.io/service-name: hello}
+endpoints:
+  - addresses: ["127.0.0.3"]
+    targetRef: {kind: Pod, name: hello-v1}
+  - addresses: ["127.0.0.4"]
+    targetRef: {kind: Pod, name: hello-v2}
+  - addresses: ["127.0.0.5"]
+    conditions: {ready: false}
+ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hello-v1, labels: {app: hello, version: v1}}
+spec:
+  serviceAccountName: hello
+  containers: [{name: hello}, {name: trellis-proxy}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hello-v2, labels: {app: hello, version: v2}}
+spec:
+  containers: [{name: hello}]
+"#;
+
+fn store() -> Arc<Store> {
+    let store = Store::new("cluster.local");
+    store.replace_all(manifest::parse(Path::new("mesh.yaml"), MESH).unwrap());
+    store
+}
+
+#[test]
+fn resolves_names_and_cluster_ips_to_ready_endpoints() {
+    let store = store();
+    for authority in [
+        "hello.default.svc.cluster.local:8080",
+        "hello.default.svc:8080",
+        "hello.default:8080",
+        "10.96.0.10:8080",
+    ] {
+        let resolved = store.resolve(authority).expect(authority);
+        assert_eq!(resolved.service, ObjectKey::new("default", "hello"));
+        let keys: Vec<&String> = resolved.endpoints.keys().collect();
+        assert_eq!(keys, ["127.0.0.3:8080", "127.0.0.4:8080"], "{authority}");
+    }
+    assert!(
+        store.resolve("hello.default:9999").is_none(),
+        "unknown port"
+    );
+    assert!(
+        store.resolve("nope.default:8080").is_none(),
+        "unknown service"
+    );
+    assert!(store.resolve("hello:8080").is_none(), "no namespace");
+}
+
+#[test]
+fn endpoints_carry_identity_labels_and_protocol_of_their_pod() {
+    let resolved = store().resolve("hello.default:8080").unwrap();
+    let v1 = &resolved.endpoints["127.0.0.3:8080"];
+    assert_eq!(v1.identity, "spiffe://cluster.local/ns/default/sa/hello");
+    assert_eq!(v1.proxy_port, 4143);
+    assert_eq!(v1.labels["version"], "v1");
+    assert_eq!(v1.pod, "hello-v1");
+    assert_eq!(
+        v1.protocol,
+        trellis_proto::discovery::ProtocolHint::Http1 as i32
+    );
+    let v2 = &resolved.endpoints["127.0.0.4:8080"];
+    assert_eq!(v2.identity, "", "a pod without the sidecar is not meshed");
+    assert_eq!(v2.proxy_port, 0);
+}
+
+#[tokio::test]
+async fn watchers_wake_only_when_their_answer_changes() {
+    let store = store();
+    let mut hello = store.watch("hello.default:8080");
+    let mut other = store.watch("other.default:80");
+    assert!(other.borrow_and_update().is_none());
+    hello.borrow_and_update();
+
+    // An unrelated Pod changes nothing for either watch.
+    let unrelated = manifest::parse(
+        Path::new("x.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: unrelated}\n",
+    )
+    .unwrap();
+    store.apply(unrelated.into_iter().next().unwrap());
+    assert!(!hello.has_changed().unwrap());
+    assert!(!other.has_changed().unwrap());
+
+    store.delete("Pod", &ObjectKey::new("default", "hello-v1"));
+    assert!(hello.has_changed().unwrap());
+    let after = hello.borrow_and_update().clone();
+    let v1 = &after.as_ref().as_ref().unwrap().endpoints["127.0.0.3:8080"];
+    assert_eq!(v1.identity, "", "identity follows the pod");
+    assert!(!other.has_changed().unwrap());
+}
+
+#[test]
+fn dropped_watches_are_forgotten() {
+    let store = store();
+    let watch = store.watch("hello.default:8080");
+    assert_eq!(store.counts().watches, 1);
+    drop(watch);
+    store.replace_all(Vec::new());
+    assert_eq!(store.counts().watches, 0);
+}

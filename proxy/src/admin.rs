@@ -1,0 +1,100 @@
+//! The admin listener: `/live` and `/ready` for the kubelet and the demo.
+//! Nothing here changes state.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::http::{full, Body};
+use crate::identity::IdentityManager;
+
+pub struct Admin {
+    identity: Arc<IdentityManager>,
+}
+
+impl Admin {
+    pub fn new(identity: Arc<IdentityManager>) -> Arc<Self> {
+        Arc::new(Self { identity })
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(&request)) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    }
+
+    fn handle(&self, request: &Request<Incoming>) -> Response<Body> {
+        let (status, body) = match (request.method(), request.uri().path()) {
+            (&Method::GET, "/live") => (StatusCode::OK, "live\n".to_string()),
+            (&Method::GET, "/ready") => match self.identity.current() {
+                Some(tls) => (
+                    StatusCode::OK,
+                    format!("ready\nidentity: {}\n", tls.identity),
+                ),
+                None => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no valid certificate\n".into(),
+                ),
+            },
+            (&Method::GET, "/identity") => match self.identity.current() {
+                Some(tls) => (StatusCode::OK, certificate_json(&tls)),
+                None => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no valid certificate\n".into(),
+                ),
+            },
+            (_, "/live" | "/ready" | "/identity") => {
+                (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into())
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                "not found; try /live, /ready or /identity\n".into(),
+            ),
+        };
+        let mut response = Response::new(full(body));
+        *response.status_mut() = status;
+        response
+    }
+}
+
+/// The current certificate as JSON: SPIFFE ID, issuer, serial, validity.
+fn certificate_json(tls: &crate::tls::TlsConfigs) -> String {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let (issuer, serial, not_before) = match x509_parser::parse_x509_certificate(&tls.leaf_der) {
+        Ok((_, cert)) => (
+            cert.issuer().to_string(),
+            cert.raw_serial_as_string(),
+            cert.validity().not_before.timestamp(),
+        ),
+        Err(_) => (String::new(), String::new(), 0),
+    };
+    let json = serde_json::json!({
+        "spiffe_id": tls.identity.to_string(),
+        "issuer": issuer,
+        "serial": serial,
+        "not_before_unix": not_before,
+        "not_after_unix": unix(tls.not_after),
+    });
+    format!("{json}\n")
+}

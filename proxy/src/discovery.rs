@@ -1,0 +1,205 @@
+//! The discovery client: one gRPC watch per authority the application asked
+//! for (its endpoints, and its routes), reconnecting with backoff and keeping
+//! the last known state while the controller is away.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+use trellis_proto::discovery::discovery_client::DiscoveryClient;
+use trellis_proto::discovery::endpoint_update::Kind;
+use trellis_proto::discovery::{Endpoint, WatchRequest};
+
+use crate::route::CompiledRoutes;
+
+/// What the proxy knows about an authority's endpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resolved {
+    /// No answer from the controller yet.
+    Pending,
+    /// No Service matches the authority.
+    NotFound,
+    /// The Service's endpoints (possibly none), keyed by `ip:port`.
+    Endpoints(Arc<BTreeMap<String, Endpoint>>),
+}
+
+/// An authority's routes; `None` until the controller first answers.
+pub type RoutesState = Option<Arc<CompiledRoutes>>;
+
+/// Watches shared by every request of this proxy.
+pub struct Discovery {
+    client: DiscoveryClient<Channel>,
+    identity: String,
+    endpoints: Mutex<HashMap<String, watch::Receiver<Resolved>>>,
+    routes: Mutex<HashMap<String, watch::Receiver<RoutesState>>>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Discovery {
+    /// `channel` may be lazy: nothing is connected until the first watch.
+    pub fn new(channel: Channel, identity: String) -> Arc<Self> {
+        Arc::new(Self {
+            client: DiscoveryClient::new(channel),
+            identity,
+            endpoints: Mutex::default(),
+            routes: Mutex::default(),
+        })
+    }
+
+    fn request(&self, authority: &str) -> WatchRequest {
+        WatchRequest {
+            authority: authority.to_string(),
+            client_identity: self.identity.clone(),
+        }
+    }
+
+    /// The (shared) endpoint watch of an authority; the first call starts it.
+    pub fn endpoints(&self, authority: &str) -> watch::Receiver<Resolved> {
+        let mut watches = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = watches.get(authority) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(Resolved::Pending);
+        watches.insert(authority.to_string(), rx.clone());
+        let (client, request) = (self.client.clone(), self.request(authority));
+        tokio::spawn(follow(
+            authority.to_string(),
+            move || {
+                let (mut client, request) = (client.clone(), request.clone());
+                async move {
+                    client
+                        .watch_endpoints(request)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            },
+            // Each stream starts from nothing: its first message is a snapshot.
+            || {
+                let mut endpoints = BTreeMap::new();
+                move |update: trellis_proto::discovery::EndpointUpdate| {
+                    apply(&mut endpoints, update.kind)
+                }
+            },
+            tx,
+            Resolved::NotFound,
+        ));
+        rx
+    }
+
+    /// The (shared) route watch of an authority; the first call starts it.
+    pub fn routes(&self, authority: &str) -> watch::Receiver<RoutesState> {
+        let mut watches = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = watches.get(authority) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        watches.insert(authority.to_string(), rx.clone());
+        let (client, request) = (self.client.clone(), self.request(authority));
+        tokio::spawn(follow(
+            authority.to_string(),
+            move || {
+                let (mut client, request) = (client.clone(), request.clone());
+                async move { client.watch_routes(request).await.map(|r| r.into_inner()) }
+            },
+            || |routes| Some(Some(Arc::new(CompiledRoutes::new(routes)))),
+            tx,
+            Some(Arc::default()),
+        ));
+        rx
+    }
+}
+
+/// Follows one watch for as long as anyone holds its receiver: opens the
+/// stream, applies each message, and on failure keeps the last state and
+/// reopens with jittered backoff. `refused` is published when the controller
+/// says the authority can never resolve.
+async fn follow<M, T, Open, Fut, NewApply, Apply>(
+    authority: String,
+    open: Open,
+    new_apply: NewApply,
+    tx: watch::Sender<T>,
+    refused: T,
+) where
+    Open: Fn() -> Fut,
+    Fut: Future<Output = Result<Streaming<M>, Status>>,
+    NewApply: Fn() -> Apply,
+    Apply: FnMut(M) -> Option<T>,
+{
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match open().await {
+            Ok(mut stream) => {
+                let mut apply = new_apply();
+                loop {
+                    let message = tokio::select! {
+                        m = stream.message() => m,
+                        () = tx.closed() => return,
+                    };
+                    match message {
+                        Ok(Some(message)) => {
+                            backoff = BACKOFF_MIN;
+                            if let Some(state) = apply(message) {
+                                tx.send_replace(state);
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::warn!(%authority, "discovery stream ended; keeping the last known state");
+                            break;
+                        }
+                        Err(status) => {
+                            tracing::warn!(%authority, error = %status.message(), "discovery stream failed; keeping the last known state");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                tracing::debug!(%authority, error = %status.message(), "the controller refuses this authority");
+                tx.send_replace(refused);
+                return;
+            }
+            Err(status) => {
+                tracing::debug!(%authority, error = %status.message(), "discovery unavailable")
+            }
+        }
+        let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+        tokio::select! {
+            () = tokio::time::sleep(backoff + jitter) => {}
+            () = tx.closed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Applies one endpoint update to the endpoints of a stream.
+fn apply(endpoints: &mut BTreeMap<String, Endpoint>, kind: Option<Kind>) -> Option<Resolved> {
+    let key = |e: &Endpoint| format!("{}:{}", e.ip, e.port);
+    match kind? {
+        Kind::Snapshot(snapshot) => {
+            *endpoints = snapshot
+                .endpoints
+                .into_iter()
+                .map(|e| (key(&e), e))
+                .collect();
+        }
+        Kind::Add(add) => endpoints.extend(add.endpoints.into_iter().map(|e| (key(&e), e))),
+        Kind::Remove(removed) => {
+            for address in removed.addresses {
+                endpoints.remove(&address);
+            }
+        }
+        Kind::NoEndpoints(no) => {
+            endpoints.clear();
+            if !no.exists {
+                return Some(Resolved::NotFound);
+            }
+        }
+    }
+    Some(Resolved::Endpoints(Arc::new(endpoints.clone())))
+}

@@ -1,0 +1,108 @@
+//! Why a request failed in the proxy, and how that is told to the client:
+//! one mapping from cause to status code, `trellis-proxy-error` header and
+//! body, so every failure looks the same to applications and dashboards.
+
+use std::time::Duration;
+
+use http::{Response, StatusCode};
+
+use crate::http::{full, Body, PROXY_ERROR};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request names no authority (no Host header, no absolute URI).
+    #[error("the request has no authority; send a Host header or an absolute URI")]
+    NoAuthority,
+    /// A request between proxies lacks the in-band target.
+    #[error("the request has no valid trellis-dst-port header")]
+    NoTarget,
+    /// No Service matches the authority.
+    #[error("no Service in the mesh matches {0}; check the name (name.namespace.svc.cluster.local:port) and that the Service exists")]
+    UnknownService(String),
+    /// The Service exists but has no ready endpoint with weight.
+    #[error("Service {0} has no ready endpoints")]
+    NoEndpoints(String),
+    /// Discovery did not answer in time for a first request.
+    #[error("discovery did not answer for {0} within {1:?}; is the controller reachable?")]
+    DiscoveryTimeout(String, Duration),
+    /// The proxy has no valid certificate, so it cannot make meshed calls.
+    #[error("this proxy has no valid certificate yet (or it expired); meshed traffic is refused")]
+    NoIdentity,
+    /// Connecting to the endpoint (TCP or TLS) failed.
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    /// The upstream failed after the request was sent.
+    #[error("upstream {endpoint} failed: {reason}")]
+    Upstream { endpoint: String, reason: String },
+    /// Routes exist for the authority but no rule matches the request.
+    #[error("no route rule of {0} matches this request")]
+    NoRouteMatch(String),
+    /// The matching rule's backends all have weight 0.
+    #[error("the route rule for {0} has no backend with a weight above 0")]
+    NoBackend(String),
+    /// A fault-injection filter aborted the request.
+    #[error("fault injected: aborted with status {0}")]
+    FaultInjected(u16),
+    /// The whole request took longer than its timeout.
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoAuthority | ProxyError::NoTarget => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownService(_)
+            | ProxyError::NoEndpoints(_)
+            | ProxyError::DiscoveryTimeout(..)
+            | ProxyError::NoIdentity => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoRouteMatch(_) => StatusCode::NOT_FOUND,
+            ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::FaultInjected(status) => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+        }
+    }
+
+    /// A short, stable reason for headers and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoAuthority => "no-authority",
+            ProxyError::NoTarget => "no-target",
+            ProxyError::UnknownService(_) => "unknown-service",
+            ProxyError::NoEndpoints(_) => "no-endpoints",
+            ProxyError::DiscoveryTimeout(..) => "discovery-timeout",
+            ProxyError::NoIdentity => "no-identity",
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::Upstream { .. } => "upstream",
+            ProxyError::Timeout(_) => "timeout",
+            ProxyError::NoRouteMatch(_) => "no-route-match",
+            ProxyError::NoBackend(_) => "no-backend",
+            ProxyError::FaultInjected(_) => "fault-injected",
+        }
+    }
+
+    /// Whether another attempt could succeed: the request never reached an
+    /// application, or the endpoint failed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::NoEndpoints(_)
+        )
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut response = Response::new(full(format!("{self}\n")));
+        *response.status_mut() = self.status();
+        response
+            .headers_mut()
+            .insert(PROXY_ERROR, http::HeaderValue::from_static(self.reason()));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+        response
+    }
+}

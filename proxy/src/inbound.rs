@@ -1,0 +1,184 @@
+//! Inbound: mesh → application. Accepts mTLS from other proxies, learns the
+//! target port in-band, and forwards to the local application in the HTTP
+//! version it speaks, telling it the verified client identity.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use trellis_proto::SpiffeId;
+
+use crate::errors::ProxyError;
+use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
+use crate::identity::IdentityManager;
+use crate::tls;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The inbound side of one proxy.
+pub struct Inbound {
+    identity: Arc<IdentityManager>,
+    app_ip: IpAddr,
+    app_h1: Client<HttpConnector, Body>,
+    app_h2: Client<HttpConnector, Body>,
+}
+
+impl Inbound {
+    pub fn new(identity: Arc<IdentityManager>, app_ip: IpAddr) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        Arc::new(Self {
+            identity,
+            app_ip,
+            app_h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            app_h2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
+        })
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    continue;
+                }
+            };
+            let inbound = self.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = inbound.serve_connection(tcp, peer).await {
+                    tracing::info!(%peer, %reason, "inbound connection refused");
+                }
+            });
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), String> {
+        // Without a valid certificate this proxy cannot prove who it is:
+        // refuse rather than serve an expired one.
+        let tls = self.identity.current().ok_or("no valid certificate")?;
+        let _ = tcp.set_nodelay(true);
+        let acceptor = TlsAcceptor::from(tls.server.clone());
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let (_, session) = stream.get_ref();
+        // The connection must not outlive our certificate or the client's.
+        let peer_not_after = session.peer_certificates().and_then(tls::chain_not_after);
+        let expires = peer_not_after.map_or(tls.not_after, |p| p.min(tls.not_after));
+        let client = session
+            .peer_certificates()
+            .ok_or("no client certificate")
+            .and_then(|certs| {
+                tls::peer_identity(certs).map_err(|_| "client certificate has no SPIFFE ID")
+            })?;
+        if session.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err("unsupported ALPN protocol".into());
+        }
+        tracing::debug!(%peer, %client, "inbound mTLS connection");
+        let client = Arc::new(client);
+        let service = service_fn(move |request| {
+            let inbound = self.clone();
+            let client = client.clone();
+            async move { Ok::<_, std::convert::Infallible>(inbound.handle(request, &client).await) }
+        });
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        let until_expiry = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = tokio::time::sleep(until_expiry) => {
+                // Finish what is in flight; the client reconnects with fresh certificates.
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        result.map_err(|e| format!("HTTP/2 connection failed: {e}"))
+    }
+
+    async fn handle(&self, request: Request<Incoming>, client: &SpiffeId) -> Response<Body> {
+        match self.forward(request, client).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%error, "inbound request failed");
+                error.into_response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        client: &SpiffeId,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        let port: u16 = parts
+            .headers
+            .remove(DST_PORT)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .ok_or(ProxyError::NoTarget)?;
+        let http1 = parts
+            .headers
+            .remove(ORIG_PROTO)
+            .is_none_or(|v| v.as_bytes() != b"HTTP/2");
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(CLIENT_ID);
+        if let Ok(id) = HeaderValue::from_str(&client.to_string()) {
+            parts.headers.insert(CLIENT_ID, id);
+        }
+        let app = SocketAddr::new(self.app_ip, port);
+        let authority = parts.uri.authority().map(|a| a.to_string());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(app.to_string())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| ProxyError::NoTarget)?;
+        let client = if http1 {
+            parts.version = Version::HTTP_11;
+            // The application sees the Host its client asked for.
+            if let Some(host) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                parts.headers.insert(http::header::HOST, host);
+            }
+            &self.app_h1
+        } else {
+            parts.version = Version::HTTP_2;
+            &self.app_h2
+        };
+        let response = client
+            .request(Request::from_parts(parts, boxed(body)))
+            .await
+            .map_err(|e| ProxyError::Connect {
+                endpoint: app.to_string(),
+                reason: e.to_string(),
+            })?;
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, boxed(body)))
+    }
+}

@@ -1,0 +1,149 @@
+//! The Trellis sidecar proxy, as a library: `main.rs` and the tests both
+//! start it through [`start`].
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod discovery;
+pub mod errors;
+pub mod http;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod route;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tonic::transport::Endpoint;
+use trellis_proto::identity::identity_client::IdentityClient;
+
+pub use config::Config;
+use identity::IdentityManager;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The controller address is not a valid URL.
+    #[error("invalid controller address {0:?}")]
+    Controller(String),
+}
+
+/// A running proxy. Dropping it stops every task.
+pub struct Proxy {
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub identity: Arc<IdentityManager>,
+    tasks: JoinSet<()>,
+}
+
+impl Proxy {
+    /// Waits until the proxy has a certificate (and so serves meshed traffic).
+    pub async fn ready(&self) {
+        self.identity.ready().await;
+    }
+
+    /// Runs until one of the proxy's tasks ends (they only end on failure).
+    pub async fn wait(mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// Binds the listeners and starts the proxy's tasks on the current runtime.
+pub async fn start(config: Config) -> Result<Proxy, StartError> {
+    let outbound_listener = bind("outbound", config.outbound_listen).await?;
+    let inbound_listener = bind("inbound", config.inbound_listen).await?;
+    let admin_listener = bind("admin", config.admin_listen).await?;
+    let addr = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+
+    let channel = Endpoint::from_shared(config.controller.clone())
+        .map_err(|_| StartError::Controller(config.controller.clone()))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy();
+    let identity = IdentityManager::new(config.identity.clone());
+    let discovery = discovery::Discovery::new(channel.clone(), config.identity.to_string());
+    let outbound = outbound::Outbound::new(
+        discovery,
+        identity.clone(),
+        config.request_timeout,
+        config.discovery_timeout,
+    );
+    let inbound = inbound::Inbound::new(identity.clone(), config.app_ip);
+    let admin = admin::Admin::new(identity.clone());
+
+    let proxy_addrs = (
+        addr(&outbound_listener, config.outbound_listen),
+        addr(&inbound_listener, config.inbound_listen),
+        addr(&admin_listener, config.admin_listen),
+    );
+    let mut tasks = JoinSet::new();
+    tasks.spawn(
+        identity
+            .clone()
+            .run(IdentityClient::new(channel), config.token.clone()),
+    );
+    tasks.spawn(serve_outbound(outbound, outbound_listener));
+    tasks.spawn(inbound.serve(inbound_listener));
+    tasks.spawn(admin.serve(admin_listener));
+    tracing::info!(
+        identity = %config.identity,
+        outbound = %proxy_addrs.0,
+        inbound = %proxy_addrs.1,
+        admin = %proxy_addrs.2,
+        "proxy started"
+    );
+    Ok(Proxy {
+        outbound_addr: proxy_addrs.0,
+        inbound_addr: proxy_addrs.1,
+        admin_addr: proxy_addrs.2,
+        identity,
+        tasks,
+    })
+}
+
+/// The outbound listener speaks HTTP/1.1 and HTTP/2 (prior knowledge), as
+/// an explicit proxy (`http_proxy`) or for redirected connections.
+async fn serve_outbound(outbound: Arc<outbound::Outbound>, listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let outbound = outbound.clone();
+                async move { Ok::<_, Infallible>(outbound.handle(request).await) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await
+            {
+                tracing::debug!(error = %e, "outbound connection closed with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,175 @@
+//! One endpoint as the outbound side sees it: where to connect, whom to
+//! expect there, its load-balancing state and its HTTP/2 connection.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use trellis_proto::discovery::Endpoint;
+use trellis_proto::SpiffeId;
+
+use crate::balance::{InFlight, Load, Weighted};
+use crate::errors::ProxyError;
+use crate::http::Body;
+use crate::tls::{self, TlsConfigs};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Cheap to clone: clones share load and connection.
+#[derive(Clone)]
+pub struct EndpointHandle(Arc<Inner>);
+
+struct Inner {
+    key: SocketAddr,
+    endpoint: Endpoint,
+    identity: Option<SpiffeId>,
+    load: Arc<Load>,
+    /// The multiplexed HTTP/2 connection to the endpoint's proxy.
+    connection: Arc<Connection>,
+}
+
+#[derive(Default)]
+struct Connection {
+    sender: ArcSwapOption<Open>,
+    /// Held while connecting, so concurrent requests share one handshake.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// An HTTP/2 connection and when it must stop being used: when our
+/// certificate or the peer's expires (renewal makes new connections; old
+/// ones never outlive the certificates they were authenticated with).
+struct Open {
+    sender: SendRequest<Body>,
+    valid_until: SystemTime,
+}
+
+impl Open {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && SystemTime::now() < self.valid_until
+    }
+}
+
+impl EndpointHandle {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self::with(endpoint, Arc::default(), Arc::default())
+    }
+
+    fn with(endpoint: Endpoint, load: Arc<Load>, connection: Arc<Connection>) -> Self {
+        let ip: IpAddr = endpoint.ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let port = u16::try_from(endpoint.port).unwrap_or(0);
+        let identity = endpoint
+            .identity
+            .parse()
+            .ok()
+            .filter(|_| endpoint.proxy_port != 0);
+        Self(Arc::new(Inner {
+            key: SocketAddr::new(ip, port),
+            identity,
+            endpoint,
+            load,
+            connection,
+        }))
+    }
+
+    /// The same endpoint with new metadata (weight, labels), keeping its state.
+    pub fn updated(&self, endpoint: Endpoint) -> Self {
+        Self::with(endpoint, self.0.load.clone(), self.0.connection.clone())
+    }
+
+    /// Whether `endpoint` is reached the same way (same proxy, same identity),
+    /// so the existing connection may be reused for it.
+    pub fn same_peer(&self, endpoint: &Endpoint) -> bool {
+        self.0.endpoint.identity == endpoint.identity
+            && self.0.endpoint.proxy_port == endpoint.proxy_port
+    }
+
+    pub fn key(&self) -> SocketAddr {
+        self.0.key
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.key.port()
+    }
+
+    /// Marks a request as started on this endpoint, for the balancer.
+    pub fn start(&self) -> InFlight {
+        self.0.load.start()
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.0.endpoint
+    }
+
+    /// The SPIFFE ID to require of the peer; `None` when not meshed.
+    pub fn identity(&self) -> Option<&SpiffeId> {
+        self.0.identity.as_ref()
+    }
+
+    /// An open HTTP/2 connection to the endpoint's proxy, connecting (mTLS,
+    /// peer identity checked) when there is none.
+    pub async fn connection(
+        &self,
+        tls: &TlsConfigs,
+        expected: &SpiffeId,
+    ) -> Result<SendRequest<Body>, ProxyError> {
+        if let Some(open) = self.0.connection.sender.load_full().filter(|o| o.usable()) {
+            return Ok(open.sender.clone());
+        }
+        let _connecting = self.0.connection.connecting.lock().await;
+        if let Some(open) = self.0.connection.sender.load_full().filter(|o| o.usable()) {
+            return Ok(open.sender.clone());
+        }
+        let open = self.connect(tls, expected).await?;
+        let sender = open.sender.clone();
+        self.0.connection.sender.store(Some(Arc::new(open)));
+        Ok(sender)
+    }
+
+    async fn connect(&self, tls: &TlsConfigs, expected: &SpiffeId) -> Result<Open, ProxyError> {
+        let proxy_port = u16::try_from(self.0.endpoint.proxy_port).unwrap_or(0);
+        let addr = SocketAddr::new(self.0.key.ip(), proxy_port);
+        let error = |reason: String| ProxyError::Connect {
+            endpoint: addr.to_string(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| error(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tls::connect(tls, tcp, expected, tls::ALPN_H2)
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        let peer_not_after =
+            tls::chain_not_after(stream.get_ref().1.peer_certificates().unwrap_or_default());
+        let valid_until = peer_not_after.map_or(tls.not_after, |p| p.min(tls.not_after));
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(peer = %addr, error = %e, "connection to peer proxy closed");
+            }
+        });
+        tracing::debug!(peer = %addr, identity = %expected, "connected to peer proxy");
+        Ok(Open {
+            sender,
+            valid_until,
+        })
+    }
+}
+
+impl Weighted for EndpointHandle {
+    fn weight(&self) -> u32 {
+        self.0.endpoint.weight
+    }
+
+    fn load(&self) -> &Load {
+        &self.0.load
+    }
+}

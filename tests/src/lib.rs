@@ -1,0 +1,639 @@
+//! Test harness: a controller on its own runtime (so a test can kill it),
+//! sidecars and apps in-process on per-test loopback addresses, and helpers
+//! to send traffic and wait for conditions.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use trellis_control_plane::controller::{Controller, ControllerConfig};
+use trellis_control_plane::demo::apps::{self, Greeting};
+use trellis_control_plane::identity::BootstrapTokens;
+use trellis_control_plane::source::manifest::ManifestError;
+use trellis_proto::SpiffeId;
+
+pub mod tls;
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Logs for tests, once per process; `RUST_LOG` picks the level.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A random `127.x.y.0/24` block, so tests running in parallel never share
+/// addresses.
+pub fn loopback_block() -> [u8; 3] {
+    [127, fastrand::u8(1..=254), fastrand::u8(1..=254)]
+}
+
+/// The controller, on a runtime of its own so `kill` ends it like a crash:
+/// every task and socket is dropped at once.
+pub struct ControllerProcess {
+    pub addr: SocketAddr,
+    pub manifest_errors: tokio::sync::watch::Receiver<Vec<ManifestError>>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControllerProcess {
+    pub fn start(config: ControllerConfig) -> Self {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("controller runtime");
+            let controller = runtime
+                .block_on(Controller::start(config))
+                .expect("controller starts");
+            started_tx
+                .send((controller.addr, controller.manifest_errors.clone()))
+                .expect("report start");
+            let _ = stop_rx.recv();
+            drop(controller);
+            runtime.shutdown_timeout(Duration::from_millis(100));
+        });
+        let (addr, manifest_errors) = started_rx.recv().expect("controller started");
+        Self {
+            addr,
+            manifest_errors,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the controller abruptly.
+    pub fn kill(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A test mesh: a state directory with `manifests/`, a controller, and the
+/// pods the test adds.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub controller: Option<ControllerProcess>,
+    pub tokens: BootstrapTokens,
+    block: [u8; 3],
+    next_host: u8,
+}
+
+impl Mesh {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut ControllerConfig)) -> Self {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests dir");
+        let block = loopback_block();
+        let mut config = ControllerConfig {
+            manifests: dir.path().join("manifests"),
+            state_dir: dir.path().to_path_buf(),
+            listen: SocketAddr::from((Ipv4Addr::new(block[0], block[1], block[2], 1), 0)),
+            trust_domain: TRUST_DOMAIN.into(),
+            leaf_lifetime: Duration::from_secs(3600),
+        };
+        tune(&mut config);
+        let controller = ControllerProcess::start(config);
+        let tokens = BootstrapTokens::load_or_create(dir.path()).expect("tokens");
+        Self {
+            dir,
+            controller: Some(controller),
+            tokens,
+            block,
+            next_host: 2,
+        }
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    pub fn controller_addr(&self) -> SocketAddr {
+        self.controller.as_ref().expect("controller running").addr
+    }
+
+    /// A fresh pod IP in this mesh's block.
+    pub fn pod_ip(&mut self) -> IpAddr {
+        let host = self.next_host;
+        self.next_host += 1;
+        IpAddr::V4(Ipv4Addr::new(
+            self.block[0],
+            self.block[1],
+            self.block[2],
+            host,
+        ))
+    }
+
+    /// Starts a sidecar for a pod at `ip` with service account `sa`.
+    pub async fn proxy(&self, ip: IpAddr, sa: &str) -> trellis_proxy::Proxy {
+        self.proxy_with(ip, sa, |_| {}).await
+    }
+
+    pub async fn proxy_with(
+        &self,
+        ip: IpAddr,
+        sa: &str,
+        tune: impl FnOnce(&mut HashMap<&'static str, String>),
+    ) -> trellis_proxy::Proxy {
+        use trellis_proxy::config::*;
+        let identity = SpiffeId::new(TRUST_DOMAIN, "default", sa);
+        let mut env: HashMap<&'static str, String> = HashMap::from([
+            (CONTROLLER, format!("http://{}", self.controller_addr())),
+            (IDENTITY, identity.to_string()),
+            (TOKEN, self.tokens.token_for(&identity)),
+            (OUTBOUND_LISTEN, format!("{ip}:0")),
+            (INBOUND_LISTEN, format!("{ip}:0")),
+            (ADMIN_LISTEN, format!("{ip}:0")),
+            (APP_IP, ip.to_string()),
+            (REQUEST_TIMEOUT, "5s".into()),
+        ]);
+        tune(&mut env);
+        let config = Config::from_strings(&env).expect("proxy config");
+        let proxy = trellis_proxy::start(config).await.expect("proxy starts");
+        tokio::time::timeout(Duration::from_secs(10), proxy.ready())
+            .await
+            .expect("proxy gets a certificate within 10 s");
+        proxy
+    }
+
+    /// Writes (atomically) a manifest file, as an editor or `meshctl` would.
+    pub fn write_manifest(&self, name: &str, contents: &str) {
+        write_atomically(&self.manifests().join(name), contents);
+    }
+}
+
+pub fn write_atomically(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, contents).expect("write manifest");
+    std::fs::rename(&tmp, path).expect("rename manifest");
+}
+
+/// Starts the demo's `hello` app on `ip` (port chosen by the OS).
+pub async fn hello_app(ip: IpAddr, version: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind hello");
+    let addr = listener.local_addr().expect("hello addr");
+    tokio::spawn(apps::hello(
+        listener,
+        version.to_string(),
+        format!("hello-{version}"),
+    ));
+    addr
+}
+
+/// A meshed pod in a manifest: a Pod with the sidecar container.
+pub fn pod_yaml(name: &str, sa: &str, version: &str, inbound_port: u16) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels: {{app: hello, version: {version}}}
+  annotations: {{trellis.dev/inbound-port: \"{inbound_port}\"}}
+spec:
+  serviceAccountName: {sa}
+  containers: [{{name: app}}, {{name: trellis-proxy}}]
+"
+    )
+}
+
+/// A Service on `port` and one EndpointSlice with the given `(pod, ip)`s.
+pub fn service_yaml(name: &str, port: u16, endpoints: &[(&str, IpAddr)]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|(pod, ip)| {
+            format!("  - addresses: [\"{ip}\"]\n    targetRef: {{kind: Pod, name: {pod}}}\n")
+        })
+        .collect();
+    let endpoints = if endpoints.is_empty() {
+        "  []\n".to_string()
+    } else {
+        endpoints
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  ports: [{{name: http, port: {port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  labels: {{kubernetes.io/service-name: {name}}}
+endpoints:
+{endpoints}ports: [{{name: http, port: {port}}}]
+"
+    )
+}
+
+/// An HTTP client that uses a sidecar's outbound listener as its proxy, as
+/// `http_proxy` clients do: requests carry the Service in an absolute URI
+/// (HTTP/1.1) or `:authority` (HTTP/2).
+#[derive(Clone)]
+pub struct AppClient {
+    proxy: SocketAddr,
+    http2: bool,
+    /// Idle HTTP/1.1 connections, reused like a browser's pool.
+    idle: Arc<std::sync::Mutex<Vec<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>>,
+    /// The one multiplexed HTTP/2 connection.
+    shared: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>>,
+}
+
+/// What came back for one request.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn greeting(&self) -> Option<Greeting> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl AppClient {
+    pub fn http1(proxy: SocketAddr) -> Self {
+        Self {
+            proxy,
+            http2: false,
+            idle: Arc::default(),
+            shared: Arc::default(),
+        }
+    }
+
+    pub fn http2(proxy: SocketAddr) -> Self {
+        Self {
+            http2: true,
+            ..Self::http1(proxy)
+        }
+    }
+
+    /// GET `path` on `authority`, sent to the proxy.
+    pub async fn get(&self, authority: &str, path: &str) -> Result<Answer, String> {
+        self.get_with(authority, path, &[]).await
+    }
+
+    /// GET with extra request headers.
+    pub async fn get_with(
+        &self,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, String> {
+        let mut request = http::Request::get(format!("http://{authority}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(10), self.send(request))
+            .await
+            .map_err(|_| "no response within 10 s".to_string())?
+    }
+
+    async fn send(&self, request: http::Request<Full<Bytes>>) -> Result<Answer, String> {
+        let connect = || async {
+            let tcp = tokio::net::TcpStream::connect(self.proxy)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            Ok::<_, String>(hyper_util::rt::TokioIo::new(tcp))
+        };
+        if self.http2 {
+            let mut shared = self.shared.lock().await;
+            let sender = match shared.as_ref().filter(|s| !s.is_closed()) {
+                Some(sender) => sender.clone(),
+                None => {
+                    let (sender, connection) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        connect().await?,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    tokio::spawn(connection);
+                    *shared = Some(sender.clone());
+                    sender
+                }
+            };
+            drop(shared);
+            let mut sender = sender;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            return collect(response).await;
+        }
+        let idle = self
+            .idle
+            .lock()
+            .expect("pool")
+            .pop()
+            .filter(|s| s.is_ready());
+        let mut sender = match idle {
+            Some(sender) => sender,
+            None => {
+                let (sender, connection) = hyper::client::conn::http1::handshake(connect().await?)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                sender
+            }
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let answer = collect(response).await?;
+        self.idle.lock().expect("pool").push(sender);
+        Ok(answer)
+    }
+
+    /// GET and require a greeting; the version that answered.
+    pub async fn version(&self, authority: &str) -> Result<String, String> {
+        let answer = self.get(authority, "/").await?;
+        match answer.greeting() {
+            Some(g) if answer.status.is_success() => Ok(g.version),
+            _ => Err(format!("{}: {}", answer.status, answer.text())),
+        }
+    }
+}
+
+async fn collect(response: http::Response<hyper::body::Incoming>) -> Result<Answer, String> {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// Polls `check` until it is true or `patience` runs out.
+pub async fn eventually(patience: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + patience;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `frontend` (a client pod with a sidecar) and the Service `hello` served by
+/// pods `hello-v1` and `hello-v2`, each with its sidecar, plus per-version
+/// Services `hello-v1` and `hello-v2` for routing.
+pub struct HelloMesh {
+    pub mesh: Mesh,
+    pub client: trellis_proxy::Proxy,
+    pub hello: Vec<(IpAddr, trellis_proxy::Proxy)>,
+    pub port: u16,
+}
+
+impl std::ops::Deref for HelloMesh {
+    type Target = Mesh;
+    fn deref(&self) -> &Mesh {
+        &self.mesh
+    }
+}
+
+impl std::ops::DerefMut for HelloMesh {
+    fn deref_mut(&mut self) -> &mut Mesh {
+        &mut self.mesh
+    }
+}
+
+impl HelloMesh {
+    pub async fn start() -> Self {
+        Self::start_with_apps(|listener, version| {
+            tokio::spawn(apps::hello(
+                listener,
+                version.into(),
+                format!("hello-{version}"),
+            ));
+        })
+        .await
+    }
+
+    /// Like `start`, with the controller tuned (e.g. short leaf lifetimes).
+    pub async fn start_tuned(tune: impl FnOnce(&mut ControllerConfig)) -> Self {
+        Self::build(tune, |listener, version| {
+            tokio::spawn(apps::hello(
+                listener,
+                version.into(),
+                format!("hello-{version}"),
+            ));
+        })
+        .await
+    }
+
+    /// Like `start`, with the test's own app behind each version.
+    pub async fn start_with_apps(app: impl FnMut(TcpListener, &str)) -> Self {
+        Self::build(|_| {}, app).await
+    }
+
+    async fn build(
+        tune: impl FnOnce(&mut ControllerConfig),
+        mut app: impl FnMut(TcpListener, &str),
+    ) -> Self {
+        let mut mesh = Mesh::start_with(tune).await;
+        let client_ip = mesh.pod_ip();
+        let client = mesh.proxy(client_ip, "frontend").await;
+        let mut hello = Vec::new();
+        let mut port = 0;
+        for version in ["v1", "v2"] {
+            let ip = mesh.pod_ip();
+            // Both versions listen on the same port, as pods of one Service do.
+            let listener = TcpListener::bind((ip, port)).await.expect("bind hello");
+            port = listener.local_addr().expect("addr").port();
+            app(listener, version);
+            hello.push((ip, mesh.proxy(ip, "hello").await));
+        }
+        let this = Self {
+            mesh,
+            client,
+            hello,
+            port,
+        };
+        this.write_hello(&["v1", "v2"]);
+        // The controller reads the directory every 200 ms: wait until it serves.
+        let client = this.http1();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while client.get(&this.authority(), "/").await.map(|a| a.status) != Ok(http::StatusCode::OK)
+        {
+            assert!(Instant::now() < deadline, "hello is not served within 5 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        this
+    }
+
+    pub fn authority(&self) -> String {
+        format!("hello.default.svc.cluster.local:{}", self.port)
+    }
+
+    /// Writes `hello.yaml`: the pods, `hello` with endpoints for the given
+    /// versions only, and `hello-v1` / `hello-v2` with theirs.
+    pub fn write_hello(&self, versions: &[&str]) {
+        let mut docs = Vec::new();
+        let mut endpoints = Vec::new();
+        for (i, version) in ["v1", "v2"].iter().enumerate() {
+            let (ip, proxy) = &self.hello[i];
+            let pod = format!("hello-{version}");
+            docs.push(pod_yaml(&pod, "hello", version, proxy.inbound_addr.port()));
+            docs.push(service_yaml(&pod, self.port, &[(pod.as_str(), *ip)]));
+            if versions.contains(version) {
+                endpoints.push((pod, *ip));
+            }
+        }
+        let endpoints: Vec<(&str, IpAddr)> =
+            endpoints.iter().map(|(p, ip)| (p.as_str(), *ip)).collect();
+        docs.push(service_yaml("hello", self.port, &endpoints));
+        self.mesh.write_manifest("hello.yaml", &docs.join("---\n"));
+    }
+
+    /// A client whose requests go through the frontend's sidecar.
+    pub fn http1(&self) -> AppClient {
+        AppClient::http1(self.client.outbound_addr)
+    }
+}
+
+/// An HTTPRoute for `hello` splitting between `hello-v1` and `hello-v2`,
+/// with optional extra rule fields (YAML, indented for a rule).
+pub fn split_route(port: u16, v1: u32, v2: u32, extra: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: hello}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: hello, port: {port}}}]
+  rules:
+    - backendRefs:
+        - {{name: hello-v1, port: {port}, weight: {v1}}}
+        - {{name: hello-v2, port: {port}, weight: {v2}}}
+{extra}"
+    )
+}
+
+/// Sends `n` requests with `concurrency` in flight; the results in order of completion.
+pub async fn burst(
+    client: &AppClient,
+    authority: &str,
+    n: usize,
+    concurrency: usize,
+) -> Vec<Result<Answer, String>> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let results = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, authority, next, results) = (
+            client.clone(),
+            authority.to_string(),
+            next.clone(),
+            results.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                let answer = client.get(&authority, "/").await;
+                results.lock().expect("results").push(answer);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("burst worker");
+    }
+    let mut results = results.lock().expect("results");
+    std::mem::take(&mut *results)
+}
+
+/// Counts answers by greeting version ("error" for anything else).
+pub fn versions(answers: &[Result<Answer, String>]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for answer in answers {
+        let key = match answer {
+            Ok(a) if a.status.is_success() => {
+                a.greeting().map_or("error".to_string(), |g| g.version)
+            }
+            Ok(a) => a.status.as_u16().to_string(),
+            Err(_) => "error".to_string(),
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A test backend that answers with a greeting for `version` after `delay`,
+/// or 503 when `fail(hit_number)` says so; counts its hits.
+pub fn scripted_app(
+    listener: TcpListener,
+    version: &str,
+    delay: Duration,
+    fail: fn(u64) -> bool,
+) -> Arc<std::sync::atomic::AtomicU64> {
+    let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (counter, version) = (hits.clone(), version.to_string());
+    tokio::spawn(apps::serve(listener, move |_request| {
+        let (counter, version) = (counter.clone(), version.clone());
+        async move {
+            let hit = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            tokio::time::sleep(delay).await;
+            if fail(hit) {
+                let mut response =
+                    http::Response::new(Full::new(Bytes::from_static(b"scripted failure\n")));
+                *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                return response;
+            }
+            let greeting = Greeting {
+                message: "scripted".into(),
+                version,
+                pod: String::new(),
+                client_identity: String::new(),
+            };
+            http::Response::new(Full::new(Bytes::from(
+                serde_json::to_vec(&greeting).unwrap_or_default(),
+            )))
+        }
+    }));
+    hits
+}

@@ -1,0 +1,248 @@
+//! Identity and mTLS end to end: what a STRICT inbound refuses, hops that
+//! verify the exact SPIFFE ID, and certificate, issuer and root rotation
+//! under load with zero failed requests.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use trellis_control_plane::identity::{self, Ca};
+use trellis_proto::SpiffeId;
+use trellis_tests::tls::{client, foreign_identity, try_request};
+use trellis_tests::*;
+
+/// A certificate for `id` from the mesh's own CA, valid for `lifetime`.
+fn mesh_identity(mesh: &Mesh, id: &SpiffeId, lifetime: Duration) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let ca = Ca::load_or_create(mesh.dir.path(), TRUST_DOMAIN).unwrap();
+    let (key, csr) = trellis_proxy::tls::generate_csr(id).unwrap();
+    let leaf = ca.sign(id, &csr, lifetime).unwrap();
+    (leaf.chain_der, key.serialize_der())
+}
+
+#[tokio::test]
+async fn strict_inbound_serves_mesh_clients_and_refuses_everyone_else() {
+    let mesh = HelloMesh::start().await;
+    let inbound = mesh.hello[0].1.inbound_addr;
+    let frontend = SpiffeId::new(TRUST_DOMAIN, "default", "frontend");
+
+    // The control: a current mesh certificate is served.
+    let valid = mesh_identity(&mesh, &frontend, Duration::from_secs(60));
+    assert_eq!(
+        try_request(client(Some(valid)), inbound, mesh.port).await,
+        Ok(200)
+    );
+
+    // Plaintext HTTP/1.1 gets no HTTP answer.
+    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"),
+        "plaintext was served"
+    );
+
+    let no_cert = try_request(client(None), inbound, mesh.port).await;
+    assert!(
+        no_cert.is_err(),
+        "a client without certificate was served: {no_cert:?}"
+    );
+
+    let foreign = foreign_identity(&frontend.to_string());
+    let result = try_request(client(Some(foreign)), inbound, mesh.port).await;
+    assert!(
+        result.is_err(),
+        "a foreign CA's certificate was served: {result:?}"
+    );
+
+    let expired = mesh_identity(&mesh, &frontend, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let result = try_request(client(Some(expired)), inbound, mesh.port).await;
+    assert!(
+        result.is_err(),
+        "an expired certificate was served: {result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_with_another_identity_than_discovery_names_is_refused() {
+    let mut mesh = Mesh::start().await;
+    let client_ip = mesh.pod_ip();
+    let frontend = mesh.proxy(client_ip, "frontend").await;
+    let ip = mesh.pod_ip();
+    let app = hello_app(ip, "v1").await;
+    // The pod claims service account `hello`, but its proxy is `impostor`:
+    // it holds a valid mesh certificate, just not the expected one.
+    let impostor = mesh.proxy(ip, "impostor").await;
+    mesh.write_manifest(
+        "hello.yaml",
+        &(pod_yaml("hello-v1", "hello", "v1", impostor.inbound_addr.port())
+            + "---\n"
+            + &service_yaml("hello", app.port(), &[("hello-v1", ip)])),
+    );
+    let answer = AppClient::http1(frontend.outbound_addr)
+        .get(
+            &format!("hello.default.svc.cluster.local:{}", app.port()),
+            "/",
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    let text = answer.text();
+    assert!(
+        text.contains("spiffe://cluster.local/ns/default/sa/impostor")
+            && text.contains("spiffe://cluster.local/ns/default/sa/hello"),
+        "the error names both identities: {text}"
+    );
+}
+
+/// Steady traffic through the mesh, recording every failure.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    fn start(mesh: &HelloMesh) -> Self {
+        let (stop, ok, failures): (Arc<AtomicBool>, Arc<AtomicU64>, Arc<Mutex<Vec<String>>>) =
+            Default::default();
+        let workers = (0..3)
+            .map(|_| {
+                let (client, authority) = (mesh.http1(), mesh.authority());
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.version(&authority).await {
+                            Ok(_) => drop(ok.fetch_add(1, Ordering::Relaxed)),
+                            Err(e) => failures.lock().unwrap().push(e),
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failures,
+            workers,
+        }
+    }
+
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers {
+            worker.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} failed requests, e.g. {:?}",
+            failures.len(),
+            &failures[..failures.len().min(3)]
+        );
+        assert!(
+            self.ok.load(Ordering::Relaxed) > 300,
+            "too little traffic to tell"
+        );
+    }
+}
+
+/// Serial numbers of the certificates a proxy installs, as they change.
+fn record_certificates(
+    proxy: &trellis_proxy::Proxy,
+) -> Arc<Mutex<Vec<(String, std::time::SystemTime)>>> {
+    let seen: Arc<Mutex<Vec<(String, std::time::SystemTime)>>> = Arc::default();
+    let mut changes = proxy.identity.subscribe();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Some(tls) = changes.borrow_and_update().clone() {
+                // Never installed already expired.
+                assert!(
+                    tls.not_after > std::time::SystemTime::now(),
+                    "an expired certificate was installed"
+                );
+                let (_, cert) = x509_parser::parse_x509_certificate(&tls.leaf_der).unwrap();
+                record.lock().unwrap().push((
+                    cert.issuer().to_string() + &cert.raw_serial_as_string(),
+                    tls.not_after,
+                ));
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    seen
+}
+
+async fn short_lived_mesh() -> HelloMesh {
+    HelloMesh::start_tuned(|config| config.leaf_lifetime = Duration::from_secs(2)).await
+}
+
+#[tokio::test]
+async fn ten_certificate_rotations_under_load_fail_no_request() {
+    let mesh = short_lived_mesh().await;
+    let seen = record_certificates(&mesh.client);
+    let load = SteadyLoad::start(&mesh);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < 11 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fewer than 10 rotations in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.finish().await;
+    let serials: BTreeSet<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert!(serials.len() >= 11, "each rotation is a new certificate");
+}
+
+#[tokio::test]
+async fn issuer_and_root_rotation_under_load_fail_no_request() {
+    let mesh = short_lived_mesh().await;
+    let dir = mesh.dir.path().to_path_buf();
+    let seen = record_certificates(&mesh.hello[0].1);
+    let load = SteadyLoad::start(&mesh);
+    let issuer_of = |seen: &Arc<Mutex<Vec<(String, std::time::SystemTime)>>>| {
+        seen.lock().unwrap().last().unwrap().0.clone()
+    };
+    let first = issuer_of(&seen);
+    // Each step waits for two leaf lifetimes, so every proxy renews (and
+    // picks up the new bundle) before the next step.
+    let settle = Duration::from_secs(5);
+
+    identity::rotate_issuer(&dir, Duration::from_secs(24 * 3600)).unwrap();
+    tokio::time::sleep(settle).await;
+    identity::add_root(&dir).unwrap();
+    tokio::time::sleep(settle).await;
+    identity::activate_next_root(&dir).unwrap();
+    tokio::time::sleep(settle).await;
+    identity::retire_old_roots(&dir).unwrap();
+    tokio::time::sleep(settle).await;
+
+    load.finish().await;
+    assert_ne!(
+        issuer_of(&seen),
+        first,
+        "leaves now come from the new issuer"
+    );
+    let bundle = std::fs::read_to_string(dir.join("bundle.crt")).unwrap();
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        1,
+        "the old root is gone from the bundle"
+    );
+}
