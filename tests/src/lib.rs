@@ -388,6 +388,21 @@ impl AppClient {
         Ok(answer)
     }
 
+    /// Waits (up to 5 s) until the controller has loaded the Service behind
+    /// `authority`, i.e. the proxy no longer answers "unknown" or "no endpoints".
+    pub async fn wait_routable(&self, authority: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let answer = self.get(authority, "/").await;
+            let reason = answer.as_ref().ok().and_then(|a| a.headers.get("trellis-proxy-error").cloned());
+            if !matches!(reason.as_ref().map(|r| r.as_bytes()), Some(b"unknown-service" | b"no-endpoints")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{authority} is not routable within 5 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// GET and require a greeting; the version that answered.
     pub async fn version(&self, authority: &str) -> Result<String, String> {
         let answer = self.get(authority, "/").await?;

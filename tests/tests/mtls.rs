@@ -84,7 +84,9 @@ async fn a_peer_with_another_identity_than_discovery_names_is_refused() {
             + "---\n"
             + &service_yaml("hello", app.port(), &[("hello-v1", ip)])),
     );
-    let answer = AppClient::http1(frontend.outbound_addr)
+    let client = AppClient::http1(frontend.outbound_addr);
+    client.wait_routable(&format!("hello.default.svc.cluster.local:{}", app.port())).await;
+    let answer = client
         .get(
             &format!("hello.default.svc.cluster.local:{}", app.port()),
             "/",
@@ -154,30 +156,35 @@ impl SteadyLoad {
     }
 }
 
-/// Serial numbers of the certificates a proxy installs, as they change.
-fn record_certificates(
-    proxy: &trellis_proxy::Proxy,
-) -> Arc<Mutex<Vec<(String, std::time::SystemTime)>>> {
-    let seen: Arc<Mutex<Vec<(String, std::time::SystemTime)>>> = Arc::default();
+/// A certificate a proxy installed.
+#[derive(Clone, Debug)]
+struct Installed {
+    issuer: String,
+    serial: String,
+    /// Whether it was already expired when installed (must never happen).
+    expired: bool,
+}
+
+/// The certificates a proxy installs, in order, starting with the current one.
+fn record_certificates(proxy: &trellis_proxy::Proxy) -> Arc<Mutex<Vec<Installed>>> {
+    let seen: Arc<Mutex<Vec<Installed>>> = Arc::default();
     let mut changes = proxy.identity.subscribe();
-    let record = seen.clone();
+    let record = {
+        let seen = seen.clone();
+        move |tls: Option<Arc<trellis_proxy::tls::TlsConfigs>>| {
+            let Some(tls) = tls else { return };
+            let (_, cert) = x509_parser::parse_x509_certificate(&tls.leaf_der).unwrap();
+            seen.lock().unwrap().push(Installed {
+                issuer: cert.issuer().to_string(),
+                serial: cert.raw_serial_as_string(),
+                expired: tls.not_after <= std::time::SystemTime::now(),
+            });
+        }
+    };
+    record(changes.borrow_and_update().clone());
     tokio::spawn(async move {
-        loop {
-            if let Some(tls) = changes.borrow_and_update().clone() {
-                // Never installed already expired.
-                assert!(
-                    tls.not_after > std::time::SystemTime::now(),
-                    "an expired certificate was installed"
-                );
-                let (_, cert) = x509_parser::parse_x509_certificate(&tls.leaf_der).unwrap();
-                record.lock().unwrap().push((
-                    cert.issuer().to_string() + &cert.raw_serial_as_string(),
-                    tls.not_after,
-                ));
-            }
-            if changes.changed().await.is_err() {
-                return;
-            }
+        while changes.changed().await.is_ok() {
+            record(changes.borrow_and_update().clone());
         }
     });
     seen
@@ -201,12 +208,9 @@ async fn ten_certificate_rotations_under_load_fail_no_request() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     load.finish().await;
-    let serials: BTreeSet<String> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(s, _)| s.clone())
-        .collect();
+    let seen = seen.lock().unwrap();
+    assert!(seen.iter().all(|c| !c.expired), "an expired certificate was installed");
+    let serials: BTreeSet<String> = seen.iter().map(|c| c.serial.clone()).collect();
     assert!(serials.len() >= 11, "each rotation is a new certificate");
 }
 
@@ -216,9 +220,7 @@ async fn issuer_and_root_rotation_under_load_fail_no_request() {
     let dir = mesh.dir.path().to_path_buf();
     let seen = record_certificates(&mesh.hello[0].1);
     let load = SteadyLoad::start(&mesh);
-    let issuer_of = |seen: &Arc<Mutex<Vec<(String, std::time::SystemTime)>>>| {
-        seen.lock().unwrap().last().unwrap().0.clone()
-    };
+    let issuer_of = |seen: &Arc<Mutex<Vec<Installed>>>| seen.lock().unwrap().last().unwrap().issuer.clone();
     let first = issuer_of(&seen);
     // Each step waits for two leaf lifetimes, so every proxy renews (and
     // picks up the new bundle) before the next step.
