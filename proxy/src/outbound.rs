@@ -105,12 +105,13 @@ impl Outbound {
             if let Some(modifier) = rule.and_then(|r| r.request_headers.as_ref()) {
                 modify_headers(&mut parts.headers, modifier);
             }
-            let backend = match rule {
+            // Each attempt picks its backend anew, so a retry can avoid the
+            // backend that just failed.
+            let backend = || match rule {
                 Some(rule) => route::pick_backend(&rule.backends)
-                    .ok_or_else(|| ProxyError::NoBackend(authority.clone()))?
-                    .authority
-                    .clone(),
-                None => authority.clone(),
+                    .map(|b| b.authority.as_str())
+                    .ok_or_else(|| ProxyError::NoBackend(authority.clone())),
+                None => Ok(authority.as_str()),
             };
             logical.budget.deposit();
             let retry = rule
@@ -119,7 +120,7 @@ impl Outbound {
             let Some(retry) = retry else {
                 return self
                     .send_to(
-                        &backend,
+                        backend()?,
                         &authority,
                         Request::from_parts(parts, boxed(body)),
                     )
@@ -129,7 +130,8 @@ impl Outbound {
             let mut attempt = 0;
             loop {
                 let request = Request::from_parts(clone_parts(&parts), http_full_empty());
-                let result = self.send_to(&backend, &authority, request).await;
+                let backend = backend()?;
+                let result = self.send_to(backend, &authority, request).await;
                 let failed = match &result {
                     Ok(response) => should_retry(retry, response.status()),
                     Err(e) => e.is_retryable(),
@@ -138,7 +140,7 @@ impl Outbound {
                 if !failed || attempt > retry.attempts || !logical.budget.withdraw() {
                     return result;
                 }
-                tracing::debug!(%backend, attempt, "retrying");
+                tracing::debug!(backend, attempt, "retrying");
                 if retry.backoff_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
                 }
@@ -179,7 +181,7 @@ impl Outbound {
                 Arc::new(Logical {
                     authority: authority.to_string(),
                     routes: self.discovery.routes(authority),
-                    budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_RESERVE),
+                    budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_PER_SECOND),
                 })
             })
             .clone()
@@ -291,8 +293,8 @@ pub fn authority_of<B>(request: &Request<B>) -> Result<String, ProxyError> {
 
 /// Retries may add at most 20% load on top of the original requests…
 const RETRY_BUDGET_RATIO: f64 = 0.2;
-/// …plus a small reserve, so a service with little traffic can still retry.
-const RETRY_BUDGET_RESERVE: u32 = 10;
+/// …plus this many per second, so a service with little traffic can still retry.
+const RETRY_BUDGET_PER_SECOND: u32 = 10;
 
 /// The Service a client asked for: its routes and retry budget.
 struct Logical {

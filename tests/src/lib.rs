@@ -514,13 +514,7 @@ impl HelloMesh {
         };
         this.write_hello(&["v1", "v2"]);
         // The controller reads the directory every 200 ms: wait until it serves.
-        let client = this.http1();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while client.get(&this.authority(), "/").await.map(|a| a.status) != Ok(http::StatusCode::OK)
-        {
-            assert!(Instant::now() < deadline, "hello is not served within 5 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        this.http1().wait_routable(&this.authority()).await;
         this
     }
 

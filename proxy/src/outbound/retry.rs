@@ -1,44 +1,55 @@
-//! The retry budget: retries may add at most a fixed share of extra load,
-//! so when everything fails, retries cannot multiply the outage.
+//! The retry budget: retries may add at most a fixed share of extra load
+//! (plus a small floor per second, so a quiet service can still retry), so
+//! when everything fails, retries cannot multiply the outage.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Tokens in thousandths: each request deposits `ratio`, each retry costs one.
 pub struct RetryBudget {
     balance: AtomicI64,
     deposit: i64,
+    per_second: i64,
     cap: i64,
+    epoch: Instant,
+    /// Milliseconds since `epoch` up to which the per-second floor was paid.
+    refilled_ms: AtomicU64,
 }
 
 const UNIT: i64 = 1000;
 
 impl RetryBudget {
-    /// `ratio` extra load (0.2 = 20%), with `reserve` retries available up
-    /// front so a quiet service can still retry.
-    pub fn new(ratio: f64, reserve: u32) -> Self {
-        let reserve = i64::from(reserve) * UNIT;
+    /// `ratio` extra load (0.2 = 20%), and at least `per_second` retries each second.
+    pub fn new(ratio: f64, per_second: u32) -> Self {
+        let per_second = i64::from(per_second) * UNIT;
         Self {
-            balance: AtomicI64::new(reserve),
+            balance: AtomicI64::new(per_second),
             deposit: (ratio * UNIT as f64) as i64,
-            cap: reserve.max(UNIT) * 10,
+            per_second,
+            // Unused budget does not pile up beyond a few seconds' worth.
+            cap: per_second.max(UNIT) * 10,
+            epoch: Instant::now(),
+            refilled_ms: AtomicU64::new(0),
         }
+    }
+
+    fn add(&self, tokens: i64) {
+        let _ = self.balance.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some((b + tokens).min(self.cap)));
     }
 
     /// Called once per original request.
     pub fn deposit(&self) {
-        let _ = self
-            .balance
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some((b + self.deposit).min(self.cap))
-            });
+        self.add(self.deposit);
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn withdraw(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let before = self.refilled_ms.swap(now, Ordering::Relaxed);
+        let elapsed = i64::try_from(now.saturating_sub(before)).unwrap_or(i64::MAX / UNIT);
+        self.add(self.per_second.saturating_mul(elapsed) / 1000);
         self.balance
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                (b >= UNIT).then_some(b - UNIT)
-            })
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| (b >= UNIT).then_some(b - UNIT))
             .is_ok()
     }
 }
@@ -61,9 +72,11 @@ mod tests {
     }
 
     #[test]
-    fn the_reserve_allows_a_few_retries_at_once() {
-        let budget = RetryBudget::new(0.2, 3);
-        assert!((0..3).all(|_| budget.withdraw()));
+    fn a_floor_of_retries_per_second_refills_over_time() {
+        let budget = RetryBudget::new(0.0, 10);
+        assert!((0..10).all(|_| budget.withdraw()), "the first second's floor is there at once");
         assert!(!budget.withdraw());
+        std::thread::sleep(std::time::Duration::from_millis(220));
+        assert!(budget.withdraw() && budget.withdraw(), "about 2 retries after 0.2 s");
     }
 }
