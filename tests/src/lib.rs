@@ -394,11 +394,20 @@ impl AppClient {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let answer = self.get(authority, "/").await;
-            let reason = answer.as_ref().ok().and_then(|a| a.headers.get("trellis-proxy-error").cloned());
-            if !matches!(reason.as_ref().map(|r| r.as_bytes()), Some(b"unknown-service" | b"no-endpoints")) {
+            let reason = answer
+                .as_ref()
+                .ok()
+                .and_then(|a| a.headers.get("trellis-proxy-error").cloned());
+            if !matches!(
+                reason.as_ref().map(|r| r.as_bytes()),
+                Some(b"unknown-service" | b"no-endpoints")
+            ) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{authority} is not routable within 5 s");
+            assert!(
+                Instant::now() < deadline,
+                "{authority} is not routable within 5 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -85,7 +85,9 @@ async fn a_peer_with_another_identity_than_discovery_names_is_refused() {
             + &service_yaml("hello", app.port(), &[("hello-v1", ip)])),
     );
     let client = AppClient::http1(frontend.outbound_addr);
-    client.wait_routable(&format!("hello.default.svc.cluster.local:{}", app.port())).await;
+    client
+        .wait_routable(&format!("hello.default.svc.cluster.local:{}", app.port()))
+        .await;
     let answer = client
         .get(
             &format!("hello.default.svc.cluster.local:{}", app.port()),
@@ -209,7 +211,10 @@ async fn ten_certificate_rotations_under_load_fail_no_request() {
     }
     load.finish().await;
     let seen = seen.lock().unwrap();
-    assert!(seen.iter().all(|c| !c.expired), "an expired certificate was installed");
+    assert!(
+        seen.iter().all(|c| !c.expired),
+        "an expired certificate was installed"
+    );
     let serials: BTreeSet<String> = seen.iter().map(|c| c.serial.clone()).collect();
     assert!(serials.len() >= 11, "each rotation is a new certificate");
 }
@@ -220,7 +225,8 @@ async fn issuer_and_root_rotation_under_load_fail_no_request() {
     let dir = mesh.dir.path().to_path_buf();
     let seen = record_certificates(&mesh.hello[0].1);
     let load = SteadyLoad::start(&mesh);
-    let issuer_of = |seen: &Arc<Mutex<Vec<Installed>>>| seen.lock().unwrap().last().unwrap().issuer.clone();
+    let issuer_of =
+        |seen: &Arc<Mutex<Vec<Installed>>>| seen.lock().unwrap().last().unwrap().issuer.clone();
     let first = issuer_of(&seen);
     // Each step waits for two leaf lifetimes, so every proxy renews (and
     // picks up the new bundle) before the next step.

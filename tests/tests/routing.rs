@@ -199,8 +199,9 @@ async fn delay_fault_delays_its_share() {
     for worker in workers {
         latencies.extend(worker.await.unwrap());
     }
-    let (mut delayed, mut direct): (Vec<Duration>, Vec<Duration>) =
-        latencies.into_iter().partition(|l| *l >= Duration::from_millis(200));
+    let (mut delayed, mut direct): (Vec<Duration>, Vec<Duration>) = latencies
+        .into_iter()
+        .partition(|l| *l >= Duration::from_millis(200));
     let share = delayed.len() as f64 / 2.0;
     assert!((35.0..=65.0).contains(&share), "{share}% delayed");
     delayed.sort();
@@ -237,7 +238,11 @@ async fn retries_recover_from_a_flaky_backend() {
     // v2 fails every other request; v1 is healthy. Retries pick their
     // backend anew; at this pace the budget (20% + 10/s) covers them.
     let mesh = HelloMesh::start_with_apps(|listener, version| {
-        let flaky: fn(u64) -> bool = if version == "v2" { |hit| hit % 2 == 0 } else { |_| false };
+        let flaky: fn(u64) -> bool = if version == "v2" {
+            |hit| hit % 2 == 0
+        } else {
+            |_| false
+        };
         scripted_app(listener, version, Duration::ZERO, flaky);
     })
     .await;

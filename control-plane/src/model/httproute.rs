@@ -58,7 +58,7 @@ pub struct ParentReference {
 impl ParentReference {
     /// A mesh route's parent is a Service (core group, kind Service).
     pub fn is_service(&self) -> bool {
-        self.group.as_deref().unwrap_or("") == "" && self.kind.as_deref() == Some("Service")
+        self.group.as_deref().unwrap_or("").is_empty() && self.kind.as_deref() == Some("Service")
     }
 }
 

@@ -34,7 +34,11 @@ impl RetryBudget {
     }
 
     fn add(&self, tokens: i64) {
-        let _ = self.balance.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some((b + tokens).min(self.cap)));
+        let _ = self
+            .balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((b + tokens).min(self.cap))
+            });
     }
 
     /// Called once per original request.
@@ -49,7 +53,9 @@ impl RetryBudget {
         let elapsed = i64::try_from(now.saturating_sub(before)).unwrap_or(i64::MAX / UNIT);
         self.add(self.per_second.saturating_mul(elapsed) / 1000);
         self.balance
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| (b >= UNIT).then_some(b - UNIT))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b >= UNIT).then_some(b - UNIT)
+            })
             .is_ok()
     }
 }
@@ -74,9 +80,15 @@ mod tests {
     #[test]
     fn a_floor_of_retries_per_second_refills_over_time() {
         let budget = RetryBudget::new(0.0, 10);
-        assert!((0..10).all(|_| budget.withdraw()), "the first second's floor is there at once");
+        assert!(
+            (0..10).all(|_| budget.withdraw()),
+            "the first second's floor is there at once"
+        );
         assert!(!budget.withdraw());
         std::thread::sleep(std::time::Duration::from_millis(220));
-        assert!(budget.withdraw() && budget.withdraw(), "about 2 retries after 0.2 s");
+        assert!(
+            budget.withdraw() && budget.withdraw(),
+            "about 2 retries after 0.2 s"
+        );
     }
 }

@@ -1,0 +1,219 @@
+//! `meshctl route` as a user runs it against a manifest directory.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use trellis_control_plane::demo::manifests;
+
+fn meshctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(args)
+        .arg("--manifests")
+        .arg(dir)
+        .env("TRELLIS_CONTEXT", dir.join("no-context.json"))
+        .output()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A manifest directory with the demo's Services.
+fn demo_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("demo.yaml"),
+        manifests::render(&manifests::pods([127, 0, 9])),
+    )
+    .unwrap();
+    dir
+}
+
+fn files(dir: &Path) -> Vec<(String, String)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read_to_string(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn set_writes_a_standard_httproute_that_the_controller_accepts() {
+    let dir = demo_dir();
+    let out = meshctl(
+        dir.path(),
+        &[
+            "route",
+            "set",
+            "hello",
+            "--backend",
+            "hello-v1=90",
+            "--backend",
+            "hello-v2=10",
+            "--timeout",
+            "2s",
+            "--retries",
+            "2",
+            "--fault",
+            "abort=503:5%",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let table = text(&out);
+    assert!(table.contains("hello-v1 90%, hello-v2 10%"), "{table}");
+    assert!(
+        table.contains("2000ms") && table.contains("abort 503 5%"),
+        "{table}"
+    );
+
+    let yaml = std::fs::read_to_string(dir.path().join("route-default-hello.yaml")).unwrap();
+    assert!(
+        yaml.contains("apiVersion: gateway.networking.k8s.io/v1")
+            && yaml.contains("kind: HTTPRoute"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("kind: HTTPFault"), "{yaml}");
+
+    // The controller's own loader accepts the directory with no error.
+    let store = trellis_control_plane::store::Store::new("cluster.local");
+    let mut source =
+        trellis_control_plane::source::local::LocalSource::new(dir.path(), store.clone());
+    source.reload().unwrap();
+    assert!(
+        source.errors().borrow().is_empty(),
+        "{:?}",
+        source.errors().borrow()
+    );
+    let routes = store.routes(manifests::HELLO_AUTHORITY);
+    assert_eq!(routes.rules.len(), 1);
+    assert_eq!(
+        routes.rules[0]
+            .backends
+            .iter()
+            .map(|b| b.weight)
+            .collect::<Vec<_>>(),
+        [90, 10]
+    );
+
+    // Idempotent: the same command changes nothing.
+    let before = files(dir.path());
+    let again = meshctl(
+        dir.path(),
+        &[
+            "route",
+            "set",
+            "hello",
+            "--backend",
+            "hello-v1=90",
+            "--backend",
+            "hello-v2=10",
+            "--timeout",
+            "2s",
+            "--retries",
+            "2",
+            "--fault",
+            "abort=503:5%",
+        ],
+    );
+    assert!(text(&again).contains("unchanged"), "{}", text(&again));
+    assert_eq!(files(dir.path()), before);
+}
+
+#[test]
+fn ab_match_and_get_and_delete() {
+    let dir = demo_dir();
+    let out = meshctl(
+        dir.path(),
+        &[
+            "route",
+            "set",
+            "hello",
+            "--backend",
+            "hello-v1=100",
+            "--match",
+            "header:x-canary=true",
+            "--to",
+            "hello-v2",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let get = meshctl(dir.path(), &["route", "get", "hello"]);
+    let table = text(&get);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[1].contains("header x-canary=true") && lines[1].contains("hello-v2 100%"),
+        "the A/B rule comes first:\n{table}"
+    );
+    assert!(lines[2].contains("hello-v1 100%"), "{table}");
+
+    let json = meshctl(dir.path(), &["route", "get", "hello", "-o", "json"]);
+    let routes: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(routes[0]["kind"], "HTTPRoute");
+
+    let out = meshctl(dir.path(), &["route", "delete", "hello"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!dir.path().join("route-default-hello.yaml").exists());
+    let get = meshctl(dir.path(), &["route", "get", "hello"]);
+    assert!(text(&get).contains("has no route"), "{}", text(&get));
+}
+
+#[test]
+fn nonsense_is_refused_with_a_message_and_changes_nothing() {
+    let dir = demo_dir();
+    let before = files(dir.path());
+    for (args, expect) in [
+        (
+            vec!["--backend", "hello-v3=10"],
+            "backendRef \"hello-v3\" names no Service in namespace default",
+        ),
+        (
+            vec!["--backend", "hello-v1=0", "--backend", "hello-v2=0"],
+            "every weight is 0",
+        ),
+        (vec!["--backend", "hello-v1"], "expected NAME=WEIGHT"),
+        (vec!["--backend", "hello-v1=ten"], "is not a whole number"),
+        (
+            vec!["--fault", "abort=503"],
+            "expected abort=STATUS:PERCENT%",
+        ),
+        (vec!["--fault", "delay=200ms:150%"], "between 0 and 100"),
+        (vec!["--timeout", "soon"], "expected a duration"),
+        (
+            vec!["--match", "cookie:a=b", "--to", "hello-v2"],
+            "expected header:NAME=VALUE",
+        ),
+        (vec![], "nothing to set"),
+    ] {
+        let mut full = vec!["route", "set", "hello"];
+        full.extend(&args);
+        let out = meshctl(dir.path(), &full);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(text(&out).contains(expect), "{args:?}: {}", text(&out));
+    }
+    let out = meshctl(
+        dir.path(),
+        &["route", "set", "nope", "--backend", "hello-v1=1"],
+    );
+    assert!(
+        text(&out).contains("no Service default/nope"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        files(dir.path()),
+        before,
+        "a refused command writes nothing"
+    );
+}
