@@ -130,9 +130,7 @@ pub type Parsed = Result<Vec<Object>, ManifestError>;
 
 /// Parses every manifest file of `dir` (without validating across files),
 /// for tools that read the directory the controller serves.
-pub fn parse_dir(
-    dir: &Path,
-) -> std::io::Result<Vec<(PathBuf, Parsed)>> {
+pub fn parse_dir(dir: &Path) -> std::io::Result<Vec<(PathBuf, Parsed)>> {
     Ok(read_manifests(dir)?
         .into_iter()
         .map(|(file, contents)| {
