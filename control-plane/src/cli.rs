@@ -18,6 +18,9 @@ pub struct ControllerArgs {
     /// gRPC address for discovery and identity.
     #[arg(long, default_value = "127.0.0.1:8090", env = "TRELLIS_LISTEN")]
     pub listen: SocketAddr,
+    /// Admin address: /live, /ready.
+    #[arg(long, default_value = "127.0.0.1:9990", env = "TRELLIS_ADMIN")]
+    pub admin: SocketAddr,
     #[arg(long, default_value = "cluster.local", env = "TRELLIS_TRUST_DOMAIN")]
     pub trust_domain: String,
     /// Lifetime of workload certificates, e.g. 24h or 30s.
@@ -31,6 +34,7 @@ impl From<ControllerArgs> for ControllerConfig {
             manifests: args.manifests,
             state_dir: args.state_dir,
             listen: args.listen,
+            admin: args.admin,
             trust_domain: args.trust_domain,
             leaf_lifetime: args.leaf_lifetime,
         }

@@ -24,6 +24,8 @@ pub struct ControllerConfig {
     /// Where the CA and bootstrap-token keys live (files 0600).
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
+    /// `/live` and `/ready`.
+    pub admin: SocketAddr,
     pub trust_domain: String,
     pub leaf_lifetime: Duration,
 }
@@ -56,6 +58,7 @@ pub enum ControllerError {
 /// with the runtime that runs them).
 pub struct Controller {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub store: Arc<Store>,
     pub ca: Arc<Ca>,
     pub tokens: Arc<BootstrapTokens>,
@@ -97,6 +100,18 @@ impl Controller {
                     source,
                 })?;
         let addr = listener.local_addr().unwrap_or(config.listen);
+        let admin_listener =
+            TcpListener::bind(config.admin)
+                .await
+                .map_err(|source| ControllerError::Bind {
+                    addr: config.admin,
+                    source,
+                })?;
+        let admin_addr = admin_listener.local_addr().unwrap_or(config.admin);
+        let admin = Arc::new(crate::admin::Admin {
+            ca: ca.clone(),
+            manifest_errors: manifest_errors.clone(),
+        });
 
         let identity = IdentityService::new(ca.clone(), tokens.clone(), config.leaf_lifetime);
         let router = tonic::transport::Server::builder()
@@ -105,6 +120,7 @@ impl Controller {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(source.run());
+        tasks.spawn(admin.serve(admin_listener));
         tasks.spawn(reload_ca(ca.clone()));
         tasks.spawn(async move {
             if let Err(e) = router
@@ -117,6 +133,7 @@ impl Controller {
         tracing::info!(%addr, manifests = %config.manifests.display(), trust_domain = %config.trust_domain, "controller started");
         Ok(Self {
             addr,
+            admin_addr,
             store,
             ca,
             tokens,

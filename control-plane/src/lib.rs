@@ -1,6 +1,7 @@
 //! The Trellis control plane: the object store and its sources, endpoint
 //! discovery, the workload CA, and the `meshctl` CLI.
 
+pub mod admin;
 pub mod cli;
 pub mod context;
 pub mod controller;

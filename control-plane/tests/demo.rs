@@ -122,3 +122,63 @@ fn demo_stops_everything_on_ctrl_c() {
     let left = processes_mentioning(state.path());
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
+
+/// Every file below `dir`, recursively.
+fn files_below(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_below(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn proxy_keys_never_touch_the_disk() {
+    let state = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    for dir in ["home", "tmp", "cwd"] {
+        std::fs::create_dir(scratch.path().join(dir)).unwrap();
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["demo", "--duration", "3", "--output", "json", "--state-dir"])
+        .arg(state.path())
+        .env("HOME", scratch.path().join("home"))
+        .env("TMPDIR", scratch.path().join("tmp"))
+        .current_dir(scratch.path().join("cwd"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The only keys on disk are the controller's own (CA and token key).
+    let mut keys: Vec<String> = files_below(state.path())
+        .into_iter()
+        .chain(files_below(scratch.path()))
+        .filter(|f| {
+            let bytes = std::fs::read(f).unwrap_or_default();
+            String::from_utf8_lossy(&bytes).contains("PRIVATE KEY")
+                || f.extension().is_some_and(|e| e == "key")
+        })
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["bootstrap.key", "issuer.key", "root.key"],
+        "unexpected key material on disk"
+    );
+    // Three proxies did get certificates: the demo saw mTLS on every hop.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.lines().last().unwrap().contains("\"mtls\":true"),
+        "{stdout}"
+    );
+}

@@ -16,28 +16,33 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use trellis_proto::SpiffeId;
 
+use crate::config::InboundMode;
 use crate::errors::ProxyError;
 use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::tls;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a client's first byte to tell TLS from plaintext.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The inbound side of one proxy.
 pub struct Inbound {
     identity: Arc<IdentityManager>,
+    mode: InboundMode,
     app_ip: IpAddr,
     app_h1: Client<HttpConnector, Body>,
     app_h2: Client<HttpConnector, Body>,
 }
 
 impl Inbound {
-    pub fn new(identity: Arc<IdentityManager>, app_ip: IpAddr) -> Arc<Self> {
+    pub fn new(identity: Arc<IdentityManager>, app_ip: IpAddr, mode: InboundMode) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         Arc::new(Self {
             identity,
+            mode,
             app_ip,
             app_h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
             app_h2: Client::builder(TokioExecutor::new())
@@ -70,10 +75,22 @@ impl Inbound {
         tcp: TcpStream,
         peer: SocketAddr,
     ) -> Result<(), String> {
+        let _ = tcp.set_nodelay(true);
+        // A TLS ClientHello starts with 0x16; anything else is plaintext.
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(PEEK_TIMEOUT, tcp.peek(&mut first)).await;
+        let is_tls = matches!(peeked, Ok(Ok(1))) && first[0] == 0x16;
+        if !is_tls {
+            return match self.mode {
+                InboundMode::Strict => {
+                    Err("plaintext refused: this workload's inbound mode is STRICT".into())
+                }
+                InboundMode::Permissive => self.serve_plaintext(tcp).await,
+            };
+        }
         // Without a valid certificate this proxy cannot prove who it is:
         // refuse rather than serve an expired one.
         let tls = self.identity.current().ok_or("no valid certificate")?;
-        let _ = tcp.set_nodelay(true);
         let acceptor = TlsAcceptor::from(tls.server.clone());
         let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
             .await
@@ -97,7 +114,11 @@ impl Inbound {
         let service = service_fn(move |request| {
             let inbound = self.clone();
             let client = client.clone();
-            async move { Ok::<_, std::convert::Infallible>(inbound.handle(request, &client).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    inbound.handle(request, Some(&client), None).await,
+                )
+            }
         });
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(stream), service);
@@ -116,8 +137,36 @@ impl Inbound {
         result.map_err(|e| format!("HTTP/2 connection failed: {e}"))
     }
 
-    async fn handle(&self, request: Request<Incoming>, client: &SpiffeId) -> Response<Body> {
-        match self.forward(request, client).await {
+    /// PERMISSIVE mode's plaintext: HTTP from a client outside the mesh.
+    /// The target port is the connection's original destination (when
+    /// iptables redirected it) or the in-band header.
+    async fn serve_plaintext(self: Arc<Self>, tcp: TcpStream) -> Result<(), String> {
+        let local = tcp.local_addr().ok();
+        let original = socket2::SockRef::from(&tcp)
+            .original_dst_v4()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .filter(|dst| Some(*dst) != local)
+            .map(|dst| dst.port());
+        let service = service_fn(move |request| {
+            let inbound = self.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(inbound.handle(request, None, original).await)
+            }
+        });
+        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tcp), service)
+            .await
+            .map_err(|e| format!("plaintext connection failed: {e}"))
+    }
+
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: Option<&SpiffeId>,
+        port: Option<u16>,
+    ) -> Response<Body> {
+        match self.forward(request, client, port).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(%error, "inbound request failed");
@@ -129,21 +178,23 @@ impl Inbound {
     async fn forward(
         &self,
         request: Request<Incoming>,
-        client: &SpiffeId,
+        client: Option<&SpiffeId>,
+        port: Option<u16>,
     ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        let port: u16 = parts
+        let in_band = parts
             .headers
             .remove(DST_PORT)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .ok_or(ProxyError::NoTarget)?;
-        let http1 = parts
-            .headers
-            .remove(ORIG_PROTO)
-            .is_none_or(|v| v.as_bytes() != b"HTTP/2");
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let port: u16 = port.or(in_band).ok_or(ProxyError::NoTarget)?;
+        let http1 = match parts.headers.remove(ORIG_PROTO) {
+            Some(proto) => proto.as_bytes() != b"HTTP/2",
+            None => parts.version != Version::HTTP_2,
+        };
         strip_hop_by_hop(&mut parts.headers);
+        // Only this proxy may say who the client is.
         parts.headers.remove(CLIENT_ID);
-        if let Ok(id) = HeaderValue::from_str(&client.to_string()) {
+        if let Some(id) = client.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
             parts.headers.insert(CLIENT_ID, id);
         }
         let app = SocketAddr::new(self.app_ip, port);

@@ -91,7 +91,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         config.request_timeout,
         config.discovery_timeout,
     );
-    let inbound = inbound::Inbound::new(identity.clone(), config.app_ip);
+    let inbound = inbound::Inbound::new(identity.clone(), config.app_ip, config.inbound_mode);
     let admin = admin::Admin::new(identity.clone());
 
     let proxy_addrs = (

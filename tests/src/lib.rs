@@ -120,6 +120,7 @@ impl Mesh {
         let mut config = ControllerConfig {
             manifests: dir.path().join("manifests"),
             state_dir: dir.path().to_path_buf(),
+            admin: SocketAddr::from((Ipv4Addr::new(block[0], block[1], block[2], 1), 0)),
             listen: SocketAddr::from((Ipv4Addr::new(block[0], block[1], block[2], 1), 0)),
             trust_domain: TRUST_DOMAIN.into(),
             leaf_lifetime: Duration::from_secs(3600),

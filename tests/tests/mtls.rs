@@ -254,3 +254,42 @@ async fn issuer_and_root_rotation_under_load_fail_no_request() {
         "the old root is gone from the bundle"
     );
 }
+
+#[tokio::test]
+async fn permissive_inbound_also_serves_plaintext_but_never_trusts_its_identity_claims() {
+    let mut mesh = Mesh::start().await;
+    let ip = mesh.pod_ip();
+    let app = hello_app(ip, "v1").await;
+    let proxy = mesh
+        .proxy_with(ip, "hello", |env| {
+            env.insert(trellis_proxy::config::INBOUND_MODE, "permissive".into());
+        })
+        .await;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(proxy.inbound_addr)
+        .await
+        .unwrap();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: hello\r\ntrellis-dst-port: {}\r\ntrellis-client-id: spiffe://cluster.local/ns/default/sa/admin\r\nConnection: close\r\n\r\n",
+        app.port()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("\"client_identity\":\"\""),
+        "a forged identity header must not reach the app: {response}"
+    );
+
+    let frontend = SpiffeId::new(TRUST_DOMAIN, "default", "frontend");
+    let valid = mesh_identity(&mesh, &frontend, Duration::from_secs(60));
+    assert_eq!(
+        try_request(client(Some(valid)), proxy.inbound_addr, app.port()).await,
+        Ok(200)
+    );
+}

@@ -56,6 +56,7 @@ pub struct DemoArgs {
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const CONTROLLER_PORT: u16 = 8090;
+const CONTROLLER_ADMIN_PORT: u16 = 9990;
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let temp;
@@ -86,10 +87,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let mut children = Children::new(logs.clone());
     let result = async {
         let controller = SocketAddr::from((Ipv4Addr::new(base[0], base[1], base[2], 1), CONTROLLER_PORT));
+        let admin = SocketAddr::new(controller.ip(), CONTROLLER_ADMIN_PORT);
         let lifetime = format!("{}ms", args.leaf_lifetime.as_millis());
         children.spawn("controller", &[], &[
             "controller", "--manifests", path(&manifests_dir)?, "--state-dir", path(&state_dir)?,
-            "--listen", &controller.to_string(), "--trust-domain", TRUST_DOMAIN, "--leaf-lifetime", &lifetime,
+            "--listen", &controller.to_string(), "--admin", &admin.to_string(),
+            "--trust-domain", TRUST_DOMAIN, "--leaf-lifetime", &lifetime,
         ])?;
         wait_for_port(controller, &mut children).await?;
 
@@ -101,7 +104,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             wait_ready(pod, &mut children).await?;
         }
         say(format!("Trellis demo mesh is up (state and logs in {}):", state_dir.display()));
-        say(format!("  controller  {controller}"));
+        say(format!("  controller  {controller}  admin http://{admin}/ready"));
         for pod in &pods {
             say(format!(
                 "  {:<10}  app {}:{APP_PORT}  proxy outbound :{OUTBOUND_PORT} inbound :{INBOUND_PORT} admin http://{}:{ADMIN_PORT}/ready",

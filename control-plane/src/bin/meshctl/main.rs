@@ -1,5 +1,6 @@
 //! `meshctl`: the Trellis command line.
 
+mod ca;
 mod demo;
 mod identity;
 mod internal;
@@ -24,6 +25,8 @@ enum Command {
     /// Run a local demo mesh (no Kubernetes, no root): a frontend calling
     /// `hello` v1 and v2 through sidecars, with live traffic and a summary.
     Demo(demo::DemoArgs),
+    /// Rotate the CA (local mode): issuer, or root in three steps.
+    Ca(ca::CaArgs),
     /// Show the certificate (SPIFFE ID, issuer, expiry) each proxy presents.
     Identity(identity::IdentityArgs),
     /// Route a Service's traffic: weighted splits, A/B matches, timeouts,
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Route(command) => route::run(command),
             Command::Identity(args) => identity::run(args).await,
+            Command::Ca(args) => ca::run(args),
             Command::Internal(command) => internal::run(command).await,
         }
     });

@@ -1,0 +1,80 @@
+//! The controller's admin listener: `/live` and `/ready`. Ready means the
+//! CA can sign (an expired issuer makes the controller unready, loudly) and
+//! the manifests loaded without error. Nothing here changes state.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::identity::Ca;
+use crate::source::manifest::ManifestError;
+
+pub struct Admin {
+    pub ca: Arc<Ca>,
+    pub manifest_errors: watch::Receiver<Vec<ManifestError>>,
+}
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(&request)) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    }
+
+    fn handle(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, body) = match (request.method(), request.uri().path()) {
+            (&Method::GET, "/live") => (StatusCode::OK, "live\n".to_string()),
+            (&Method::GET, "/ready") => self.readiness(),
+            (_, "/live" | "/ready") => (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "not found; try /live or /ready\n".into(),
+            ),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+    }
+
+    fn readiness(&self) -> (StatusCode, String) {
+        let mut problems = Vec::new();
+        if let Err(e) = self.ca.healthy() {
+            problems.push(e.to_string());
+        }
+        problems.extend(
+            self.manifest_errors
+                .borrow()
+                .iter()
+                .map(|e| format!("manifest rejected: {e}")),
+        );
+        if problems.is_empty() {
+            (StatusCode::OK, "ready\n".into())
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready:\n{}\n", problems.join("\n")),
+            )
+        }
+    }
+}
