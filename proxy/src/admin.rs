@@ -13,14 +13,16 @@ use tokio::net::TcpListener;
 
 use crate::http::{full, Body};
 use crate::identity::IdentityManager;
+use crate::metrics::Metrics;
 
 pub struct Admin {
     identity: Arc<IdentityManager>,
+    metrics: Arc<Metrics>,
 }
 
 impl Admin {
-    pub fn new(identity: Arc<IdentityManager>) -> Arc<Self> {
-        Arc::new(Self { identity })
+    pub fn new(identity: Arc<IdentityManager>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self { identity, metrics })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -54,6 +56,7 @@ impl Admin {
                     "not ready: no valid certificate\n".into(),
                 ),
             },
+            (&Method::GET, "/metrics") => (StatusCode::OK, self.metrics.render()),
             (&Method::GET, "/identity") => match self.identity.current() {
                 Some(tls) => (StatusCode::OK, certificate_json(&tls)),
                 None => (
@@ -61,16 +64,23 @@ impl Admin {
                     "no valid certificate\n".into(),
                 ),
             },
-            (_, "/live" | "/ready" | "/identity") => {
+            (_, "/live" | "/ready" | "/identity" | "/metrics") => {
                 (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into())
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                "not found; try /live, /ready or /identity\n".into(),
+                "not found; try /live, /ready, /identity or /metrics\n".into(),
             ),
         };
         let mut response = Response::new(full(body));
         *response.status_mut() = status;
+        if request.uri().path() == "/metrics" {
+            // Prometheus 3 needs the exposition format's content type.
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+        }
         response
     }
 }

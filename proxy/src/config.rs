@@ -72,8 +72,10 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long a first request waits for discovery to answer.
     pub discovery_timeout: Duration,
-    /// The pod name, for logs.
+    /// The workload (app) name, for metrics; the service account when unset.
     pub workload: String,
+    /// The workload's version label, for metrics.
+    pub version: String,
 }
 
 /// Every bad variable, one per line.
@@ -102,6 +104,7 @@ pub const INBOUND_MODE: &str = "TRELLIS_INBOUND_MODE";
 pub const REQUEST_TIMEOUT: &str = "TRELLIS_REQUEST_TIMEOUT";
 pub const DISCOVERY_TIMEOUT: &str = "TRELLIS_DISCOVERY_TIMEOUT";
 pub const WORKLOAD: &str = "TRELLIS_WORKLOAD";
+pub const VERSION: &str = "TRELLIS_VERSION";
 
 impl Config {
     pub fn from_strings(env: &dyn Strings) -> Result<Self, ConfigError> {
@@ -169,6 +172,7 @@ impl Config {
                 request_timeout: request_timeout?,
                 discovery_timeout: discovery_timeout?,
                 workload: env.get(WORKLOAD).unwrap_or_default(),
+                version: env.get(VERSION).unwrap_or_default(),
             })
         })();
         match config {

@@ -20,7 +20,9 @@ use crate::config::InboundMode;
 use crate::errors::ProxyError;
 use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
+use crate::metrics::{Metrics, RequestLabels};
 use crate::tls;
+use std::time::Instant;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for a client's first byte to tell TLS from plaintext.
@@ -29,6 +31,7 @@ const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The inbound side of one proxy.
 pub struct Inbound {
     identity: Arc<IdentityManager>,
+    metrics: Arc<Metrics>,
     mode: InboundMode,
     app_ip: IpAddr,
     app_h1: Client<HttpConnector, Body>,
@@ -36,12 +39,18 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(identity: Arc<IdentityManager>, app_ip: IpAddr, mode: InboundMode) -> Arc<Self> {
+    pub fn new(
+        identity: Arc<IdentityManager>,
+        metrics: Arc<Metrics>,
+        app_ip: IpAddr,
+        mode: InboundMode,
+    ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         Arc::new(Self {
             identity,
+            metrics,
             mode,
             app_ip,
             app_h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
@@ -62,6 +71,7 @@ impl Inbound {
                 }
             };
             let inbound = self.clone();
+            self.metrics.connection_opened("inbound");
             tokio::spawn(async move {
                 if let Err(reason) = inbound.serve_connection(tcp, peer).await {
                     tracing::info!(%peer, %reason, "inbound connection refused");
@@ -92,10 +102,17 @@ impl Inbound {
         // refuse rather than serve an expired one.
         let tls = self.identity.current().ok_or("no valid certificate")?;
         let acceptor = TlsAcceptor::from(tls.server.clone());
-        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-            .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                self.metrics.tls_failure("inbound");
+                return Err(format!("TLS handshake failed: {e}"));
+            }
+            Err(_) => {
+                self.metrics.tls_failure("inbound");
+                return Err("TLS handshake timed out".into());
+            }
+        };
         let (_, session) = stream.get_ref();
         // The connection must not outlive our certificate or the client's.
         let peer_not_after = session.peer_certificates().and_then(tls::chain_not_after);
@@ -166,13 +183,34 @@ impl Inbound {
         client: Option<&SpiffeId>,
         port: Option<u16>,
     ) -> Response<Body> {
-        match self.forward(request, client, port).await {
+        let started = Instant::now();
+        let workload = &self.metrics.workload;
+        // The client is known by its verified identity only: its service
+        // account stands for its workload.
+        let labels = RequestLabels {
+            direction: "inbound",
+            src_workload: client
+                .map(|c| c.service_account.clone())
+                .unwrap_or_default(),
+            src_namespace: client.map(|c| c.namespace.clone()).unwrap_or_default(),
+            dst_service: workload.name.clone(),
+            dst_namespace: workload.namespace.clone(),
+            dst_backend: workload.name.clone(),
+            dst_version: workload.version.clone(),
+            tls: client.is_some(),
+            peer_identity: client.map(ToString::to_string).unwrap_or_default(),
+            ..RequestLabels::default()
+        };
+        let response = match self.forward(request, client, port).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(%error, "inbound request failed");
                 error.into_response()
             }
-        }
+        };
+        self.metrics
+            .request(&labels, response.status().as_u16(), started.elapsed());
+        response
     }
 
     async fn forward(

@@ -11,6 +11,7 @@ pub mod errors;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod route;
 pub mod tls;
@@ -85,14 +86,29 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         .connect_lazy();
     let identity = IdentityManager::new(config.identity.clone());
     let discovery = discovery::Discovery::new(channel.clone(), config.identity.to_string());
+    let metrics = Arc::new(metrics::Metrics::new(metrics::Workload {
+        name: if config.workload.is_empty() {
+            config.identity.service_account.clone()
+        } else {
+            config.workload.clone()
+        },
+        namespace: config.identity.namespace.clone(),
+        version: config.version.clone(),
+    }));
     let outbound = outbound::Outbound::new(
         discovery,
         identity.clone(),
+        metrics.clone(),
         config.request_timeout,
         config.discovery_timeout,
     );
-    let inbound = inbound::Inbound::new(identity.clone(), config.app_ip, config.inbound_mode);
-    let admin = admin::Admin::new(identity.clone());
+    let inbound = inbound::Inbound::new(
+        identity.clone(),
+        metrics.clone(),
+        config.app_ip,
+        config.inbound_mode,
+    );
+    let admin = admin::Admin::new(identity.clone(), metrics.clone());
 
     let proxy_addrs = (
         addr(&outbound_listener, config.outbound_listen),
@@ -108,6 +124,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     tasks.spawn(serve_outbound(outbound, outbound_listener));
     tasks.spawn(inbound.serve(inbound_listener));
     tasks.spawn(admin.serve(admin_listener));
+    tasks.spawn(export_certificate_expiry(identity.clone(), metrics));
     tracing::info!(
         identity = %config.identity,
         outbound = %proxy_addrs.0,
@@ -122,6 +139,21 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         identity,
         tasks,
     })
+}
+
+/// Keeps the certificate-expiry gauge current.
+async fn export_certificate_expiry(identity: Arc<IdentityManager>, metrics: Arc<metrics::Metrics>) {
+    let mut changes = identity.subscribe();
+    loop {
+        if let Some(tls) = changes.borrow_and_update().clone() {
+            metrics.certificate(tls.not_after);
+        }
+        if changes.changed().await.is_err() {
+            // The manager is gone with the proxy; park rather than end the
+            // task set (which signals a failure).
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// The outbound listener speaks HTTP/1.1 and HTTP/2 (prior knowledge), as

@@ -22,9 +22,11 @@ use crate::discovery::RoutesState;
 use crate::errors::ProxyError;
 use crate::http::{boxed, strip_hop_by_hop, Body, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
+use crate::metrics::{Metrics, RequestLabels};
 use crate::route::{self, CompiledRoutes};
 pub use endpoint::EndpointHandle;
 use retry::RetryBudget;
+use std::time::Instant;
 use target::Target;
 use tokio::sync::watch;
 use trellis_proto::discovery::{HeaderModifier, Retry};
@@ -33,6 +35,7 @@ use trellis_proto::discovery::{HeaderModifier, Retry};
 pub struct Outbound {
     discovery: Arc<Discovery>,
     identity: Arc<IdentityManager>,
+    metrics: Arc<Metrics>,
     logicals: Mutex<HashMap<String, Arc<Logical>>>,
     targets: Mutex<HashMap<String, Arc<Target>>>,
     /// For endpoints that are not meshed: plain HTTP/1.1 and HTTP/2.
@@ -46,6 +49,7 @@ impl Outbound {
     pub fn new(
         discovery: Arc<Discovery>,
         identity: Arc<IdentityManager>,
+        metrics: Arc<Metrics>,
         request_timeout: Duration,
         discovery_timeout: Duration,
     ) -> Arc<Self> {
@@ -55,6 +59,7 @@ impl Outbound {
         Arc::new(Self {
             discovery,
             identity,
+            metrics,
             logicals: Mutex::new(HashMap::new()),
             targets: Mutex::new(HashMap::new()),
             plain_h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
@@ -69,17 +74,35 @@ impl Outbound {
     /// Handles one request from the application; never fails: problems become
     /// responses with a `trellis-proxy-error` header.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        match self.forward(request).await {
+        let started = Instant::now();
+        let workload = &self.metrics.workload;
+        let mut labels = RequestLabels {
+            direction: "outbound",
+            src_workload: workload.name.clone(),
+            src_namespace: workload.namespace.clone(),
+            src_version: workload.version.clone(),
+            ..RequestLabels::default()
+        };
+        let response = match self.forward(request, &mut labels).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(%error, "outbound request failed");
                 error.into_response()
             }
-        }
+        };
+        self.metrics
+            .request(&labels, response.status().as_u16(), started.elapsed());
+        response
     }
 
-    async fn forward(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        labels: &mut RequestLabels,
+    ) -> Result<Response<Body>, ProxyError> {
         let authority = authority_of(&request)?;
+        (labels.dst_service, labels.dst_namespace) = service_of(&authority);
+        labels.dst_backend = labels.dst_service.clone();
         let logical = self.logical(&authority);
         let routes = logical.routes(self.discovery_timeout).await?;
         let (mut parts, body) = request.into_parts();
@@ -96,9 +119,13 @@ impl Outbound {
         let work = async {
             if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
                 if route::fires(fault.delay_percent) {
+                    self.metrics
+                        .fault(&labels.dst_service, &labels.dst_namespace, "delay");
                     tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
                 }
                 if route::fires(fault.abort_percent) {
+                    self.metrics
+                        .fault(&labels.dst_service, &labels.dst_namespace, "abort");
                     return Err(ProxyError::FaultInjected(fault.abort_status as u16));
                 }
             }
@@ -123,6 +150,7 @@ impl Outbound {
                         backend()?,
                         &authority,
                         Request::from_parts(parts, boxed(body)),
+                        labels,
                     )
                     .await;
             };
@@ -131,7 +159,7 @@ impl Outbound {
             loop {
                 let request = Request::from_parts(clone_parts(&parts), http_full_empty());
                 let backend = backend()?;
-                let result = self.send_to(backend, &authority, request).await;
+                let result = self.send_to(backend, &authority, request, labels).await;
                 let failed = match &result {
                     Ok(response) => should_retry(retry, response.status()),
                     Err(e) => e.is_retryable(),
@@ -141,6 +169,8 @@ impl Outbound {
                     return result;
                 }
                 tracing::debug!(backend, attempt, "retrying");
+                self.metrics
+                    .retry(&labels.dst_service, &labels.dst_namespace);
                 if retry.backoff_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
                 }
@@ -158,12 +188,25 @@ impl Outbound {
         backend: &str,
         authority: &str,
         request: Request<Body>,
+        labels: &mut RequestLabels,
     ) -> Result<Response<Body>, ProxyError> {
+        labels.dst_backend = service_of(backend).0;
         let target = self.target(backend);
         let endpoints = target.endpoints(self.discovery_timeout).await?;
         let endpoint = balance::pick(&endpoints)
             .ok_or_else(|| ProxyError::NoEndpoints(backend.to_string()))?
             .clone();
+        labels.dst_version = endpoint
+            .endpoint()
+            .labels
+            .get("version")
+            .cloned()
+            .unwrap_or_default();
+        labels.tls = endpoint.identity().is_some();
+        labels.peer_identity = endpoint
+            .identity()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let mut in_flight = endpoint.start();
         let response = self
             .send(&endpoint, authority, request, &mut in_flight)
@@ -272,6 +315,20 @@ fn uri(authority: &str, path: &str) -> Result<Uri, ProxyError> {
 
 fn header_value(s: &str) -> Result<http::HeaderValue, ProxyError> {
     http::HeaderValue::from_str(s).map_err(|_| ProxyError::NoAuthority)
+}
+
+/// The Service name and namespace an authority names (`name.ns…:port`); a
+/// ClusterIP authority is labelled by its address.
+fn service_of(authority: &str) -> (String, String) {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    match host.split('.').collect::<Vec<_>>().as_slice() {
+        [name, namespace, ..] if host.parse::<std::net::IpAddr>().is_err() => {
+            (name.to_string(), namespace.to_string())
+        }
+        _ => (host.to_string(), String::new()),
+    }
 }
 
 /// The authority a request is for: the absolute URI (explicit proxy mode, and

@@ -514,7 +514,13 @@ impl HelloMesh {
             let listener = TcpListener::bind((ip, port)).await.expect("bind hello");
             port = listener.local_addr().expect("addr").port();
             app(listener, version);
-            hello.push((ip, mesh.proxy(ip, "hello").await));
+            let proxy = mesh
+                .proxy_with(ip, "hello", |env| {
+                    env.insert(trellis_proxy::config::WORKLOAD, "hello".into());
+                    env.insert(trellis_proxy::config::VERSION, version.into());
+                })
+                .await;
+            hello.push((ip, proxy));
         }
         let this = Self {
             mesh,

@@ -215,7 +215,8 @@ fn start_pod(
             SocketAddr::from((pod.ip, ADMIN_PORT)).to_string(),
         ),
         ("TRELLIS_APP_IP", pod.ip.to_string()),
-        ("TRELLIS_WORKLOAD", pod.name.to_string()),
+        ("TRELLIS_WORKLOAD", pod.app.to_string()),
+        ("TRELLIS_VERSION", pod.version.to_string()),
     ];
     children.spawn(&format!("{}-proxy", pod.name), &env, &["proxy"])
 }

@@ -1,0 +1,172 @@
+//! Metrics end to end: what the proxies count equals what was sent.
+
+use std::collections::BTreeMap;
+
+use trellis_tests::*;
+
+/// Scrapes a proxy's `/metrics` and sums the series of `family` whose
+/// labels include every `(name, value)` of `filter`.
+async fn sum(proxy: &trellis_proxy::Proxy, family: &str, filter: &[(&str, &str)]) -> f64 {
+    let text = scrape(proxy).await;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            if name != family {
+                return None;
+            }
+            let ok = filter
+                .iter()
+                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+async fn scrape(proxy: &trellis_proxy::Proxy) -> String {
+    let client = AppClient::http1(proxy.admin_addr);
+    let answer = client
+        .get(&proxy.admin_addr.to_string(), "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    assert!(answer.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    answer.text()
+}
+
+#[tokio::test]
+async fn request_counters_match_the_traffic_exactly() {
+    let mesh = HelloMesh::start().await;
+    // The set-up's readiness probes count too: measure from here.
+    let before_out = sum(
+        &mesh.client,
+        "trellis_requests_total",
+        &[("direction", "outbound")],
+    )
+    .await;
+    let inbound_filter = |version: &'static str| {
+        [
+            ("direction", "inbound"),
+            ("src_workload", "frontend"),
+            ("dst_version", version),
+            ("status_code", "200"),
+            (
+                "peer_identity",
+                "spiffe://cluster.local/ns/default/sa/frontend",
+            ),
+        ]
+    };
+    let mut before_in = Vec::new();
+    for (i, version) in ["v1", "v2"].into_iter().enumerate() {
+        before_in.push(
+            sum(
+                &mesh.hello[i].1,
+                "trellis_requests_total",
+                &inbound_filter(version),
+            )
+            .await,
+        );
+    }
+    let answers = burst(&mesh.http1(), &mesh.authority(), 300, 4).await;
+    let counts: BTreeMap<String, usize> = versions(&answers);
+    assert_eq!(counts.values().sum::<usize>(), 300);
+
+    let out = |version: &'static str| {
+        let filter = [
+            ("direction", "outbound"),
+            ("dst_service", "hello"),
+            ("dst_namespace", "default"),
+            ("dst_version", version),
+            ("status_code", "200"),
+            ("classification", "success"),
+            ("tls", "true"),
+            (
+                "peer_identity",
+                "spiffe://cluster.local/ns/default/sa/hello",
+            ),
+        ];
+        async move { filter }
+    };
+    let mut total = 0.0;
+    for version in ["v1", "v2"] {
+        let filter = out(version).await;
+        let counted = sum(&mesh.client, "trellis_requests_total", &filter).await;
+        let histogram = sum(
+            &mesh.client,
+            "trellis_response_latency_seconds_count",
+            &filter,
+        )
+        .await;
+        assert_eq!(
+            histogram, counted,
+            "{version}: one latency observation per request"
+        );
+        total += counted;
+        // The server side counts the same requests, with the verified client.
+        let i = if version == "v1" { 0 } else { 1 };
+        let inbound = sum(
+            &mesh.hello[i].1,
+            "trellis_requests_total",
+            &inbound_filter(version),
+        )
+        .await
+            - before_in[i];
+        let sent = counts.get(version).copied().unwrap_or(0) as f64;
+        assert_eq!(
+            inbound, sent,
+            "{version}: the server's proxy counts what its app answered"
+        );
+    }
+    let after_out = sum(
+        &mesh.client,
+        "trellis_requests_total",
+        &[("direction", "outbound")],
+    )
+    .await;
+    assert_eq!(after_out - before_out, 300.0, "exactly the requests sent");
+    assert!(total >= 300.0);
+
+    let expiry = sum(
+        &mesh.client,
+        "trellis_identity_cert_expiration_timestamp_seconds",
+        &[],
+    )
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert!(
+        expiry > now && expiry < now + 7200.0,
+        "certificate expiry exported: {expiry}"
+    );
+}
+
+#[tokio::test]
+async fn failures_are_counted_with_their_status() {
+    let mesh = HelloMesh::start().await;
+    for _ in 0..7 {
+        let answer = mesh
+            .http1()
+            .get("nope.default.svc.cluster.local:80", "/")
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 503);
+    }
+    let failed = sum(
+        &mesh.client,
+        "trellis_requests_total",
+        &[
+            ("direction", "outbound"),
+            ("dst_service", "nope"),
+            ("status_code", "503"),
+            ("classification", "failure"),
+        ],
+    )
+    .await;
+    assert_eq!(failed, 7.0);
+}
