@@ -1,4 +1,4 @@
-//! The controller's admin listener: `/live` and `/ready`. Ready means the
+//! The controller's admin listener: `/live`, `/ready` and `/metrics`. Ready means the
 //! CA can sign (an expired issuer makes the controller unready, loudly) and
 //! the manifests loaded without error. Nothing here changes state.
 
@@ -16,10 +16,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::identity::Ca;
+use crate::metrics::ControllerMetrics;
 use crate::source::manifest::ManifestError;
+use crate::store::Store;
 
 pub struct Admin {
     pub ca: Arc<Ca>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<ControllerMetrics>,
     pub manifest_errors: watch::Receiver<Vec<ManifestError>>,
 }
 
@@ -46,14 +50,26 @@ impl Admin {
         let (status, body) = match (request.method(), request.uri().path()) {
             (&Method::GET, "/live") => (StatusCode::OK, "live\n".to_string()),
             (&Method::GET, "/ready") => self.readiness(),
-            (_, "/live" | "/ready") => (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into()),
+            (&Method::GET, "/metrics") => {
+                let errors = self.manifest_errors.borrow().len();
+                (StatusCode::OK, self.metrics.render(&self.store, errors))
+            }
+            (_, "/live" | "/ready" | "/metrics") => {
+                (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into())
+            }
             _ => (
                 StatusCode::NOT_FOUND,
-                "not found; try /live or /ready\n".into(),
+                "not found; try /live, /ready or /metrics\n".into(),
             ),
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
+        if request.uri().path() == "/metrics" {
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+        }
         response
     }
 

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::discovery::DiscoveryService;
 use crate::identity::{BootstrapTokens, Ca, IdentityService};
+use crate::metrics::ControllerMetrics;
 use crate::source::local::LocalSource;
 use crate::source::manifest::ManifestError;
 use crate::store::Store;
@@ -108,14 +109,22 @@ impl Controller {
                     source,
                 })?;
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin);
+        let metrics = Arc::new(ControllerMetrics::new());
         let admin = Arc::new(crate::admin::Admin {
             ca: ca.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
             manifest_errors: manifest_errors.clone(),
         });
 
-        let identity = IdentityService::new(ca.clone(), tokens.clone(), config.leaf_lifetime);
+        let identity = IdentityService::new(
+            ca.clone(),
+            tokens.clone(),
+            config.leaf_lifetime,
+            metrics.clone(),
+        );
         let router = tonic::transport::Server::builder()
-            .add_service(DiscoveryService::new(store.clone()).into_server())
+            .add_service(DiscoveryService::new(store.clone(), metrics.clone()).into_server())
             .add_service(identity.into_server());
 
         let mut tasks = JoinSet::new();

@@ -16,15 +16,17 @@ use trellis_proto::discovery::{
     WatchRequest,
 };
 
+use crate::metrics::ControllerMetrics;
 use crate::store::{parse_authority, ServiceEndpoints, Store};
 
 pub struct DiscoveryService {
     store: Arc<Store>,
+    metrics: Arc<ControllerMetrics>,
 }
 
 impl DiscoveryService {
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<Store>, metrics: Arc<ControllerMetrics>) -> Self {
+        Self { store, metrics }
     }
 
     pub fn into_server(self) -> DiscoveryServer<Self> {
@@ -48,6 +50,7 @@ impl Discovery for DiscoveryService {
             return Err(Status::invalid_argument(e.to_string()));
         }
         let mut watch = self.store.watch_routes(&authority);
+        let metrics = self.metrics.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             loop {
@@ -55,6 +58,7 @@ impl Discovery for DiscoveryService {
                 if tx.send(Ok(routes)).await.is_err() {
                     return;
                 }
+                metrics.updates_pushed.inc();
                 tokio::select! {
                     changed = watch.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
@@ -74,6 +78,7 @@ impl Discovery for DiscoveryService {
             return Err(Status::invalid_argument(e.to_string()));
         }
         let mut watch = self.store.watch(&authority);
+        let metrics = self.metrics.clone();
         let (tx, rx) = mpsc::channel(16);
         tracing::debug!(%authority, client = %request.client_identity, "endpoint watch opened");
         tokio::spawn(async move {
@@ -85,6 +90,7 @@ impl Discovery for DiscoveryService {
                     if tx.send(Ok(update)).await.is_err() {
                         return;
                     }
+                    metrics.updates_pushed.inc();
                 }
                 first = false;
                 sent = current;

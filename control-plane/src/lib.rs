@@ -8,6 +8,7 @@ pub mod controller;
 pub mod demo;
 pub mod discovery;
 pub mod identity;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod store;

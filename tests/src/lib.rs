@@ -44,6 +44,8 @@ pub fn loopback_block() -> [u8; 3] {
 /// every task and socket is dropped at once.
 pub struct ControllerProcess {
     pub addr: SocketAddr,
+    /// `/live`, `/ready`, `/metrics`.
+    pub admin_addr: SocketAddr,
     pub manifest_errors: tokio::sync::watch::Receiver<Vec<ManifestError>>,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -63,14 +65,19 @@ impl ControllerProcess {
                 .block_on(Controller::start(config))
                 .expect("controller starts");
             started_tx
-                .send((controller.addr, controller.manifest_errors.clone()))
+                .send((
+                    controller.addr,
+                    controller.admin_addr,
+                    controller.manifest_errors.clone(),
+                ))
                 .expect("report start");
             let _ = stop_rx.recv();
             drop(controller);
             runtime.shutdown_timeout(Duration::from_millis(100));
         });
-        let (addr, manifest_errors) = started_rx.recv().expect("controller started");
+        let (addr, admin_addr, manifest_errors) = started_rx.recv().expect("controller started");
         Self {
+            admin_addr,
             addr,
             manifest_errors,
             stop: Some(stop_tx),

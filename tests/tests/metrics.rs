@@ -7,7 +7,10 @@ use trellis_tests::*;
 /// Scrapes a proxy's `/metrics` and sums the series of `family` whose
 /// labels include every `(name, value)` of `filter`.
 async fn sum(proxy: &trellis_proxy::Proxy, family: &str, filter: &[(&str, &str)]) -> f64 {
-    let text = scrape(proxy).await;
+    sum_in(&scrape_addr(proxy.admin_addr).await, family, filter)
+}
+
+fn sum_in(text: &str, family: &str, filter: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|line| {
@@ -24,17 +27,15 @@ async fn sum(proxy: &trellis_proxy::Proxy, family: &str, filter: &[(&str, &str)]
         .sum()
 }
 
-async fn scrape(proxy: &trellis_proxy::Proxy) -> String {
-    let client = AppClient::http1(proxy.admin_addr);
-    let answer = client
-        .get(&proxy.admin_addr.to_string(), "/metrics")
-        .await
-        .unwrap();
+async fn scrape_addr(addr: std::net::SocketAddr) -> String {
+    let client = AppClient::http1(addr);
+    let answer = client.get(&addr.to_string(), "/metrics").await.unwrap();
     assert_eq!(answer.status, 200);
-    assert!(answer.headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain; version=0.0.4"));
+    let content_type = answer.headers["content-type"].to_str().unwrap();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
     answer.text()
 }
 
@@ -169,4 +170,41 @@ async fn failures_are_counted_with_their_status() {
     )
     .await;
     assert_eq!(failed, 7.0);
+}
+
+#[tokio::test]
+async fn the_controller_exports_its_store_pushes_and_certificates() {
+    let mesh = HelloMesh::start().await;
+    let text = scrape_addr(mesh.controller.as_ref().unwrap().admin_addr).await;
+    assert_eq!(
+        sum_in(&text, "trellis_controller_objects", &[("kind", "Service")]),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum_in(&text, "trellis_controller_objects", &[("kind", "Pod")]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum_in(&text, "trellis_controller_certificates_issued_total", &[]),
+        3.0,
+        "one per proxy"
+    );
+    assert_eq!(
+        sum_in(&text, "trellis_controller_certificates_refused_total", &[]),
+        0.0
+    );
+    assert!(
+        sum_in(&text, "trellis_controller_updates_pushed_total", &[]) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        sum_in(&text, "trellis_controller_watches", &[]) >= 2.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum_in(&text, "trellis_controller_manifest_errors", &[]),
+        0.0
+    );
 }

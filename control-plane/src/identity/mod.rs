@@ -8,7 +8,7 @@ mod tokens;
 pub use ca::{
     activate_next_root, add_root, retire_old_roots, rotate_issuer, Ca, CaError, SignedLeaf,
 };
-pub use service::{IdentityService, IdentityStats};
+pub use service::IdentityService;
 pub use tokens::BootstrapTokens;
 
 #[cfg(test)]

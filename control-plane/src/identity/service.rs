@@ -1,6 +1,5 @@
 //! The Identity gRPC service: checks the proof, then signs the CSR.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -11,28 +10,27 @@ use trellis_proto::SpiffeId;
 
 use super::ca::{Ca, CaError};
 use super::tokens::BootstrapTokens;
-
-/// Certificates issued and requests refused, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct IdentityStats {
-    pub issued: AtomicU64,
-    pub refused: AtomicU64,
-}
+use crate::metrics::ControllerMetrics;
 
 pub struct IdentityService {
     ca: Arc<Ca>,
     tokens: Arc<BootstrapTokens>,
     leaf_lifetime: Duration,
-    pub stats: Arc<IdentityStats>,
+    metrics: Arc<ControllerMetrics>,
 }
 
 impl IdentityService {
-    pub fn new(ca: Arc<Ca>, tokens: Arc<BootstrapTokens>, leaf_lifetime: Duration) -> Self {
+    pub fn new(
+        ca: Arc<Ca>,
+        tokens: Arc<BootstrapTokens>,
+        leaf_lifetime: Duration,
+        metrics: Arc<ControllerMetrics>,
+    ) -> Self {
         Self {
             ca,
             tokens,
             leaf_lifetime,
-            stats: Arc::default(),
+            metrics,
         }
     }
 
@@ -41,7 +39,7 @@ impl IdentityService {
     }
 
     fn refuse(&self, identity: &str, status: Status) -> Status {
-        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.metrics.certificates_refused.inc();
         tracing::warn!(%identity, reason = %status.message(), "certificate refused");
         status
     }
@@ -79,7 +77,7 @@ impl Identity for IdentityService {
                 };
                 self.refuse(&request.identity, status)
             })?;
-        self.stats.issued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.certificates_issued.inc();
         tracing::debug!(%identity, "certificate issued");
         Ok(Response::new(CertifyResponse {
             chain_der: leaf.chain_der,

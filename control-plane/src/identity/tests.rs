@@ -178,7 +178,9 @@ async fn the_service_refuses_a_token_for_another_identity() {
     let dir = tempfile::tempdir().unwrap();
     let ca = std::sync::Arc::new(Ca::load_or_create(dir.path(), "cluster.local").unwrap());
     let tokens = std::sync::Arc::new(BootstrapTokens::load_or_create(dir.path()).unwrap());
-    let service = IdentityService::new(ca, tokens.clone(), Duration::from_secs(60));
+    let metrics = std::sync::Arc::new(crate::metrics::ControllerMetrics::new());
+    let service =
+        IdentityService::new(ca, tokens.clone(), Duration::from_secs(60), metrics.clone());
     let hello = id("hello");
     let request = |token: String| {
         Request::new(CertifyRequest {
@@ -200,13 +202,7 @@ async fn the_service_refuses_a_token_for_another_identity() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert_eq!(
-        service
-            .stats
-            .refused
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
+    assert_eq!(metrics.certificates_refused.get(), 2);
 
     let response = service
         .certify(request(tokens.token_for(&hello)))
@@ -215,13 +211,7 @@ async fn the_service_refuses_a_token_for_another_identity() {
         .into_inner();
     assert_eq!(response.chain_der.len(), 2);
     assert_eq!(response.trust_anchors_der.len(), 1);
-    assert_eq!(
-        service
-            .stats
-            .issued
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(metrics.certificates_issued.get(), 1);
 }
 
 #[test]

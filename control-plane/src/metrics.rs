@@ -1,0 +1,82 @@
+//! The controller's Prometheus metrics, served on its admin port.
+
+use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::store::Store;
+
+pub struct ControllerMetrics {
+    registry: Registry,
+    objects: IntGaugeVec,
+    watches: IntGauge,
+    manifest_errors: IntGauge,
+    /// Discovery messages sent to proxies.
+    pub updates_pushed: IntCounter,
+    pub certificates_issued: IntCounter,
+    pub certificates_refused: IntCounter,
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControllerMetrics {
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("trellis_controller".into()), None).unwrap_or_default();
+        // Names and labels are constants: creating and registering cannot fail.
+        let build = || -> prometheus::Result<Self> {
+            let metrics = Self {
+                registry: registry.clone(),
+                objects: IntGaugeVec::new(
+                    Opts::new("objects", "Objects in the store by kind"),
+                    &["kind"],
+                )?,
+                watches: IntGauge::new("watches", "Open discovery watches (endpoints and routes)")?,
+                manifest_errors: IntGauge::new(
+                    "manifest_errors",
+                    "Manifests rejected at the last reload",
+                )?,
+                updates_pushed: IntCounter::new(
+                    "updates_pushed_total",
+                    "Discovery updates sent to proxies",
+                )?,
+                certificates_issued: IntCounter::new(
+                    "certificates_issued_total",
+                    "Workload certificates issued",
+                )?,
+                certificates_refused: IntCounter::new(
+                    "certificates_refused_total",
+                    "Certificate requests refused",
+                )?,
+            };
+            registry.register(Box::new(metrics.objects.clone()))?;
+            registry.register(Box::new(metrics.watches.clone()))?;
+            registry.register(Box::new(metrics.manifest_errors.clone()))?;
+            registry.register(Box::new(metrics.updates_pushed.clone()))?;
+            registry.register(Box::new(metrics.certificates_issued.clone()))?;
+            registry.register(Box::new(metrics.certificates_refused.clone()))?;
+            Ok(metrics)
+        };
+        build().expect("metric definitions are valid")
+    }
+
+    /// The text exposition, with the store's gauges read now.
+    pub fn render(&self, store: &Store, manifest_errors: usize) -> String {
+        let counts = store.counts();
+        for (kind, n) in [
+            ("Service", counts.services),
+            ("EndpointSlice", counts.endpoint_slices),
+            ("Pod", counts.pods),
+            ("HTTPRoute", counts.http_routes),
+        ] {
+            self.objects.with_label_values(&[kind]).set(n as i64);
+        }
+        self.watches.set(counts.watches as i64);
+        self.manifest_errors.set(manifest_errors as i64);
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
