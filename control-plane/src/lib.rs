@@ -11,4 +11,5 @@ pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod stats;
 pub mod store;

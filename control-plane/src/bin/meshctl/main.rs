@@ -6,6 +6,7 @@ mod identity;
 mod internal;
 mod report;
 mod route;
+mod stat;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,10 @@ enum Command {
     /// Run a local demo mesh (no Kubernetes, no root): a frontend calling
     /// `hello` v1 and v2 through sidecars, with live traffic and a summary.
     Demo(demo::DemoArgs),
+    /// Golden metrics per Service version: RPS, success rate, latency, mTLS share.
+    Stat(stat::StatArgs),
+    /// The service graph: who calls whom, with RPS and success rate.
+    Graph(stat::GraphArgs),
     /// Rotate the CA (local mode): issuer, or root in three steps.
     Ca(ca::CaArgs),
     /// Show the certificate (SPIFFE ID, issuer, expiry) each proxy presents.
@@ -53,6 +58,8 @@ fn main() -> std::process::ExitCode {
             Command::Route(command) => route::run(command),
             Command::Identity(args) => identity::run(args).await,
             Command::Ca(args) => ca::run(args),
+            Command::Stat(args) => stat::stat(args).await,
+            Command::Graph(args) => stat::graph(args).await,
             Command::Internal(command) => internal::run(command).await,
         }
     });
