@@ -37,9 +37,28 @@ fn demo_runs_for_a_duration_and_reports_json() {
             "--state-dir",
         ])
         .arg(state.path())
+        .arg("--prometheus-config")
+        .arg(state.path().join("prometheus.yml"))
+        .env("TRELLIS_CONTEXT", state.path().join("context.json"))
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    // The scrape config it wrote is valid for Prometheus' own checker.
+    match Command::new("promtool")
+        .args(["check", "config"])
+        .arg(state.path().join("prometheus.yml"))
+        .output()
+    {
+        Ok(check) => assert!(
+            check.status.success(),
+            "promtool: {}",
+            String::from_utf8_lossy(&check.stdout)
+        ),
+        Err(_) => assert!(
+            std::env::var("CI").is_err(),
+            "CI must install prometheus (promtool)"
+        ),
+    }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -81,6 +100,7 @@ fn demo_stops_everything_on_ctrl_c() {
     let mut demo = Command::new(env!("CARGO_BIN_EXE_meshctl"))
         .args(["demo", "--state-dir"])
         .arg(state.path())
+        .env("TRELLIS_CONTEXT", state.path().join("context.json"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -147,6 +167,7 @@ fn proxy_keys_never_touch_the_disk() {
     let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
         .args(["demo", "--duration", "3", "--output", "json", "--state-dir"])
         .arg(state.path())
+        .env("TRELLIS_CONTEXT", state.path().join("context.json"))
         .env("HOME", scratch.path().join("home"))
         .env("TMPDIR", scratch.path().join("tmp"))
         .current_dir(scratch.path().join("cwd"))

@@ -49,6 +49,10 @@ pub struct DemoArgs {
     /// removed at the end). Edit `manifests/` while the demo runs.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Write a Prometheus scrape config for the demo's proxies and
+    /// controller to this file (point `prometheus --config.file` at it).
+    #[arg(long, value_name = "FILE")]
+    prometheus_config: Option<PathBuf>,
     /// Lifetime of the workload certificates.
     #[arg(long, default_value = "24h", value_parser = duration)]
     leaf_lifetime: Duration,
@@ -119,6 +123,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             pid: std::process::id(),
         };
         context.save(&context::path()).context("writing the meshctl context")?;
+        if let Some(file) = &args.prometheus_config {
+            let proxies: Vec<String> = pods.iter().map(|p| format!("{}:{ADMIN_PORT}", p.ip)).collect();
+            std::fs::write(file, prometheus_config(&proxies, &admin.to_string()))
+                .with_context(|| format!("writing {}", file.display()))?;
+            say(format!("  prometheus  scrape config written to {}", file.display()));
+        }
         say("Try, in another terminal: meshctl route set hello --backend hello-v1=50 --backend hello-v2=50".into());
         let frontend = SocketAddr::from((pods[0].ip, APP_PORT));
         let hello_identity = SpiffeId::new(TRUST_DOMAIN, manifests::NAMESPACE, "hello").to_string();
@@ -138,6 +148,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     }
     result
+}
+
+/// A Prometheus config scraping the demo's proxies and controller every 5 s.
+fn prometheus_config(proxies: &[String], controller: &str) -> String {
+    let quoted = |targets: &[String]| {
+        targets
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "global:\n  scrape_interval: 5s\nscrape_configs:\n  - job_name: trellis-proxies\n    static_configs:\n      - targets: [{}]\n  - job_name: trellis-controller\n    static_configs:\n      - targets: [{}]\n",
+        quoted(proxies),
+        quoted(&[controller.to_string()]),
+    )
 }
 
 fn path(p: &Path) -> anyhow::Result<&str> {
