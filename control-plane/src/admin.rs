@@ -2,16 +2,12 @@
 //! CA can sign (an expired issuer makes the controller unready, loudly) and
 //! the manifests loaded without error. Nothing here changes state.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -29,21 +25,11 @@ pub struct Admin {
 
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
+        trellis_proxy::http::serve(listener, move |request| {
             let admin = self.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(&request)) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
+            async move { admin.handle(&request) }
+        })
+        .await
     }
 
     fn handle(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -1,14 +1,10 @@
 //! The admin listener: `/live` and `/ready` for the kubelet and the demo.
 //! Nothing here changes state.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::http::{full, Body};
@@ -26,21 +22,11 @@ impl Admin {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
+        crate::http::serve(listener, move |request| {
             let admin = self.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(&request)) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
+            async move { admin.handle(&request) }
+        })
+        .await
     }
 
     fn handle(&self, request: &Request<Incoming>) -> Response<Body> {

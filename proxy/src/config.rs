@@ -76,6 +76,9 @@ pub struct Config {
     pub workload: String,
     /// The workload's version label, for metrics.
     pub version: String,
+    /// Whether request metrics are recorded (on by default; off only to
+    /// measure what they cost).
+    pub metrics: bool,
 }
 
 /// Every bad variable, one per line.
@@ -105,6 +108,7 @@ pub const REQUEST_TIMEOUT: &str = "TRELLIS_REQUEST_TIMEOUT";
 pub const DISCOVERY_TIMEOUT: &str = "TRELLIS_DISCOVERY_TIMEOUT";
 pub const WORKLOAD: &str = "TRELLIS_WORKLOAD";
 pub const VERSION: &str = "TRELLIS_VERSION";
+pub const METRICS: &str = "TRELLIS_METRICS";
 
 impl Config {
     pub fn from_strings(env: &dyn Strings) -> Result<Self, ConfigError> {
@@ -153,6 +157,11 @@ impl Config {
             "a duration like 10s or 500ms",
             parse_duration,
         );
+        let metrics = r.optional(METRICS, "on", "on or off", |v| match v {
+            "on" => Some(true),
+            "off" => Some(false),
+            _ => None,
+        });
         let discovery_timeout = r.optional(
             DISCOVERY_TIMEOUT,
             "5s",
@@ -173,6 +182,7 @@ impl Config {
                 discovery_timeout: discovery_timeout?,
                 workload: env.get(WORKLOAD).unwrap_or_default(),
                 version: env.get(VERSION).unwrap_or_default(),
+                metrics: metrics?,
             })
         })();
         match config {

@@ -66,3 +66,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(header::TE);
     }
 }
+
+/// Serves `handler` on every connection `listener` accepts (HTTP/1.1 and
+/// HTTP/2), until the task is dropped. For small servers: admin ports and
+/// test or demo applications.
+pub async fn serve<F, Fut, B>(listener: tokio::net::TcpListener, handler: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let handler = handler.clone();
+                async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+        });
+    }
+}

@@ -86,7 +86,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         .connect_lazy();
     let identity = IdentityManager::new(config.identity.clone());
     let discovery = discovery::Discovery::new(channel.clone(), config.identity.to_string());
-    let metrics = Arc::new(metrics::Metrics::new(metrics::Workload {
+    let workload = metrics::Workload {
         name: if config.workload.is_empty() {
             config.identity.service_account.clone()
         } else {
@@ -94,7 +94,12 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         },
         namespace: config.identity.namespace.clone(),
         version: config.version.clone(),
-    }));
+    };
+    let metrics = Arc::new(if config.metrics {
+        metrics::Metrics::new(workload)
+    } else {
+        metrics::Metrics::disabled(workload)
+    });
     let outbound = outbound::Outbound::new(
         discovery,
         identity.clone(),

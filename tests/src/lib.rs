@@ -110,6 +110,8 @@ pub struct Mesh {
     pub dir: tempfile::TempDir,
     pub controller: Option<ControllerProcess>,
     pub tokens: BootstrapTokens,
+    /// Variables every proxy of this mesh gets (before per-proxy tuning).
+    pub proxy_env: Vec<(&'static str, String)>,
     block: [u8; 3],
     next_host: u8,
 }
@@ -139,6 +141,7 @@ impl Mesh {
             dir,
             controller: Some(controller),
             tokens,
+            proxy_env: Vec::new(),
             block,
             next_host: 2,
         }
@@ -187,6 +190,7 @@ impl Mesh {
             (APP_IP, ip.to_string()),
             (REQUEST_TIMEOUT, "5s".into()),
         ]);
+        env.extend(self.proxy_env.iter().cloned());
         tune(&mut env);
         let config = Config::from_strings(&env).expect("proxy config");
         let proxy = trellis_proxy::start(config).await.expect("proxy starts");
@@ -506,11 +510,36 @@ impl HelloMesh {
         Self::build(|_| {}, app).await
     }
 
+    /// Like `start`, with extra environment for every proxy.
+    pub async fn start_with_proxy_env(proxy_env: Vec<(&'static str, String)>) -> Self {
+        Self::build_with(
+            |_| {},
+            proxy_env,
+            |listener, version| {
+                tokio::spawn(apps::hello(
+                    listener,
+                    version.into(),
+                    format!("hello-{version}"),
+                ));
+            },
+        )
+        .await
+    }
+
     async fn build(
         tune: impl FnOnce(&mut ControllerConfig),
+        app: impl FnMut(TcpListener, &str),
+    ) -> Self {
+        Self::build_with(tune, Vec::new(), app).await
+    }
+
+    async fn build_with(
+        tune: impl FnOnce(&mut ControllerConfig),
+        proxy_env: Vec<(&'static str, String)>,
         mut app: impl FnMut(TcpListener, &str),
     ) -> Self {
         let mut mesh = Mesh::start_with(tune).await;
+        mesh.proxy_env = proxy_env;
         let client_ip = mesh.pod_ip();
         let client = mesh.proxy(client_ip, "frontend").await;
         let mut hello = Vec::new();
