@@ -4,10 +4,15 @@
 //! Labels are bounded: workloads, Services, versions, status codes and
 //! identities — never paths or other per-request values.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets from 100 µs to 10 s: sub-millisecond hops and slow backends both resolve.
@@ -77,7 +82,16 @@ impl RequestLabels {
     }
 }
 
+thread_local! {
+    /// Metric children by (metrics instance, label values), per thread.
+    static CHILDREN: RefCell<HashMap<u64, (IntCounter, Histogram)>> = RefCell::new(HashMap::new());
+}
+
+/// Distinguishes `Metrics` instances (tests run several proxies per process).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
 pub struct Metrics {
+    id: u64,
     registry: Registry,
     /// Off only to measure what request metrics cost.
     enabled: bool,
@@ -159,6 +173,7 @@ impl Metrics {
             registry.register(Box::new(faults.clone()))?;
             registry.register(Box::new(cert_expiry.clone()))?;
             Ok(Self {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 registry: registry.clone(),
                 enabled: true,
                 workload: workload.clone(),
@@ -183,10 +198,24 @@ impl Metrics {
         let code = status.to_string();
         let class = if status >= 500 { "failure" } else { "success" };
         let values = labels.values(&code, class);
-        self.requests.with_label_values(&values).inc();
-        self.latency
-            .with_label_values(&values)
-            .observe(latency.as_secs_f64());
+        // Each thread remembers the metric children of the label sets it has
+        // seen, so the hot path takes no lock shared with other requests (the
+        // metric vectors' own lookup does). Label sets are bounded, and so is
+        // the cache.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.id, &values).hash(&mut hasher);
+        let key = hasher.finish();
+        CHILDREN.with(|children| {
+            let mut children = children.borrow_mut();
+            let (requests, latency_histogram) = children.entry(key).or_insert_with(|| {
+                (
+                    self.requests.with_label_values(&values),
+                    self.latency.with_label_values(&values),
+                )
+            });
+            requests.inc();
+            latency_histogram.observe(latency.as_secs_f64());
+        });
     }
 
     pub fn connection_opened(&self, direction: &str) {
