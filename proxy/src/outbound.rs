@@ -6,8 +6,7 @@ mod endpoint;
 mod retry;
 mod target;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, Uri, Version};
@@ -17,6 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::balance::{self, InFlight};
+use crate::cache::Cache;
 use crate::discovery::Discovery;
 use crate::discovery::RoutesState;
 use crate::errors::ProxyError;
@@ -36,8 +36,8 @@ pub struct Outbound {
     discovery: Arc<Discovery>,
     identity: Arc<IdentityManager>,
     metrics: Arc<Metrics>,
-    logicals: Mutex<HashMap<String, Arc<Logical>>>,
-    targets: Mutex<HashMap<String, Arc<Target>>>,
+    logicals: Cache<Logical>,
+    targets: Cache<Target>,
     /// For endpoints that are not meshed: plain HTTP/1.1 and HTTP/2.
     plain_h1: Client<HttpConnector, Body>,
     plain_h2: Client<HttpConnector, Body>,
@@ -60,8 +60,8 @@ impl Outbound {
             discovery,
             identity,
             metrics,
-            logicals: Mutex::new(HashMap::new()),
-            targets: Mutex::new(HashMap::new()),
+            logicals: Cache::default(),
+            targets: Cache::default(),
             plain_h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
             plain_h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
@@ -217,26 +217,18 @@ impl Outbound {
 
     /// The routes and retry budget of an authority, created on first use.
     fn logical(&self, authority: &str) -> Arc<Logical> {
-        let mut logicals = self.logicals.lock().unwrap_or_else(|p| p.into_inner());
-        logicals
-            .entry(authority.to_string())
-            .or_insert_with(|| {
-                Arc::new(Logical {
-                    authority: authority.to_string(),
-                    routes: self.discovery.routes(authority),
-                    budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_PER_SECOND),
-                })
-            })
-            .clone()
+        self.logicals.get_or_insert_with(authority, || Logical {
+            authority: authority.to_string(),
+            routes: self.discovery.routes(authority),
+            budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_PER_SECOND),
+        })
     }
 
     /// The cached state of one authority, created on first use.
     fn target(&self, authority: &str) -> Arc<Target> {
-        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-        targets
-            .entry(authority.to_string())
-            .or_insert_with(|| Target::spawn(authority, self.discovery.endpoints(authority)))
-            .clone()
+        self.targets.get_or_insert_with(authority, || {
+            Target::spawn(authority, self.discovery.endpoints(authority))
+        })
     }
 
     async fn send(

@@ -26,7 +26,7 @@ pub struct Target {
 impl Target {
     /// Starts following `resolved`; endpoint handles (with their load and
     /// connection) survive updates that keep the endpoint.
-    pub fn spawn(authority: &str, mut resolved: watch::Receiver<Resolved>) -> Arc<Self> {
+    pub fn spawn(authority: &str, mut resolved: watch::Receiver<Resolved>) -> Self {
         let (tx, rx) = watch::channel(State::Pending);
         tokio::spawn(async move {
             let mut handles: HashMap<String, EndpointHandle> = HashMap::new();
@@ -54,10 +54,10 @@ impl Target {
                 }
             }
         });
-        Arc::new(Self {
+        Self {
             authority: authority.to_string(),
             state: rx,
-        })
+        }
     }
 
     /// The current endpoints; a first request waits for discovery to answer.
