@@ -420,3 +420,56 @@ fn modify_headers(headers: &mut http::HeaderMap, modifier: &HeaderModifier) {
         headers.remove(name.as_str());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::discovery::Header;
+
+    #[test]
+    fn header_modifier_sets_adds_then_removes() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-env", "prod".parse().unwrap());
+        headers.insert("x-debug", "1".parse().unwrap());
+        let header = |name: &str, value: &str| Header {
+            name: name.into(),
+            value: value.into(),
+        };
+        modify_headers(
+            &mut headers,
+            &HeaderModifier {
+                set: vec![header("x-env", "canary")],
+                add: vec![header("x-tag", "a"), header("x-tag", "b")],
+                remove: vec!["x-debug".into()],
+            },
+        );
+        assert_eq!(headers["x-env"], "canary");
+        assert_eq!(headers.get_all("x-tag").iter().count(), 2);
+        assert!(!headers.contains_key("x-debug"));
+    }
+
+    #[test]
+    fn authorities_and_service_names() {
+        let request = Request::get("http://Hello.Default.svc.cluster.local/x")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            authority_of(&request).unwrap(),
+            "hello.default.svc.cluster.local:80"
+        );
+        let request = Request::get("/x")
+            .header("host", "hello.default:8080")
+            .body(())
+            .unwrap();
+        assert_eq!(authority_of(&request).unwrap(), "hello.default:8080");
+        assert!(authority_of(&Request::get("/x").body(()).unwrap()).is_err());
+        assert_eq!(
+            service_of("hello.default.svc.cluster.local:8080"),
+            ("hello".into(), "default".into())
+        );
+        assert_eq!(
+            service_of("10.96.0.20:8080"),
+            ("10.96.0.20".into(), String::new())
+        );
+    }
+}
