@@ -123,8 +123,10 @@ impl Inbound {
             .and_then(|certs| {
                 tls::peer_identity(certs).map_err(|_| "client certificate has no SPIFFE ID")
             })?;
-        if session.alpn_protocol() != Some(tls::ALPN_H2) {
-            return Err("unsupported ALPN protocol".into());
+        match session.alpn_protocol() {
+            Some(alpn) if alpn == tls::ALPN_H2 => {}
+            Some(alpn) if alpn == tls::ALPN_OPAQUE => return self.tunnel(stream, &client).await,
+            _ => return Err("unsupported ALPN protocol".into()),
         }
         tracing::debug!(%peer, %client, "inbound mTLS connection");
         let client = Arc::new(client);
@@ -152,6 +154,31 @@ impl Inbound {
             }
         };
         result.map_err(|e| format!("HTTP/2 connection failed: {e}"))
+    }
+
+    /// An opaque TCP tunnel (ALPN `trellis/opaque`): the client's proxy
+    /// sends the target port as two big-endian bytes, then the stream.
+    async fn tunnel(
+        &self,
+        mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+        client: &SpiffeId,
+    ) -> Result<(), String> {
+        use tokio::io::AsyncReadExt;
+        let mut port = [0u8; 2];
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut port))
+            .await
+            .map_err(|_| "no target port in time".to_string())?
+            .map_err(|e| format!("reading the target port: {e}"))?;
+        let app = SocketAddr::new(self.app_ip, u16::from_be_bytes(port));
+        let mut upstream = TcpStream::connect(app)
+            .await
+            .map_err(|e| format!("connecting to {app}: {e}"))?;
+        let _ = upstream.set_nodelay(true);
+        let (from_client, to_client) = tokio::io::copy_bidirectional(&mut stream, &mut upstream)
+            .await
+            .map_err(|e| format!("tunnel to {app}: {e}"))?;
+        tracing::debug!(%client, %app, from_client, to_client, "opaque tunnel closed");
+        Ok(())
     }
 
     /// PERMISSIVE mode's plaintext: HTTP from a client outside the mesh.

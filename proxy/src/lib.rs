@@ -7,6 +7,7 @@ pub mod admin;
 pub mod balance;
 pub mod cache;
 pub mod config;
+pub mod detect;
 pub mod discovery;
 pub mod errors;
 pub mod http;

@@ -60,6 +60,14 @@ impl ServerCertVerifier for AnyServer {
 /// A TLS client offering the mesh ALPN, presenting `identity` (a chain and
 /// its PKCS#8 key) if given.
 pub fn client(identity: Option<(Vec<Vec<u8>>, Vec<u8>)>) -> Arc<ClientConfig> {
+    client_with_alpn(identity, trellis_proxy::tls::ALPN_H2)
+}
+
+/// Like [`client`], offering `alpn`.
+pub fn client_with_alpn(
+    identity: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+    alpn: &[u8],
+) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -75,7 +83,7 @@ pub fn client(identity: Option<(Vec<Vec<u8>>, Vec<u8>)>) -> Arc<ClientConfig> {
             .expect("client certificate"),
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![trellis_proxy::tls::ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(config)
 }
 

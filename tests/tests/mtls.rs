@@ -293,3 +293,43 @@ async fn permissive_inbound_also_serves_plaintext_but_never_trusts_its_identity_
         Ok(200)
     );
 }
+
+#[tokio::test]
+async fn opaque_tcp_tunnels_through_the_inbound_side() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut mesh = Mesh::start().await;
+    let ip = mesh.pod_ip();
+    // A raw TCP echo server as the app.
+    let echo = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    let proxy = mesh.proxy(ip, "echo").await;
+    let frontend = SpiffeId::new(TRUST_DOMAIN, "default", "frontend");
+    let config = trellis_tests::tls::client_with_alpn(
+        Some(mesh_identity(&mesh, &frontend, Duration::from_secs(60))),
+        trellis_proxy::tls::ALPN_OPAQUE,
+    );
+    let tcp = tokio::net::TcpStream::connect(proxy.inbound_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(proxy.inbound_addr.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(&echo_port.to_be_bytes()).await.unwrap();
+    tls.write_all(b"ping over an opaque tunnel").await.unwrap();
+    let mut buf = vec![0u8; 26];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping over an opaque tunnel");
+}

@@ -257,7 +257,7 @@ async fn internal_proxy() {
     let mut buf = [0u8; 16];
     tokio::select! {
         () = proxy.wait() => {}
-        _ = async { while stdin.read(&mut buf).await.map_or(false, |n| n > 0) {} } => {}
+        _ = async { while stdin.read(&mut buf).await.is_ok_and(|n| n > 0) {} } => {}
     }
 }
 
