@@ -106,3 +106,14 @@ impl ProxyError {
         response
     }
 }
+
+/// The response for a request's outcome: the upstream's, or the error's.
+pub fn respond(
+    result: Result<Response<Body>, ProxyError>,
+    direction: &'static str,
+) -> Response<Body> {
+    result.unwrap_or_else(|error| {
+        tracing::debug!(%error, direction, "request failed in the proxy");
+        error.into_response()
+    })
+}

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use trellis_proto::SpiffeId;
 
 use crate::config::InboundMode;
-use crate::errors::ProxyError;
+use crate::errors::{respond, ProxyError};
 use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::metrics::{Metrics, RequestLabels};
@@ -228,13 +228,7 @@ impl Inbound {
             peer_identity: client.map(ToString::to_string).unwrap_or_default(),
             ..RequestLabels::default()
         };
-        let response = match self.forward(request, client, port).await {
-            Ok(response) => response,
-            Err(error) => {
-                tracing::debug!(%error, "inbound request failed");
-                error.into_response()
-            }
-        };
+        let response = respond(self.forward(request, client, port).await, "inbound");
         self.metrics
             .request(&labels, response.status().as_u16(), started.elapsed());
         response

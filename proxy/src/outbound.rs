@@ -19,7 +19,7 @@ use crate::balance::{self, InFlight};
 use crate::cache::Cache;
 use crate::discovery::Discovery;
 use crate::discovery::RoutesState;
-use crate::errors::ProxyError;
+use crate::errors::{respond, ProxyError};
 use crate::http::{boxed, strip_hop_by_hop, Body, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::metrics::{Metrics, RequestLabels};
@@ -83,13 +83,7 @@ impl Outbound {
             src_version: workload.version.clone(),
             ..RequestLabels::default()
         };
-        let response = match self.forward(request, &mut labels).await {
-            Ok(response) => response,
-            Err(error) => {
-                tracing::debug!(%error, "outbound request failed");
-                error.into_response()
-            }
-        };
+        let response = respond(self.forward(request, &mut labels).await, "outbound");
         self.metrics
             .request(&labels, response.status().as_u16(), started.elapsed());
         response
