@@ -132,10 +132,7 @@ impl Controller {
         tasks.spawn(admin.serve(admin_listener));
         tasks.spawn(reload_ca(ca.clone()));
         tasks.spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await
-            {
+            if let Err(e) = router.serve_with_incoming(incoming(listener)).await {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         });
@@ -171,4 +168,18 @@ async fn reload_ca(ca: Arc<Ca>) {
             }
         }
     }
+}
+
+/// Accepted gRPC connections, with Nagle off: discovery pushes small
+/// messages that must not wait for a delayed ACK.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(tcp) = &accepted {
+            let _ = tcp.set_nodelay(true);
+        }
+        accepted
+    })
 }
