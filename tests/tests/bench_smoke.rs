@@ -34,3 +34,16 @@ fn quick_benchmark_produces_all_figures() {
             > 0.0
     );
 }
+
+#[test]
+fn quick_control_plane_benchmark_produces_all_figures() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_bench-control-plane"))
+        .arg("--quick")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8_lossy(&output.stdout);
+    for figure in ["load into the store", "initial snapshots", "all 20 watchers", "RSS growth", "CSR/s"] {
+        assert!(table.contains(figure), "{figure} missing from:\n{table}");
+    }
+}
