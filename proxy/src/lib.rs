@@ -13,6 +13,7 @@ pub mod errors;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod metrics;
 pub mod outbound;
 pub mod route;

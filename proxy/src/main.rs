@@ -1,8 +1,11 @@
-//! `trellis-proxy run`: the sidecar. (`init`, the iptables set-up for
-//! transparent mode, comes with transparent interception.)
+//! `trellis-proxy run`: the sidecar; `trellis-proxy init`: the iptables
+//! set-up for transparent mode, run once in the pod's network namespace.
+
+use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use trellis_proxy::init::{self, CidrList, Iptables, PortList};
 
 #[derive(Parser)]
 #[command(name = "trellis-proxy", version, about = "The Trellis sidecar proxy")]
@@ -15,6 +18,44 @@ struct Cli {
 enum Command {
     /// Run the proxy, configured by TRELLIS_* environment variables.
     Run,
+    /// Install iptables rules (nat table) that redirect the pod's TCP traffic
+    /// through the proxy; needs root (or CAP_NET_ADMIN and CAP_NET_RAW).
+    /// Safe to re-run.
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// The proxy's inbound port: inbound TCP is redirected here.
+    #[arg(long, value_name = "PORT", default_value_t = init::DEFAULT_INBOUND_PORT)]
+    inbound_port: u16,
+    /// The proxy's outbound port: outbound TCP is redirected here.
+    #[arg(long, value_name = "PORT", default_value_t = init::DEFAULT_OUTBOUND_PORT)]
+    outbound_port: u16,
+    /// The proxy's admin port: never redirected inbound.
+    #[arg(long, value_name = "PORT", default_value_t = init::DEFAULT_ADMIN_PORT)]
+    admin_port: u16,
+    /// The UID the proxy runs as; its own traffic is not redirected.
+    #[arg(long, value_name = "UID", required_unless_present = "cleanup")]
+    proxy_uid: Option<u32>,
+    /// Inbound ports that bypass the proxy, e.g. 22,9090,8000-8100.
+    #[arg(long, value_name = "PORTS")]
+    skip_inbound_ports: Vec<PortList>,
+    /// Outbound ports that bypass the proxy, e.g. 3306,11211.
+    #[arg(long, value_name = "PORTS")]
+    skip_outbound_ports: Vec<PortList>,
+    /// Outbound IPv4 networks that bypass the proxy, e.g. 10.0.0.0/8.
+    #[arg(long, value_name = "CIDRS")]
+    skip_outbound_cidrs: Vec<CidrList>,
+    /// Remove the rules instead of installing them.
+    #[arg(long)]
+    cleanup: bool,
+    /// Print the commands as a shell script instead of running them.
+    #[arg(long)]
+    dry_run: bool,
+    /// The iptables binary (e.g. iptables-legacy, iptables-nft).
+    #[arg(long, value_name = "PATH", default_value = "iptables")]
+    iptables: PathBuf,
 }
 
 #[tokio::main]
@@ -25,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Init(args) => init(args),
         Command::Run => {
             let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
             let proxy = trellis_proxy::start(config)
@@ -37,4 +79,57 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let iptables = Iptables::new(args.iptables);
+    let (steps, what, done) = if args.cleanup {
+        (
+            init::rules::cleanup(),
+            "removing the interception rules",
+            "interception rules removed",
+        )
+    } else {
+        let Some(proxy_uid) = args.proxy_uid else {
+            anyhow::bail!("--proxy-uid is required: give the UID the proxy runs as");
+        };
+        if proxy_uid == 0 {
+            tracing::warn!(
+                "--proxy-uid 0: traffic of every process running as root bypasses the proxy"
+            );
+        }
+        let config = init::Config {
+            inbound_port: args.inbound_port,
+            outbound_port: args.outbound_port,
+            admin_port: args.admin_port,
+            proxy_uid,
+            skip_inbound_ports: args
+                .skip_inbound_ports
+                .into_iter()
+                .flat_map(|l| l.0)
+                .collect(),
+            skip_outbound_ports: args
+                .skip_outbound_ports
+                .into_iter()
+                .flat_map(|l| l.0)
+                .collect(),
+            skip_outbound_cidrs: args
+                .skip_outbound_cidrs
+                .into_iter()
+                .flat_map(|l| l.0)
+                .collect(),
+        };
+        (
+            init::rules::apply(&config)?,
+            "installing the interception rules",
+            "interception rules installed",
+        )
+    };
+    if args.dry_run {
+        print!("{}", iptables.script(&steps));
+        return Ok(());
+    }
+    iptables.run(&steps).context(what)?;
+    tracing::info!(iptables = %iptables.path().display(), "{done}");
+    Ok(())
 }
