@@ -41,9 +41,19 @@ fn quick_control_plane_benchmark_produces_all_figures() {
         .arg("--quick")
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let table = String::from_utf8_lossy(&output.stdout);
-    for figure in ["load into the store", "initial snapshots", "all 20 watchers", "RSS growth", "CSR/s"] {
+    for figure in [
+        "load into the store",
+        "initial snapshots",
+        "all 20 watchers",
+        "RSS growth",
+        "CSR/s",
+    ] {
         assert!(table.contains(figure), "{figure} missing from:\n{table}");
     }
 }
