@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How fast old latency observations fade (the EWMA's time constant).
-const DECAY: Duration = Duration::from_secs(1);
+/// Short, so one slow answer (a GC pause, a noisy neighbour) starves an
+/// endpoint for well under a second rather than for many seconds.
+const DECAY: Duration = Duration::from_millis(250);
 /// Costs within this fraction of each other count as equal.
 const TIE: f64 = 0.25;
 /// The estimate for an endpoint that has not answered yet, so new endpoints
