@@ -315,7 +315,9 @@ async fn drive(
     let started = Instant::now();
     let end = args.duration.map(|s| started + Duration::from_secs(s));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rps)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Open loop: ticks missed while the machine was busy are sent at once,
+    // so the rate over any window stays what was asked.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut progress = tokio::time::interval(Duration::from_secs(1));
     let mut report = Report::default();
     let ctrl_c = tokio::signal::ctrl_c();
