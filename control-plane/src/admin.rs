@@ -53,7 +53,7 @@ impl Admin {
         if request.uri().path() == "/metrics" {
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                trellis_proxy::http::METRICS_CONTENT_TYPE,
             );
         }
         response

@@ -83,16 +83,14 @@ impl Discovery for DiscoveryService {
         tracing::debug!(%authority, client = %request.client_identity, "endpoint watch opened");
         tokio::spawn(async move {
             let mut sent: Option<ServiceEndpoints> = None;
-            let mut first = true;
             loop {
                 let current = (**watch.borrow_and_update()).clone();
-                for update in diff(sent.as_ref(), current.as_ref(), first) {
+                for update in diff(sent.as_ref(), current.as_ref()) {
                     if tx.send(Ok(update)).await.is_err() {
                         return;
                     }
                     metrics.updates_pushed.inc();
                 }
-                first = false;
                 sent = current;
                 tokio::select! {
                     changed = watch.changed() => if changed.is_err() { return },
@@ -108,15 +106,14 @@ impl Discovery for DiscoveryService {
 fn diff(
     sent: Option<&ServiceEndpoints>,
     current: Option<&ServiceEndpoints>,
-    first: bool,
 ) -> Vec<EndpointUpdate> {
     let update = |kind| EndpointUpdate { kind: Some(kind) };
     let Some(current) = current else {
         return vec![update(Kind::NoEndpoints(NoEndpoints { exists: false }))];
     };
     let previous = match sent {
-        // A new Service behind the authority (or the first message) starts over.
-        Some(sent) if !first && sent.service == current.service => &sent.endpoints,
+        // The first message, or a new Service behind the authority, starts over.
+        Some(sent) if sent.service == current.service => &sent.endpoints,
         _ => {
             if current.endpoints.is_empty() {
                 return vec![update(Kind::NoEndpoints(NoEndpoints { exists: true }))];

@@ -61,10 +61,9 @@ impl Admin {
         let mut response = Response::new(full(body));
         *response.status_mut() = status;
         if request.uri().path() == "/metrics" {
-            // Prometheus 3 needs the exposition format's content type.
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                crate::http::METRICS_CONTENT_TYPE,
             );
         }
         response

@@ -18,6 +18,11 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("trellis-orig-proto")
 /// The verified SPIFFE ID of the client, set by the server's proxy for the
 /// application (any value the client sent is removed first).
 pub const CLIENT_ID: HeaderName = HeaderName::from_static("trellis-client-id");
+/// The Prometheus text exposition format; Prometheus 3 refuses a scrape
+/// without it.
+pub const METRICS_CONTENT_TYPE: http::HeaderValue =
+    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+
 /// Why the proxy answered instead of the application.
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("trellis-proxy-error");
 

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use trellis_proto::SpiffeId;
 
 use crate::config::InboundMode;
+use crate::detect::{self, Protocol};
 use crate::errors::{respond, ProxyError};
 use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
@@ -25,8 +26,6 @@ use crate::tls;
 use std::time::Instant;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to wait for a client's first byte to tell TLS from plaintext.
-const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The inbound side of one proxy.
 pub struct Inbound {
@@ -86,11 +85,7 @@ impl Inbound {
         peer: SocketAddr,
     ) -> Result<(), String> {
         let _ = tcp.set_nodelay(true);
-        // A TLS ClientHello starts with 0x16; anything else is plaintext.
-        let mut first = [0u8; 1];
-        let peeked = tokio::time::timeout(PEEK_TIMEOUT, tcp.peek(&mut first)).await;
-        let is_tls = matches!(peeked, Ok(Ok(1))) && first[0] == 0x16;
-        if !is_tls {
+        if detect::detect(&tcp).await != Protocol::Tls {
             return match self.mode {
                 InboundMode::Strict => {
                     Err("plaintext refused: this workload's inbound mode is STRICT".into())

@@ -151,7 +151,10 @@ impl Outbound {
             // A retryable request has no body, so it can be sent again as is.
             let mut attempt = 0;
             loop {
-                let request = Request::from_parts(clone_parts(&parts), http_full_empty());
+                let request = Request::from_parts(
+                    clone_parts(&parts),
+                    crate::http::full(bytes::Bytes::new()),
+                );
                 let backend = backend()?;
                 let result = self.send_to(backend, &authority, request, labels).await;
                 let failed = match &result {
@@ -390,10 +393,6 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
         .body(())
         .map(|r| r.into_parts().0)
         .unwrap_or_else(|_| Request::new(()).into_parts().0)
-}
-
-fn http_full_empty() -> Body {
-    crate::http::full(bytes::Bytes::new())
 }
 
 /// Applies a RequestHeaderModifier filter (set, then add, then remove).

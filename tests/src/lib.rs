@@ -331,13 +331,26 @@ impl AppClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Answer, String> {
-        let mut request = http::Request::get(format!("http://{authority}{path}"));
+        self.request(http::Method::GET, authority, path, headers, Bytes::new())
+            .await
+    }
+
+    /// Any request, with a body.
+    pub async fn request(
+        &self,
+        method: http::Method,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Answer, String> {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{authority}{path}"));
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let request = request
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
+        let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
         tokio::time::timeout(Duration::from_secs(10), self.send(request))
             .await
             .map_err(|_| "no response within 10 s".to_string())?
@@ -442,20 +455,6 @@ async fn collect(response: http::Response<hyper::body::Incoming>) -> Result<Answ
         headers: parts.headers,
         body,
     })
-}
-
-/// Polls `check` until it is true or `patience` runs out.
-pub async fn eventually(patience: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + patience;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `frontend` (a client pod with a sidecar) and the Service `hello` served by

@@ -331,3 +331,67 @@ async fn an_invalid_route_is_rejected_and_the_last_good_one_keeps_serving() {
         "the last good route serves: {counts:?}"
     );
 }
+
+#[tokio::test]
+async fn requests_with_side_effects_are_never_retried() {
+    let hits: Arc<std::sync::Mutex<Vec<Arc<AtomicU64>>>> = Arc::default();
+    let recorded = hits.clone();
+    let mesh = HelloMesh::start_with_apps(move |listener, version| {
+        recorded
+            .lock()
+            .unwrap()
+            .push(scripted_app(listener, version, Duration::ZERO, |_| true));
+    })
+    .await;
+    mesh.write_manifest(
+        "route.yaml",
+        &split_route(mesh.port, 50, 50, "      retry: {attempts: 3}\n"),
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let total = || -> u64 {
+        hits.lock()
+            .unwrap()
+            .iter()
+            .map(|h| h.load(Ordering::SeqCst))
+            .sum()
+    };
+    let client = mesh.http1();
+
+    // POST is not idempotent: one attempt, whatever the route says.
+    let before = total();
+    let answer = client
+        .request(
+            http::Method::POST,
+            &mesh.authority(),
+            "/",
+            &[],
+            bytes::Bytes::from_static(b"order=1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 503);
+    assert_eq!(
+        total() - before,
+        1,
+        "a POST reached the backend more than once"
+    );
+
+    // A PUT (idempotent) with a body is not retried either: the body is not buffered.
+    let before = total();
+    client
+        .request(
+            http::Method::PUT,
+            &mesh.authority(),
+            "/",
+            &[],
+            bytes::Bytes::from_static(b"x"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(total() - before, 1, "a request with a body was retried");
+
+    // The control: a bodiless GET is retried.
+    let before = total();
+    client.get(&mesh.authority(), "/").await.unwrap();
+    assert!(total() - before > 1, "a GET was not retried");
+}

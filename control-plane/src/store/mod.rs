@@ -146,11 +146,6 @@ impl Store {
             watches: state.watches.len() + state.route_watches.len(),
         }
     }
-
-    /// All objects, for `meshctl` and for validating against the current state.
-    pub fn services(&self) -> Vec<Service> {
-        self.lock().services.values().cloned().collect()
-    }
 }
 
 impl State {
