@@ -50,15 +50,16 @@ impl Discovery for DiscoveryService {
             return Err(Status::invalid_argument(e.to_string()));
         }
         let mut watch = self.store.watch_routes(&authority);
-        let metrics = self.metrics.clone();
+        let (metrics, store) = (self.metrics.clone(), self.store.clone());
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let mut first = true;
             loop {
                 let routes = (**watch.borrow_and_update()).clone();
                 if tx.send(Ok(routes)).await.is_err() {
                     return;
                 }
-                metrics.updates_pushed.inc();
+                metrics.pushed(&store, std::mem::take(&mut first));
                 tokio::select! {
                     changed = watch.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
@@ -78,19 +79,21 @@ impl Discovery for DiscoveryService {
             return Err(Status::invalid_argument(e.to_string()));
         }
         let mut watch = self.store.watch(&authority);
-        let metrics = self.metrics.clone();
+        let (metrics, store) = (self.metrics.clone(), self.store.clone());
         let (tx, rx) = mpsc::channel(16);
         tracing::debug!(%authority, client = %request.client_identity, "endpoint watch opened");
         tokio::spawn(async move {
             let mut sent: Option<ServiceEndpoints> = None;
+            let mut first = true;
             loop {
                 let current = (**watch.borrow_and_update()).clone();
                 for update in diff(sent.as_ref(), current.as_ref()) {
                     if tx.send(Ok(update)).await.is_err() {
                         return;
                     }
-                    metrics.updates_pushed.inc();
+                    metrics.pushed(&store, first);
                 }
+                first = false;
                 sent = current;
                 tokio::select! {
                     changed = watch.changed() => if changed.is_err() { return },

@@ -1,6 +1,9 @@
 //! The controller's Prometheus metrics, served on its admin port.
 
-use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::store::Store;
 
@@ -11,6 +14,8 @@ pub struct ControllerMetrics {
     manifest_errors: IntGauge,
     /// Discovery messages sent to proxies.
     pub updates_pushed: IntCounter,
+    /// From a change in the store to its update on a proxy's stream.
+    pub push_latency: Histogram,
     pub certificates_issued: IntCounter,
     pub certificates_refused: IntCounter,
 }
@@ -42,6 +47,16 @@ impl ControllerMetrics {
                     "updates_pushed_total",
                     "Discovery updates sent to proxies",
                 )?,
+                push_latency: Histogram::with_opts(
+                    HistogramOpts::new(
+                        "push_latency_seconds",
+                        "Time from a change in the store to its discovery update being sent",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                )?,
                 certificates_issued: IntCounter::new(
                     "certificates_issued_total",
                     "Workload certificates issued",
@@ -55,11 +70,22 @@ impl ControllerMetrics {
             registry.register(Box::new(metrics.watches.clone()))?;
             registry.register(Box::new(metrics.manifest_errors.clone()))?;
             registry.register(Box::new(metrics.updates_pushed.clone()))?;
+            registry.register(Box::new(metrics.push_latency.clone()))?;
             registry.register(Box::new(metrics.certificates_issued.clone()))?;
             registry.register(Box::new(metrics.certificates_refused.clone()))?;
             Ok(metrics)
         };
         build().expect("metric definitions are valid")
+    }
+
+    /// One discovery update sent; unless it is a stream's first message,
+    /// it was caused by the store's latest change.
+    pub fn pushed(&self, store: &Store, first: bool) {
+        self.updates_pushed.inc();
+        if let Some(changed_at) = store.changed_at().filter(|_| !first) {
+            self.push_latency
+                .observe(changed_at.elapsed().as_secs_f64());
+        }
     }
 
     /// The text exposition, with the store's gauges read now.

@@ -79,7 +79,14 @@ pub struct Config {
     /// Whether request metrics are recorded (on by default; off only to
     /// measure what they cost).
     pub metrics: bool,
+    /// Ports whose connections are opaque TCP without protocol detection:
+    /// server-speaks-first protocols would otherwise wait out the detection
+    /// timeout on every connection.
+    pub opaque_ports: Vec<u16>,
 }
+
+/// Server-speaks-first protocols: SMTP, MySQL, Postgres, Redis, memcached…
+pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 
 /// Every bad variable, one per line.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +116,7 @@ pub const DISCOVERY_TIMEOUT: &str = "TRELLIS_DISCOVERY_TIMEOUT";
 pub const WORKLOAD: &str = "TRELLIS_WORKLOAD";
 pub const VERSION: &str = "TRELLIS_VERSION";
 pub const METRICS: &str = "TRELLIS_METRICS";
+pub const OPAQUE_PORTS: &str = "TRELLIS_OPAQUE_PORTS";
 
 impl Config {
     pub fn from_strings(env: &dyn Strings) -> Result<Self, ConfigError> {
@@ -168,6 +176,18 @@ impl Config {
             "a duration like 5s",
             parse_duration,
         );
+        let opaque_ports = r.optional(
+            OPAQUE_PORTS,
+            DEFAULT_OPAQUE_PORTS,
+            "a comma-separated list of ports (1-65535), or none",
+            |v| match v {
+                "none" => Some(Vec::new()),
+                v => v
+                    .split(',')
+                    .map(|p| p.trim().parse::<u16>().ok().filter(|p| *p != 0))
+                    .collect(),
+            },
+        );
         let config = (|| {
             Some(Config {
                 controller: controller?,
@@ -183,6 +203,7 @@ impl Config {
                 workload: env.get(WORKLOAD).unwrap_or_default(),
                 version: env.get(VERSION).unwrap_or_default(),
                 metrics: metrics?,
+                opaque_ports: opaque_ports?,
             })
         })();
         match config {
@@ -281,6 +302,28 @@ mod tests {
         assert_eq!(c.inbound_mode, InboundMode::Strict);
         assert_eq!(c.request_timeout, Duration::from_secs(10));
         assert_eq!(c.token, TokenSource::Static("t".into()));
+        assert!(c.opaque_ports.contains(&3306));
+    }
+
+    #[test]
+    fn opaque_ports_are_a_list_or_none() {
+        let base = [
+            (CONTROLLER, "http://127.0.0.1:8090"),
+            (IDENTITY, "spiffe://cluster.local/ns/default/sa/hello"),
+            (TOKEN, "t"),
+        ];
+        let with = |ports: &str| {
+            let mut e = env(&base);
+            e.insert(OPAQUE_PORTS, ports.to_string());
+            Config::from_strings(&e)
+        };
+        assert_eq!(with("9000, 9001").unwrap().opaque_ports, vec![9000, 9001]);
+        assert!(with("none").unwrap().opaque_ports.is_empty());
+        let err = with("9000,ssh").unwrap_err().to_string();
+        assert!(
+            err.contains(OPAQUE_PORTS) && err.contains("\"9000,ssh\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,8 +12,9 @@ use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::endpoint_update::Kind;
-use trellis_proto::discovery::{Endpoint, WatchRequest};
+use trellis_proto::discovery::{Endpoint, ServiceInfo, WatchRequest};
 
+use crate::metrics::Metrics;
 use crate::route::CompiledRoutes;
 
 /// What the proxy knows about an authority's endpoints.
@@ -23,8 +24,18 @@ pub enum Resolved {
     Pending,
     /// No Service matches the authority.
     NotFound,
-    /// The Service's endpoints (possibly none), keyed by `ip:port`.
-    Endpoints(Arc<BTreeMap<String, Endpoint>>),
+    /// The Service's endpoints (possibly none).
+    Endpoints(Arc<ServiceEndpoints>),
+}
+
+/// A Service and its endpoints, as the controller last described them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceEndpoints {
+    /// Which Service the authority resolved to (a ClusterIP authority
+    /// learns its name here).
+    pub service: Option<ServiceInfo>,
+    /// Keyed by `ip:port`.
+    pub endpoints: BTreeMap<String, Endpoint>,
 }
 
 /// An authority's routes; `None` until the controller first answers.
@@ -34,6 +45,7 @@ pub type RoutesState = Option<Arc<CompiledRoutes>>;
 pub struct Discovery {
     client: DiscoveryClient<Channel>,
     identity: String,
+    metrics: Arc<Metrics>,
     endpoints: Mutex<HashMap<String, watch::Receiver<Resolved>>>,
     routes: Mutex<HashMap<String, watch::Receiver<RoutesState>>>,
 }
@@ -43,10 +55,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl Discovery {
     /// `channel` may be lazy: nothing is connected until the first watch.
-    pub fn new(channel: Channel, identity: String) -> Arc<Self> {
+    pub fn new(channel: Channel, identity: String, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             client: DiscoveryClient::new(channel),
             identity,
+            metrics,
             endpoints: Mutex::default(),
             routes: Mutex::default(),
         })
@@ -68,8 +81,9 @@ impl Discovery {
         let (tx, rx) = watch::channel(Resolved::Pending);
         watches.insert(authority.to_string(), rx.clone());
         let (client, request) = (self.client.clone(), self.request(authority));
+        let stream = Stream::new("endpoints", authority, self.metrics.clone());
         tokio::spawn(follow(
-            authority.to_string(),
+            stream,
             move || {
                 let (mut client, request) = (client.clone(), request.clone());
                 async move {
@@ -81,9 +95,9 @@ impl Discovery {
             },
             // Each stream starts from nothing: its first message is a snapshot.
             || {
-                let mut endpoints = BTreeMap::new();
+                let mut state = ServiceEndpoints::default();
                 move |update: trellis_proto::discovery::EndpointUpdate| {
-                    apply(&mut endpoints, update.kind)
+                    apply(&mut state, update.kind)
                 }
             },
             tx,
@@ -101,8 +115,9 @@ impl Discovery {
         let (tx, rx) = watch::channel(None);
         watches.insert(authority.to_string(), rx.clone());
         let (client, request) = (self.client.clone(), self.request(authority));
+        let stream = Stream::new("routes", authority, self.metrics.clone());
         tokio::spawn(follow(
-            authority.to_string(),
+            stream,
             move || {
                 let (mut client, request) = (client.clone(), request.clone());
                 async move { client.watch_routes(request).await.map(|r| r.into_inner()) }
@@ -120,7 +135,7 @@ impl Discovery {
 /// reopens with jittered backoff. `refused` is published when the controller
 /// says the authority can never resolve.
 async fn follow<M, T, Open, Fut, NewApply, Apply>(
-    authority: String,
+    mut stream_state: Stream,
     open: Open,
     new_apply: NewApply,
     tx: watch::Sender<T>,
@@ -131,10 +146,12 @@ async fn follow<M, T, Open, Fut, NewApply, Apply>(
     NewApply: Fn() -> Apply,
     Apply: FnMut(M) -> Option<T>,
 {
+    let authority = stream_state.authority.clone();
     let mut backoff = BACKOFF_MIN;
     loop {
         match open().await {
             Ok(mut stream) => {
+                stream_state.set(OPEN);
                 let mut apply = new_apply();
                 loop {
                     let message = tokio::select! {
@@ -158,6 +175,7 @@ async fn follow<M, T, Open, Fut, NewApply, Apply>(
                         }
                     }
                 }
+                stream_state.set(RECONNECTING);
             }
             Err(status) if status.code() == tonic::Code::InvalidArgument => {
                 tracing::debug!(%authority, error = %status.message(), "the controller refuses this authority");
@@ -177,11 +195,52 @@ async fn follow<M, T, Open, Fut, NewApply, Apply>(
     }
 }
 
+const OPEN: &str = "open";
+const RECONNECTING: &str = "reconnecting";
+
+/// One watch's state in the `discovery_streams` gauge: reconnecting until
+/// its stream opens, and out of the gauge once the watch ends.
+struct Stream {
+    kind: &'static str,
+    authority: String,
+    state: &'static str,
+    metrics: Arc<Metrics>,
+}
+
+impl Stream {
+    fn new(kind: &'static str, authority: &str, metrics: Arc<Metrics>) -> Self {
+        metrics.discovery_stream(kind, None, Some(RECONNECTING));
+        Self {
+            kind,
+            authority: authority.to_string(),
+            state: RECONNECTING,
+            metrics,
+        }
+    }
+
+    fn set(&mut self, state: &'static str) {
+        if state != self.state {
+            self.metrics
+                .discovery_stream(self.kind, Some(self.state), Some(state));
+            self.state = state;
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.metrics
+            .discovery_stream(self.kind, Some(self.state), None);
+    }
+}
+
 /// Applies one endpoint update to the endpoints of a stream.
-fn apply(endpoints: &mut BTreeMap<String, Endpoint>, kind: Option<Kind>) -> Option<Resolved> {
+fn apply(state: &mut ServiceEndpoints, kind: Option<Kind>) -> Option<Resolved> {
     let key = |e: &Endpoint| format!("{}:{}", e.ip, e.port);
+    let endpoints = &mut state.endpoints;
     match kind? {
         Kind::Snapshot(snapshot) => {
+            state.service = snapshot.service;
             *endpoints = snapshot
                 .endpoints
                 .into_iter()
@@ -201,5 +260,5 @@ fn apply(endpoints: &mut BTreeMap<String, Endpoint>, kind: Option<Kind>) -> Opti
             }
         }
     }
-    Some(Resolved::Endpoints(Arc::new(endpoints.clone())))
+    Some(Resolved::Endpoints(Arc::new(state.clone())))
 }

@@ -31,6 +31,10 @@ pub enum ProxyError {
     /// Connecting to the endpoint (TCP or TLS) failed.
     #[error("cannot connect to {endpoint}: {reason}")]
     Connect { endpoint: String, reason: String },
+    /// The mTLS handshake with the endpoint's proxy failed, or it presented
+    /// another identity than the one discovery named.
+    #[error("mTLS with {endpoint} failed: {reason}")]
+    Tls { endpoint: String, reason: String },
     /// The upstream failed after the request was sent.
     #[error("upstream {endpoint} failed: {reason}")]
     Upstream { endpoint: String, reason: String },
@@ -56,7 +60,9 @@ impl ProxyError {
             | ProxyError::NoEndpoints(_)
             | ProxyError::DiscoveryTimeout(..)
             | ProxyError::NoIdentity => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoRouteMatch(_) => StatusCode::NOT_FOUND,
             ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -76,6 +82,7 @@ impl ProxyError {
             ProxyError::DiscoveryTimeout(..) => "discovery-timeout",
             ProxyError::NoIdentity => "no-identity",
             ProxyError::Connect { .. } => "connect",
+            ProxyError::Tls { .. } => "tls",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::Timeout(_) => "timeout",
             ProxyError::NoRouteMatch(_) => "no-route-match",
@@ -89,7 +96,10 @@ impl ProxyError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::NoEndpoints(_)
+            ProxyError::Connect { .. }
+                | ProxyError::Tls { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::NoEndpoints(_)
         )
     }
 

@@ -22,8 +22,12 @@ use crate::errors::{respond, ProxyError};
 use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::socket::{self, Counted};
 use crate::tls;
 use std::time::Instant;
+
+/// An accepted connection, counted in the metrics.
+type Accepted = Counted<TcpStream>;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,6 +37,8 @@ pub struct Inbound {
     metrics: Arc<Metrics>,
     mode: InboundMode,
     app_ip: IpAddr,
+    /// Redirected plaintext to these ports is forwarded without detection.
+    opaque_ports: Vec<u16>,
     app_h1: Client<HttpConnector, Body>,
     app_h2: Client<HttpConnector, Body>,
 }
@@ -43,6 +49,7 @@ impl Inbound {
         metrics: Arc<Metrics>,
         app_ip: IpAddr,
         mode: InboundMode,
+        opaque_ports: Vec<u16>,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -52,6 +59,7 @@ impl Inbound {
             metrics,
             mode,
             app_ip,
+            opaque_ports,
             app_h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
             app_h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
@@ -70,7 +78,7 @@ impl Inbound {
                 }
             };
             let inbound = self.clone();
-            self.metrics.connection_opened("inbound");
+            let tcp = Counted::new(tcp, "inbound", self.metrics.clone());
             tokio::spawn(async move {
                 if let Err(reason) = inbound.serve_connection(tcp, peer).await {
                     tracing::info!(%peer, %reason, "inbound connection refused");
@@ -79,18 +87,29 @@ impl Inbound {
         }
     }
 
+    /// Peer proxies dial the inbound port itself; a connection iptables
+    /// redirected from an application port comes from outside the mesh.
     async fn serve_connection(
         self: Arc<Self>,
-        tcp: TcpStream,
+        tcp: Accepted,
         peer: SocketAddr,
     ) -> Result<(), String> {
-        let _ = tcp.set_nodelay(true);
-        if detect::detect(&tcp).await != Protocol::Tls {
+        let _ = tcp.get_ref().set_nodelay(true);
+        let redirected = socket::original_dst(tcp.get_ref()).map(|dst| dst.port());
+        if let Some(port) = redirected {
+            return match self.mode {
+                InboundMode::Strict => Err(format!(
+                    "connection to port {port} refused: this workload's inbound mode is STRICT (mTLS from the mesh only)"
+                )),
+                InboundMode::Permissive => self.serve_outside(tcp, port).await,
+            };
+        }
+        if detect::detect(tcp.get_ref()).await != Protocol::Tls {
             return match self.mode {
                 InboundMode::Strict => {
                     Err("plaintext refused: this workload's inbound mode is STRICT".into())
                 }
-                InboundMode::Permissive => self.serve_plaintext(tcp).await,
+                InboundMode::Permissive => self.serve_plaintext(tcp, None).await,
             };
         }
         // Without a valid certificate this proxy cannot prove who it is:
@@ -155,7 +174,7 @@ impl Inbound {
     /// sends the target port as two big-endian bytes, then the stream.
     async fn tunnel(
         &self,
-        mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+        mut stream: tokio_rustls::server::TlsStream<Accepted>,
         client: &SpiffeId,
     ) -> Result<(), String> {
         use tokio::io::AsyncReadExt;
@@ -164,29 +183,49 @@ impl Inbound {
             .await
             .map_err(|_| "no target port in time".to_string())?
             .map_err(|e| format!("reading the target port: {e}"))?;
-        let app = SocketAddr::new(self.app_ip, u16::from_be_bytes(port));
+        tracing::debug!(%client, port = u16::from_be_bytes(port), "opaque tunnel");
+        self.forward_tcp(&mut stream, u16::from_be_bytes(port))
+            .await
+    }
+
+    /// Copies a connection to the application's `port` until either closes.
+    async fn forward_tcp<S>(&self, stream: &mut S, port: u16) -> Result<(), String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let app = SocketAddr::new(self.app_ip, port);
         let mut upstream = TcpStream::connect(app)
             .await
             .map_err(|e| format!("connecting to {app}: {e}"))?;
         let _ = upstream.set_nodelay(true);
-        let (from_client, to_client) = tokio::io::copy_bidirectional(&mut stream, &mut upstream)
+        tokio::io::copy_bidirectional(stream, &mut upstream)
             .await
-            .map_err(|e| format!("tunnel to {app}: {e}"))?;
-        tracing::debug!(%client, %app, from_client, to_client, "opaque tunnel closed");
-        Ok(())
+            .map(|_| ())
+            .map_err(|e| format!("connection to {app}: {e}"))
     }
 
-    /// PERMISSIVE mode's plaintext: HTTP from a client outside the mesh.
-    /// The target port is the connection's original destination (when
-    /// iptables redirected it) or the in-band header.
-    async fn serve_plaintext(self: Arc<Self>, tcp: TcpStream) -> Result<(), String> {
-        let local = tcp.local_addr().ok();
-        let original = socket2::SockRef::from(&tcp)
-            .original_dst_v4()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .filter(|dst| Some(*dst) != local)
-            .map(|dst| dst.port());
+    /// PERMISSIVE mode, a client outside the mesh that dialled the
+    /// application's `port`: HTTP is served (and measured) per request,
+    /// anything else forwarded as it is.
+    async fn serve_outside(self: Arc<Self>, mut tcp: Accepted, port: u16) -> Result<(), String> {
+        let protocol = if self.opaque_ports.contains(&port) {
+            Protocol::Opaque
+        } else {
+            detect::detect(tcp.get_ref()).await
+        };
+        match protocol {
+            Protocol::Http1 | Protocol::Http2 => self.serve_plaintext(tcp, Some(port)).await,
+            Protocol::Tls | Protocol::Opaque => self.forward_tcp(&mut tcp, port).await,
+        }
+    }
+
+    /// PERMISSIVE mode's plaintext HTTP from a client outside the mesh, for
+    /// the application's `port`, or the one the in-band header names.
+    async fn serve_plaintext(
+        self: Arc<Self>,
+        tcp: Accepted,
+        original: Option<u16>,
+    ) -> Result<(), String> {
         let service = service_fn(move |request| {
             let inbound = self.clone();
             async move {
@@ -224,9 +263,7 @@ impl Inbound {
             ..RequestLabels::default()
         };
         let response = respond(self.forward(request, client, port).await, "inbound");
-        self.metrics
-            .request(&labels, response.status().as_u16(), started.elapsed());
-        response
+        crate::grpc::record(&self.metrics, labels, started.elapsed(), response)
     }
 
     async fn forward(

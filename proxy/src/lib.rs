@@ -10,6 +10,7 @@ pub mod config;
 pub mod detect;
 pub mod discovery;
 pub mod errors;
+pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod inbound;
@@ -17,15 +18,12 @@ pub mod init;
 pub mod metrics;
 pub mod outbound;
 pub mod route;
+pub mod socket;
 pub mod tls;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tonic::transport::Endpoint;
@@ -88,7 +86,6 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         .connect_timeout(std::time::Duration::from_secs(2))
         .connect_lazy();
     let identity = IdentityManager::new(config.identity.clone());
-    let discovery = discovery::Discovery::new(channel.clone(), config.identity.to_string());
     let workload = metrics::Workload {
         name: if config.workload.is_empty() {
             config.identity.service_account.clone()
@@ -103,18 +100,25 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     } else {
         metrics::Metrics::disabled(workload)
     });
+    let discovery = discovery::Discovery::new(
+        channel.clone(),
+        config.identity.to_string(),
+        metrics.clone(),
+    );
     let outbound = outbound::Outbound::new(
         discovery,
         identity.clone(),
         metrics.clone(),
         config.request_timeout,
         config.discovery_timeout,
+        config.opaque_ports.clone(),
     );
     let inbound = inbound::Inbound::new(
         identity.clone(),
         metrics.clone(),
         config.app_ip,
         config.inbound_mode,
+        config.opaque_ports.clone(),
     );
     let admin = admin::Admin::new(identity.clone(), metrics.clone());
 
@@ -164,26 +168,15 @@ async fn export_certificate_expiry(identity: Arc<IdentityManager>, metrics: Arc<
     }
 }
 
-/// The outbound listener speaks HTTP/1.1 and HTTP/2 (prior knowledge), as
-/// an explicit proxy (`http_proxy`) or for redirected connections.
+/// The outbound listener: applications that dial it as an explicit proxy
+/// (`http_proxy`), and connections iptables redirected to it.
 async fn serve_outbound(outbound: Arc<outbound::Outbound>, listener: TcpListener) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let outbound = outbound.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let outbound = outbound.clone();
-                async move { Ok::<_, Infallible>(outbound.handle(request).await) }
-            });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await
-            {
-                tracing::debug!(error = %e, "outbound connection closed with an error");
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                tokio::spawn(outbound.clone().serve(tcp));
             }
-        });
+            Err(e) => tracing::warn!(error = %e, "outbound accept failed"),
+        }
     }
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets from 100 µs to 10 s: sub-millisecond hops and slow backends both resolve.
@@ -99,6 +99,11 @@ pub struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     tcp_opened: IntCounterVec,
+    tcp_closed: IntCounterVec,
+    tcp_open: IntGaugeVec,
+    tcp_read_bytes: IntCounterVec,
+    tcp_write_bytes: IntCounterVec,
+    discovery_streams: IntGaugeVec,
     tls_failures: IntCounterVec,
     retries: IntCounterVec,
     faults: IntCounterVec,
@@ -135,6 +140,38 @@ impl Metrics {
             Opts::new("tcp_connections_opened_total", "Accepted TCP connections"),
             &["direction"],
         );
+        let tcp_closed = IntCounterVec::new(
+            Opts::new(
+                "tcp_connections_closed_total",
+                "Closed accepted TCP connections",
+            ),
+            &["direction"],
+        );
+        let tcp_open = IntGaugeVec::new(
+            Opts::new("tcp_open_connections", "Accepted TCP connections now open"),
+            &["direction"],
+        );
+        let tcp_read_bytes = IntCounterVec::new(
+            Opts::new(
+                "tcp_read_bytes_total",
+                "Bytes read from accepted connections (counted when they close)",
+            ),
+            &["direction"],
+        );
+        let tcp_write_bytes = IntCounterVec::new(
+            Opts::new(
+                "tcp_write_bytes_total",
+                "Bytes written to accepted connections (counted when they close)",
+            ),
+            &["direction"],
+        );
+        let discovery_streams = IntGaugeVec::new(
+            Opts::new(
+                "discovery_streams",
+                "Discovery watches by kind and state: open (streaming from the controller) or reconnecting (serving the last known state)",
+            ),
+            &["kind", "state"],
+        );
         let tls_failures = IntCounterVec::new(
             Opts::new(
                 "tls_handshake_failures_total",
@@ -156,22 +193,29 @@ impl Metrics {
         );
         // Names and label sets above are constants: registration cannot fail.
         let metrics = (|| -> prometheus::Result<Self> {
-            let (requests, latency, tcp_opened, tls_failures, retries, faults, cert_expiry) = (
-                requests?,
-                latency?,
-                tcp_opened?,
-                tls_failures?,
-                retries?,
-                faults?,
-                cert_expiry?,
-            );
-            registry.register(Box::new(requests.clone()))?;
-            registry.register(Box::new(latency.clone()))?;
-            registry.register(Box::new(tcp_opened.clone()))?;
-            registry.register(Box::new(tls_failures.clone()))?;
-            registry.register(Box::new(retries.clone()))?;
-            registry.register(Box::new(faults.clone()))?;
-            registry.register(Box::new(cert_expiry.clone()))?;
+            let (requests, latency, tcp_opened, tcp_closed, tcp_open) =
+                (requests?, latency?, tcp_opened?, tcp_closed?, tcp_open?);
+            let (tcp_read_bytes, tcp_write_bytes, discovery_streams) =
+                (tcp_read_bytes?, tcp_write_bytes?, discovery_streams?);
+            let (tls_failures, retries, faults, cert_expiry) =
+                (tls_failures?, retries?, faults?, cert_expiry?);
+            let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+                Box::new(requests.clone()),
+                Box::new(latency.clone()),
+                Box::new(tcp_opened.clone()),
+                Box::new(tcp_closed.clone()),
+                Box::new(tcp_open.clone()),
+                Box::new(tcp_read_bytes.clone()),
+                Box::new(tcp_write_bytes.clone()),
+                Box::new(discovery_streams.clone()),
+                Box::new(tls_failures.clone()),
+                Box::new(retries.clone()),
+                Box::new(faults.clone()),
+                Box::new(cert_expiry.clone()),
+            ];
+            for collector in collectors {
+                registry.register(collector)?;
+            }
             Ok(Self {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 registry: registry.clone(),
@@ -180,6 +224,11 @@ impl Metrics {
                 requests,
                 latency,
                 tcp_opened,
+                tcp_closed,
+                tcp_open,
+                tcp_read_bytes,
+                tcp_write_bytes,
+                discovery_streams,
                 tls_failures,
                 retries,
                 faults,
@@ -189,15 +238,28 @@ impl Metrics {
         metrics.expect("metric definitions are valid")
     }
 
-    /// Records one finished request (response headers received, or the
-    /// proxy answered itself).
+    /// Records one finished HTTP request (response headers received, or
+    /// the proxy answered itself): 5xx are failures.
     pub fn request(&self, labels: &RequestLabels, status: u16, latency: Duration) {
-        if !self.enabled {
-            return;
+        if self.enabled {
+            self.record(labels, &status.to_string(), status >= 500, latency);
         }
-        let code = status.to_string();
-        let class = if status >= 500 { "failure" } else { "success" };
-        let values = labels.values(&code, class);
+    }
+
+    /// Records one finished gRPC call by its `grpc-status`. Like 5xx, only
+    /// the codes that say the server or the network failed are failures
+    /// (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS); a
+    /// NOT_FOUND is an answer, as a 404 is.
+    pub fn grpc_request(&self, labels: &RequestLabels, code: u32, latency: Duration) {
+        if self.enabled {
+            let failure = matches!(code, 2 | 4 | 13 | 14 | 15);
+            self.record(labels, &code.to_string(), failure, latency);
+        }
+    }
+
+    fn record(&self, labels: &RequestLabels, code: &str, failure: bool, latency: Duration) {
+        let class = if failure { "failure" } else { "success" };
+        let values = labels.values(code, class);
         // Each thread remembers the metric children of the label sets it has
         // seen, so the hot path takes no lock shared with other requests (the
         // metric vectors' own lookup does). Label sets are bounded, and so is
@@ -220,6 +282,31 @@ impl Metrics {
 
     pub fn connection_opened(&self, direction: &str) {
         self.tcp_opened.with_label_values(&[direction]).inc();
+        self.tcp_open.with_label_values(&[direction]).inc();
+    }
+
+    pub fn connection_closed(&self, direction: &str, read: u64, written: u64) {
+        self.tcp_closed.with_label_values(&[direction]).inc();
+        self.tcp_open.with_label_values(&[direction]).dec();
+        self.tcp_read_bytes
+            .with_label_values(&[direction])
+            .inc_by(read);
+        self.tcp_write_bytes
+            .with_label_values(&[direction])
+            .inc_by(written);
+    }
+
+    /// A discovery watch of `kind` (`endpoints`, `routes`) moved from one
+    /// state to another (`None`: it started, or it ended).
+    pub fn discovery_stream(&self, kind: &str, from: Option<&str>, to: Option<&str>) {
+        if let Some(from) = from {
+            self.discovery_streams
+                .with_label_values(&[kind, from])
+                .dec();
+        }
+        if let Some(to) = to {
+            self.discovery_streams.with_label_values(&[kind, to]).inc();
+        }
     }
 
     pub fn tls_failure(&self, direction: &str) {

@@ -2,6 +2,7 @@
 //! balances over its endpoints, and carries the request to the chosen
 //! endpoint's proxy over mTLS (or straight to it when it is not meshed).
 
+mod connection;
 mod endpoint;
 mod retry;
 mod target;
@@ -43,6 +44,8 @@ pub struct Outbound {
     plain_h2: Client<HttpConnector, Body>,
     request_timeout: Duration,
     discovery_timeout: Duration,
+    /// Redirected connections to these ports skip protocol detection.
+    opaque_ports: Vec<u16>,
 }
 
 impl Outbound {
@@ -52,6 +55,7 @@ impl Outbound {
         metrics: Arc<Metrics>,
         request_timeout: Duration,
         discovery_timeout: Duration,
+        opaque_ports: Vec<u16>,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -68,12 +72,19 @@ impl Outbound {
                 .build(connector),
             request_timeout,
             discovery_timeout,
+            opaque_ports,
         })
     }
 
-    /// Handles one request from the application; never fails: problems become
-    /// responses with a `trellis-proxy-error` header.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+    /// Handles one request from the application, for `authority` (the
+    /// original destination of a redirected connection) or else the one the
+    /// request names. Never fails: problems become responses with a
+    /// `trellis-proxy-error` header.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        authority: Option<&str>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let workload = &self.metrics.workload;
         let mut labels = RequestLabels {
@@ -83,19 +94,24 @@ impl Outbound {
             src_version: workload.version.clone(),
             ..RequestLabels::default()
         };
-        let response = respond(self.forward(request, &mut labels).await, "outbound");
-        self.metrics
-            .request(&labels, response.status().as_u16(), started.elapsed());
-        response
+        let response = respond(
+            self.forward(request, authority, &mut labels).await,
+            "outbound",
+        );
+        crate::grpc::record(&self.metrics, labels, started.elapsed(), response)
     }
 
     async fn forward(
         &self,
         request: Request<Incoming>,
+        authority: Option<&str>,
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, ProxyError> {
-        let authority = authority_of(&request)?;
-        (labels.dst_service, labels.dst_namespace) = service_of(&authority);
+        let authority = match authority {
+            Some(authority) => authority.to_string(),
+            None => authority_of(&request)?,
+        };
+        (labels.dst_service, labels.dst_namespace) = self.service_of(&authority);
         labels.dst_backend = labels.dst_service.clone();
         let logical = self.logical(&authority);
         let routes = logical.routes(self.discovery_timeout).await?;
@@ -187,10 +203,10 @@ impl Outbound {
         request: Request<Body>,
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, ProxyError> {
-        labels.dst_backend = service_of(backend).0;
+        labels.dst_backend = self.service_of(backend).0;
         let target = self.target(backend);
         let endpoints = target.endpoints(self.discovery_timeout).await?;
-        let endpoint = balance::pick(&endpoints)
+        let endpoint = balance::pick(&endpoints.handles)
             .ok_or_else(|| ProxyError::NoEndpoints(backend.to_string()))?
             .clone();
         labels.dst_version = endpoint
@@ -207,9 +223,27 @@ impl Outbound {
         let mut in_flight = endpoint.start();
         let response = self
             .send(&endpoint, authority, request, &mut in_flight)
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if matches!(e, ProxyError::Tls { .. }) {
+                    self.metrics.tls_failure("outbound");
+                }
+            })?;
         in_flight.finish();
         Ok(response)
+    }
+
+    /// The Service name and namespace for metrics: from the authority, or,
+    /// for a ClusterIP, from what discovery said it is.
+    fn service_of(&self, authority: &str) -> (String, String) {
+        let (name, namespace) = service_of(authority);
+        if !namespace.is_empty() {
+            return (name, namespace);
+        }
+        match self.target(authority).service() {
+            Some(service) => (service.name, service.namespace),
+            None => (name, namespace),
+        }
     }
 
     /// The routes and retry budget of an authority, created on first use.
@@ -248,8 +282,19 @@ impl Outbound {
                 let tls = self.identity.current().ok_or(ProxyError::NoIdentity)?;
                 let mut sender = endpoint.connection(&tls, expected).await?;
                 in_flight.restart_clock();
+                // The application behind the peer sees the authority its
+                // client used (a name, not the ClusterIP it resolved to).
+                let visible = parts
+                    .uri
+                    .authority()
+                    .map(|a| a.to_string())
+                    .or_else(|| {
+                        let host = parts.headers.get(http::header::HOST)?;
+                        host.to_str().ok().map(str::to_string)
+                    })
+                    .unwrap_or_else(|| authority.to_string());
                 parts.version = Version::HTTP_2;
-                parts.uri = uri(authority, path)?;
+                parts.uri = uri(&visible, path)?;
                 parts.headers.remove(http::header::HOST);
                 parts.headers.insert(DST_PORT, endpoint.port().into());
                 let proto = if orig_version == Version::HTTP_2 {

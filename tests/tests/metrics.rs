@@ -208,3 +208,95 @@ async fn the_controller_exports_its_store_pushes_and_certificates() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn connections_bytes_and_discovery_state_are_exported() {
+    let mut mesh = HelloMesh::start().await;
+    let client = mesh.http1();
+    let mut answered = 0;
+    for _ in 0..10 {
+        answered += client.get(&mesh.authority(), "/").await.unwrap().body.len();
+    }
+    // Bytes are counted when a connection closes: close the client's.
+    drop(client);
+    let outbound = [("direction", "outbound")];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while sum(
+        &mesh.client,
+        "trellis_tcp_connections_closed_total",
+        &outbound,
+    )
+    .await
+        < 2.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections not closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let text = scrape_addr(mesh.client.admin_addr).await;
+    // The readiness probe's connection and the client's, both closed now.
+    assert_eq!(
+        sum_in(&text, "trellis_tcp_connections_opened_total", &outbound),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum_in(&text, "trellis_tcp_open_connections", &outbound),
+        0.0
+    );
+    let written = sum_in(&text, "trellis_tcp_write_bytes_total", &outbound);
+    assert!(
+        written > answered as f64,
+        "{written} bytes written to clients, {answered} bytes of bodies alone"
+    );
+    assert!(sum_in(&text, "trellis_tcp_read_bytes_total", &outbound) > 10.0 * 16.0);
+
+    // Discovery: streaming while the controller is up, reconnecting after.
+    let streams = |state| [("kind", "endpoints"), ("state", state)];
+    assert!(sum_in(&text, "trellis_discovery_streams", &streams("open")) >= 1.0);
+    assert_eq!(
+        sum_in(&text, "trellis_discovery_streams", &streams("reconnecting")),
+        0.0
+    );
+    mesh.controller.take().unwrap().kill();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = scrape_addr(mesh.client.admin_addr).await;
+        let open = sum_in(&text, "trellis_discovery_streams", &streams("open"));
+        let reconnecting = sum_in(&text, "trellis_discovery_streams", &streams("reconnecting"));
+        if open == 0.0 && reconnecting >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stream reconnecting 5 s after the controller died:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_controller_measures_how_fast_a_change_reaches_the_proxies() {
+    let mesh = HelloMesh::start().await;
+    let admin = mesh.controller.as_ref().unwrap().admin_addr;
+    let pushes = |text: &str| sum_in(text, "trellis_controller_push_latency_seconds_count", &[]);
+    let before = pushes(&scrape_addr(admin).await);
+    // hello loses v2: the client's watch of hello gets one update.
+    mesh.write_hello(&["v1"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = scrape_addr(admin).await;
+        if pushes(&text) > before {
+            let seconds = sum_in(&text, "trellis_controller_push_latency_seconds_sum", &[]);
+            assert!(seconds < 1.0, "a push took {seconds} s:\n{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no push measured:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

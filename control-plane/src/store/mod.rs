@@ -10,6 +10,7 @@ mod routes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -36,6 +37,8 @@ pub(crate) struct State {
     pub(crate) pods: HashMap<ObjectKey, Pod>,
     pub(crate) routes: HashMap<ObjectKey, HttpRoute>,
     pub(crate) faults: HashMap<ObjectKey, HttpFault>,
+    /// When the objects last changed, for push-latency metrics.
+    changed_at: Option<Instant>,
     watches: HashMap<String, watch::Sender<Resolution>>,
     route_watches: HashMap<String, watch::Sender<Arc<Routes>>>,
 }
@@ -131,6 +134,11 @@ impl Store {
         self.lock().routes_for(authority)
     }
 
+    /// When the store's objects last changed.
+    pub fn changed_at(&self) -> Option<Instant> {
+        self.lock().changed_at
+    }
+
     /// The current answer for an authority, without watching it.
     pub fn resolve(&self, authority: &str) -> Option<ServiceEndpoints> {
         self.lock().resolve(authority)
@@ -163,6 +171,7 @@ impl State {
     /// Recomputes every watched authority and wakes the watchers whose answer
     /// changed; forgets watches nobody holds any more.
     fn notify(&mut self) {
+        self.changed_at = Some(Instant::now());
         self.watches.retain(|_, sender| sender.receiver_count() > 0);
         self.route_watches
             .retain(|_, sender| sender.receiver_count() > 0);

@@ -9,6 +9,7 @@ use arc_swap::ArcSwapOption;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use trellis_proto::discovery::Endpoint;
 use trellis_proto::SpiffeId;
 
@@ -129,21 +130,31 @@ impl EndpointHandle {
         Ok(sender)
     }
 
-    async fn connect(&self, tls: &TlsConfigs, expected: &SpiffeId) -> Result<Open, ProxyError> {
+    /// A new mTLS connection to the endpoint's proxy, speaking `alpn`.
+    pub async fn connect_tls(
+        &self,
+        tls: &TlsConfigs,
+        expected: &SpiffeId,
+        alpn: &[u8],
+    ) -> Result<TlsStream<TcpStream>, ProxyError> {
         let proxy_port = u16::try_from(self.0.endpoint.proxy_port).unwrap_or(0);
         let addr = SocketAddr::new(self.0.key.ip(), proxy_port);
+        let tcp = connect_tcp(addr).await?;
+        tls::connect(tls, tcp, expected, alpn)
+            .await
+            .map_err(|e| ProxyError::Tls {
+                endpoint: addr.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    async fn connect(&self, tls: &TlsConfigs, expected: &SpiffeId) -> Result<Open, ProxyError> {
+        let stream = self.connect_tls(tls, expected, tls::ALPN_H2).await?;
+        let addr = stream.get_ref().0.peer_addr().ok();
         let error = |reason: String| ProxyError::Connect {
-            endpoint: addr.to_string(),
+            endpoint: self.key().to_string(),
             reason,
         };
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| error(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        let stream = tls::connect(tls, tcp, expected, tls::ALPN_H2)
-            .await
-            .map_err(|e| error(e.to_string()))?;
         let peer_not_after =
             tls::chain_not_after(stream.get_ref().1.peer_certificates().unwrap_or_default());
         let valid_until = peer_not_after.map_or(tls.not_after, |p| p.min(tls.not_after));
@@ -153,10 +164,10 @@ impl EndpointHandle {
             .map_err(|e| error(e.to_string()))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(peer = %addr, error = %e, "connection to peer proxy closed");
+                tracing::debug!(peer = ?addr, error = %e, "connection to peer proxy closed");
             }
         });
-        tracing::debug!(peer = %addr, identity = %expected, "connected to peer proxy");
+        tracing::debug!(peer = ?addr, identity = %expected, "connected to peer proxy");
         Ok(Open {
             sender,
             valid_until,
@@ -172,4 +183,18 @@ impl Weighted for EndpointHandle {
     fn load(&self) -> &Load {
         &self.0.load
     }
+}
+
+/// A TCP connection with the proxy's connect timeout and no Nagle delay.
+pub async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
+    let error = |reason: String| ProxyError::Connect {
+        endpoint: addr.to_string(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| error(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }

@@ -10,12 +10,20 @@ use tokio::sync::watch;
 use super::endpoint::EndpointHandle;
 use crate::discovery::Resolved;
 use crate::errors::ProxyError;
+use trellis_proto::discovery::ServiceInfo;
 
 #[derive(Clone)]
 enum State {
     Pending,
     NotFound,
-    Ready(Arc<Vec<EndpointHandle>>),
+    Ready(Arc<Endpoints>),
+}
+
+/// What a request reads: the Service (when the controller named it) and
+/// the handles of its endpoints.
+pub struct Endpoints {
+    pub service: Option<ServiceInfo>,
+    pub handles: Vec<EndpointHandle>,
 }
 
 pub struct Target {
@@ -34,9 +42,9 @@ impl Target {
                 let state = match &*resolved.borrow_and_update() {
                     Resolved::Pending => State::Pending,
                     Resolved::NotFound => State::NotFound,
-                    Resolved::Endpoints(endpoints) => {
+                    Resolved::Endpoints(resolved) => {
                         let mut next = HashMap::new();
-                        for (key, endpoint) in endpoints.iter() {
+                        for (key, endpoint) in &resolved.endpoints {
                             let handle = match handles.remove(key) {
                                 Some(h) if h.same_peer(endpoint) => h.updated(endpoint.clone()),
                                 _ => EndpointHandle::new(endpoint.clone()),
@@ -44,7 +52,10 @@ impl Target {
                             next.insert(key.clone(), handle);
                         }
                         handles = next;
-                        State::Ready(Arc::new(handles.values().cloned().collect()))
+                        State::Ready(Arc::new(Endpoints {
+                            service: resolved.service.clone(),
+                            handles: handles.values().cloned().collect(),
+                        }))
                     }
                 };
                 tx.send_replace(state);
@@ -60,11 +71,16 @@ impl Target {
         }
     }
 
+    /// The Service discovery resolved the authority to, if it answered yet.
+    pub fn service(&self) -> Option<ServiceInfo> {
+        match &*self.state.borrow() {
+            State::Ready(endpoints) => endpoints.service.clone(),
+            _ => None,
+        }
+    }
+
     /// The current endpoints; a first request waits for discovery to answer.
-    pub async fn endpoints(
-        &self,
-        patience: Duration,
-    ) -> Result<Arc<Vec<EndpointHandle>>, ProxyError> {
+    pub async fn endpoints(&self, patience: Duration) -> Result<Arc<Endpoints>, ProxyError> {
         let state = self.state.borrow().clone();
         let state = match state {
             State::Pending => {

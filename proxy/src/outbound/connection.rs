@@ -1,0 +1,134 @@
+//! Outbound connections: an application that dialled the proxy (explicit
+//! proxy) speaks HTTP; one that iptables redirected is routed by where it
+//! was going — a mesh Service's ClusterIP:port gets HTTP routing or an
+//! opaque mTLS tunnel, anything else passes through untouched.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::endpoint::connect_tcp;
+use super::Outbound;
+use crate::balance;
+use crate::detect::{self, Protocol};
+use crate::errors::ProxyError;
+use crate::socket::{self, Counted};
+use crate::tls;
+
+type Client = Counted<TcpStream>;
+
+impl Outbound {
+    /// Serves one accepted connection until it closes.
+    pub async fn serve(self: Arc<Self>, tcp: TcpStream) {
+        let _ = tcp.set_nodelay(true);
+        let tcp = Counted::new(tcp, "outbound", self.metrics.clone());
+        match socket::original_dst(tcp.get_ref()) {
+            None => self.serve_http(tcp, None).await,
+            Some(dst) => self.serve_redirected(tcp, dst).await,
+        }
+    }
+
+    /// HTTP/1.1 or HTTP/2 (prior knowledge); each request is routed by its
+    /// authority, or by `authority` when the connection was redirected.
+    async fn serve_http(self: Arc<Self>, tcp: Client, authority: Option<String>) {
+        let authority: Option<Arc<str>> = authority.map(Into::into);
+        let service = service_fn(move |request| {
+            let (outbound, authority) = (self.clone(), authority.clone());
+            async move { Ok::<_, Infallible>(outbound.handle(request, authority.as_deref()).await) }
+        });
+        if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tcp), service)
+            .await
+        {
+            tracing::debug!(error = %e, "outbound connection closed with an error");
+        }
+    }
+
+    /// A connection iptables redirected: discovery says whether `dst` is a
+    /// mesh Service; detection says whether it speaks HTTP.
+    async fn serve_redirected(self: Arc<Self>, tcp: Client, dst: SocketAddr) {
+        let protocol = if self.opaque_ports.contains(&dst.port()) {
+            Protocol::Opaque
+        } else {
+            detect::detect(tcp.get_ref()).await
+        };
+        let authority = dst.to_string();
+        let endpoints = self
+            .target(&authority)
+            .endpoints(self.discovery_timeout)
+            .await;
+        let result = match (endpoints, protocol) {
+            (Err(ProxyError::UnknownService(_)), _) => passthrough(tcp, dst).await,
+            // HTTP gets its answer (a 503 saying why) from the request path.
+            (_, Protocol::Http1 | Protocol::Http2) => {
+                return self.serve_http(tcp, Some(authority)).await
+            }
+            (Ok(endpoints), _) => self.tunnel(tcp, &endpoints.handles, &authority).await,
+            (Err(e), _) => Err(e),
+        };
+        if let Err(error) = result {
+            tracing::info!(%dst, ?protocol, %error, "outbound connection failed");
+        }
+    }
+
+    /// Opaque TCP (or the application's own TLS) to a mesh Service: to a
+    /// meshed endpoint through an mTLS tunnel to its proxy, which learns the
+    /// target port from the tunnel's first two bytes; to any other endpoint
+    /// directly.
+    async fn tunnel(
+        &self,
+        mut client: Client,
+        endpoints: &[super::EndpointHandle],
+        authority: &str,
+    ) -> Result<(), ProxyError> {
+        let endpoint = balance::pick(endpoints)
+            .ok_or_else(|| ProxyError::NoEndpoints(authority.to_string()))?;
+        let Some(expected) = endpoint.identity() else {
+            return passthrough(client, endpoint.key()).await;
+        };
+        let tls = self.identity.current().ok_or(ProxyError::NoIdentity)?;
+        let mut upstream = endpoint
+            .connect_tls(&tls, expected, tls::ALPN_OPAQUE)
+            .await
+            .inspect_err(|e| {
+                if matches!(e, ProxyError::Tls { .. }) {
+                    self.metrics.tls_failure("outbound");
+                }
+            })?;
+        upstream
+            .write_all(&endpoint.port().to_be_bytes())
+            .await
+            .map_err(|e| upstream_error(endpoint.key(), e))?;
+        copy(&mut client, &mut upstream, endpoint.key()).await
+    }
+}
+
+/// Forwards the connection unchanged to where the application sent it.
+async fn passthrough(mut client: Client, dst: SocketAddr) -> Result<(), ProxyError> {
+    let mut upstream = connect_tcp(dst).await?;
+    copy(&mut client, &mut upstream, dst).await
+}
+
+async fn copy<A, B>(a: &mut A, b: &mut B, peer: SocketAddr) -> Result<(), ProxyError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional(a, b)
+        .await
+        .map(|_| ())
+        .map_err(|e| upstream_error(peer, e))
+}
+
+fn upstream_error(peer: SocketAddr, e: std::io::Error) -> ProxyError {
+    ProxyError::Upstream {
+        endpoint: peer.to_string(),
+        reason: e.to_string(),
+    }
+}

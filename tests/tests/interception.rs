@@ -1,0 +1,560 @@
+//! Transparent interception end to end: pods are network namespaces with
+//! the sidecar's iptables rules, and the applications are unmodified
+//! programs (nginx, curl, h2load, Python gRPC, socat) that dial Services by
+//! ClusterIP without knowing a proxy is there.
+//!
+//! Needs root, iproute2, iptables and the applications; without them the
+//! tests skip, except under `CI=true`, where they fail.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use trellis_tests::netns::{Pod, PodNetwork, ADMIN_PORT};
+
+const APPS: &[(&str, &str)] = &[
+    ("nginx", "nginx-light"),
+    ("curl", "curl"),
+    ("socat", "socat"),
+    ("h2load", "nghttp2-client"),
+];
+
+/// The ClusterIPs of the tests' Services (the controller answers for them;
+/// nothing else routes them).
+const HELLO_IP: &str = "10.96.0.10";
+const FRONTEND_IP: &str = "10.96.0.20";
+const ECHO_IP: &str = "10.96.0.30";
+const GRPC_IP: &str = "10.96.0.40";
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A Pod with the sidecar container (the controller meshes it).
+fn meshed_pod(pod: &Pod, sa: &str, version: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {}
+  labels: {{version: {version}}}
+spec:
+  serviceAccountName: {sa}
+  containers: [{{name: app}}, {{name: trellis-proxy}}]
+---
+",
+        pod.name
+    )
+}
+
+/// A Service with a ClusterIP and its EndpointSlice over `pods`; each port
+/// is `(name, port, appProtocol)`.
+fn service(name: &str, cluster_ip: &str, ports: &[(&str, u16, &str)], pods: &[&Pod]) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|(port_name, port, protocol)| {
+            let protocol = if protocol.is_empty() {
+                String::new()
+            } else {
+                format!(", appProtocol: {protocol}")
+            };
+            format!("{{name: {port_name}, port: {port}{protocol}}}")
+        })
+        .collect();
+    let ports = ports.join(", ");
+    let endpoints: String = pods
+        .iter()
+        .map(|pod| {
+            format!(
+                "  - addresses: [\"{}\"]\n    targetRef: {{kind: Pod, name: {}}}\n",
+                pod.ip, pod.name
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  clusterIP: {cluster_ip}
+  ports: [{ports}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  labels: {{kubernetes.io/service-name: {name}}}
+endpoints:
+{endpoints}ports: [{ports}]
+---
+"
+    )
+}
+
+/// nginx answering `body` on 8080 (HTTP/1.1) and 8081 (HTTP/2 prior
+/// knowledge), or proxying to `upstream` when given.
+fn nginx(pod: &mut Pod, body: &str, upstream: Option<(&str, &str)>) {
+    let dir = pod.dir.display().to_string();
+    let location = match upstream {
+        Some((addr, host)) => format!(
+            "proxy_pass http://{addr}; proxy_http_version 1.1; proxy_set_header Host {host}; \
+             proxy_set_header Connection \"\";"
+        ),
+        None => format!("return 200 \"{body}\\n\";"),
+    };
+    let config = format!(
+        "worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  server {{ listen 8080; location / {{ {location} }} }}
+  server {{ listen 8081 http2; location / {{ return 200 \"{body} over h2\\n\"; }} }}
+}}
+"
+    );
+    let path = pod.dir.join("nginx.conf");
+    std::fs::write(&path, config).expect("nginx config");
+    pod.spawn(&["nginx", "-c", &path.display().to_string()]);
+}
+
+/// A client pod and two meshed `hello` versions (nginx) behind one
+/// ClusterIP, with a Service per version for route backends.
+struct HelloMesh {
+    net: PodNetwork,
+    client: Pod,
+    v1: Pod,
+    v2: Pod,
+}
+
+impl HelloMesh {
+    async fn start() -> Option<Self> {
+        let mut net = PodNetwork::start(APPS)?;
+        let mut client = net.pod("client");
+        let mut v1 = net.pod("hello-v1");
+        let mut v2 = net.pod("hello-v2");
+        nginx(&mut v1, "hello from v1", None);
+        nginx(&mut v2, "hello from v2", None);
+        let ports = [("http", 8080, ""), ("h2", 8081, "kubernetes.io/h2c")];
+        net.write_manifest(
+            "hello.yaml",
+            &(meshed_pod(&client, "client", "v1")
+                + &meshed_pod(&v1, "hello", "v1")
+                + &meshed_pod(&v2, "hello", "v2")
+                + &service("hello", HELLO_IP, &ports, &[&v1, &v2])
+                + &service("hello-v1", "10.96.0.11", &ports, &[&v1])
+                + &service("hello-v2", "10.96.0.12", &ports, &[&v2])),
+        )
+        .await;
+        net.sidecar(&mut client, "client", &[]).await;
+        net.sidecar(&mut v1, "hello", &[]).await;
+        net.sidecar(&mut v2, "hello", &[]).await;
+        v1.wait_listening(8080).await;
+        v2.wait_listening(8080).await;
+        Some(Self {
+            net,
+            client,
+            v1,
+            v2,
+        })
+    }
+}
+
+/// `count` GETs over one keep-alive connection; the bodies, one per line.
+async fn curl(pod: &Pod, url: &str, count: usize, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["curl", "-sS", "--max-time", "10", "-w", "\n"];
+    args.extend(extra);
+    args.extend(std::iter::repeat_n(url, count));
+    let out = pod.run(&args).await;
+    assert!(out.status.success(), "curl {url} failed: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The Prometheus exposition of a pod's sidecar, fetched from the node.
+async fn metrics(net: &PodNetwork, pod: &Pod) -> String {
+    let url = format!("http://{}/metrics", pod.addr(ADMIN_PORT));
+    let out = net
+        .node_command("curl", &["-sS", "--max-time", "5", &url])
+        .await;
+    assert!(out.status.success(), "scraping {url}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The sum of the samples of `family` whose labels contain every fragment.
+fn sum(exposition: &str, family: &str, fragments: &[&str]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(family) && fragments.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+fn count(lines: &[String], needle: &str) -> usize {
+    lines.iter().filter(|l| l.contains(needle)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_a_cluster_ip_over_mtls_and_routes_apply() {
+    let Some(mesh) = HelloMesh::start().await else {
+        return;
+    };
+    let url = format!("http://{HELLO_IP}:8080/");
+    let host = ["-H", "Host: hello.default.svc.cluster.local:8080"];
+    let answers = curl(&mesh.client, &url, 40, &host).await;
+    let (v1, v2) = (
+        count(&answers, "hello from v1"),
+        count(&answers, "hello from v2"),
+    );
+    assert_eq!((answers.len(), v1 + v2), (40, 40), "{answers:?}");
+
+    // Each server's sidecar saw the client's verified identity.
+    for (pod, answered) in [(&mesh.v1, v1), (&mesh.v2, v2)] {
+        let served = metrics(&mesh.net, pod).await;
+        let inbound = sum(
+            &served,
+            "trellis_requests_total",
+            &[
+                "direction=\"inbound\"",
+                "tls=\"true\"",
+                "peer_identity=\"spiffe://cluster.local/ns/default/sa/client\"",
+                "status_code=\"200\"",
+            ],
+        );
+        assert_eq!(
+            inbound as usize, answered,
+            "inbound mTLS requests at {}:\n{served}",
+            pod.name
+        );
+    }
+    // The client's sidecar names the Service, not its ClusterIP.
+    let client = metrics(&mesh.net, &mesh.client).await;
+    let outbound = sum(
+        &client,
+        "trellis_requests_total",
+        &[
+            "direction=\"outbound\"",
+            "dst_service=\"hello\"",
+            "tls=\"true\"",
+        ],
+    );
+    assert_eq!(outbound as usize, 40, "outbound requests:\n{client}");
+
+    // Routes apply to transparent traffic: all to v2, then all to v1.
+    for (to_v1, to_v2, expected) in [(0, 100, "hello from v2"), (100, 0, "hello from v1")] {
+        mesh.net
+            .write_manifest("route.yaml", &split_route(to_v1, to_v2))
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answers = curl(&mesh.client, &url, 20, &host).await;
+            if count(&answers, expected) == 20 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a {to_v1}/{to_v2} route did not apply within 10 s: {answers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn split_route(to_v1: u32, to_v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: hello-split}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: hello, port: 8080}}]
+  rules:
+  - backendRefs:
+    - {{name: hello-v1, port: 8080, weight: {to_v1}}}
+    - {{name: hello-v2, port: 8080, weight: {to_v2}}}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_frontend_and_http2_clients_work_unmodified() {
+    let Some(mut mesh) = HelloMesh::start().await else {
+        return;
+    };
+    let mut frontend = mesh.net.pod("frontend");
+    nginx(
+        &mut frontend,
+        "",
+        Some((
+            &format!("{HELLO_IP}:8080"),
+            "hello.default.svc.cluster.local:8080",
+        )),
+    );
+    mesh.net
+        .write_manifest(
+            "frontend.yaml",
+            &(meshed_pod(&frontend, "frontend", "v1")
+                + &service("frontend", FRONTEND_IP, &[("http", 8080, "")], &[&frontend])),
+        )
+        .await;
+    mesh.net.sidecar(&mut frontend, "frontend", &[]).await;
+    frontend.wait_listening(8080).await;
+
+    // client → frontend (nginx) → hello, each hop through two sidecars.
+    let answers = curl(
+        &mesh.client,
+        &format!("http://{FRONTEND_IP}:8080/"),
+        10,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        count(&answers, "hello from v"),
+        10,
+        "{answers:?}\nfrontend logs:\n{}",
+        frontend.logs()
+    );
+    let at_v1 = metrics(&mesh.net, &mesh.v1).await;
+    assert!(
+        at_v1.contains("peer_identity=\"spiffe://cluster.local/ns/default/sa/frontend\""),
+        "hello saw no mTLS from the frontend:\n{at_v1}"
+    );
+
+    // HTTP/2 with prior knowledge, from curl and from h2load. (One URL per
+    // curl: curl 7.88 fails to reuse a prior-knowledge connection, even
+    // straight to nginx.)
+    let h2 = format!("http://{HELLO_IP}:8081/");
+    for _ in 0..5 {
+        let answers = curl(&mesh.client, &h2, 1, &["--http2-prior-knowledge"]).await;
+        assert_eq!(count(&answers, "over h2"), 1, "{answers:?}");
+    }
+    let out = mesh
+        .client
+        .run(&["h2load", "-n", "200", "-c", "2", "-m", "4", &h2])
+        .await;
+    let report = text(&out);
+    assert!(
+        out.status.success() && report.contains("200 succeeded, 0 failed"),
+        "h2load:\n{report}"
+    );
+    let at_client = metrics(&mesh.net, &mesh.client).await;
+    assert!(
+        sum(
+            &at_client,
+            "trellis_requests_total",
+            &[
+                "direction=\"outbound\"",
+                "dst_service=\"hello\"",
+                "status_code=\"200\""
+            ],
+        ) >= 205.0,
+        "{at_client}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_works_and_is_measured_by_grpc_status() {
+    let Some(mut net) = PodNetwork::start(&[("curl", "curl")]) else {
+        return;
+    };
+    if !grpc_available() {
+        return;
+    }
+    let mut client = net.pod("client");
+    let mut server = net.pod("greeter");
+    let script = env!("CARGO_MANIFEST_DIR").to_string() + "/apps/grpc_echo.py";
+    let app = server.dir.join("grpc_echo.py");
+    std::fs::copy(&script, &app).expect("copy the gRPC app");
+    let app = app.display().to_string();
+    server.spawn(&["/usr/bin/python3", &app, "serve", "50051", "greeter"]);
+    net.write_manifest(
+        "grpc.yaml",
+        &(meshed_pod(&client, "client", "v1")
+            + &meshed_pod(&server, "greeter", "v1")
+            + &service("greeter", GRPC_IP, &[("grpc", 50051, "grpc")], &[&server])),
+    )
+    .await;
+    net.sidecar(&mut client, "client", &[]).await;
+    net.sidecar(&mut server, "greeter", &[]).await;
+    server.wait_listening(50051).await;
+
+    let target = format!("{GRPC_IP}:50051");
+    let call = |method: &'static str| {
+        let (client, app, target) = (&client, app.clone(), target.clone());
+        async move {
+            let out = client
+                .run(&["/usr/bin/python3", &app, "call", &target, method, "hi"])
+                .await;
+            text(&out).trim().to_string()
+        }
+    };
+    assert_eq!(
+        call("Say").await,
+        "greeter: hi",
+        "server logs:\n{}",
+        server.logs()
+    );
+    assert_eq!(call("Fail").await, "status=UNAVAILABLE");
+
+    // gRPC answers HTTP 200 and carries its status in trailers: the
+    // metrics record the gRPC status (14 = UNAVAILABLE) as a failure.
+    let exposition = metrics(&net, &client).await;
+    let outbound = |code: &str, class: &str| {
+        sum(
+            &exposition,
+            "trellis_requests_total",
+            &[
+                "direction=\"outbound\"",
+                "dst_service=\"greeter\"",
+                &format!("status_code=\"{code}\""),
+                &format!("classification=\"{class}\""),
+            ],
+        )
+    };
+    assert_eq!(outbound("0", "success"), 1.0, "{exposition}");
+    assert_eq!(outbound("14", "failure"), 1.0, "{exposition}");
+}
+
+fn grpc_available() -> bool {
+    let ok = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import grpc"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let why = "python3 cannot import grpc (Debian: apt-get install -y python3-grpcio)";
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true and {why}"
+        );
+        eprintln!("skipping: {why}");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_echo_and_a_server_that_speaks_first_work_as_opaque_tcp() {
+    let Some(mut net) = PodNetwork::start(APPS) else {
+        return;
+    };
+    let mut client = net.pod("client");
+    let mut server = net.pod("tcp");
+    server.spawn(&["socat", "TCP-LISTEN:9000,fork,reuseaddr", "EXEC:cat"]);
+    // An SMTP-like banner before the client says anything, on a port that
+    // is not in the opaque list: detection must give up and tunnel.
+    server.spawn(&[
+        "socat",
+        "TCP-LISTEN:2525,fork,reuseaddr",
+        "SYSTEM:echo 220 banner first; read line; echo 250 got $line",
+    ]);
+    net.write_manifest(
+        "tcp.yaml",
+        &(meshed_pod(&client, "client", "v1")
+            + &meshed_pod(&server, "tcp", "v1")
+            + &service(
+                "tcp",
+                ECHO_IP,
+                &[("echo", 9000, ""), ("smtp", 2525, "")],
+                &[&server],
+            )),
+    )
+    .await;
+    net.sidecar(&mut client, "client", &[]).await;
+    net.sidecar(&mut server, "tcp", &[]).await;
+    server.wait_listening(9000).await;
+    server.wait_listening(2525).await;
+
+    let out = client
+        .run(&[
+            "sh",
+            "-c",
+            &format!("printf 'ping over the mesh\\n' | socat -t 2 - TCP:{ECHO_IP}:9000"),
+        ])
+        .await;
+    assert_eq!(
+        text(&out).trim(),
+        "ping over the mesh",
+        "server: {}",
+        server.logs()
+    );
+
+    let out = client
+        .run(&[
+            "sh",
+            "-c",
+            &format!("(sleep 1; printf 'HELO trellis\\n') | socat -t 2 - TCP:{ECHO_IP}:2525"),
+        ])
+        .await;
+    assert_eq!(
+        text(&out).trim(),
+        "220 banner first\n250 got HELO trellis",
+        "server: {}",
+        server.logs()
+    );
+
+    // Both went through the tunnel to the server's sidecar over mTLS.
+    let exposition = metrics(&net, &server).await;
+    assert!(
+        sum(
+            &exposition,
+            "trellis_tcp_connections_opened_total",
+            &["direction=\"inbound\""]
+        ) >= 2.0,
+        "{exposition}"
+    );
+    assert!(
+        sum(
+            &exposition,
+            "trellis_tcp_read_bytes_total",
+            &["direction=\"inbound\""]
+        ) > 0.0,
+        "{exposition}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_refuses_outsiders_and_non_mesh_destinations_pass_through() {
+    let Some(mesh) = HelloMesh::start().await else {
+        return;
+    };
+    let HelloMesh {
+        mut net,
+        client,
+        v1,
+        ..
+    } = mesh;
+    // A pod without a sidecar, serving HTTP itself.
+    let mut outsider = net.pod("outsider");
+    nginx(&mut outsider, "hello from outside the mesh", None);
+    outsider.wait_listening(8080).await;
+
+    // Outsider → a STRICT meshed pod's application port: refused.
+    let url = format!("http://{}/", v1.addr(8080));
+    let out = outsider
+        .run(&["curl", "-sS", "--max-time", "5", &url])
+        .await;
+    assert!(
+        !out.status.success() && !text(&out).contains("hello from v1"),
+        "plaintext from outside the mesh reached a STRICT pod: {}",
+        text(&out)
+    );
+
+    // Meshed client → a destination that is no mesh Service: passed through.
+    let answers = curl(&client, &format!("http://{}/", outsider.addr(8080)), 3, &[]).await;
+    assert_eq!(
+        count(&answers, "hello from outside the mesh"),
+        3,
+        "{answers:?}"
+    );
+}
