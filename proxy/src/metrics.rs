@@ -216,6 +216,15 @@ impl Metrics {
             for collector in collectors {
                 registry.register(collector)?;
             }
+            // Connection and handshake series exist from the start, at 0,
+            // so dashboards and alerts see "none yet" rather than no data.
+            for direction in ["inbound", "outbound"] {
+                for family in [&tcp_opened, &tcp_closed, &tcp_read_bytes, &tcp_write_bytes] {
+                    family.with_label_values(&[direction]);
+                }
+                tcp_open.with_label_values(&[direction]);
+                tls_failures.with_label_values(&[direction]);
+            }
             Ok(Self {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 registry: registry.clone(),

@@ -497,7 +497,8 @@ async fn every_dashboard_query_returns_data_from_a_live_mesh() {
         );
     }
 
-    // Steady traffic for as long as Prometheus is queried.
+    // Steady traffic for as long as Prometheus is queried, and a route that
+    // changes its weights every second, so the controller keeps pushing.
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
         let (client, authority, stop) = (mesh.http1(), mesh.authority(), stop.clone());
@@ -505,6 +506,23 @@ async fn every_dashboard_query_returns_data_from_a_live_mesh() {
             while !stop.load(Ordering::Relaxed) {
                 burst(&client, &authority, 20, 2).await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let changes = {
+        let fault = fault("f", "{abort: {httpStatus: 503, percent: 5}}");
+        let routes = [
+            split_route(mesh.port, 40, 60, &extra) + &fault,
+            split_route(mesh.port, 50, 50, &extra) + &fault,
+        ];
+        let (path, stop) = (mesh.manifests().join("route.yaml"), stop.clone());
+        tokio::spawn(async move {
+            for routes in routes.iter().cycle() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                write_atomically(&path, routes);
             }
         })
     };
@@ -586,6 +604,7 @@ async fn every_dashboard_query_returns_data_from_a_live_mesh() {
     }
     stop.store(true, Ordering::Relaxed);
     traffic.await.expect("traffic");
+    changes.await.expect("route changes");
     let report: Vec<String> = failures
         .iter()
         .map(|((file, title, query), problem)| {
