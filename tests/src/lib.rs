@@ -243,6 +243,17 @@ spec:
 
 /// A Service on `port` and one EndpointSlice with the given `(pod, ip)`s.
 pub fn service_yaml(name: &str, port: u16, endpoints: &[(&str, IpAddr)]) -> String {
+    service_manifest(name, None, &[("http", port, "")], endpoints)
+}
+
+/// A Service (with a ClusterIP when given) and one EndpointSlice over
+/// `(pod, ip)` endpoints; each port is `(name, port, appProtocol or "")`.
+pub fn service_manifest(
+    name: &str,
+    cluster_ip: Option<&str>,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(&str, IpAddr)],
+) -> String {
     let endpoints: String = endpoints
         .iter()
         .map(|(pod, ip)| {
@@ -254,12 +265,21 @@ pub fn service_yaml(name: &str, port: u16, endpoints: &[(&str, IpAddr)]) -> Stri
     } else {
         endpoints
     };
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|(port_name, port, protocol)| match *protocol {
+            "" => format!("{{name: {port_name}, port: {port}}}"),
+            protocol => format!("{{name: {port_name}, port: {port}, appProtocol: {protocol}}}"),
+        })
+        .collect();
+    let ports = ports.join(", ");
+    let cluster_ip = cluster_ip.map_or(String::new(), |ip| format!("  clusterIP: {ip}\n"));
     format!(
         "apiVersion: v1
 kind: Service
 metadata: {{name: {name}}}
 spec:
-  ports: [{{name: http, port: {port}}}]
+{cluster_ip}  ports: [{ports}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -267,7 +287,7 @@ metadata:
   name: {name}-1
   labels: {{kubernetes.io/service-name: {name}}}
 endpoints:
-{endpoints}ports: [{{name: http, port: {port}}}]
+{endpoints}ports: [{ports}]
 "
     )
 }

@@ -9,7 +9,10 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use std::net::IpAddr;
+
 use trellis_tests::netns::{Pod, PodNetwork, ADMIN_PORT};
+use trellis_tests::service_manifest;
 
 const APPS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
@@ -53,45 +56,11 @@ spec:
 /// A Service with a ClusterIP and its EndpointSlice over `pods`; each port
 /// is `(name, port, appProtocol)`.
 fn service(name: &str, cluster_ip: &str, ports: &[(&str, u16, &str)], pods: &[&Pod]) -> String {
-    let ports: Vec<String> = ports
+    let endpoints: Vec<(&str, IpAddr)> = pods
         .iter()
-        .map(|(port_name, port, protocol)| {
-            let protocol = if protocol.is_empty() {
-                String::new()
-            } else {
-                format!(", appProtocol: {protocol}")
-            };
-            format!("{{name: {port_name}, port: {port}{protocol}}}")
-        })
+        .map(|pod| (pod.name.as_str(), IpAddr::V4(pod.ip)))
         .collect();
-    let ports = ports.join(", ");
-    let endpoints: String = pods
-        .iter()
-        .map(|pod| {
-            format!(
-                "  - addresses: [\"{}\"]\n    targetRef: {{kind: Pod, name: {}}}\n",
-                pod.ip, pod.name
-            )
-        })
-        .collect();
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}}}
-spec:
-  clusterIP: {cluster_ip}
-  ports: [{ports}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  labels: {{kubernetes.io/service-name: {name}}}
-endpoints:
-{endpoints}ports: [{ports}]
----
-"
-    )
+    service_manifest(name, Some(cluster_ip), ports, &endpoints) + "---\n"
 }
 
 /// nginx answering `body` on 8080 (HTTP/1.1) and 8081 (HTTP/2 prior
