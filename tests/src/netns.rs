@@ -236,6 +236,18 @@ impl PodNetwork {
         let node = Netns::add(format!("{tag}-node"));
         let gateway = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 1);
         run_ip(&["-n", &node.name, "link", "add", "br0", "type", "bridge"]);
+        // A bridge takes the lowest MAC of its ports unless given one: a pod
+        // joining later would change it under the ARP caches of the pods
+        // already there, and their packets to the node would be dropped.
+        run_ip(&[
+            "-n",
+            &node.name,
+            "link",
+            "set",
+            "br0",
+            "address",
+            "02:00:00:00:00:01",
+        ]);
         run_ip(&[
             "-n",
             &node.name,
