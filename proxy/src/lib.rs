@@ -74,6 +74,18 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// The runtime a proxy process runs on: one thread, or `worker_threads`.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(worker_threads);
+        builder
+    };
+    builder.enable_all().build()
+}
+
 /// Binds the listeners and starts the proxy's tasks on the current runtime.
 pub async fn start(config: Config) -> Result<Proxy, StartError> {
     let outbound_listener = bind("outbound", config.outbound_listen).await?;

@@ -58,8 +58,7 @@ struct InitArgs {
     iptables: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -69,16 +68,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Init(args) => init(args),
         Command::Run => {
             let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
-            let proxy = trellis_proxy::start(config)
-                .await
-                .context("starting the proxy")?;
-            tokio::select! {
-                () = proxy.wait() => anyhow::bail!("a proxy task stopped unexpectedly"),
-                signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
-            }
-            Ok(())
+            let runtime =
+                trellis_proxy::runtime(config.worker_threads).context("starting the runtime")?;
+            runtime.block_on(run(config))
         }
     }
+}
+
+async fn run(config: trellis_proxy::Config) -> anyhow::Result<()> {
+    let proxy = trellis_proxy::start(config)
+        .await
+        .context("starting the proxy")?;
+    tokio::select! {
+        () = proxy.wait() => anyhow::bail!("a proxy task stopped unexpectedly"),
+        signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
+    }
+    Ok(())
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
