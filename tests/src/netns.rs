@@ -102,8 +102,15 @@ impl Netns {
     fn add(name: String) -> Self {
         run_ip(&["netns", "add", &name]);
         let ns = Self { name };
-        run_ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns.ip("link set lo up");
         ns
+    }
+
+    /// Runs `ip -n <this namespace> <command>` (words split on spaces).
+    fn ip(&self, command: &str) {
+        let mut args = vec!["-n", &self.name];
+        args.extend(command.split_whitespace());
+        run_ip(&args);
     }
 
     pub fn path(&self) -> PathBuf {
@@ -235,29 +242,13 @@ impl PodNetwork {
         let subnet = [10, fastrand::u8(1..=254), fastrand::u8(1..=254)];
         let node = Netns::add(format!("{tag}-node"));
         let gateway = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 1);
-        run_ip(&["-n", &node.name, "link", "add", "br0", "type", "bridge"]);
+        node.ip("link add br0 type bridge");
         // A bridge takes the lowest MAC of its ports unless given one: a pod
         // joining later would change it under the ARP caches of the pods
         // already there, and their packets to the node would be dropped.
-        run_ip(&[
-            "-n",
-            &node.name,
-            "link",
-            "set",
-            "br0",
-            "address",
-            "02:00:00:00:00:01",
-        ]);
-        run_ip(&[
-            "-n",
-            &node.name,
-            "addr",
-            "add",
-            &format!("{gateway}/24"),
-            "dev",
-            "br0",
-        ]);
-        run_ip(&["-n", &node.name, "link", "set", "br0", "up"]);
+        node.ip("link set br0 address 02:00:00:00:00:01");
+        node.ip(&format!("addr add {gateway}/24 dev br0"));
+        node.ip("link set br0 up");
 
         let dir = tempfile::tempdir().expect("tempdir");
         // Applications run unprivileged and read their configuration here.
@@ -295,50 +286,15 @@ impl PodNetwork {
         let ip = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], host);
         let netns = Netns::add(format!("{}-{host}", self.tag));
         let peer = format!("{}v{host}", self.tag);
-        run_ip(&[
-            "-n",
-            &netns.name,
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "netns",
-            &self.node.name,
-        ]);
-        run_ip(&[
-            "-n",
-            &self.node.name,
-            "link",
-            "set",
-            &peer,
-            "master",
-            "br0",
-            "up",
-        ]);
-        run_ip(&[
-            "-n",
-            &netns.name,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
-        run_ip(&["-n", &netns.name, "link", "set", "eth0", "up"]);
+        netns.ip(&format!(
+            "link add eth0 type veth peer name {peer} netns {}",
+            self.node.name
+        ));
+        self.node.ip(&format!("link set {peer} master br0 up"));
+        netns.ip(&format!("addr add {ip}/24 dev eth0"));
+        netns.ip("link set eth0 up");
         let gateway = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], 1);
-        run_ip(&[
-            "-n",
-            &netns.name,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gateway.to_string(),
-        ]);
+        netns.ip(&format!("route add default via {gateway}"));
         Pod {
             name: name.to_string(),
             ip,
