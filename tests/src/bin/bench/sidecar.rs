@@ -1,0 +1,90 @@
+//! The trellis path's sidecars, each in its own process (this binary
+//! re-executed as `internal-proxy`), so their RSS and CPU are their own.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use trellis_tests::{AppClient, Mesh};
+
+/// The argument that turns this binary into a sidecar.
+pub const INTERNAL_PROXY: &str = "internal-proxy";
+
+/// A sidecar process, killed when dropped.
+pub struct ProxyProcess {
+    child: Child,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+}
+
+impl ProxyProcess {
+    pub async fn start(mesh: &Mesh, ip: IpAddr, sa: &str) -> anyhow::Result<Self> {
+        use trellis_proxy::config::*;
+        let identity = trellis_proto::SpiffeId::new(trellis_tests::TRUST_DOMAIN, "default", sa);
+        let (outbound, inbound, admin) = (
+            SocketAddr::new(ip, 4140),
+            SocketAddr::new(ip, 4143),
+            SocketAddr::new(ip, 4191),
+        );
+        let env: HashMap<&str, String> = HashMap::from([
+            (CONTROLLER, format!("http://{}", mesh.controller_addr())),
+            (IDENTITY, identity.to_string()),
+            (TOKEN, mesh.tokens.token_for(&identity)),
+            (OUTBOUND_LISTEN, outbound.to_string()),
+            (INBOUND_LISTEN, inbound.to_string()),
+            (ADMIN_LISTEN, admin.to_string()),
+            (APP_IP, ip.to_string()),
+            (WORKLOAD, sa.to_string()),
+        ]);
+        let child = Command::new(std::env::current_exe().context("own path")?)
+            .arg(INTERNAL_PROXY)
+            .envs(env)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a proxy process")?;
+        let client = AppClient::http1(admin);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client
+            .get(&admin.to_string(), "/ready")
+            .await
+            .map(|a| a.status.as_u16())
+            != Ok(200)
+        {
+            anyhow::ensure!(Instant::now() < deadline, "proxy {sa} not ready in 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            child,
+            outbound,
+            inbound,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+}
+
+/// The sidecar process: the proxy on the runtime `trellis-proxy run` uses
+/// (one thread unless `TRELLIS_WORKER_THREADS` says otherwise, inherited
+/// from the bench's environment), so the bench measures what ships.
+pub fn internal_proxy() -> anyhow::Result<()> {
+    let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
+    let runtime = trellis_proxy::runtime(config.worker_threads).context("proxy runtime")?;
+    runtime.block_on(async {
+        let proxy = trellis_proxy::start(config).await?;
+        // Exit when the bench (holding our stdin) goes away.
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 16];
+        tokio::select! {
+            () = proxy.wait() => anyhow::bail!("a proxy task stopped"),
+            _ = async { while stdin.read(&mut buf).await.is_ok_and(|n| n > 0) {} } => Ok(()),
+        }
+    })
+}
