@@ -75,6 +75,16 @@ fn quick_benchmark_produces_all_figures() {
             );
         }
     }
+    let mesh_size = &figures["mesh_size"];
+    for key in [
+        "rss_before_kib",
+        "rss_after_kib",
+        "private_before_kib",
+        "private_after_kib",
+    ] {
+        positive(&mesh_size[key], &format!("mesh_size.{key}"));
+    }
+    assert_eq!(mesh_size["added_services"], 1000, "{figures}");
 }
 
 #[test]

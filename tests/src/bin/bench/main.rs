@@ -14,6 +14,7 @@
 //!     [--rounds N] [--seconds S] [--rates R1,R2]
 
 mod load;
+mod mesh_size;
 mod peer;
 mod report;
 mod sidecar;
@@ -177,13 +178,18 @@ async fn bench(opts: Options) -> anyhow::Result<()> {
         }
     }
     let figures = measure(&paths, &opts).await;
+    let added = if opts.quick { 1_000 } else { 10_000 };
+    let mesh_size = mesh_size::measure(&mesh, client_proxy.pid(), added).await?;
     let peer_version = peer.as_ref().map(|p| p.version.as_str());
     if opts.json {
-        println!("{}", report::json(&paths, &figures, &opts, peer_version));
+        let mut json = report::json(&paths, &figures, &opts, peer_version);
+        json["mesh_size"] = mesh_size.json();
+        println!("{json}");
     } else {
         print!(
-            "{}",
-            report::markdown(&paths, &figures, &opts, peer_version)
+            "{}\n{}",
+            report::markdown(&paths, &figures, &opts, peer_version),
+            mesh_size.markdown()
         );
     }
     Ok(())
