@@ -481,7 +481,7 @@ async fn tcp_echo_and_a_server_that_speaks_first_work_as_opaque_tcp() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strict_refuses_outsiders_and_non_mesh_destinations_pass_through() {
+async fn outsiders_refused_by_strict_served_by_permissive_and_non_mesh_passed_through() {
     let Some(mesh) = HelloMesh::start().await else {
         return;
     };
@@ -514,4 +514,40 @@ async fn strict_refuses_outsiders_and_non_mesh_destinations_pass_through() {
         3,
         "{answers:?}"
     );
+
+    // A PERMISSIVE pod serves the outsider, and measures it as plaintext.
+    let mut lenient = net.pod("lenient");
+    nginx(&mut lenient, "hello from a permissive pod", None);
+    net.write_manifest("lenient.yaml", &meshed_pod(&lenient, "lenient", "v1"))
+        .await;
+    net.sidecar(
+        &mut lenient,
+        "lenient",
+        &[(trellis_proxy::config::INBOUND_MODE, "permissive")],
+    )
+    .await;
+    lenient.wait_listening(8080).await;
+    let answers = curl(
+        &outsider,
+        &format!("http://{}/", lenient.addr(8080)),
+        3,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        count(&answers, "hello from a permissive pod"),
+        3,
+        "{answers:?}"
+    );
+    let exposition = metrics(&net, &lenient).await;
+    let plaintext = sum(
+        &exposition,
+        "trellis_requests_total",
+        &[
+            "direction=\"inbound\"",
+            "tls=\"false\"",
+            "status_code=\"200\"",
+        ],
+    );
+    assert_eq!(plaintext, 3.0, "{exposition}");
 }
