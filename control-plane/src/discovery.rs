@@ -53,17 +53,19 @@ impl Discovery for DiscoveryService {
         let (metrics, store) = (self.metrics.clone(), self.store.clone());
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            let mut first = true;
+            // The store change that caused the update (none for the first).
+            let mut cause = None;
             loop {
                 let routes = (**watch.borrow_and_update()).clone();
                 if tx.send(Ok(routes)).await.is_err() {
                     return;
                 }
-                metrics.pushed(&store, std::mem::take(&mut first));
+                metrics.pushed(cause);
                 tokio::select! {
                     changed = watch.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
                 }
+                cause = store.changed_at();
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -84,21 +86,21 @@ impl Discovery for DiscoveryService {
         tracing::debug!(%authority, client = %request.client_identity, "endpoint watch opened");
         tokio::spawn(async move {
             let mut sent: Option<ServiceEndpoints> = None;
-            let mut first = true;
+            let mut cause = None;
             loop {
                 let current = (**watch.borrow_and_update()).clone();
                 for update in diff(sent.as_ref(), current.as_ref()) {
                     if tx.send(Ok(update)).await.is_err() {
                         return;
                     }
-                    metrics.pushed(&store, first);
+                    metrics.pushed(cause);
                 }
-                first = false;
                 sent = current;
                 tokio::select! {
                     changed = watch.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
                 }
+                cause = store.changed_at();
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -78,11 +78,11 @@ impl ControllerMetrics {
         build().expect("metric definitions are valid")
     }
 
-    /// One discovery update sent; unless it is a stream's first message,
-    /// it was caused by the store's latest change.
-    pub fn pushed(&self, store: &Store, first: bool) {
+    /// One discovery update sent, caused by the store change at `cause`
+    /// (`None` for a stream's first message).
+    pub fn pushed(&self, cause: Option<std::time::Instant>) {
         self.updates_pushed.inc();
-        if let Some(changed_at) = store.changed_at().filter(|_| !first) {
+        if let Some(changed_at) = cause {
             self.push_latency
                 .observe(changed_at.elapsed().as_secs_f64());
         }

@@ -224,13 +224,16 @@ impl Outbound {
         let response = self
             .send(&endpoint, authority, request, &mut in_flight)
             .await
-            .inspect_err(|e| {
-                if matches!(e, ProxyError::Tls { .. }) {
-                    self.metrics.tls_failure("outbound");
-                }
-            })?;
+            .inspect_err(|e| self.count_tls_failure(e))?;
         in_flight.finish();
         Ok(response)
+    }
+
+    /// Counts a failed mTLS handshake with a peer proxy.
+    fn count_tls_failure(&self, error: &ProxyError) {
+        if matches!(error, ProxyError::Tls { .. }) {
+            self.metrics.tls_failure("outbound");
+        }
     }
 
     /// The Service name and namespace for metrics: from the authority, or,

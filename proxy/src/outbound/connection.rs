@@ -96,11 +96,7 @@ impl Outbound {
         let mut upstream = endpoint
             .connect_tls(&tls, expected, tls::ALPN_OPAQUE)
             .await
-            .inspect_err(|e| {
-                if matches!(e, ProxyError::Tls { .. }) {
-                    self.metrics.tls_failure("outbound");
-                }
-            })?;
+            .inspect_err(|e| self.count_tls_failure(e))?;
         upstream
             .write_all(&endpoint.port().to_be_bytes())
             .await
