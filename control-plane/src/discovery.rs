@@ -128,6 +128,7 @@ fn diff(
                     name: current.service.name.clone(),
                     namespace: current.service.namespace.clone(),
                     port: u32::from(current.port),
+                    resilience: None,
                 }),
                 endpoints: current.endpoints.values().cloned().collect(),
             }))];

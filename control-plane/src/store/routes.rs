@@ -232,6 +232,7 @@ impl State {
             fault,
             request_headers,
             route: format!("{route}#{index}"),
+            resilience: None,
         }
     }
 }
