@@ -19,6 +19,10 @@ const TIE: f64 = 0.25;
 /// The estimate for an endpoint that has not answered yet, so new endpoints
 /// are tried but not flooded.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// What a failure counts as in the latency estimate: far above any healthy
+/// answer, so an endpoint that fails fast never looks cheaper than one that
+/// works (a failure costs more than slowness).
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// The load-balancing state of one endpoint, kept across discovery updates.
 #[derive(Debug)]
@@ -43,13 +47,15 @@ impl Default for Load {
 }
 
 impl Load {
-    /// Marks a request as started; the guard records its latency when the
-    /// response arrives (`finish`) and always releases the pending slot.
+    /// Marks a request as started; the guard records its outcome (the
+    /// latency of a success, a penalty for a failure, the time waited for
+    /// one abandoned) and releases the pending slot.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
             load: self.clone(),
             started: Instant::now(),
+            recorded: false,
         }
     }
 
@@ -99,6 +105,7 @@ impl Load {
 pub struct InFlight {
     load: Arc<Load>,
     started: Instant,
+    recorded: bool,
 }
 
 impl InFlight {
@@ -108,14 +115,29 @@ impl InFlight {
         self.started = Instant::now();
     }
 
-    /// Records the latency of a response (headers received).
-    pub fn finish(self) {
-        self.load.observe(self.started.elapsed());
+    /// Records the latency of a good response (headers received).
+    pub fn succeeded(mut self) {
+        self.record(self.started.elapsed());
+    }
+
+    /// Records a failure: at least the penalty, however fast it failed.
+    pub fn failed(mut self) {
+        self.record(self.started.elapsed().max(FAILURE_PENALTY));
+    }
+
+    fn record(&mut self, latency: Duration) {
+        self.load.observe(latency);
+        self.recorded = true;
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // Abandoned (a timeout, or the client went away): the endpoint took
+        // at least this long, which is all that is known.
+        if !self.recorded {
+            self.load.observe(self.started.elapsed());
+        }
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -126,20 +148,22 @@ pub trait Weighted {
     fn load(&self) -> &Load;
 }
 
-/// Picks an endpoint by P2C; `None` when no endpoint has a non-zero weight.
-pub fn pick<T: Weighted>(endpoints: &[T]) -> Option<&T> {
-    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight())).sum();
+/// Picks an endpoint by P2C among those `usable` says may take a request;
+/// `None` when no usable endpoint has a non-zero weight.
+pub fn pick<T: Weighted>(endpoints: &[T], usable: impl Fn(&T) -> bool) -> Option<&T> {
+    let weight = |e: &T| if usable(e) { u64::from(e.weight()) } else { 0 };
+    let total: u64 = endpoints.iter().map(weight).sum();
     if total == 0 {
         return None;
     }
-    let a = weighted_sample(endpoints, total)?;
-    let candidates = endpoints.iter().filter(|e| e.weight() > 0).count();
+    let a = weighted_sample(endpoints, total, weight)?;
+    let candidates = endpoints.iter().filter(|e| weight(e) > 0).count();
     if candidates == 1 {
         return Some(a);
     }
     // Draw the second choice until it differs from the first.
     let b = loop {
-        let b = weighted_sample(endpoints, total)?;
+        let b = weighted_sample(endpoints, total, weight)?;
         if !std::ptr::eq(a, b) {
             break b;
         }
@@ -153,10 +177,10 @@ pub fn pick<T: Weighted>(endpoints: &[T]) -> Option<&T> {
     }
 }
 
-fn weighted_sample<T: Weighted>(endpoints: &[T], total: u64) -> Option<&T> {
+fn weighted_sample<T>(endpoints: &[T], total: u64, weight: impl Fn(&T) -> u64) -> Option<&T> {
     let mut point = fastrand::u64(0..total);
     for endpoint in endpoints {
-        let w = u64::from(endpoint.weight());
+        let w = weight(endpoint);
         if point < w {
             return Some(endpoint);
         }
@@ -182,7 +206,7 @@ mod tests {
     fn counts(endpoints: &[Ep], n: usize) -> Vec<usize> {
         let mut counts = vec![0; endpoints.len()];
         for _ in 0..n {
-            let picked = pick(endpoints).unwrap();
+            let picked = pick(endpoints, |_| true).unwrap();
             let i = endpoints
                 .iter()
                 .position(|e| std::ptr::eq(e, picked))
@@ -202,8 +226,14 @@ mod tests {
         let c = counts(&eps, 10_000);
         assert_eq!(c[2], 0, "weight 0 must never be picked: {c:?}");
         assert!((4_500..=5_500).contains(&c[0]), "{c:?}");
-        assert!(pick(&[Ep(0, Arc::default())]).is_none());
-        assert!(pick::<Ep>(&[]).is_none());
+        assert!(pick(&[Ep(0, Arc::default())], |_| true).is_none());
+        assert!(pick::<Ep>(&[], |_| true).is_none());
+        let only_second = pick(&eps, |e| std::ptr::eq(e, &eps[1])).unwrap();
+        assert!(
+            std::ptr::eq(only_second, &eps[1]),
+            "unusable endpoints are never picked"
+        );
+        assert!(pick(&eps, |_| false).is_none());
     }
 
     #[test]
@@ -225,10 +255,22 @@ mod tests {
         let guard = load.start();
         assert_eq!(load.pending(), 1);
         std::thread::sleep(Duration::from_millis(20));
-        guard.finish();
+        guard.succeeded();
         assert_eq!(load.pending(), 0);
         assert!(load.rtt() >= Duration::from_millis(20), "{:?}", load.rtt());
         drop(load.start());
         assert_eq!(load.pending(), 0, "a dropped request releases its slot");
+    }
+
+    #[test]
+    fn an_endpoint_that_fails_fast_costs_more_than_a_slow_one() {
+        let eps = vec![Ep(1, Arc::default()), Ep(1, Arc::default())];
+        eps[0].1.observe(Duration::from_millis(50));
+        eps[1].1.start().failed();
+        let c = counts(&eps, 1_000);
+        assert!(
+            c[0] > 700,
+            "the slow endpoint should win over the failing one: {c:?}"
+        );
     }
 }

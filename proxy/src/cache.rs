@@ -1,41 +1,97 @@
-//! A map for the request path: reads are lock-free (an `ArcSwap` snapshot);
-//! inserts, which happen once per new key, copy the map under a mutex.
+//! A map for the request path, keyed by authority: each value is made once
+//! and shared; entries nobody used for a while are evicted, so names an
+//! application (or a scanner) sends once cannot grow the proxy for ever.
+//!
+//! Reads take a read lock (uncontended on the proxy's one thread) and mark
+//! the entry used; inserts and evictions take the write lock and touch only
+//! their own entries.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 pub struct Cache<V> {
-    entries: ArcSwap<HashMap<String, Arc<V>>>,
-    insert: Mutex<()>,
+    entries: RwLock<HashMap<String, Entry<V>>>,
+    epoch: Instant,
+}
+
+struct Entry<V> {
+    value: Arc<V>,
+    /// Milliseconds since `epoch` of the last use.
+    used_ms: AtomicU64,
 }
 
 impl<V> Default for Cache<V> {
     fn default() -> Self {
         Self {
-            entries: ArcSwap::from_pointee(HashMap::new()),
-            insert: Mutex::new(()),
+            entries: RwLock::default(),
+            epoch: Instant::now(),
         }
     }
 }
 
 impl<V> Cache<V> {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// The value for `key`, made by `make` the first time.
     pub fn get_or_insert_with(&self, key: &str, make: impl FnOnce() -> V) -> Arc<V> {
-        if let Some(value) = self.entries.load().get(key) {
-            return value.clone();
+        self.get_fresh_or_insert_with(key, |_| true, make)
+    }
+
+    /// The value for `key` while `fresh` says it still is, else a new one
+    /// made by `make`.
+    pub fn get_fresh_or_insert_with(
+        &self,
+        key: &str,
+        fresh: impl Fn(&V) -> bool,
+        make: impl FnOnce() -> V,
+    ) -> Arc<V> {
+        let now = self.now_ms();
+        let found = |entries: &HashMap<String, Entry<V>>| {
+            let entry = entries.get(key).filter(|e| fresh(&e.value))?;
+            entry.used_ms.store(now, Ordering::Relaxed);
+            Some(entry.value.clone())
+        };
+        if let Some(value) = found(&self.entries.read().unwrap_or_else(|p| p.into_inner())) {
+            return value;
         }
-        let _insert = self.insert.lock().unwrap_or_else(|p| p.into_inner());
-        // Another request may have inserted it while we waited.
-        if let Some(value) = self.entries.load().get(key) {
-            return value.clone();
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        // Another request may have made it while we waited for the lock.
+        if let Some(value) = found(&entries) {
+            return value;
         }
         let value = Arc::new(make());
-        let mut next = HashMap::clone(&self.entries.load());
-        next.insert(key.to_string(), value.clone());
-        self.entries.store(Arc::new(next));
+        entries.insert(
+            key.to_string(),
+            Entry {
+                value: value.clone(),
+                used_ms: AtomicU64::new(now),
+            },
+        );
         value
+    }
+
+    /// Removes the entries unused for `idle` or longer, and those `stale`
+    /// says are no longer worth keeping; how many it removed.
+    pub fn evict(&self, idle: Duration, stale: impl Fn(&V) -> bool) -> usize {
+        let cutoff = self
+            .now_ms()
+            .saturating_sub(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX));
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let before = entries.len();
+        entries.retain(|_, e| e.used_ms.load(Ordering::Relaxed) > cutoff && !stale(&e.value));
+        before - entries.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -57,5 +113,28 @@ mod tests {
         });
         assert_eq!((*a, *again, made), (1, 1, 1));
         assert_eq!(*cache.get_or_insert_with("b", || 3), 3);
+    }
+
+    #[test]
+    fn stale_values_are_made_again() {
+        let cache = Cache::default();
+        cache.get_or_insert_with("a", || 1);
+        let fresh = cache.get_fresh_or_insert_with("a", |v| *v != 1, || 2);
+        assert_eq!(*fresh, 2);
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn idle_entries_are_evicted_and_used_ones_kept() {
+        let cache = Cache::default();
+        cache.get_or_insert_with("idle", || 1);
+        cache.get_or_insert_with("busy", || 2);
+        std::thread::sleep(Duration::from_millis(30));
+        cache.get_or_insert_with("busy", || 0);
+        assert_eq!(cache.evict(Duration::from_millis(20), |_| false), 1);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(*cache.get_or_insert_with("busy", || 0), 2);
+        assert_eq!(cache.evict(Duration::from_secs(60), |v| *v == 2), 1);
+        assert!(cache.is_empty());
     }
 }

@@ -88,6 +88,11 @@ pub struct Config {
     /// cross-thread wake-ups, locks or a second malloc arena; more help only
     /// a pod whose traffic needs more than one core.
     pub worker_threads: usize,
+    /// An authority (its watches, balancer state and connections) unused
+    /// for this long is forgotten.
+    pub idle_authority_timeout: Duration,
+    /// A request or response body that sends no data for this long fails.
+    pub body_idle_timeout: Duration,
 }
 
 /// Server-speaks-first protocols: SMTP, MySQL, Postgres, Redis, memcached…
@@ -123,6 +128,8 @@ pub const VERSION: &str = "TRELLIS_VERSION";
 pub const METRICS: &str = "TRELLIS_METRICS";
 pub const OPAQUE_PORTS: &str = "TRELLIS_OPAQUE_PORTS";
 pub const WORKER_THREADS: &str = "TRELLIS_WORKER_THREADS";
+pub const IDLE_AUTHORITY_TIMEOUT: &str = "TRELLIS_IDLE_AUTHORITY_TIMEOUT";
+pub const BODY_IDLE_TIMEOUT: &str = "TRELLIS_BODY_IDLE_TIMEOUT";
 
 impl Config {
     pub fn from_strings(env: &dyn Strings) -> Result<Self, ConfigError> {
@@ -197,6 +204,18 @@ impl Config {
         let worker_threads = r.optional(WORKER_THREADS, "1", "a number of threads, 1 to 64", |v| {
             v.parse::<usize>().ok().filter(|n| (1..=64).contains(n))
         });
+        let idle_authority_timeout = r.optional(
+            IDLE_AUTHORITY_TIMEOUT,
+            "5m",
+            "a duration like 5m",
+            parse_duration,
+        );
+        let body_idle_timeout = r.optional(
+            BODY_IDLE_TIMEOUT,
+            "60s",
+            "a duration like 60s",
+            parse_duration,
+        );
         let config = (|| {
             Some(Config {
                 controller: controller?,
@@ -214,6 +233,8 @@ impl Config {
                 metrics: metrics?,
                 opaque_ports: opaque_ports?,
                 worker_threads: worker_threads?,
+                idle_authority_timeout: idle_authority_timeout?,
+                body_idle_timeout: body_idle_timeout?,
             })
         })();
         match config {

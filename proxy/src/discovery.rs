@@ -1,10 +1,13 @@
-//! The discovery client: one gRPC watch per authority the application asked
-//! for (its endpoints, and its routes), reconnecting with backoff and keeping
-//! the last known state while the controller is away.
+//! The discovery client: gRPC watches of an authority's endpoints and
+//! routes, reconnecting with backoff and keeping the last known state while
+//! the controller is away. A watch lives as long as someone holds its
+//! receiver (the outbound caches, which share one per authority and drop it
+//! when the authority goes idle): then its stream is closed, here and in
+//! the controller.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -41,13 +44,11 @@ pub struct ServiceEndpoints {
 /// An authority's routes; `None` until the controller first answers.
 pub type RoutesState = Option<Arc<CompiledRoutes>>;
 
-/// Watches shared by every request of this proxy.
+/// Opens watches for the rest of the proxy.
 pub struct Discovery {
     client: DiscoveryClient<Channel>,
     identity: String,
     metrics: Arc<Metrics>,
-    endpoints: Mutex<HashMap<String, watch::Receiver<Resolved>>>,
-    routes: Mutex<HashMap<String, watch::Receiver<RoutesState>>>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -60,8 +61,6 @@ impl Discovery {
             client: DiscoveryClient::new(channel),
             identity,
             metrics,
-            endpoints: Mutex::default(),
-            routes: Mutex::default(),
         })
     }
 
@@ -72,14 +71,9 @@ impl Discovery {
         }
     }
 
-    /// The (shared) endpoint watch of an authority; the first call starts it.
+    /// Starts a watch of an authority's endpoints.
     pub fn endpoints(&self, authority: &str) -> watch::Receiver<Resolved> {
-        let mut watches = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = watches.get(authority) {
-            return rx.clone();
-        }
         let (tx, rx) = watch::channel(Resolved::Pending);
-        watches.insert(authority.to_string(), rx.clone());
         let (client, request) = (self.client.clone(), self.request(authority));
         let stream = Stream::new("endpoints", authority, self.metrics.clone());
         tokio::spawn(follow(
@@ -106,14 +100,9 @@ impl Discovery {
         rx
     }
 
-    /// The (shared) route watch of an authority; the first call starts it.
+    /// Starts a watch of an authority's routes.
     pub fn routes(&self, authority: &str) -> watch::Receiver<RoutesState> {
-        let mut watches = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = watches.get(authority) {
-            return rx.clone();
-        }
         let (tx, rx) = watch::channel(None);
-        watches.insert(authority.to_string(), rx.clone());
         let (client, request) = (self.client.clone(), self.request(authority));
         let stream = Stream::new("routes", authority, self.metrics.clone());
         tokio::spawn(follow(

@@ -50,20 +50,39 @@ pub enum ProxyError {
     /// The whole request took longer than its timeout.
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
+    /// Every endpoint is at its circuit breaker's cap on requests in flight.
+    #[error("{0} is overloaded: every endpoint has {1} requests in flight (the circuit breaker's cap); try again later")]
+    Overloaded(String, u32),
+    /// The route rule is at its circuit breaker's cap on requests in flight.
+    #[error("route rule {0} has {1} requests in flight (its ResiliencePolicy's maxRequests); try again later")]
+    RouteOverloaded(String, u32),
+    /// Every endpoint failed and was ejected: fail fast rather than queue.
+    #[error("all {1} endpoints of {0} are failing and ejected (outlier detection); they are probed again after a backoff")]
+    AllEjected(String, usize),
+    /// A request or response body stalled with no data for too long.
+    #[error("the {0} body sent no data for {1:?}")]
+    BodyIdle(&'static str, Duration),
 }
 
 impl ProxyError {
+    /// The reason of [`ProxyError::Connect`], which tells a client's proxy
+    /// that the request reached no application.
+    pub const CONNECT_REASON: &'static str = "connect";
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoAuthority | ProxyError::NoTarget => StatusCode::BAD_REQUEST,
             ProxyError::UnknownService(_)
             | ProxyError::NoEndpoints(_)
             | ProxyError::DiscoveryTimeout(..)
-            | ProxyError::NoIdentity => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::NoIdentity
+            | ProxyError::Overloaded(..)
+            | ProxyError::RouteOverloaded(..)
+            | ProxyError::AllEjected(..) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. } => {
                 StatusCode::BAD_GATEWAY
             }
-            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Timeout(_) | ProxyError::BodyIdle(..) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoRouteMatch(_) => StatusCode::NOT_FOUND,
             ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::FaultInjected(status) => {
@@ -81,13 +100,16 @@ impl ProxyError {
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::DiscoveryTimeout(..) => "discovery-timeout",
             ProxyError::NoIdentity => "no-identity",
-            ProxyError::Connect { .. } => "connect",
+            ProxyError::Connect { .. } => Self::CONNECT_REASON,
             ProxyError::Tls { .. } => "tls",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::Timeout(_) => "timeout",
             ProxyError::NoRouteMatch(_) => "no-route-match",
             ProxyError::NoBackend(_) => "no-backend",
             ProxyError::FaultInjected(_) => "fault-injected",
+            ProxyError::Overloaded(..) | ProxyError::RouteOverloaded(..) => "overloaded",
+            ProxyError::AllEjected(..) => "unavailable",
+            ProxyError::BodyIdle(..) => "body-idle",
         }
     }
 

@@ -17,6 +17,7 @@ pub mod inbound;
 pub mod init;
 pub mod metrics;
 pub mod outbound;
+pub mod outlier;
 pub mod route;
 pub mod socket;
 pub mod tls;
@@ -117,14 +118,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         config.identity.to_string(),
         metrics.clone(),
     );
-    let outbound = outbound::Outbound::new(
-        discovery,
-        identity.clone(),
-        metrics.clone(),
-        config.request_timeout,
-        config.discovery_timeout,
-        config.opaque_ports.clone(),
-    );
+    let outbound = outbound::Outbound::new(discovery, identity.clone(), metrics.clone(), &config);
     let inbound = inbound::Inbound::new(
         identity.clone(),
         metrics.clone(),

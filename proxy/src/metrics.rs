@@ -107,6 +107,7 @@ pub struct Metrics {
     tls_failures: IntCounterVec,
     retries: IntCounterVec,
     faults: IntCounterVec,
+    ejections: IntCounterVec,
     cert_expiry: IntGauge,
 }
 
@@ -187,6 +188,13 @@ impl Metrics {
             Opts::new("fault_injections_total", "Injected faults"),
             &["dst_service", "dst_namespace", "kind"],
         );
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "outlier_ejections_total",
+                "Endpoints ejected from load balancing by outlier detection, by backend Service",
+            ),
+            &["dst_service", "dst_namespace"],
+        );
         let cert_expiry = IntGauge::new(
             "identity_cert_expiration_timestamp_seconds",
             "When this proxy's current certificate expires (Unix time)",
@@ -197,9 +205,9 @@ impl Metrics {
                 (requests?, latency?, tcp_opened?, tcp_closed?, tcp_open?);
             let (tcp_read_bytes, tcp_write_bytes, discovery_streams) =
                 (tcp_read_bytes?, tcp_write_bytes?, discovery_streams?);
-            let (tls_failures, retries, faults, cert_expiry) =
-                (tls_failures?, retries?, faults?, cert_expiry?);
-            let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+            let (tls_failures, retries, faults, ejections, cert_expiry) =
+                (tls_failures?, retries?, faults?, ejections?, cert_expiry?);
+            let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
                 Box::new(requests.clone()),
                 Box::new(latency.clone()),
                 Box::new(tcp_opened.clone()),
@@ -211,6 +219,7 @@ impl Metrics {
                 Box::new(tls_failures.clone()),
                 Box::new(retries.clone()),
                 Box::new(faults.clone()),
+                Box::new(ejections.clone()),
                 Box::new(cert_expiry.clone()),
             ];
             for collector in collectors {
@@ -241,6 +250,7 @@ impl Metrics {
                 tls_failures,
                 retries,
                 faults,
+                ejections,
                 cert_expiry,
             })
         })();
@@ -329,6 +339,18 @@ impl Metrics {
     pub fn fault(&self, service: &str, namespace: &str, kind: &str) {
         self.faults
             .with_label_values(&[service, namespace, kind])
+            .inc();
+    }
+
+    /// A backend Service this proxy balances over: its ejection series
+    /// starts at 0, so "no ejections" is data, not a missing series.
+    pub fn backend(&self, service: &str, namespace: &str) {
+        self.ejections.with_label_values(&[service, namespace]);
+    }
+
+    pub fn ejection(&self, service: &str, namespace: &str) {
+        self.ejections
+            .with_label_values(&[service, namespace])
             .inc();
     }
 

@@ -1,36 +1,47 @@
-//! Outbound: application → mesh. Finds the Service the request names,
-//! balances over its endpoints, and carries the request to the chosen
-//! endpoint's proxy over mTLS (or straight to it when it is not meshed).
+//! Outbound: application → mesh. One request's path, top-down: the
+//! Service the application named (its routes and retry budget) → the rule
+//! that matches → the backend Service the rule's weights pick → the
+//! endpoint the balancer picks among the healthy ones → that endpoint's
+//! proxy over mTLS (or the endpoint itself when it is not meshed).
 
+mod body;
 mod connection;
 mod endpoint;
 mod retry;
 mod target;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+use trellis_proto::discovery::{HeaderModifier, Retry};
 
-use crate::balance::{self, InFlight};
 use crate::cache::Cache;
-use crate::discovery::Discovery;
-use crate::discovery::RoutesState;
+use crate::config::Config;
+use crate::discovery::{Discovery, RoutesState};
 use crate::errors::{respond, ProxyError};
 use crate::http::{boxed, strip_hop_by_hop, Body, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::outlier::Failure;
 use crate::route::{self, CompiledRoutes};
-pub use endpoint::EndpointHandle;
+use body::Timed;
+pub use endpoint::{Attempt, EndpointHandle};
 use retry::RetryBudget;
-use std::time::Instant;
-use target::Target;
-use tokio::sync::watch;
-use trellis_proto::discovery::{HeaderModifier, Retry};
+use target::{Endpoints, Target};
+
+/// The `dst_service` of requests for names that are not mesh Services: one
+/// label value however many names an application (or a scanner) makes up.
+pub const UNKNOWN_SERVICE: &str = "unknown";
+
+/// How many endpoints one request may try when connecting fails (nothing
+/// reached an application, so this is safe for every method).
+const CONNECT_ATTEMPTS: usize = 3;
 
 /// The outbound side of one proxy.
 pub struct Outbound {
@@ -44,23 +55,24 @@ pub struct Outbound {
     plain_h2: Client<HttpConnector, Body>,
     request_timeout: Duration,
     discovery_timeout: Duration,
+    body_idle_timeout: Duration,
     /// Redirected connections to these ports skip protocol detection.
     opaque_ports: Vec<u16>,
 }
 
 impl Outbound {
+    /// Must be called on the proxy's runtime: it starts the task that
+    /// forgets idle authorities.
     pub fn new(
         discovery: Arc<Discovery>,
         identity: Arc<IdentityManager>,
         metrics: Arc<Metrics>,
-        request_timeout: Duration,
-        discovery_timeout: Duration,
-        opaque_ports: Vec<u16>,
+        config: &Config,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        Arc::new(Self {
+        let outbound = Arc::new(Self {
             discovery,
             identity,
             metrics,
@@ -70,10 +82,16 @@ impl Outbound {
             plain_h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .build(connector),
-            request_timeout,
-            discovery_timeout,
-            opaque_ports,
-        })
+            request_timeout: config.request_timeout,
+            discovery_timeout: config.discovery_timeout,
+            body_idle_timeout: config.body_idle_timeout,
+            opaque_ports: config.opaque_ports.clone(),
+        });
+        tokio::spawn(evict_idle(
+            Arc::downgrade(&outbound),
+            config.idle_authority_timeout,
+        ));
+        outbound
     }
 
     /// Handles one request from the application, for `authority` (the
@@ -111,7 +129,10 @@ impl Outbound {
             Some(authority) => authority.to_string(),
             None => authority_of(&request)?,
         };
-        (labels.dst_service, labels.dst_namespace) = self.service_of(&authority);
+        // Only a mesh Service gets routes, watches and a label of its own.
+        labels.dst_service = UNKNOWN_SERVICE.into();
+        let own = self.endpoints(&authority).await?;
+        (labels.dst_service, labels.dst_namespace) = own.names();
         labels.dst_backend = labels.dst_service.clone();
         let logical = self.logical(&authority);
         let routes = logical.routes(self.discovery_timeout).await?;
@@ -122,10 +143,20 @@ impl Outbound {
             None if !routes.is_empty() => return Err(ProxyError::NoRouteMatch(authority)),
             None => None,
         };
+        let _admitted = match rule {
+            Some(rule) => routes
+                .admit(rule)
+                .map_err(|max| ProxyError::RouteOverloaded(rule.route.clone(), max))?,
+            None => None,
+        };
         let timeout = rule
             .map(|r| r.timeout_ms)
             .filter(|ms| *ms > 0)
             .map_or(self.request_timeout, Duration::from_millis);
+        let retry = rule
+            .and_then(|r| r.retry.as_ref())
+            .filter(|_| retryable(&parts, &body));
+        let (body, sent) = Timed::request(boxed(body), self.body_idle_timeout);
         let work = async {
             if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
                 if route::fires(fault.delay_percent) {
@@ -144,35 +175,31 @@ impl Outbound {
             }
             // Each attempt picks its backend anew, so a retry can avoid the
             // backend that just failed.
-            let backend = || match rule {
-                Some(rule) => route::pick_backend(&rule.backends)
-                    .map(|b| b.authority.as_str())
-                    .ok_or_else(|| ProxyError::NoBackend(authority.clone())),
-                None => Ok(authority.as_str()),
+            let backend = || async {
+                match rule {
+                    Some(rule) => {
+                        let backend = route::pick_backend(&rule.backends)
+                            .ok_or_else(|| ProxyError::NoBackend(authority.clone()))?;
+                        self.endpoints(&backend.authority).await
+                    }
+                    None => Ok(own.clone()),
+                }
             };
             logical.budget.deposit();
-            let retry = rule
-                .and_then(|r| r.retry.as_ref())
-                .filter(|_| retryable(&parts, &body));
             let Some(retry) = retry else {
+                let request = Request::from_parts(parts, body);
                 return self
-                    .send_to(
-                        backend()?,
-                        &authority,
-                        Request::from_parts(parts, boxed(body)),
-                        labels,
-                    )
+                    .send_to(&*backend().await?, &authority, request, labels)
                     .await;
             };
             // A retryable request has no body, so it can be sent again as is.
+            let template = Request::from_parts(parts, body);
             let mut attempt = 0;
             loop {
-                let request = Request::from_parts(
-                    clone_parts(&parts),
-                    crate::http::full(bytes::Bytes::new()),
-                );
-                let backend = backend()?;
-                let result = self.send_to(backend, &authority, request, labels).await;
+                let request = head_of(&template);
+                let result = self
+                    .send_to(&*backend().await?, &authority, request, labels)
+                    .await;
                 let failed = match &result {
                     Ok(response) => should_retry(retry, response.status()),
                     Err(e) => e.is_retryable(),
@@ -181,7 +208,7 @@ impl Outbound {
                 if !failed || attempt > retry.attempts || !logical.budget.withdraw() {
                     return result;
                 }
-                tracing::debug!(backend, attempt, "retrying");
+                tracing::debug!(backend = %labels.dst_backend, attempt, "retrying");
                 self.metrics
                     .retry(&labels.dst_service, &labels.dst_namespace);
                 if retry.backoff_ms > 0 {
@@ -189,44 +216,92 @@ impl Outbound {
                 }
             }
         };
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or(Err(ProxyError::Timeout(timeout)))
+        // The timeout runs from when the request has been sent whole (at
+        // once without a body) to its response head: an upload takes as
+        // long as it takes while data flows (the body idle timeout guards
+        // a stalled one).
+        let deadline = async {
+            sent.await;
+            tokio::time::sleep(timeout).await;
+        };
+        let response = tokio::select! {
+            response = work => response?,
+            () = deadline => return Err(ProxyError::Timeout(timeout)),
+        };
+        let idle = self.body_idle_timeout;
+        Ok(response.map(|body| Timed::response(body, idle)))
     }
 
-    /// Sends a request to one concrete Service (a route's backend, or the
-    /// authority itself), balancing over its endpoints.
+    /// Sends a request to one backend Service, balancing over its
+    /// endpoints; when connecting to one fails, nothing reached an
+    /// application, so the request goes to another.
     async fn send_to(
         &self,
-        backend: &str,
+        endpoints: &Endpoints,
         authority: &str,
-        request: Request<Body>,
+        mut request: Request<Body>,
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, ProxyError> {
-        labels.dst_backend = self.service_of(backend).0;
-        let target = self.target(backend);
-        let endpoints = target.endpoints(self.discovery_timeout).await?;
-        let endpoint = balance::pick(&endpoints.handles)
-            .ok_or_else(|| ProxyError::NoEndpoints(backend.to_string()))?
-            .clone();
-        labels.dst_version = endpoint
-            .endpoint()
-            .labels
-            .get("version")
-            .cloned()
-            .unwrap_or_default();
-        labels.tls = endpoint.identity().is_some();
-        labels.peer_identity = endpoint
-            .identity()
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        let mut in_flight = endpoint.start();
-        let response = self
-            .send(&endpoint, authority, request, &mut in_flight)
-            .await
-            .inspect_err(|e| self.count_tls_failure(e))?;
-        in_flight.finish();
-        Ok(response)
+        labels.dst_backend = endpoints.names().0;
+        let mut tried = Vec::new();
+        loop {
+            let endpoint = match endpoints.pick(&tried) {
+                Ok(endpoint) => endpoint.clone(),
+                Err(none_left) => return Err(none_left),
+            };
+            labels.dst_version = endpoint
+                .endpoint()
+                .labels
+                .get("version")
+                .cloned()
+                .unwrap_or_default();
+            labels.tls = endpoint.identity().is_some();
+            labels.peer_identity = endpoint
+                .identity()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            // A request without a body can go elsewhere if the peer says
+            // it reached no application (its app refused the connection).
+            let replay =
+                hyper::body::Body::is_end_stream(request.body()).then(|| head_of(&request));
+            let mut attempt = endpoint.start();
+            match self.send(&endpoint, authority, request, &mut attempt).await {
+                Ok(response) if unreached(&response) && tried.len() + 1 < CONNECT_ATTEMPTS => {
+                    let Some(replay) = replay else {
+                        self.failed(endpoints, attempt, Failure::Connect);
+                        return Ok(response);
+                    };
+                    tracing::debug!(endpoint = %endpoint.key(), "its application is unreachable; trying another endpoint");
+                    self.failed(endpoints, attempt, Failure::Connect);
+                    tried.push(endpoint.key());
+                    request = replay;
+                }
+                Ok(response) => {
+                    if is_failure(&response) {
+                        self.failed(endpoints, attempt, Failure::Response);
+                    } else {
+                        attempt.succeeded();
+                    }
+                    return Ok(response);
+                }
+                Err(failed) => {
+                    self.count_tls_failure(&failed.error);
+                    let failure = match failed.error {
+                        ProxyError::Connect { .. } | ProxyError::Tls { .. } => Failure::Connect,
+                        _ => Failure::Response,
+                    };
+                    self.failed(endpoints, attempt, failure);
+                    tried.push(endpoint.key());
+                    match failed.unsent {
+                        Some(unsent) if tried.len() < CONNECT_ATTEMPTS => {
+                            tracing::debug!(endpoint = %endpoint.key(), error = %failed.error, "trying another endpoint");
+                            request = unsent;
+                        }
+                        _ => return Err(failed.error),
+                    }
+                }
+            }
+        }
     }
 
     /// Counts a failed mTLS handshake with a peer proxy.
@@ -236,17 +311,21 @@ impl Outbound {
         }
     }
 
-    /// The Service name and namespace for metrics: from the authority, or,
-    /// for a ClusterIP, from what discovery said it is.
-    fn service_of(&self, authority: &str) -> (String, String) {
-        let (name, namespace) = service_of(authority);
-        if !namespace.is_empty() {
-            return (name, namespace);
+    /// Records a failed attempt, and counts the ejection it caused.
+    fn failed(&self, endpoints: &Endpoints, attempt: Attempt, failure: Failure) {
+        if endpoints.failed(attempt, failure) {
+            let (service, namespace) = endpoints.names();
+            tracing::info!(%service, %namespace, "endpoint ejected after failures");
+            self.metrics.ejection(&service, &namespace);
         }
-        match self.target(authority).service() {
-            Some(service) => (service.name, service.namespace),
-            None => (name, namespace),
-        }
+    }
+
+    /// The current endpoints of an authority (a Service the application
+    /// named, or a route's backend).
+    async fn endpoints(&self, authority: &str) -> Result<Arc<Endpoints>, ProxyError> {
+        self.target(authority)
+            .endpoints(self.discovery_timeout)
+            .await
     }
 
     /// The routes and retry budget of an authority, created on first use.
@@ -258,11 +337,17 @@ impl Outbound {
         })
     }
 
-    /// The cached state of one authority, created on first use.
+    /// The cached state of one authority, created on first use (and again
+    /// once a "no such Service" answer is old).
     fn target(&self, authority: &str) -> Arc<Target> {
-        self.targets.get_or_insert_with(authority, || {
-            Target::spawn(authority, self.discovery.endpoints(authority))
-        })
+        self.targets
+            .get_fresh_or_insert_with(authority, Target::fresh, || {
+                Target::spawn(
+                    authority,
+                    self.discovery.endpoints(authority),
+                    self.metrics.clone(),
+                )
+            })
     }
 
     async fn send(
@@ -270,48 +355,37 @@ impl Outbound {
         endpoint: &EndpointHandle,
         authority: &str,
         request: Request<Body>,
-        in_flight: &mut InFlight,
-    ) -> Result<Response<Body>, ProxyError> {
-        let (mut parts, body) = request.into_parts();
-        let orig_version = parts.version;
-        strip_hop_by_hop(&mut parts.headers);
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let upstream_error = |e: hyper::Error| ProxyError::Upstream {
-            endpoint: endpoint.key().to_string(),
-            reason: e.to_string(),
-        };
+        attempt: &mut Attempt,
+    ) -> Result<Response<Body>, SendError> {
         let response = match endpoint.identity() {
             Some(expected) => {
                 let tls = self.identity.current().ok_or(ProxyError::NoIdentity)?;
-                let mut sender = endpoint.connection(&tls, expected).await?;
-                in_flight.restart_clock();
-                // The application behind the peer sees the authority its
-                // client used (a name, not the ClusterIP it resolved to).
-                let visible = parts
-                    .uri
-                    .authority()
-                    .map(|a| a.to_string())
-                    .or_else(|| {
-                        let host = parts.headers.get(http::header::HOST)?;
-                        host.to_str().ok().map(str::to_string)
-                    })
-                    .unwrap_or_else(|| authority.to_string());
-                parts.version = Version::HTTP_2;
-                parts.uri = uri(&visible, path)?;
-                parts.headers.remove(http::header::HOST);
-                parts.headers.insert(DST_PORT, endpoint.port().into());
-                let proto = if orig_version == Version::HTTP_2 {
-                    "HTTP/2"
-                } else {
-                    "HTTP/1.1"
+                let mut sender = match endpoint.connection(&tls, expected).await {
+                    Ok(sender) => sender,
+                    Err(error) => {
+                        return Err(SendError {
+                            error,
+                            unsent: Some(request),
+                        })
+                    }
                 };
-                parts
-                    .headers
-                    .insert(ORIG_PROTO, http::HeaderValue::from_static(proto));
-                let request = Request::from_parts(parts, body);
-                sender.send_request(request).await.map_err(upstream_error)?
+                attempt.connected();
+                let request = to_peer(request, endpoint, authority)?;
+                sender.try_send_request(request).await.map_err(|mut e| {
+                    // Given back when the connection closed (a GOAWAY, say)
+                    // before the request left.
+                    let unsent = e.take_message();
+                    SendError {
+                        error: upstream_error(endpoint, e.into_error()),
+                        unsent,
+                    }
+                })?
             }
             None => {
+                let (mut parts, body) = request.into_parts();
+                let orig_version = parts.version;
+                strip_hop_by_hop(&mut parts.headers);
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 parts.uri = uri(&endpoint.key().to_string(), path)?;
                 if orig_version != Version::HTTP_2
                     && !parts.headers.contains_key(http::header::HOST)
@@ -326,18 +400,128 @@ impl Outbound {
                 } else {
                     &self.plain_h1
                 };
-                client
-                    .request(request)
-                    .await
-                    .map_err(|e| ProxyError::Upstream {
-                        endpoint: endpoint.key().to_string(),
-                        reason: e.to_string(),
-                    })?
+                client.request(request).await.map_err(|e| {
+                    let reason = e.to_string();
+                    let endpoint = endpoint.key().to_string();
+                    match e.is_connect() {
+                        true => ProxyError::Connect { endpoint, reason },
+                        false => ProxyError::Upstream { endpoint, reason },
+                    }
+                })?
             }
         };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, boxed(body)))
+    }
+}
+
+/// A failed send; with the request when it never reached the peer, so it
+/// can go to another endpoint whatever its method.
+struct SendError {
+    error: ProxyError,
+    unsent: Option<Request<Body>>,
+}
+
+impl From<ProxyError> for SendError {
+    fn from(error: ProxyError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
+}
+
+fn upstream_error(endpoint: &EndpointHandle, e: hyper::Error) -> ProxyError {
+    ProxyError::Upstream {
+        endpoint: endpoint.key().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// The request as the endpoint's proxy takes it: HTTP/2, the target port
+/// in-band. Idempotent, so a request given back unsent can be sent again.
+fn to_peer(
+    request: Request<Body>,
+    endpoint: &EndpointHandle,
+    authority: &str,
+) -> Result<Request<Body>, ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(ORIG_PROTO) {
+        let proto = if parts.version == Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        };
+        parts
+            .headers
+            .insert(ORIG_PROTO, http::HeaderValue::from_static(proto));
+    }
+    // The application behind the peer sees the authority its client used
+    // (a name, not the ClusterIP it resolved to).
+    let visible = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            let host = parts.headers.get(http::header::HOST)?;
+            host.to_str().ok().map(str::to_string)
+        })
+        .unwrap_or_else(|| authority.to_string());
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = uri(&visible, path)?;
+    parts.version = Version::HTTP_2;
+    parts.headers.remove(http::header::HOST);
+    parts.headers.insert(DST_PORT, endpoint.port().into());
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Whether the endpoint's proxy answered that it could not reach its
+/// application: nothing was processed there.
+fn unreached(response: &Response<Body>) -> bool {
+    response.status() == http::StatusCode::BAD_GATEWAY
+        && response
+            .headers()
+            .get(crate::http::PROXY_ERROR)
+            .is_some_and(|reason| reason == ProxyError::CONNECT_REASON)
+}
+
+/// A copy of a request without a body.
+fn head_of(request: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(crate::http::full(bytes::Bytes::new()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Whether a response counts against its endpoint: a 5xx, or a gRPC
+/// UNAVAILABLE answered at once (trailers-only, in the headers).
+fn is_failure(response: &Response<Body>) -> bool {
+    response.status().is_server_error()
+        || response
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|code| code.as_bytes() == b"14")
+}
+
+/// Forgets authorities nobody asked for in `idle` (their watches close,
+/// here and in the controller), and "no such Service" answers once they
+/// are old; ends with the proxy.
+async fn evict_idle(outbound: Weak<Outbound>, idle: Duration) {
+    let every = (idle / 4).clamp(Duration::from_millis(100), target::NOT_FOUND_TTL);
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(outbound) = outbound.upgrade() else {
+            return;
+        };
+        let targets = outbound.targets.evict(idle, |t| !t.fresh());
+        let logicals = outbound.logicals.evict(idle, |_| false);
+        if targets + logicals > 0 {
+            tracing::debug!(targets, logicals, "forgot idle authorities");
+        }
     }
 }
 
@@ -427,20 +611,6 @@ fn should_retry(retry: &Retry, status: http::StatusCode) -> bool {
     } else {
         retry.codes.contains(&u32::from(status.as_u16()))
     }
-}
-
-fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
-    let mut builder = Request::builder()
-        .method(parts.method.clone())
-        .uri(parts.uri.clone())
-        .version(parts.version);
-    if let Some(headers) = builder.headers_mut() {
-        *headers = parts.headers.clone();
-    }
-    builder
-        .body(())
-        .map(|r| r.into_parts().0)
-        .unwrap_or_else(|_| Request::new(()).into_parts().0)
 }
 
 /// Applies a RequestHeaderModifier filter (set, then add, then remove).

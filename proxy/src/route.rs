@@ -3,17 +3,20 @@
 //! directly.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use http::request::Parts;
 use regex::Regex;
 use trellis_proto::discovery::route_match::PathKind;
 use trellis_proto::discovery::{Backend, RouteMatch, Routes, Rule, ValueMatch};
 
-/// Routes with their regular expressions compiled once.
+/// Routes with their regular expressions compiled once, and each rule's
+/// requests in flight (for rules with a circuit breaker).
 #[derive(Debug, Default)]
 pub struct CompiledRoutes {
     pub rules: Vec<Rule>,
     regexes: HashMap<String, Regex>,
+    in_flight: Vec<AtomicU32>,
 }
 
 impl CompiledRoutes {
@@ -41,9 +44,34 @@ impl CompiledRoutes {
             }
         }
         Self {
+            in_flight: routes.rules.iter().map(|_| AtomicU32::new(0)).collect(),
             rules: routes.rules,
             regexes,
         }
+    }
+
+    /// Admits a request to `rule` under its circuit breaker: `Err` with the
+    /// cap when the rule already has that many requests in flight. The
+    /// guard counts the request until it is dropped.
+    pub fn admit(&self, rule: &Rule) -> Result<Option<Admitted<'_>>, u32> {
+        let Some(max) = rule
+            .resilience
+            .as_ref()
+            .and_then(|r| r.circuit_breaker.as_ref())
+            .and_then(|c| c.max_requests)
+        else {
+            return Ok(None);
+        };
+        let index = self.rules.iter().position(|r| std::ptr::eq(r, rule));
+        let Some(in_flight) = index.and_then(|i| self.in_flight.get(i)) else {
+            return Ok(None);
+        };
+        in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| Some(Admitted(in_flight)))
+            .map_err(|_| max)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,6 +129,15 @@ impl CompiledRoutes {
     }
 }
 
+/// A request counted against its rule's circuit breaker.
+pub struct Admitted<'a>(&'a AtomicU32);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Gateway API prefixes match whole path segments: `/foo` matches `/foo`
 /// and `/foo/bar`, not `/foobar`.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -144,6 +181,43 @@ mod tests {
             builder = builder.header(*k, *v);
         }
         builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn a_rule_circuit_breaker_caps_requests_in_flight() {
+        use trellis_proto::discovery::{CircuitBreaker, Resilience};
+        let capped = Rule {
+            resilience: Some(Resilience {
+                circuit_breaker: Some(CircuitBreaker {
+                    max_requests: Some(2),
+                }),
+                ..Resilience::default()
+            }),
+            ..rule("capped", prefix("/"))
+        };
+        let routes = CompiledRoutes::new(Routes {
+            rules: vec![capped],
+            ..Routes::default()
+        });
+        let capped = &routes.rules[0];
+        let first = routes.admit(capped).unwrap();
+        let second = routes.admit(capped).unwrap();
+        assert!(first.is_some() && second.is_some());
+        assert_eq!(routes.admit(capped).err(), Some(2), "the third is shed");
+        drop(first);
+        assert!(
+            routes.admit(capped).unwrap().is_some(),
+            "a finished request frees its slot"
+        );
+        drop(second);
+        let free = CompiledRoutes::new(Routes {
+            rules: vec![rule("free", prefix("/"))],
+            ..Routes::default()
+        });
+        assert!(
+            free.admit(&free.rules[0]).unwrap().is_none(),
+            "no breaker, no count"
+        );
     }
 
     fn rule(name: &str, m: RouteMatch) -> Rule {

@@ -14,10 +14,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::endpoint::connect_tcp;
-use super::Outbound;
-use crate::balance;
+use super::target::Endpoints;
+use super::{Outbound, CONNECT_ATTEMPTS};
 use crate::detect::{self, Protocol};
 use crate::errors::ProxyError;
+use crate::outlier::Failure;
 use crate::socket::{self, Counted};
 use crate::tls;
 
@@ -69,7 +70,7 @@ impl Outbound {
             (_, Protocol::Http1 | Protocol::Http2) => {
                 return self.serve_http(tcp, Some(authority)).await
             }
-            (Ok(endpoints), _) => self.tunnel(tcp, &endpoints.handles, &authority).await,
+            (Ok(endpoints), _) => self.tunnel(tcp, &endpoints).await,
             (Err(e), _) => Err(e),
         };
         if let Err(error) = result {
@@ -81,22 +82,31 @@ impl Outbound {
     /// meshed endpoint through an mTLS tunnel to its proxy, which learns the
     /// target port from the tunnel's first two bytes; to any other endpoint
     /// directly.
-    async fn tunnel(
-        &self,
-        mut client: Client,
-        endpoints: &[super::EndpointHandle],
-        authority: &str,
-    ) -> Result<(), ProxyError> {
-        let endpoint = balance::pick(endpoints)
-            .ok_or_else(|| ProxyError::NoEndpoints(authority.to_string()))?;
-        let Some(expected) = endpoint.identity() else {
-            return passthrough(client, endpoint.key()).await;
+    async fn tunnel(&self, mut client: Client, endpoints: &Endpoints) -> Result<(), ProxyError> {
+        let mut tried = Vec::new();
+        let (endpoint, mut upstream) = loop {
+            let endpoint = endpoints.pick(&tried)?;
+            let Some(expected) = endpoint.identity() else {
+                return passthrough(client, endpoint.key()).await;
+            };
+            let tls = self.identity.current().ok_or(ProxyError::NoIdentity)?;
+            let attempt = endpoint.start();
+            match endpoint.connect_tls(&tls, expected, tls::ALPN_OPAQUE).await {
+                Ok(upstream) => {
+                    attempt.succeeded();
+                    break (endpoint, upstream);
+                }
+                // Nothing was sent yet: another endpoint can take it.
+                Err(error) => {
+                    self.count_tls_failure(&error);
+                    self.failed(endpoints, attempt, Failure::Connect);
+                    tried.push(endpoint.key());
+                    if tried.len() >= CONNECT_ATTEMPTS {
+                        return Err(error);
+                    }
+                }
+            }
         };
-        let tls = self.identity.current().ok_or(ProxyError::NoIdentity)?;
-        let mut upstream = endpoint
-            .connect_tls(&tls, expected, tls::ALPN_OPAQUE)
-            .await
-            .inspect_err(|e| self.count_tls_failure(e))?;
         upstream
             .write_all(&endpoint.port().to_be_bytes())
             .await

@@ -1,9 +1,10 @@
 //! One endpoint as the outbound side sees it: where to connect, whom to
-//! expect there, its load-balancing state and its HTTP/2 connection.
+//! expect there, its load and health (for the balancer and outlier
+//! detection) and its HTTP/2 connection.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use hyper::client::conn::http2::SendRequest;
@@ -16,6 +17,7 @@ use trellis_proto::SpiffeId;
 use crate::balance::{InFlight, Load, Weighted};
 use crate::errors::ProxyError;
 use crate::http::Body;
+use crate::outlier::{Failure, Health, Policy};
 use crate::tls::{self, TlsConfigs};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -29,6 +31,7 @@ struct Inner {
     endpoint: Endpoint,
     identity: Option<SpiffeId>,
     load: Arc<Load>,
+    health: Arc<Health>,
     /// The multiplexed HTTP/2 connection to the endpoint's proxy.
     connection: Arc<Connection>,
 }
@@ -56,10 +59,15 @@ impl Open {
 
 impl EndpointHandle {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self::with(endpoint, Arc::default(), Arc::default())
+        Self::with(endpoint, Arc::default(), Arc::default(), Arc::default())
     }
 
-    fn with(endpoint: Endpoint, load: Arc<Load>, connection: Arc<Connection>) -> Self {
+    fn with(
+        endpoint: Endpoint,
+        load: Arc<Load>,
+        health: Arc<Health>,
+        connection: Arc<Connection>,
+    ) -> Self {
         let ip: IpAddr = endpoint.ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let port = u16::try_from(endpoint.port).unwrap_or(0);
         let identity = endpoint
@@ -72,13 +80,19 @@ impl EndpointHandle {
             identity,
             endpoint,
             load,
+            health,
             connection,
         }))
     }
 
     /// The same endpoint with new metadata (weight, labels), keeping its state.
     pub fn updated(&self, endpoint: Endpoint) -> Self {
-        Self::with(endpoint, self.0.load.clone(), self.0.connection.clone())
+        Self::with(
+            endpoint,
+            self.0.load.clone(),
+            self.0.health.clone(),
+            self.0.connection.clone(),
+        )
     }
 
     /// Whether `endpoint` is reached the same way (same proxy, same identity),
@@ -96,9 +110,24 @@ impl EndpointHandle {
         self.0.key.port()
     }
 
-    /// Marks a request as started on this endpoint, for the balancer.
-    pub fn start(&self) -> InFlight {
-        self.0.load.start()
+    /// Whether the balancer may send a request here now: not ejected, and
+    /// under the circuit breaker's cap on requests in flight.
+    pub fn usable(&self, policy: &Policy, now: Instant) -> bool {
+        self.0.load.pending() < policy.max_requests as usize && self.0.health.available(now)
+    }
+
+    /// Marks a request as started on this endpoint, for the balancer and
+    /// (after an ejection, as the probe) for outlier detection.
+    pub fn start(&self) -> Attempt {
+        self.0.health.start(Instant::now());
+        Attempt {
+            in_flight: Some(self.0.load.start()),
+            health: self.0.health.clone(),
+        }
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.0.health
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -172,6 +201,50 @@ impl EndpointHandle {
             sender,
             valid_until,
         })
+    }
+}
+
+/// One request on one endpoint, until its outcome is known: a success or
+/// a failure feeds the latency estimate and the endpoint's health; an
+/// attempt dropped without one (a timeout, a client that went away) gives
+/// up its probe turn, if it was the probe.
+pub struct Attempt {
+    in_flight: Option<InFlight>,
+    health: Arc<Health>,
+}
+
+impl Attempt {
+    /// Restarts the latency clock once connected: connecting is not the
+    /// endpoint's response latency.
+    pub fn connected(&mut self) {
+        if let Some(in_flight) = &mut self.in_flight {
+            in_flight.restart_clock();
+        }
+    }
+
+    pub fn succeeded(mut self) {
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.succeeded();
+        }
+        self.health.succeeded();
+    }
+
+    /// Records a failure; true when it ejected the endpoint (`may_eject`
+    /// says whether its backend can spare one more).
+    pub fn failed(mut self, failure: Failure, policy: &Policy, may_eject: bool) -> bool {
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.failed();
+        }
+        self.health
+            .failed(failure, policy, Instant::now(), may_eject)
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if self.in_flight.is_some() {
+            self.health.abandoned(Instant::now());
+        }
     }
 }
 

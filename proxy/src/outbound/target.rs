@@ -1,28 +1,42 @@
 //! A target: the endpoints of one authority, kept up to date from discovery
-//! by a background task so the request path only reads a snapshot.
+//! by a background task so the request path only reads a snapshot, and the
+//! choice of an endpoint among them (balancing, circuit breaking, outlier
+//! detection).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::endpoint::EndpointHandle;
+use super::endpoint::{Attempt, EndpointHandle};
+use crate::balance;
 use crate::discovery::Resolved;
 use crate::errors::ProxyError;
+use crate::metrics::Metrics;
+use crate::outlier::{Failure, Policy};
 use trellis_proto::discovery::ServiceInfo;
+
+/// How long a name that is no Service keeps its watch (a Service created
+/// meanwhile is seen at once) and its answer; then the watch closes, and
+/// the next request asks again. So scanners and typos hold no stream.
+pub const NOT_FOUND_TTL: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 enum State {
     Pending,
-    NotFound,
+    /// Since when.
+    NotFound(Instant),
     Ready(Arc<Endpoints>),
 }
 
-/// What a request reads: the Service (when the controller named it) and
-/// the handles of its endpoints.
+/// What a request reads: the Service (when the controller named it), how
+/// its endpoints are judged, and their handles.
 pub struct Endpoints {
+    authority: String,
     pub service: Option<ServiceInfo>,
+    pub policy: Policy,
     pub handles: Vec<EndpointHandle>,
 }
 
@@ -32,16 +46,22 @@ pub struct Target {
 }
 
 impl Target {
-    /// Starts following `resolved`; endpoint handles (with their load and
-    /// connection) survive updates that keep the endpoint.
-    pub fn spawn(authority: &str, mut resolved: watch::Receiver<Resolved>) -> Self {
+    /// Starts following `resolved`; endpoint handles (with their load,
+    /// health and connection) survive updates that keep the endpoint. When
+    /// no Service matches for [`NOT_FOUND_TTL`], the watch is dropped.
+    pub fn spawn(
+        authority: &str,
+        mut resolved: watch::Receiver<Resolved>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (tx, rx) = watch::channel(State::Pending);
+        let name = authority.to_string();
         tokio::spawn(async move {
             let mut handles: HashMap<String, EndpointHandle> = HashMap::new();
             loop {
                 let state = match &*resolved.borrow_and_update() {
                     Resolved::Pending => State::Pending,
-                    Resolved::NotFound => State::NotFound,
+                    Resolved::NotFound => State::NotFound(Instant::now()),
                     Resolved::Endpoints(resolved) => {
                         let mut next = HashMap::new();
                         for (key, endpoint) in &resolved.endpoints {
@@ -52,16 +72,32 @@ impl Target {
                             next.insert(key.clone(), handle);
                         }
                         handles = next;
+                        let service = resolved.service.clone();
+                        if let Some(service) = &service {
+                            metrics.backend(&service.name, &service.namespace);
+                        }
                         State::Ready(Arc::new(Endpoints {
-                            service: resolved.service.clone(),
+                            authority: name.clone(),
+                            policy: Policy::from_proto(
+                                service.as_ref().and_then(|s| s.resilience.as_ref()),
+                            ),
+                            service,
                             handles: handles.values().cloned().collect(),
                         }))
                     }
                 };
+                let not_found = matches!(state, State::NotFound(_));
                 tx.send_replace(state);
+                let given_up = async {
+                    match not_found {
+                        true => tokio::time::sleep(NOT_FOUND_TTL).await,
+                        false => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     changed = resolved.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
+                    () = given_up => return,
                 }
             }
         });
@@ -71,11 +107,12 @@ impl Target {
         }
     }
 
-    /// The Service discovery resolved the authority to, if it answered yet.
-    pub fn service(&self) -> Option<ServiceInfo> {
-        match &*self.state.borrow() {
-            State::Ready(endpoints) => endpoints.service.clone(),
-            _ => None,
+    /// Whether this answer may still be used: anything but a "not found"
+    /// older than [`NOT_FOUND_TTL`] (its watch has closed).
+    pub fn fresh(&self) -> bool {
+        match *self.state.borrow() {
+            State::NotFound(since) => since.elapsed() < NOT_FOUND_TTL,
+            _ => true,
         }
     }
 
@@ -102,11 +139,56 @@ impl Target {
         };
         match state {
             State::Ready(endpoints) => Ok(endpoints),
-            State::NotFound => Err(ProxyError::UnknownService(self.authority.clone())),
+            State::NotFound(_) => Err(ProxyError::UnknownService(self.authority.clone())),
             State::Pending => Err(ProxyError::DiscoveryTimeout(
                 self.authority.clone(),
                 patience,
             )),
         }
+    }
+}
+
+impl Endpoints {
+    /// The Service's name and namespace, for metrics: as discovery named
+    /// it, or (before it did) as the authority spells it.
+    pub fn names(&self) -> (String, String) {
+        match &self.service {
+            Some(service) => (service.name.clone(), service.namespace.clone()),
+            None => super::service_of(&self.authority),
+        }
+    }
+
+    /// Picks an endpoint for a request, skipping the ones it already failed
+    /// on; or says why none can take it.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Result<&EndpointHandle, ProxyError> {
+        let now = Instant::now();
+        let usable = |e: &EndpointHandle| !tried.contains(&e.key()) && e.usable(&self.policy, now);
+        if let Some(endpoint) = balance::pick(&self.handles, usable) {
+            return Ok(endpoint);
+        }
+        let candidates: Vec<&EndpointHandle> = self
+            .handles
+            .iter()
+            .filter(|e| e.endpoint().weight > 0 && !tried.contains(&e.key()))
+            .collect();
+        let name = self.authority.clone();
+        if candidates.is_empty() {
+            return Err(ProxyError::NoEndpoints(name));
+        }
+        if candidates.iter().any(|e| e.health().available(now)) {
+            Err(ProxyError::Overloaded(name, self.policy.max_requests))
+        } else {
+            Err(ProxyError::AllEjected(name, candidates.len()))
+        }
+    }
+
+    /// Records a failed attempt; true when it ejected its endpoint. At most
+    /// the policy's share of the endpoints is ejected at once.
+    pub fn failed(&self, attempt: Attempt, failure: Failure) -> bool {
+        // Counted before the endpoint's own health is locked to record it.
+        let ejected = self.handles.iter().filter(|e| e.health().ejected()).count();
+        let allowed = self.policy.max_ejection_percent as usize * self.handles.len();
+        let may_eject = (ejected + 1) * 100 <= allowed;
+        attempt.failed(failure, &self.policy, may_eject)
     }
 }
