@@ -37,7 +37,10 @@ impl Sidecar {
             .arg("run")
             .env_clear()
             .env("TRELLIS_CONTROLLER", "http://127.0.0.1:1")
-            .env("TRELLIS_IDENTITY", "spiffe://cluster.local/ns/default/sa/drain")
+            .env(
+                "TRELLIS_IDENTITY",
+                "spiffe://cluster.local/ns/default/sa/drain",
+            )
             .env("TRELLIS_TOKEN", "unused")
             .env("TRELLIS_INBOUND_MODE", "permissive")
             .env("TRELLIS_OUTBOUND_LISTEN", outbound.to_string())
@@ -136,7 +139,9 @@ async fn sigterm_exits_0_promptly_when_idle() {
 #[tokio::test]
 async fn post_shutdown_from_loopback_drains_and_exits_0() {
     let mut sidecar = Sidecar::start().await;
-    let (status, _) = get(sidecar.admin, "/shutdown").await.expect("GET /shutdown");
+    let (status, _) = get(sidecar.admin, "/shutdown")
+        .await
+        .expect("GET /shutdown");
     assert_eq!(status, 405, "GET does not shut down");
     let shutdown = http::Request::post("/shutdown")
         .header("host", sidecar.admin.to_string())
@@ -145,13 +150,18 @@ async fn post_shutdown_from_loopback_drains_and_exits_0() {
     let (status, body) = request(sidecar.admin, shutdown).await.expect("POST");
     assert_eq!((status, body.as_str()), (202, "draining\n"));
     let status = sidecar.exited_within(Duration::from_secs(3)).await;
-    assert!(status.success(), "exit status after POST /shutdown: {status}");
+    assert!(
+        status.success(),
+        "exit status after POST /shutdown: {status}"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_lets_a_slow_request_finish_and_refuses_new_connections() {
     // The application: answers after 2 s, counting requests that reached it.
-    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("app");
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("app");
     let app_port = app.local_addr().expect("app addr").port();
     let arrived = Arc::new(AtomicUsize::new(0));
     let counter = arrived.clone();
@@ -175,7 +185,10 @@ async fn sigterm_lets_a_slow_request_finish_and_refuses_new_connections() {
     });
     let deadline = Instant::now() + Duration::from_secs(5);
     while arrived.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the request never reached the app");
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the app"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 

@@ -738,65 +738,85 @@ impl HelloMesh {
 pub fn workbench_app(listener: TcpListener, version: &str) {
     use trellis_proxy::http::{boxed, full};
     let version = version.to_string();
-    tokio::spawn(apps::serve(listener, move |request: http::Request<hyper::body::Incoming>| {
-        let version = version.clone();
-        async move {
-            let big = request.headers().get("x-big").map_or(0, |v| v.len());
-            let path = request.uri().path().to_string();
-            if let Some(n) = path.strip_prefix("/stream/") {
-                let n: usize = n.parse().unwrap_or(1);
-                let (mut sender, body) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(1);
-                tokio::spawn(async move {
-                    for i in 0..n {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        if sender.send_data(Bytes::from(format!("line {i}\n"))).await.is_err() {
-                            return;
+    tokio::spawn(apps::serve(
+        listener,
+        move |request: http::Request<hyper::body::Incoming>| {
+            let version = version.clone();
+            async move {
+                let big = request.headers().get("x-big").map_or(0, |v| v.len());
+                let path = request.uri().path().to_string();
+                if let Some(n) = path.strip_prefix("/stream/") {
+                    let n: usize = n.parse().unwrap_or(1);
+                    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(async move {
+                        for i in 0..n {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            if sender
+                                .send(Bytes::from(format!("line {i}\n")))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    });
+                    return http::Response::new(boxed(Paced(receiver)));
+                }
+                let mut body = request.into_body();
+                let mut received = 0usize;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(frame) => received += frame.data_ref().map_or(0, |d| d.len()),
+                        Err(_) => {
+                            let mut response = http::Response::new(full("body failed\n"));
+                            *response.status_mut() = http::StatusCode::BAD_REQUEST;
+                            return response;
                         }
                     }
-                });
-                return http::Response::new(boxed(body));
-            }
-            let mut body = request.into_body();
-            let mut received = 0usize;
-            while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(frame) => received += frame.data_ref().map_or(0, |d| d.len()),
-                    Err(_) => {
-                        let mut response = http::Response::new(full("body failed\n"));
-                        *response.status_mut() = http::StatusCode::BAD_REQUEST;
-                        return response;
-                    }
                 }
+                let greeting = Greeting {
+                    message: format!("{received} bytes, x-big {big}"),
+                    version,
+                    pod: String::new(),
+                    client_identity: String::new(),
+                };
+                http::Response::new(full(serde_json::to_vec(&greeting).unwrap_or_default()))
             }
-            let greeting = Greeting {
-                message: format!("{received} bytes, x-big {big}"),
-                version,
-                pod: String::new(),
-                client_identity: String::new(),
-            };
-            http::Response::new(full(serde_json::to_vec(&greeting).unwrap_or_default()))
-        }
-    }));
+        },
+    ));
+}
+
+/// A body whose chunks come from a channel, as a task produces them.
+pub struct Paced(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Paced {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|data| Ok(hyper::body::Frame::data(data))))
+    }
 }
 
 /// A request body of `chunks` chunks of `size` bytes, one every `every`:
 /// an upload that stays in flight for `chunks × every`.
-pub fn paced_body(
-    chunks: usize,
-    size: usize,
-    every: Duration,
-) -> http_body_util::channel::Channel<Bytes, std::convert::Infallible> {
-    let (mut sender, body) = http_body_util::channel::Channel::new(1);
+pub fn paced_body(chunks: usize, size: usize, every: Duration) -> Paced {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let chunk = Bytes::from(vec![b'u'; size]);
         for _ in 0..chunks {
             tokio::time::sleep(every).await;
-            if sender.send_data(chunk.clone()).await.is_err() {
+            if sender.send(chunk.clone()).await.is_err() {
                 return;
             }
         }
     });
-    body
+    Paced(receiver)
 }
 
 /// Sends one request on a new connection to `proxy` (an outbound listener:
@@ -879,6 +899,11 @@ pub fn cpu_time() -> Duration {
         .split_whitespace()
         .collect();
     // utime and stime are fields 14 and 15 (1-based), in USER_HZ = 100 ticks/s.
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
