@@ -92,10 +92,14 @@ where
                 let handler = handler.clone();
                 async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
             });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // HTTP/2 heads as large as a sidecar lets through by default
+            // (HTTP/1 allows ~400 KiB already), as most servers allow.
+            builder.http2().max_header_list_size(2 * 65536);
+            let _ = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
         }
     })
     .await;

@@ -178,8 +178,10 @@ impl Server {
                     // would also cut kept-alive connections between requests
                     // at the header timeout, long before the idle timeout.
                     .header_read_timeout(None)
-                    // A head over the limit gets hyper's own 431.
-                    .max_buf_size(self.max_header_bytes as usize)
+                    // A head over the limit gets hyper's own 431. (Its
+                    // `max_buf_size` is no limit: a head that arrives in
+                    // one read larger than it is parsed all the same.)
+                    .max_header_size(self.max_header_bytes as usize)
                     .serve_connection(io, service);
                 watchdog
                     .drive(connection, |c| c.graceful_shutdown(), shutdown)
