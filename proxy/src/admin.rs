@@ -94,7 +94,7 @@ impl Admin {
             },
             // The admin port is reachable from inside the pod only, and not
             // authenticated: a peer from elsewhere may read, not stop us.
-            (&Method::POST, "/shutdown") if !peer.ip().is_loopback() => (
+            (&Method::POST, "/shutdown") if !peer.ip().to_canonical().is_loopback() => (
                 StatusCode::FORBIDDEN,
                 "/shutdown is accepted from a loopback address only\n".into(),
             ),
@@ -188,6 +188,11 @@ mod tests {
         let admin = admin();
         let outside: SocketAddr = "10.1.2.3:5000".parse().unwrap();
         let inside: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:5000".parse().unwrap();
+        assert_eq!(
+            admin.handle(&Method::POST, "/shutdown", mapped).status(),
+            StatusCode::FORBIDDEN
+        );
         let status = |method: Method, path: &str, peer| admin.handle(&method, path, peer).status();
         assert_eq!(
             status(Method::POST, "/shutdown", outside),

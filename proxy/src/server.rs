@@ -105,10 +105,6 @@ impl Server {
         }
     }
 
-    pub fn direction(&self) -> &'static str {
-        self.direction
-    }
-
     /// Runs `handshake` (protocol detection, TLS) within the handshake timeout.
     pub async fn handshake<T>(&self, handshake: impl Future<Output = T>) -> Result<T, ServeError> {
         tokio::time::timeout(self.handshake_timeout, handshake)
