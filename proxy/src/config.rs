@@ -88,12 +88,32 @@ pub struct Config {
     /// cross-thread wake-ups, locks or a second malloc arena; more help only
     /// a pod whose traffic needs more than one core.
     pub worker_threads: usize,
-    /// An authority (its watches, balancer state and connections) unused
-    /// for this long is forgotten.
+    /// How long a drain (SIGTERM, SIGINT, `POST /shutdown`) lets in-flight
+    /// requests and tunnels finish before the rest is cut: under the pod's
+    /// default 30 s grace period, so the proxy exits before the kubelet kills it.
+    pub drain_timeout: Duration,
+    /// How long a client may take to send a request's head, from the
+    /// connection's start or from its first byte on a kept-alive connection.
+    pub header_read_timeout: Duration,
+    /// How long an application's connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// How long protocol detection and the TLS handshake of a new connection may take.
+    pub handshake_timeout: Duration,
+    /// The largest request head accepted from an application: HTTP/1 request
+    /// line and headers, or an HTTP/2 header list (RFC 9113 §6.5.2).
+    pub max_header_bytes: u32,
+    /// How long the outbound side keeps the state of an authority nobody asked for.
     pub idle_authority_timeout: Duration,
-    /// A request or response body that sends no data for this long fails.
+    /// How long a request or response body may go without a byte.
     pub body_idle_timeout: Duration,
 }
+
+/// The smallest `TRELLIS_MAX_HEADER_BYTES`: hyper's minimum read buffer.
+pub const MIN_HEADER_BYTES: u32 = 8 * 1024;
+/// The largest `TRELLIS_MAX_HEADER_BYTES` (Envoy's default is 60 KiB).
+pub const MAX_HEADER_BYTES_CEILING: u32 = 1024 * 1024;
+/// The longest timeout any `TRELLIS_*_TIMEOUT` may have.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Server-speaks-first protocols: SMTP, MySQL, Postgres, Redis, memcached…
 pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
@@ -128,6 +148,11 @@ pub const VERSION: &str = "TRELLIS_VERSION";
 pub const METRICS: &str = "TRELLIS_METRICS";
 pub const OPAQUE_PORTS: &str = "TRELLIS_OPAQUE_PORTS";
 pub const WORKER_THREADS: &str = "TRELLIS_WORKER_THREADS";
+pub const DRAIN_TIMEOUT: &str = "TRELLIS_DRAIN_TIMEOUT";
+pub const HEADER_READ_TIMEOUT: &str = "TRELLIS_HEADER_READ_TIMEOUT";
+pub const IDLE_TIMEOUT: &str = "TRELLIS_IDLE_TIMEOUT";
+pub const HANDSHAKE_TIMEOUT: &str = "TRELLIS_HANDSHAKE_TIMEOUT";
+pub const MAX_HEADER_BYTES: &str = "TRELLIS_MAX_HEADER_BYTES";
 pub const IDLE_AUTHORITY_TIMEOUT: &str = "TRELLIS_IDLE_AUTHORITY_TIMEOUT";
 pub const BODY_IDLE_TIMEOUT: &str = "TRELLIS_BODY_IDLE_TIMEOUT";
 
@@ -204,17 +229,21 @@ impl Config {
         let worker_threads = r.optional(WORKER_THREADS, "1", "a number of threads, 1 to 64", |v| {
             v.parse::<usize>().ok().filter(|n| (1..=64).contains(n))
         });
-        let idle_authority_timeout = r.optional(
-            IDLE_AUTHORITY_TIMEOUT,
-            "5m",
-            "a duration like 5m",
-            parse_duration,
-        );
-        let body_idle_timeout = r.optional(
-            BODY_IDLE_TIMEOUT,
-            "60s",
-            "a duration like 60s",
-            parse_duration,
+        let drain_timeout = r.timeout(DRAIN_TIMEOUT, "20s");
+        let header_read_timeout = r.timeout(HEADER_READ_TIMEOUT, "10s");
+        let idle_timeout = r.timeout(IDLE_TIMEOUT, "60s");
+        let handshake_timeout = r.timeout(HANDSHAKE_TIMEOUT, "10s");
+        let idle_authority_timeout = r.timeout(IDLE_AUTHORITY_TIMEOUT, "5m");
+        let body_idle_timeout = r.timeout(BODY_IDLE_TIMEOUT, "60s");
+        let max_header_bytes = r.optional(
+            MAX_HEADER_BYTES,
+            "65536",
+            &format!("a number of bytes from {MIN_HEADER_BYTES} to {MAX_HEADER_BYTES_CEILING}"),
+            |v| {
+                v.parse::<u32>()
+                    .ok()
+                    .filter(|n| (MIN_HEADER_BYTES..=MAX_HEADER_BYTES_CEILING).contains(n))
+            },
         );
         let config = (|| {
             Some(Config {
@@ -233,6 +262,11 @@ impl Config {
                 metrics: metrics?,
                 opaque_ports: opaque_ports?,
                 worker_threads: worker_threads?,
+                drain_timeout: drain_timeout?,
+                header_read_timeout: header_read_timeout?,
+                idle_timeout: idle_timeout?,
+                handshake_timeout: handshake_timeout?,
+                max_header_bytes: max_header_bytes?,
                 idle_authority_timeout: idle_authority_timeout?,
                 body_idle_timeout: body_idle_timeout?,
             })
@@ -278,6 +312,17 @@ impl Reader<'_> {
         self.parse(name, &value, expected, parse)
     }
 
+    /// A timeout: a duration above zero and at most [`MAX_TIMEOUT`], so that
+    /// deadlines computed from it cannot overflow.
+    fn timeout(&mut self, name: &str, default: &str) -> Option<Duration> {
+        self.optional(
+            name,
+            default,
+            "a duration from 1ms to 24h, like 10s, 500ms or 5m",
+            |v| parse_duration(v).filter(|d| *d >= Duration::from_millis(1) && *d <= MAX_TIMEOUT),
+        )
+    }
+
     fn parse<T>(
         &mut self,
         name: &str,
@@ -310,7 +355,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "h" => n * 3600.0,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    // `try_from`: a value too large for a Duration is refused, not a panic.
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 #[cfg(test)]
@@ -335,6 +381,39 @@ mod tests {
         assert_eq!(c.token, TokenSource::Static("t".into()));
         assert!(c.opaque_ports.contains(&3306));
         assert_eq!(c.worker_threads, 1);
+        assert_eq!(c.drain_timeout, Duration::from_secs(20));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_header_bytes, 65536);
+        assert_eq!(c.idle_authority_timeout, Duration::from_secs(300));
+        assert_eq!(c.body_idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn timeouts_and_the_header_limit_are_bounded() {
+        let base = [
+            (CONTROLLER, "http://127.0.0.1:8090"),
+            (IDENTITY, "spiffe://cluster.local/ns/default/sa/hello"),
+            (TOKEN, "t"),
+        ];
+        let mut e = env(&base);
+        e.insert(DRAIN_TIMEOUT, "100000000000000000000000000000s".into());
+        e.insert(HEADER_READ_TIMEOUT, "0s".into());
+        e.insert(IDLE_TIMEOUT, "25h".into());
+        e.insert(HANDSHAKE_TIMEOUT, "later".into());
+        e.insert(MAX_HEADER_BYTES, "1024".into());
+        e.insert(BODY_IDLE_TIMEOUT, "18446744073709551616".into());
+        let err = Config::from_strings(&e).unwrap_err();
+        assert_eq!(err.0.len(), 6, "{err}");
+        let mut e = env(&base);
+        e.insert(DRAIN_TIMEOUT, "2s".into());
+        e.insert(MAX_HEADER_BYTES, "1048576".into());
+        e.insert(IDLE_AUTHORITY_TIMEOUT, "24h".into());
+        let c = Config::from_strings(&e).unwrap();
+        assert_eq!(c.drain_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_header_bytes, 1 << 20);
+        assert_eq!(c.idle_authority_timeout, MAX_TIMEOUT);
     }
 
     #[test]
@@ -390,5 +469,11 @@ mod tests {
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("x"), None);
         assert_eq!(parse_duration("5d"), None);
+        assert_eq!(
+            parse_duration("1000000000000000000000000h"),
+            None,
+            "too large: refused, no panic"
+        );
+        assert_eq!(parse_duration("-1s"), None);
     }
 }

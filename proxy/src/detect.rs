@@ -96,6 +96,27 @@ pub async fn detect(tcp: &TcpStream) -> Protocol {
     }
 }
 
+/// For a client that dialled the proxy to speak HTTP: HTTP/2 when the
+/// connection starts with the preface (prior knowledge), else HTTP/1. Waits
+/// for as many bytes as that takes; the caller bounds the wait.
+pub async fn http_version(tcp: &TcpStream) -> std::io::Result<Protocol> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if !H2_PREFACE.starts_with(&buf[..n]) {
+            return Ok(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Protocol::Http2);
+        }
+        // More of the preface may be on its way; peek returns what is there.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +149,25 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(detect(&server).await, Protocol::Opaque);
         assert!(started.elapsed() >= DETECT_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn the_http_version_waits_for_the_first_bytes() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut h2 = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let sniffing = tokio::spawn(async move { http_version(&server).await.unwrap() });
+        h2.write_all(&H2_PREFACE[..10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!sniffing.is_finished(), "a partial preface decides nothing");
+        h2.write_all(&H2_PREFACE[10..]).await.unwrap();
+        assert_eq!(sniffing.await.unwrap(), Protocol::Http2);
+        let mut h1 = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        h1.write_all(b"G").await.unwrap();
+        assert_eq!(http_version(&server).await.unwrap(), Protocol::Http1);
     }
 
     #[tokio::test]

@@ -73,8 +73,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Serves `handler` on every connection `listener` accepts (HTTP/1.1 and
-/// HTTP/2), until the task is dropped. For small servers: admin ports and
-/// test or demo applications.
+/// HTTP/2), until the task is dropped. For small servers outside the proxy:
+/// the controller's admin port and test or demo applications.
 pub async fn serve<F, Fut, B>(listener: tokio::net::TcpListener, handler: F)
 where
     F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -83,20 +83,24 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+    // Never drained: it serves until the task is dropped.
+    let drain = crate::drain::Drain::new();
+    crate::listen::accept(listener, "app", None, drain.watch(), |tcp, _, _| {
         let handler = handler.clone();
-        tokio::spawn(async move {
+        async move {
             let service = hyper::service::service_fn(move |request| {
                 let handler = handler.clone();
                 async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
             });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-        });
-    }
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // HTTP/2 heads as large as a sidecar lets through by default
+            // (HTTP/1 allows ~400 KiB already), as most servers allow.
+            builder.http2().max_header_list_size(2 * 65536);
+            let _ = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        }
+    })
+    .await;
 }

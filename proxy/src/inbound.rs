@@ -4,32 +4,64 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use trellis_proto::SpiffeId;
 
 use crate::config::InboundMode;
 use crate::detect::{self, Protocol};
+use crate::drain::Watch;
 use crate::errors::{respond, ProxyError};
 use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::server::{self, Peer, ServeError, Server};
 use crate::socket::{self, Counted};
 use crate::tls;
-use std::time::Instant;
 
 /// An accepted connection, counted in the metrics.
 type Accepted = Counted<TcpStream>;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why an inbound connection was refused or ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// STRICT mode and the client is outside the mesh (`port`: the
+    /// application port it dialled, when iptables redirected it).
+    #[error("{} refused: this workload's inbound mode is STRICT (mTLS from the mesh only)", match .0 { Some(port) => format!("connection to port {port}"), None => "plaintext".to_string() })]
+    Strict(Option<u16>),
+    /// This proxy's certificate expired and no new one came yet.
+    #[error("no valid certificate to serve mTLS with")]
+    NoCertificate,
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    #[error("the client presented no certificate")]
+    NoClientCertificate,
+    #[error("the client certificate has no SPIFFE ID")]
+    NoSpiffeId,
+    #[error("unsupported ALPN protocol")]
+    Alpn,
+    #[error("reading the tunnel's target port: {0}")]
+    TargetPort(#[source] std::io::Error),
+    #[error("connecting to the application at {app}: {source}")]
+    AppConnect {
+        app: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tunnel to the application at {app}: {source}")]
+    Tunnel {
+        app: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
 
 /// The inbound side of one proxy.
 pub struct Inbound {
@@ -41,6 +73,7 @@ pub struct Inbound {
     opaque_ports: Vec<u16>,
     app_h1: Client<HttpConnector, Body>,
     app_h2: Client<HttpConnector, Body>,
+    server: Server,
 }
 
 impl Inbound {
@@ -50,41 +83,51 @@ impl Inbound {
         app_ip: IpAddr,
         mode: InboundMode,
         opaque_ports: Vec<u16>,
+        server: Server,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        // The application gets what the client's edge accepted (requests
+        // within the limit); its responses are held to the same limit, so
+        // every response fits the connection between sidecars.
+        let limit = server.max_header_bytes;
         Arc::new(Self {
             identity,
             metrics,
             mode,
             app_ip,
             opaque_ports,
-            app_h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            app_h1: Client::builder(TokioExecutor::new())
+                .http1_max_buf_size(limit as usize)
+                .build(connector.clone()),
             app_h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
+                .http2_max_header_list_size(limit)
                 .build(connector),
+            server,
         })
     }
 
-    /// Accepts connections until the listener fails.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    continue;
+    /// Accepts connections until the drain starts.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch) {
+        let metrics = self.metrics.listeners.clone();
+        crate::listen::accept(
+            listener,
+            "inbound",
+            Some(metrics),
+            watch,
+            |tcp, peer, watch| {
+                let inbound = self.clone();
+                let tcp = Counted::new(tcp, "inbound", self.metrics.clone());
+                async move {
+                    if let Err(error) = inbound.serve_connection(tcp, peer, watch).await {
+                        tracing::info!(%peer, %error, "inbound connection refused or failed");
+                    }
                 }
-            };
-            let inbound = self.clone();
-            let tcp = Counted::new(tcp, "inbound", self.metrics.clone());
-            tokio::spawn(async move {
-                if let Err(reason) = inbound.serve_connection(tcp, peer).await {
-                    tracing::info!(%peer, %reason, "inbound connection refused");
-                }
-            });
-        }
+            },
+        )
+        .await
     }
 
     /// Peer proxies dial the inbound port itself; a connection iptables
@@ -93,38 +136,37 @@ impl Inbound {
         self: Arc<Self>,
         tcp: Accepted,
         peer: SocketAddr,
-    ) -> Result<(), String> {
+        mut watch: Watch,
+    ) -> Result<(), InboundError> {
         let _ = tcp.get_ref().set_nodelay(true);
         let redirected = socket::original_dst(tcp.get_ref()).map(|dst| dst.port());
         if let Some(port) = redirected {
             return match self.mode {
-                InboundMode::Strict => Err(format!(
-                    "connection to port {port} refused: this workload's inbound mode is STRICT (mTLS from the mesh only)"
-                )),
-                InboundMode::Permissive => self.serve_outside(tcp, port).await,
+                InboundMode::Strict => Err(InboundError::Strict(Some(port))),
+                InboundMode::Permissive => self.serve_outside(tcp, port, watch).await,
             };
         }
-        if detect::detect(tcp.get_ref()).await != Protocol::Tls {
+        let protocol = self.server.handshake(detect::detect(tcp.get_ref())).await?;
+        if protocol != Protocol::Tls {
             return match self.mode {
-                InboundMode::Strict => {
-                    Err("plaintext refused: this workload's inbound mode is STRICT".into())
-                }
-                InboundMode::Permissive => self.serve_plaintext(tcp, None).await,
+                InboundMode::Strict => Err(InboundError::Strict(None)),
+                InboundMode::Permissive => self.serve_plaintext(tcp, protocol, None, watch).await,
             };
         }
         // Without a valid certificate this proxy cannot prove who it is:
         // refuse rather than serve an expired one.
-        let tls = self.identity.current().ok_or("no valid certificate")?;
+        let tls = self.identity.current().ok_or(InboundError::NoCertificate)?;
         let acceptor = TlsAcceptor::from(tls.server.clone());
-        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let accepted = self.server.handshake(acceptor.accept(tcp)).await;
+        let stream = match accepted {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 self.metrics.tls_failure("inbound");
-                return Err(format!("TLS handshake failed: {e}"));
+                return Err(InboundError::Tls(e));
             }
-            Err(_) => {
+            Err(timeout) => {
                 self.metrics.tls_failure("inbound");
-                return Err("TLS handshake timed out".into());
+                return Err(timeout.into());
             }
         };
         let (_, session) = stream.get_ref();
@@ -133,41 +175,36 @@ impl Inbound {
         let expires = peer_not_after.map_or(tls.not_after, |p| p.min(tls.not_after));
         let client = session
             .peer_certificates()
-            .ok_or("no client certificate")
-            .and_then(|certs| {
-                tls::peer_identity(certs).map_err(|_| "client certificate has no SPIFFE ID")
-            })?;
+            .ok_or(InboundError::NoClientCertificate)
+            .and_then(|certs| tls::peer_identity(certs).map_err(|_| InboundError::NoSpiffeId))?;
         match session.alpn_protocol() {
             Some(alpn) if alpn == tls::ALPN_H2 => {}
             Some(alpn) if alpn == tls::ALPN_OPAQUE => return self.tunnel(stream, &client).await,
-            _ => return Err("unsupported ALPN protocol".into()),
+            _ => return Err(InboundError::Alpn),
         }
         tracing::debug!(%peer, %client, "inbound mTLS connection");
         let client = Arc::new(client);
-        let service = service_fn(move |request| {
-            let inbound = self.clone();
-            let client = client.clone();
-            async move {
-                Ok::<_, std::convert::Infallible>(
-                    inbound.handle(request, Some(&client), None).await,
-                )
-            }
-        });
-        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), service);
-        tokio::pin!(connection);
         let until_expiry = expires
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        let result = tokio::select! {
-            result = connection.as_mut() => result,
-            () = tokio::time::sleep(until_expiry) => {
-                // Finish what is in flight; the client reconnects with fresh certificates.
-                connection.as_mut().graceful_shutdown();
-                connection.await
+        // Finish what is in flight, then close: on a drain, or before a
+        // certificate expires (the client reconnects with fresh ones).
+        let shutdown = async {
+            tokio::select! {
+                () = watch.draining() => {}
+                () = tokio::time::sleep(until_expiry) => {}
             }
         };
-        result.map_err(|e| format!("HTTP/2 connection failed: {e}"))
+        let inbound = self.clone();
+        let handler = move |request| {
+            let (inbound, client) = (inbound.clone(), client.clone());
+            async move { inbound.handle(request, Some(&client), None).await }
+        };
+        let version = server::Version::Http2;
+        self.server
+            .serve(stream, version, Peer::Sidecar, shutdown, handler)
+            .await?;
+        Ok(())
     }
 
     /// An opaque TCP tunnel (ALPN `trellis/opaque`): the client's proxy
@@ -176,45 +213,53 @@ impl Inbound {
         &self,
         mut stream: tokio_rustls::server::TlsStream<Accepted>,
         client: &SpiffeId,
-    ) -> Result<(), String> {
+    ) -> Result<(), InboundError> {
         use tokio::io::AsyncReadExt;
         let mut port = [0u8; 2];
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut port))
-            .await
-            .map_err(|_| "no target port in time".to_string())?
-            .map_err(|e| format!("reading the target port: {e}"))?;
+        self.server
+            .handshake(stream.read_exact(&mut port))
+            .await?
+            .map_err(InboundError::TargetPort)?;
         tracing::debug!(%client, port = u16::from_be_bytes(port), "opaque tunnel");
         self.forward_tcp(&mut stream, u16::from_be_bytes(port))
             .await
     }
 
-    /// Copies a connection to the application's `port` until either closes.
-    async fn forward_tcp<S>(&self, stream: &mut S, port: u16) -> Result<(), String>
+    /// Copies a connection to the application's `port` until either closes
+    /// (a drain lets it run until its deadline).
+    async fn forward_tcp<S>(&self, stream: &mut S, port: u16) -> Result<(), InboundError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let app = SocketAddr::new(self.app_ip, port);
         let mut upstream = TcpStream::connect(app)
             .await
-            .map_err(|e| format!("connecting to {app}: {e}"))?;
+            .map_err(|source| InboundError::AppConnect { app, source })?;
         let _ = upstream.set_nodelay(true);
         tokio::io::copy_bidirectional(stream, &mut upstream)
             .await
             .map(|_| ())
-            .map_err(|e| format!("connection to {app}: {e}"))
+            .map_err(|source| InboundError::Tunnel { app, source })
     }
 
     /// PERMISSIVE mode, a client outside the mesh that dialled the
     /// application's `port`: HTTP is served (and measured) per request,
     /// anything else forwarded as it is.
-    async fn serve_outside(self: Arc<Self>, mut tcp: Accepted, port: u16) -> Result<(), String> {
+    async fn serve_outside(
+        self: Arc<Self>,
+        mut tcp: Accepted,
+        port: u16,
+        watch: Watch,
+    ) -> Result<(), InboundError> {
         let protocol = if self.opaque_ports.contains(&port) {
             Protocol::Opaque
         } else {
-            detect::detect(tcp.get_ref()).await
+            self.server.handshake(detect::detect(tcp.get_ref())).await?
         };
         match protocol {
-            Protocol::Http1 | Protocol::Http2 => self.serve_plaintext(tcp, Some(port)).await,
+            Protocol::Http1 | Protocol::Http2 => {
+                self.serve_plaintext(tcp, protocol, Some(port), watch).await
+            }
             Protocol::Tls | Protocol::Opaque => self.forward_tcp(&mut tcp, port).await,
         }
     }
@@ -224,18 +269,23 @@ impl Inbound {
     async fn serve_plaintext(
         self: Arc<Self>,
         tcp: Accepted,
+        protocol: Protocol,
         original: Option<u16>,
-    ) -> Result<(), String> {
-        let service = service_fn(move |request| {
-            let inbound = self.clone();
-            async move {
-                Ok::<_, std::convert::Infallible>(inbound.handle(request, None, original).await)
-            }
-        });
-        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(tcp), service)
-            .await
-            .map_err(|e| format!("plaintext connection failed: {e}"))
+        mut watch: Watch,
+    ) -> Result<(), InboundError> {
+        let version = match protocol {
+            Protocol::Http2 => server::Version::Http2,
+            _ => server::Version::Http1,
+        };
+        let inbound = self.clone();
+        let handler = move |request| {
+            let inbound = inbound.clone();
+            async move { inbound.handle(request, None, original).await }
+        };
+        self.server
+            .serve(tcp, version, Peer::App, watch.draining(), handler)
+            .await?;
+        Ok(())
     }
 
     async fn handle(

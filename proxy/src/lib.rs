@@ -1,5 +1,6 @@
-//! The Trellis sidecar proxy, as a library: `main.rs` and the tests both
-//! start it through [`start`].
+//! The Trellis sidecar proxy, as a library: `main.rs` runs it through
+//! [`run`] (start, wait for SIGTERM, SIGINT or `POST /shutdown`, drain);
+//! the tests start it through [`start`] and drain it with [`Proxy::drain`].
 
 #![forbid(unsafe_code)]
 
@@ -9,21 +10,25 @@ pub mod cache;
 pub mod config;
 pub mod detect;
 pub mod discovery;
+pub mod drain;
 pub mod errors;
 pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;
+pub mod listen;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;
 pub mod route;
+pub mod server;
 pub mod socket;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -31,7 +36,9 @@ use tonic::transport::Endpoint;
 use trellis_proto::identity::identity_client::IdentityClient;
 
 pub use config::Config;
+use drain::{Drain, Drained};
 use identity::IdentityManager;
+use server::Server;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,14 +55,61 @@ pub enum StartError {
     Controller(String),
 }
 
-/// A running proxy. Dropping it stops every task.
+/// Why [`run`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("starting the proxy: {0}")]
+    Start(#[from] StartError),
+    /// The signal handlers could not be installed.
+    #[error("installing the SIGTERM handler: {0}")]
+    Signal(#[source] std::io::Error),
+    /// One of the proxy's tasks ended, which it does only on failure.
+    #[error("a proxy task stopped unexpectedly")]
+    TaskStopped,
+}
+
+/// Starts the proxy, serves until SIGTERM (what the kubelet sends), SIGINT
+/// or `POST /shutdown` on the admin port, then drains: listeners close,
+/// in-flight requests and tunnels get until `TRELLIS_DRAIN_TIMEOUT`.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut proxy = start(config).await?;
+    let drain = proxy.drain.clone();
+    let why = tokio::select! {
+        _ = proxy.tasks.join_next() => return Err(RunError::TaskStopped),
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+        () = drain.started() => "POST /shutdown",
+    };
+    tracing::info!(signal = why, timeout = ?proxy.drain_timeout, "draining");
+    let drained = proxy.drain().await;
+    tracing::info!(
+        elapsed = ?drained.elapsed,
+        cut = drained.cut,
+        "drained; exiting"
+    );
+    Ok(())
+}
+
+/// A running proxy. Dropping it stops its listeners (not the connections
+/// they accepted); [`Proxy::drain`] stops it gracefully.
 pub struct Proxy {
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub identity: Arc<IdentityManager>,
+    /// The traffic listeners and their connections.
+    drain: Arc<Drain>,
+    /// The admin listener, drained last: `/ready` says "draining" meanwhile.
+    admin_drain: Arc<Drain>,
+    drain_timeout: Duration,
     tasks: JoinSet<()>,
 }
+
+/// How long the admin port's connections get once traffic is drained.
+const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Proxy {
     /// Waits until the proxy has a certificate (and so serves meshed traffic).
@@ -66,6 +120,26 @@ impl Proxy {
     /// Runs until one of the proxy's tasks ends (they only end on failure).
     pub async fn wait(mut self) {
         self.tasks.join_next().await;
+    }
+
+    /// Starts the drain without waiting for it, as `POST /shutdown` does.
+    pub fn shutdown(&self) {
+        self.drain.start();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_draining()
+    }
+
+    /// Drains (starting the drain if [`shutdown`](Self::shutdown) or
+    /// `/shutdown` has not): the outbound and inbound listeners close,
+    /// HTTP/2 connections get GOAWAY, HTTP/1 ones close after their request
+    /// in flight, tunnels may finish; at the drain timeout the rest is cut.
+    /// Then the admin listener closes. Returns how the traffic drain ended.
+    pub async fn drain(&self) -> Drained {
+        let drained = self.drain.run(self.drain_timeout).await;
+        self.admin_drain.run(ADMIN_DRAIN_TIMEOUT).await;
+        drained
     }
 }
 
@@ -118,6 +192,12 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         config.identity.to_string(),
         metrics.clone(),
     );
+    let drain = Drain::new();
+    let admin_drain = Drain::new();
+    let listeners = metrics.listeners.clone();
+    let outbound_server = Server::new(&config, "outbound", listeners.clone());
+    let inbound_server = Server::new(&config, "inbound", listeners.clone());
+    let admin_server = Server::new(&config, "admin", listeners);
     let outbound = outbound::Outbound::new(discovery, identity.clone(), metrics.clone(), &config);
     let inbound = inbound::Inbound::new(
         identity.clone(),
@@ -125,8 +205,14 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         config.app_ip,
         config.inbound_mode,
         config.opaque_ports.clone(),
+        inbound_server,
     );
-    let admin = admin::Admin::new(identity.clone(), metrics.clone());
+    let admin = admin::Admin::new(
+        identity.clone(),
+        metrics.clone(),
+        drain.clone(),
+        admin_server,
+    );
 
     let proxy_addrs = (
         addr(&outbound_listener, config.outbound_listen),
@@ -139,9 +225,15 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
             .clone()
             .run(IdentityClient::new(channel), config.token.clone()),
     );
-    tasks.spawn(serve_outbound(outbound, outbound_listener));
-    tasks.spawn(inbound.serve(inbound_listener));
-    tasks.spawn(admin.serve(admin_listener));
+    tasks.spawn(listening(serve_outbound(
+        outbound,
+        outbound_server,
+        outbound_listener,
+        metrics.listeners.clone(),
+        drain.watch(),
+    )));
+    tasks.spawn(listening(inbound.serve(inbound_listener, drain.watch())));
+    tasks.spawn(listening(admin.serve(admin_listener, admin_drain.watch())));
     tasks.spawn(export_certificate_expiry(identity.clone(), metrics));
     tracing::info!(
         identity = %config.identity,
@@ -155,6 +247,9 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         inbound_addr: proxy_addrs.1,
         admin_addr: proxy_addrs.2,
         identity,
+        drain,
+        admin_drain,
+        drain_timeout: config.drain_timeout,
         tasks,
     })
 }
@@ -176,13 +271,27 @@ async fn export_certificate_expiry(identity: Arc<IdentityManager>, metrics: Arc<
 
 /// The outbound listener: applications that dial it as an explicit proxy
 /// (`http_proxy`), and connections iptables redirected to it.
-async fn serve_outbound(outbound: Arc<outbound::Outbound>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, _)) => {
-                tokio::spawn(outbound.clone().serve(tcp));
-            }
-            Err(e) => tracing::warn!(error = %e, "outbound accept failed"),
-        }
-    }
+async fn serve_outbound(
+    outbound: Arc<outbound::Outbound>,
+    server: Server,
+    listener: TcpListener,
+    metrics: metrics::ListenerMetrics,
+    watch: drain::Watch,
+) {
+    let server = Arc::new(server);
+    listen::accept(
+        listener,
+        "outbound",
+        Some(metrics),
+        watch,
+        move |tcp, _, watch| outbound.clone().serve(tcp, server.clone(), watch),
+    )
+    .await;
+}
+
+/// A listener's accept loop as a proxy task: the loop ends for a drain,
+/// which is not the failure a finished task means to [`Proxy::wait`].
+async fn listening(accept: impl std::future::Future<Output = ()>) {
+    accept.await;
+    std::future::pending::<()>().await;
 }

@@ -70,20 +70,14 @@ fn main() -> anyhow::Result<()> {
             let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
             let runtime =
                 trellis_proxy::runtime(config.worker_threads).context("starting the runtime")?;
-            runtime.block_on(run(config))
+            // Returns after SIGTERM, SIGINT or POST /shutdown and the drain.
+            runtime.block_on(trellis_proxy::run(config))?;
+            // Tasks still running (discovery, pooled client connections)
+            // are not waited for.
+            runtime.shutdown_background();
+            Ok(())
         }
     }
-}
-
-async fn run(config: trellis_proxy::Config) -> anyhow::Result<()> {
-    let proxy = trellis_proxy::start(config)
-        .await
-        .context("starting the proxy")?;
-    tokio::select! {
-        () = proxy.wait() => anyhow::bail!("a proxy task stopped unexpectedly"),
-        signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
-    }
-    Ok(())
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {

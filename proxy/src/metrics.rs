@@ -109,6 +109,8 @@ pub struct Metrics {
     faults: IntCounterVec,
     ejections: IntCounterVec,
     cert_expiry: IntGauge,
+    /// Accept errors and connection timeouts (see [`ListenerMetrics`]).
+    pub listeners: ListenerMetrics,
 }
 
 impl Metrics {
@@ -225,6 +227,7 @@ impl Metrics {
             for collector in collectors {
                 registry.register(collector)?;
             }
+            let listeners = ListenerMetrics::register(&registry)?;
             // Connection and handshake series exist from the start, at 0,
             // so dashboards and alerts see "none yet" rather than no data.
             for direction in ["inbound", "outbound"] {
@@ -252,6 +255,7 @@ impl Metrics {
                 faults,
                 ejections,
                 cert_expiry,
+                listeners,
             })
         })();
         metrics.expect("metric definitions are valid")
@@ -367,5 +371,97 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+// --- Listeners: accept errors and connection timeouts --------------------
+
+/// What the listeners count: accept errors (the open-file limit, say) and
+/// connections closed by a timeout.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    accept_errors: IntCounterVec,
+    accept_logs_suppressed: IntCounterVec,
+    timeouts: IntCounterVec,
+}
+
+/// Every listener's `direction` label.
+const LISTENERS: [&str; 3] = ["outbound", "inbound", "admin"];
+
+/// What closed a connection early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// Protocol detection or the TLS handshake took too long.
+    Handshake,
+    /// A request head took too long to arrive.
+    HeaderRead,
+    /// No request for the idle timeout.
+    Idle,
+}
+
+impl Timeout {
+    pub fn label(self) -> &'static str {
+        match self {
+            Timeout::Handshake => "handshake",
+            Timeout::HeaderRead => "header_read",
+            Timeout::Idle => "idle",
+        }
+    }
+}
+
+impl ListenerMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let accept_errors = IntCounterVec::new(
+            Opts::new(
+                "accept_errors_total",
+                "Failed accepts (e.g. the open-file limit); the listener backs off",
+            ),
+            &["direction"],
+        )?;
+        let accept_logs_suppressed = IntCounterVec::new(
+            Opts::new(
+                "accept_error_logs_suppressed_total",
+                "Accept errors not logged: at most one line a second is written",
+            ),
+            &["direction"],
+        )?;
+        let timeouts = IntCounterVec::new(
+            Opts::new(
+                "connection_timeouts_total",
+                "Accepted connections closed by a timeout: handshake, header_read or idle",
+            ),
+            &["direction", "timeout"],
+        )?;
+        registry.register(Box::new(accept_errors.clone()))?;
+        registry.register(Box::new(accept_logs_suppressed.clone()))?;
+        registry.register(Box::new(timeouts.clone()))?;
+        for direction in LISTENERS {
+            accept_errors.with_label_values(&[direction]);
+            accept_logs_suppressed.with_label_values(&[direction]);
+            for timeout in [Timeout::Handshake, Timeout::HeaderRead, Timeout::Idle] {
+                timeouts.with_label_values(&[direction, timeout.label()]);
+            }
+        }
+        Ok(Self {
+            accept_errors,
+            accept_logs_suppressed,
+            timeouts,
+        })
+    }
+
+    pub fn accept_error(&self, direction: &str) {
+        self.accept_errors.with_label_values(&[direction]).inc();
+    }
+
+    pub fn accept_log_suppressed(&self, direction: &str) {
+        self.accept_logs_suppressed
+            .with_label_values(&[direction])
+            .inc();
+    }
+
+    pub fn timed_out(&self, direction: &str, timeout: Timeout) {
+        self.timeouts
+            .with_label_values(&[direction, timeout.label()])
+            .inc();
     }
 }

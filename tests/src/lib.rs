@@ -718,3 +718,192 @@ pub fn scripted_app(
     }));
     hits
 }
+
+// --- Drain and connection-hygiene tests ------------------------------------
+
+impl HelloMesh {
+    /// Like `start_with_apps`, with extra environment for every proxy.
+    pub async fn start_with_apps_and_env(
+        proxy_env: Vec<(&'static str, String)>,
+        app: impl FnMut(TcpListener, &str),
+    ) -> Self {
+        Self::build_with(|_| {}, proxy_env, app).await
+    }
+}
+
+/// A backend for the drain and hygiene tests. It reads every request body
+/// to the end; `GET /stream/<n>` answers with `n` lines 200 ms apart; any
+/// other request gets a greeting whose message says how many body bytes
+/// came and how long the `x-big` header was: `"<bytes> bytes, x-big <len>"`.
+pub fn workbench_app(listener: TcpListener, version: &str) {
+    use trellis_proxy::http::{boxed, full};
+    let version = version.to_string();
+    tokio::spawn(apps::serve(
+        listener,
+        move |request: http::Request<hyper::body::Incoming>| {
+            let version = version.clone();
+            async move {
+                let big = request.headers().get("x-big").map_or(0, |v| v.len());
+                let path = request.uri().path().to_string();
+                if let Some(n) = path.strip_prefix("/stream/") {
+                    let n: usize = n.parse().unwrap_or(1);
+                    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(async move {
+                        for i in 0..n {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            if sender
+                                .send(Bytes::from(format!("line {i}\n")))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    });
+                    return http::Response::new(boxed(Paced(receiver)));
+                }
+                let mut body = request.into_body();
+                let mut received = 0usize;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(frame) => received += frame.data_ref().map_or(0, |d| d.len()),
+                        Err(_) => {
+                            let mut response = http::Response::new(full("body failed\n"));
+                            *response.status_mut() = http::StatusCode::BAD_REQUEST;
+                            return response;
+                        }
+                    }
+                }
+                let greeting = Greeting {
+                    message: format!("{received} bytes, x-big {big}"),
+                    version,
+                    pod: String::new(),
+                    client_identity: String::new(),
+                };
+                http::Response::new(full(serde_json::to_vec(&greeting).unwrap_or_default()))
+            }
+        },
+    ));
+}
+
+/// A body whose chunks come from a channel, as a task produces them.
+pub struct Paced(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Paced {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|data| Ok(hyper::body::Frame::data(data))))
+    }
+}
+
+/// A request body of `chunks` chunks of `size` bytes, one every `every`:
+/// an upload that stays in flight for `chunks × every`.
+pub fn paced_body(chunks: usize, size: usize, every: Duration) -> Paced {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b'u'; size]);
+        for _ in 0..chunks {
+            tokio::time::sleep(every).await;
+            if sender.send(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Paced(receiver)
+}
+
+/// Sends one request on a new connection to `proxy` (an outbound listener:
+/// the request names its Service), HTTP/2 with prior knowledge or HTTP/1.1,
+/// and reads the whole answer.
+pub async fn send_once<B>(
+    proxy: SocketAddr,
+    http2: bool,
+    request: http::Request<B>,
+) -> Result<Answer, String>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let response = if http2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .max_header_list_size(1 << 20)
+                .handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    };
+    collect(response.map_err(|e| format!("{e:?}"))?).await
+}
+
+/// Scrapes the `/metrics` of the admin port at `admin` and sums the series
+/// of `family` whose labels include every `(name, value)` of `filter`.
+pub async fn metric(admin: SocketAddr, family: &str, filter: &[(&str, &str)]) -> f64 {
+    let client = AppClient::http1(admin);
+    let Ok(answer) = client.get(&admin.to_string(), "/metrics").await else {
+        return f64::NAN;
+    };
+    answer
+        .text()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            let wanted = name == family
+                && filter
+                    .iter()
+                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// This process's resident memory (`VmRSS`), in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time this process has used (user + system), from `/proc/self/stat`.
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command (which may contain spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 (1-based), in USER_HZ = 100 ticks/s.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}

@@ -3,13 +3,9 @@
 //! was going — a mesh Service's ClusterIP:port gets HTTP routing or an
 //! opaque mTLS tunnel, anything else passes through untouched.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -17,47 +13,70 @@ use super::endpoint::connect_tcp;
 use super::target::Endpoints;
 use super::{Outbound, CONNECT_ATTEMPTS};
 use crate::detect::{self, Protocol};
+use crate::drain::Watch;
 use crate::errors::ProxyError;
 use crate::outlier::Failure;
+use crate::server::{Peer, Server, Version};
 use crate::socket::{self, Counted};
 use crate::tls;
 
 type Client = Counted<TcpStream>;
 
 impl Outbound {
-    /// Serves one accepted connection until it closes.
-    pub async fn serve(self: Arc<Self>, tcp: TcpStream) {
+    /// Serves one accepted connection until it closes, policed by `server`;
+    /// `watch` tells when the proxy drains.
+    pub async fn serve(self: Arc<Self>, tcp: TcpStream, server: Arc<Server>, watch: Watch) {
         let _ = tcp.set_nodelay(true);
         let tcp = Counted::new(tcp, "outbound", self.metrics.clone());
         match socket::original_dst(tcp.get_ref()) {
-            None => self.serve_http(tcp, None).await,
-            Some(dst) => self.serve_redirected(tcp, dst).await,
+            None => match server.sniff(tcp.get_ref()).await {
+                Ok(version) => self.serve_http(tcp, version, None, &server, watch).await,
+                Err(error) => tracing::debug!(%error, "outbound connection closed"),
+            },
+            Some(dst) => self.serve_redirected(tcp, dst, &server, watch).await,
         }
     }
 
     /// HTTP/1.1 or HTTP/2 (prior knowledge); each request is routed by its
     /// authority, or by `authority` when the connection was redirected.
-    async fn serve_http(self: Arc<Self>, tcp: Client, authority: Option<String>) {
+    async fn serve_http(
+        self: Arc<Self>,
+        tcp: Client,
+        version: Version,
+        authority: Option<String>,
+        server: &Server,
+        mut watch: Watch,
+    ) {
         let authority: Option<Arc<str>> = authority.map(Into::into);
-        let service = service_fn(move |request| {
+        let handler = move |request| {
             let (outbound, authority) = (self.clone(), authority.clone());
-            async move { Ok::<_, Infallible>(outbound.handle(request, authority.as_deref()).await) }
-        });
-        if let Err(e) = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(tcp), service)
+            async move { outbound.handle(request, authority.as_deref()).await }
+        };
+        if let Err(error) = server
+            .serve(tcp, version, Peer::App, watch.draining(), handler)
             .await
         {
-            tracing::debug!(error = %e, "outbound connection closed with an error");
+            tracing::debug!(%error, "outbound connection closed with an error");
         }
     }
 
     /// A connection iptables redirected: discovery says whether `dst` is a
-    /// mesh Service; detection says whether it speaks HTTP.
-    async fn serve_redirected(self: Arc<Self>, tcp: Client, dst: SocketAddr) {
+    /// mesh Service; detection says whether it speaks HTTP. An opaque
+    /// connection is a tunnel, which a drain lets run until its deadline.
+    async fn serve_redirected(
+        self: Arc<Self>,
+        tcp: Client,
+        dst: SocketAddr,
+        server: &Server,
+        watch: Watch,
+    ) {
         let protocol = if self.opaque_ports.contains(&dst.port()) {
             Protocol::Opaque
         } else {
-            detect::detect(tcp.get_ref()).await
+            match server.handshake(detect::detect(tcp.get_ref())).await {
+                Ok(protocol) => protocol,
+                Err(error) => return tracing::debug!(%dst, %error, "outbound connection closed"),
+            }
         };
         let authority = dst.to_string();
         let endpoints = self
@@ -67,8 +86,17 @@ impl Outbound {
         let result = match (endpoints, protocol) {
             (Err(ProxyError::UnknownService(_)), _) => passthrough(tcp, dst).await,
             // HTTP gets its answer (a 503 saying why) from the request path.
-            (_, Protocol::Http1 | Protocol::Http2) => {
-                return self.serve_http(tcp, Some(authority)).await
+            (_, Protocol::Http1) => {
+                let version = Version::Http1;
+                return self
+                    .serve_http(tcp, version, Some(authority), server, watch)
+                    .await;
+            }
+            (_, Protocol::Http2) => {
+                let version = Version::Http2;
+                return self
+                    .serve_http(tcp, version, Some(authority), server, watch)
+                    .await;
             }
             (Ok(endpoints), _) => self.tunnel(tcp, &endpoints).await,
             (Err(e), _) => Err(e),

@@ -188,6 +188,14 @@ impl EndpointHandle {
             tls::chain_not_after(stream.get_ref().1.peer_certificates().unwrap_or_default());
         let valid_until = peer_not_after.map_or(tls.not_after, |p| p.min(tls.not_after));
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            // PINGs find a dead peer; its pooled connection is replaced.
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(crate::server::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(crate::server::KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            // Responses as large as any sidecar lets through (see there).
+            .max_header_list_size(crate::server::MESH_HEADER_LIST_SIZE)
+            .max_frame_size(crate::server::MESH_FRAME_SIZE)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| error(e.to_string()))?;

@@ -1,0 +1,125 @@
+//! The one accept loop every listener runs: each connection on its own task
+//! holding a drain [`Watch`], accept errors backed off, counted and logged at
+//! most once a second, and the listening socket closed when the drain starts.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::drain::Watch;
+use crate::metrics::ListenerMetrics;
+
+/// The first pause after a failed accept; doubled on each further failure.
+const BACKOFF_START: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one "accept failed" line per listener per this period.
+const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Accepts connections until the drain starts, then closes the listening
+/// socket so new connects are refused at once (a client's proxy then tries
+/// another endpoint). `serve` runs each connection; at the drain's deadline
+/// whatever it still does is dropped.
+pub async fn accept<F, Fut>(
+    listener: TcpListener,
+    direction: &'static str,
+    metrics: Option<ListenerMetrics>,
+    mut watch: Watch,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Watch) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = BACKOFF_START;
+    let mut log = Throttled::default();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = watch.draining() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                backoff = BACKOFF_START;
+                let connection = serve(tcp, peer, watch.clone());
+                let mut deadline = watch.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = connection => {}
+                        () = deadline.forced() => {}
+                    }
+                });
+            }
+            Err(error) => {
+                // EMFILE, ENFILE, ENOBUFS…: the pending connection stays in
+                // the backlog and the next accept fails the same way at once.
+                // Pause, or the loop spins a core and floods the log.
+                if let Some(metrics) = &metrics {
+                    metrics.accept_error(direction);
+                }
+                match log.allow() {
+                    Some(suppressed) => tracing::warn!(
+                        direction,
+                        %error,
+                        suppressed,
+                        retry_in = ?backoff,
+                        "accept failed"
+                    ),
+                    None => {
+                        if let Some(metrics) = &metrics {
+                            metrics.accept_log_suppressed(direction);
+                        }
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    () = watch.draining() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    drop(listener);
+    tracing::debug!(direction, "listener closed for the drain");
+}
+
+/// Allows one log line per [`LOG_EVERY`] and counts the rest.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    /// `Some(lines suppressed since the last one)` when a line may be written.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < LOG_EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_a_second_with_the_count_of_the_others() {
+        let mut log = Throttled::default();
+        assert_eq!(log.allow(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(log.allow(), None);
+        }
+        log.last = log.last.map(|t| t - LOG_EVERY);
+        assert_eq!(log.allow(), Some(1000));
+    }
+}
