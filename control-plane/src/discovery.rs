@@ -52,6 +52,9 @@ impl Discovery for DiscoveryService {
         let mut watch = self.store.watch_routes(&authority);
         let (metrics, store) = (self.metrics.clone(), self.store.clone());
         let (tx, rx) = mpsc::channel(4);
+        // When the client cancels or disconnects, tonic drops `rx`: the task
+        // ends at `tx.closed()` and dropping `watch` releases the authority
+        // (tests/watches.rs).
         tokio::spawn(async move {
             // The store change that caused the update (none for the first).
             let mut cause = None;

@@ -2,11 +2,13 @@
 //!
 //! Every source (the manifest directory, kube-rs watchers) feeds the same
 //! `apply` / `delete` / `replace_all`; every consumer subscribes to an
-//! authority and gets a `tokio::sync::watch` of its endpoints. After each
-//! change only the watches whose answer changed are woken.
+//! authority and gets a `tokio::sync::watch` of its endpoints, forgotten as
+//! soon as its last holder drops it. After each change only the watches
+//! whose answer changed are woken.
 
 mod resolve;
 mod routes;
+mod watches;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,6 +21,8 @@ use trellis_proto::discovery::Routes;
 use crate::model::{EndpointSlice, HttpFault, HttpRoute, Object, ObjectKey, Pod, Service};
 pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
 pub use routes::parse_gateway_duration;
+pub use watches::AuthorityWatch;
+use watches::Watched;
 
 /// What a watch of one authority sees: the Service's endpoints, or `None`
 /// when no Service matches.
@@ -39,8 +43,8 @@ pub(crate) struct State {
     pub(crate) faults: HashMap<ObjectKey, HttpFault>,
     /// When the objects last changed, for push-latency metrics.
     changed_at: Option<Instant>,
-    watches: HashMap<String, watch::Sender<Resolution>>,
-    route_watches: HashMap<String, watch::Sender<Arc<Routes>>>,
+    watches: HashMap<String, Watched<Resolution>>,
+    route_watches: HashMap<String, Watched<Arc<Routes>>>,
 }
 
 /// How many objects of each kind the store holds.
@@ -106,29 +110,6 @@ impl Store {
         state.notify();
     }
 
-    /// Watches the endpoints of an authority (`name.ns.svc.cluster.local:port`,
-    /// `name.ns:port` or `clusterIP:port`).
-    pub fn watch(&self, authority: &str) -> watch::Receiver<Resolution> {
-        let mut state = self.lock();
-        if let Some(sender) = state.watches.get(authority) {
-            return sender.subscribe();
-        }
-        let (sender, receiver) = watch::channel(Arc::new(state.resolve(authority)));
-        state.watches.insert(authority.to_string(), sender);
-        receiver
-    }
-
-    /// Watches the routes of an authority (same forms as [`Store::watch`]).
-    pub fn watch_routes(&self, authority: &str) -> watch::Receiver<Arc<Routes>> {
-        let mut state = self.lock();
-        if let Some(sender) = state.route_watches.get(authority) {
-            return sender.subscribe();
-        }
-        let (sender, receiver) = watch::channel(Arc::new(state.routes_for(authority)));
-        state.route_watches.insert(authority.to_string(), sender);
-        receiver
-    }
-
     /// The current routes of an authority, without watching them.
     pub fn routes(&self, authority: &str) -> Routes {
         self.lock().routes_for(authority)
@@ -169,17 +150,14 @@ impl State {
     }
 
     /// Recomputes every watched authority and wakes the watchers whose answer
-    /// changed; forgets watches nobody holds any more.
+    /// changed. (Watches nobody holds are already gone: see `watches`.)
     fn notify(&mut self) {
         self.changed_at = Some(Instant::now());
-        self.watches.retain(|_, sender| sender.receiver_count() > 0);
-        self.route_watches
-            .retain(|_, sender| sender.receiver_count() > 0);
-        for (authority, sender) in &self.watches {
-            publish(sender, self.resolve(authority));
+        for (authority, watched) in &self.watches {
+            publish(&watched.sender, self.resolve(authority));
         }
-        for (authority, sender) in &self.route_watches {
-            publish(sender, self.routes_for(authority));
+        for (authority, watched) in &self.route_watches {
+            publish(&watched.sender, self.routes_for(authority));
         }
     }
 }
