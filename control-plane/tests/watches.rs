@@ -2,20 +2,19 @@
 //! open: a client asking about made-up authorities costs nothing once its
 //! streams end, whether it cancels them or disconnects.
 
+mod support;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tonic::transport::Channel;
 use tonic::Streaming;
-use trellis_control_plane::controller::{Controller, ControllerConfig};
+use trellis_control_plane::controller::Controller;
 use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::endpoint_update::Kind;
-use trellis_proto::discovery::{EndpointUpdate, Routes, WatchRequest};
+use trellis_proto::discovery::{EndpointUpdate, Routes};
+
+use support::{connect, metrics, request, series, start};
 
 const HELLO: &str = "\
 apiVersion: v1
@@ -37,37 +36,6 @@ const MADE_UP: usize = 1000;
 const CONNECTIONS: usize = 10;
 /// How long the controller may take to forget them.
 const PATIENCE: Duration = Duration::from_secs(2);
-
-async fn start(dir: &Path) -> Controller {
-    std::fs::create_dir(dir.join("manifests")).unwrap();
-    std::fs::write(dir.join("manifests/hello.yaml"), HELLO).unwrap();
-    Controller::start(ControllerConfig {
-        manifests: dir.join("manifests"),
-        state_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        trust_domain: "cluster.local".into(),
-        leaf_lifetime: Duration::from_secs(60),
-    })
-    .await
-    .unwrap()
-}
-
-async fn connect(addr: SocketAddr) -> DiscoveryClient<Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    DiscoveryClient::new(channel)
-}
-
-fn request(authority: &str) -> WatchRequest {
-    WatchRequest {
-        authority: authority.into(),
-        client_identity: "spiffe://cluster.local/ns/default/sa/hostile".into(),
-    }
-}
 
 /// Open streams of both kinds, each past its first message.
 #[derive(Default)]
@@ -109,17 +77,9 @@ async fn watch_made_up(clients: &mut [DiscoveryClient<Channel>], round: usize) -
 
 /// The `trellis_controller_watches` gauge, as the admin port serves it.
 async fn watches_gauge(admin: SocketAddr) -> i64 {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let response = client
-        .get(format!("http://{admin}/metrics").parse().unwrap())
-        .await
-        .unwrap();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix("trellis_controller_watches "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("trellis_controller_watches in /metrics")
+    let metrics = metrics(admin).await;
+    series(&metrics, "trellis_controller_watches").expect("trellis_controller_watches in /metrics")
+        as i64
 }
 
 /// Waits until the store and the gauge both count `expected` watches.
@@ -152,7 +112,7 @@ fn rss_kib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_of_made_up_authorities_are_forgotten_when_their_streams_end() {
     let dir = tempfile::tempdir().unwrap();
-    let controller = start(dir.path()).await;
+    let controller = start(dir.path(), &[("hello.yaml", HELLO)]).await;
 
     // A real proxy's watch of hello stays open throughout.
     let mut proxy = connect(controller.addr).await;

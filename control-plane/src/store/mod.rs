@@ -6,6 +6,7 @@
 //! soon as its last holder drops it. After each change only the watches
 //! whose answer changed are woken.
 
+mod resilience;
 mod resolve;
 mod routes;
 mod watches;
@@ -18,7 +19,9 @@ use tokio::sync::watch;
 
 use trellis_proto::discovery::Routes;
 
-use crate::model::{EndpointSlice, HttpFault, HttpRoute, Object, ObjectKey, Pod, Service};
+use crate::model::{
+    EndpointSlice, HttpFault, HttpRoute, Object, ObjectKey, Pod, ResiliencePolicy, Service,
+};
 pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
 pub use routes::parse_gateway_duration;
 pub use watches::AuthorityWatch;
@@ -41,6 +44,7 @@ pub(crate) struct State {
     pub(crate) pods: HashMap<ObjectKey, Pod>,
     pub(crate) routes: HashMap<ObjectKey, HttpRoute>,
     pub(crate) faults: HashMap<ObjectKey, HttpFault>,
+    pub(crate) policies: HashMap<ObjectKey, ResiliencePolicy>,
     /// When the objects last changed, for push-latency metrics.
     changed_at: Option<Instant>,
     watches: HashMap<String, Watched<Resolution>>,
@@ -54,6 +58,8 @@ pub struct Counts {
     pub endpoint_slices: usize,
     pub pods: usize,
     pub http_routes: usize,
+    pub http_faults: usize,
+    pub resilience_policies: usize,
     pub watches: usize,
 }
 
@@ -90,6 +96,7 @@ impl Store {
             "Pod" => drop(state.pods.remove(key)),
             "HTTPRoute" => drop(state.routes.remove(key)),
             "HTTPFault" => drop(state.faults.remove(key)),
+            "ResiliencePolicy" => drop(state.policies.remove(key)),
             _ => return,
         }
         state.notify();
@@ -104,6 +111,7 @@ impl Store {
         state.pods.clear();
         state.routes.clear();
         state.faults.clear();
+        state.policies.clear();
         for object in objects {
             state.insert(object);
         }
@@ -132,6 +140,8 @@ impl Store {
             endpoint_slices: state.slices.len(),
             pods: state.pods.len(),
             http_routes: state.routes.len(),
+            http_faults: state.faults.len(),
+            resilience_policies: state.policies.len(),
             watches: state.watches.len() + state.route_watches.len(),
         }
     }
@@ -146,6 +156,7 @@ impl State {
             Object::Pod(o) => drop(self.pods.insert(key, o)),
             Object::HttpRoute(o) => drop(self.routes.insert(key, o)),
             Object::HttpFault(o) => drop(self.faults.insert(key, o)),
+            Object::ResiliencePolicy(o) => drop(self.policies.insert(key, o)),
         }
     }
 
