@@ -12,8 +12,7 @@ use tonic::{Request, Response, Status};
 use trellis_proto::discovery::discovery_server::{Discovery, DiscoveryServer};
 use trellis_proto::discovery::endpoint_update::Kind;
 use trellis_proto::discovery::{
-    Endpoint, EndpointUpdate, Endpoints, NoEndpoints, Removed, Routes, ServiceInfo, Snapshot,
-    WatchRequest,
+    Endpoint, EndpointUpdate, Endpoints, NoEndpoints, Removed, Routes, Snapshot, WatchRequest,
 };
 
 use crate::metrics::ControllerMetrics;
@@ -52,6 +51,9 @@ impl Discovery for DiscoveryService {
         let mut watch = self.store.watch_routes(&authority);
         let (metrics, store) = (self.metrics.clone(), self.store.clone());
         let (tx, rx) = mpsc::channel(4);
+        // When the client cancels or disconnects, tonic drops `rx`: the task
+        // ends at `tx.closed()` and dropping `watch` releases the authority
+        // (tests/watches.rs).
         tokio::spawn(async move {
             // The store change that caused the update (none for the first).
             let mut cause = None;
@@ -108,6 +110,11 @@ impl Discovery for DiscoveryService {
 }
 
 /// The updates that take a client from `sent` to `current`.
+///
+/// A Snapshot starts over whenever the client holds no endpoints (its first
+/// message, or after NoEndpoints) or the ServiceInfo changed (another
+/// Service behind a ClusterIP, or its ResiliencePolicy), so the client
+/// always has the ServiceInfo that goes with its endpoints.
 fn diff(
     sent: Option<&ServiceEndpoints>,
     current: Option<&ServiceEndpoints>,
@@ -116,31 +123,25 @@ fn diff(
     let Some(current) = current else {
         return vec![update(Kind::NoEndpoints(NoEndpoints { exists: false }))];
     };
+    if current.endpoints.is_empty() {
+        // NoEndpoints carries no ServiceInfo: a change of it waits for the
+        // Snapshot that brings endpoints back.
+        return match sent {
+            Some(sent) if sent.endpoints.is_empty() => Vec::new(),
+            _ => vec![update(Kind::NoEndpoints(NoEndpoints { exists: true }))],
+        };
+    }
     let previous = match sent {
-        // The first message, or a new Service behind the authority, starts over.
-        Some(sent) if sent.service == current.service => &sent.endpoints,
+        Some(sent) if !sent.endpoints.is_empty() && sent.info() == current.info() => {
+            &sent.endpoints
+        }
         _ => {
-            if current.endpoints.is_empty() {
-                return vec![update(Kind::NoEndpoints(NoEndpoints { exists: true }))];
-            }
             return vec![update(Kind::Snapshot(Snapshot {
-                service: Some(ServiceInfo {
-                    name: current.service.name.clone(),
-                    namespace: current.service.namespace.clone(),
-                    port: u32::from(current.port),
-                    resilience: None,
-                }),
+                service: Some(current.info()),
                 endpoints: current.endpoints.values().cloned().collect(),
             }))];
         }
     };
-    if current.endpoints.is_empty() {
-        return if previous.is_empty() {
-            Vec::new()
-        } else {
-            vec![update(Kind::NoEndpoints(NoEndpoints { exists: true }))]
-        };
-    }
     let removed: Vec<String> = previous
         .keys()
         .filter(|k| !current.endpoints.contains_key(*k))
@@ -161,3 +162,6 @@ fn diff(
     }
     updates
 }
+
+#[cfg(test)]
+mod tests;

@@ -96,6 +96,8 @@ impl ControllerMetrics {
             ("EndpointSlice", counts.endpoint_slices),
             ("Pod", counts.pods),
             ("HTTPRoute", counts.http_routes),
+            ("HTTPFault", counts.http_faults),
+            ("ResiliencePolicy", counts.resilience_policies),
         ] {
             self.objects.with_label_values(&[kind]).set(n as i64);
         }

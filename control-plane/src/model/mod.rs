@@ -1,7 +1,8 @@
 //! The Kubernetes objects the mesh reads, as plain serde types.
 //!
 //! Only the fields Trellis uses are modelled; unknown fields are ignored, so
-//! ordinary manifests written for a real cluster load unchanged.
+//! ordinary manifests written for a real cluster load unchanged — except in
+//! `ResiliencePolicy`, which refuses them (see `resilience`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,7 +10,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 mod httproute;
+mod resilience;
 pub use httproute::*;
+pub use resilience::*;
 
 /// `namespace/name` of an object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -229,6 +232,7 @@ pub enum Object {
     Pod(Pod),
     HttpRoute(HttpRoute),
     HttpFault(HttpFault),
+    ResiliencePolicy(ResiliencePolicy),
 }
 
 impl Object {
@@ -239,6 +243,7 @@ impl Object {
             Object::Pod(_) => "Pod",
             Object::HttpRoute(_) => "HTTPRoute",
             Object::HttpFault(_) => "HTTPFault",
+            Object::ResiliencePolicy(_) => "ResiliencePolicy",
         }
     }
 
@@ -249,6 +254,7 @@ impl Object {
             Object::Pod(o) => o.metadata.key(),
             Object::HttpRoute(o) => o.metadata.key(),
             Object::HttpFault(o) => o.metadata.key(),
+            Object::ResiliencePolicy(o) => o.metadata.key(),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{EndpointSlice, Object, ObjectKey, Pod, Service};
+use crate::model::{EndpointSlice, Object, ObjectKey, Pod, ResiliencePolicy, Service};
 
 /// A manifest that was rejected, and why. The message names the file, the
 /// object (when the file parsed) and what to fix.
@@ -80,13 +80,20 @@ pub fn parse(file: &Path, contents: &str) -> Result<Vec<Object>, ManifestError> 
             ("trellis.dev/v1alpha1", "HTTPFault") => {
                 Object::HttpFault(convert(document, &label, file)?)
             }
-            (_, "Service" | "EndpointSlice" | "Pod" | "HTTPRoute" | "HTTPFault") => {
+            ("trellis.dev/v1alpha1", "ResiliencePolicy") => {
+                Object::ResiliencePolicy(convert(document, &label, file)?)
+            }
+            (
+                _,
+                "Service" | "EndpointSlice" | "Pod" | "HTTPRoute" | "HTTPFault"
+                | "ResiliencePolicy",
+            ) => {
                 return Err(error(
                     Some(label),
                     format!(
                         "apiVersion {api_version:?} is not supported for {kind}; use v1 (Service, Pod), \
                          discovery.k8s.io/v1 (EndpointSlice), gateway.networking.k8s.io/v1 (HTTPRoute) \
-                         or trellis.dev/v1alpha1 (HTTPFault)"
+                         or trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy)"
                     ),
                 ));
             }
@@ -120,13 +127,25 @@ pub fn validate(file: &Path, objects: &[Object], all: &[&Object]) -> Result<(), 
     };
     let services = keys("Service");
     let faults = keys("HTTPFault");
+    let policies: BTreeMap<ObjectKey, &ResiliencePolicy> = all
+        .iter()
+        .filter_map(|o| match o {
+            Object::ResiliencePolicy(p) => Some((p.metadata.key(), p)),
+            _ => None,
+        })
+        .collect();
     for object in objects {
         let problem = match object {
             Object::Service(s) => validate_service(s),
             Object::EndpointSlice(s) => validate_slice(s, &services),
             Object::Pod(p) => validate_pod(p),
-            Object::HttpRoute(r) => super::route_validation::validate_route(r, &services, &faults),
+            Object::HttpRoute(r) => {
+                super::route_validation::validate_route(r, &services, &faults, &policies)
+            }
             Object::HttpFault(f) => super::route_validation::validate_fault(f),
+            Object::ResiliencePolicy(p) => {
+                super::resilience_validation::validate_policy(p).map_err(|e| e.to_string())
+            }
         };
         if let Err(reason) = problem {
             return Err(ManifestError {

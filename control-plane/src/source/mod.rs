@@ -6,4 +6,5 @@
 
 pub mod local;
 pub mod manifest;
+pub mod resilience_validation;
 pub mod route_validation;

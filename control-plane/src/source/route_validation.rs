@@ -1,15 +1,16 @@
 //! Checks on HTTPRoutes and HTTPFaults before they may serve: each problem
 //! names the field and what to write instead.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{HttpFault, HttpRoute, ObjectKey, TRELLIS_GROUP};
+use crate::model::{HttpFault, HttpRoute, ObjectKey, ResiliencePolicy, TRELLIS_GROUP};
 use crate::store::parse_gateway_duration;
 
 pub fn validate_route(
     route: &HttpRoute,
     services: &BTreeSet<ObjectKey>,
     faults: &BTreeSet<ObjectKey>,
+    policies: &BTreeMap<ObjectKey, &ResiliencePolicy>,
 ) -> Result<(), String> {
     let ns = route.metadata.key().namespace;
     let parents: Vec<_> = route
@@ -143,6 +144,8 @@ pub fn validate_route(
                 }
             }
         }
+        // The filter that named this rule's ResiliencePolicy.
+        let mut policy_filter = None;
         for (j, filter) in rule.filters.iter().enumerate() {
             let at = at(&format!("filters[{j}]"));
             match filter.kind.as_str() {
@@ -161,14 +164,28 @@ pub fn validate_route(
                     let Some(r) = &filter.extension_ref else {
                         return Err(format!("{at}: type ExtensionRef needs extensionRef"));
                     };
-                    if r.group != TRELLIS_GROUP || r.kind != "HTTPFault" {
-                        return Err(format!("{at}: extensionRef {}/{} is not supported; use group trellis.dev, kind HTTPFault", r.group, r.kind));
-                    }
-                    if !faults.contains(&ObjectKey::new(&ns, &r.name)) {
-                        return Err(format!("{at}: HTTPFault {ns}/{} does not exist", r.name));
+                    let key = ObjectKey::new(&ns, &r.name);
+                    match (r.group.as_str(), r.kind.as_str()) {
+                        (TRELLIS_GROUP, "HTTPFault") => {
+                            if !faults.contains(&key) {
+                                return Err(format!("{at}: HTTPFault {key} does not exist"));
+                            }
+                        }
+                        (TRELLIS_GROUP, "ResiliencePolicy") => {
+                            let Some(policy) = policies.get(&key) else {
+                                return Err(format!("{at}: ResiliencePolicy {key} does not exist"));
+                            };
+                            if policy.spec.outlier_detection.is_some() {
+                                return Err(format!("{at}: ResiliencePolicy {key} sets outlierDetection, which applies per Service through its spec.targetRefs, not per route rule; reference a policy with only circuitBreaker"));
+                            }
+                            if let Some(first) = policy_filter.replace(j) {
+                                return Err(format!("{at}: a rule takes one ResiliencePolicy, and filters[{first}] already names one"));
+                            }
+                        }
+                        _ => return Err(format!("{at}: extensionRef {}/{} is not supported; use group trellis.dev, kind HTTPFault or ResiliencePolicy", r.group, r.kind)),
                     }
                 }
-                other => return Err(format!("{at}: filter type {other:?} is not supported; use RequestHeaderModifier or ExtensionRef (HTTPFault)")),
+                other => return Err(format!("{at}: filter type {other:?} is not supported; use RequestHeaderModifier or ExtensionRef (HTTPFault, ResiliencePolicy)")),
             }
         }
     }
@@ -210,3 +227,6 @@ pub fn validate_fault(fault: &HttpFault) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,11 +2,14 @@
 //!
 //! Every source (the manifest directory, kube-rs watchers) feeds the same
 //! `apply` / `delete` / `replace_all`; every consumer subscribes to an
-//! authority and gets a `tokio::sync::watch` of its endpoints. After each
-//! change only the watches whose answer changed are woken.
+//! authority and gets a `tokio::sync::watch` of its endpoints, forgotten as
+//! soon as its last holder drops it. After each change only the watches
+//! whose answer changed are woken.
 
+mod resilience;
 mod resolve;
 mod routes;
+mod watches;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,9 +19,13 @@ use tokio::sync::watch;
 
 use trellis_proto::discovery::Routes;
 
-use crate::model::{EndpointSlice, HttpFault, HttpRoute, Object, ObjectKey, Pod, Service};
+use crate::model::{
+    EndpointSlice, HttpFault, HttpRoute, Object, ObjectKey, Pod, ResiliencePolicy, Service,
+};
 pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
 pub use routes::parse_gateway_duration;
+pub use watches::AuthorityWatch;
+use watches::Watched;
 
 /// What a watch of one authority sees: the Service's endpoints, or `None`
 /// when no Service matches.
@@ -37,10 +44,11 @@ pub(crate) struct State {
     pub(crate) pods: HashMap<ObjectKey, Pod>,
     pub(crate) routes: HashMap<ObjectKey, HttpRoute>,
     pub(crate) faults: HashMap<ObjectKey, HttpFault>,
+    pub(crate) policies: HashMap<ObjectKey, ResiliencePolicy>,
     /// When the objects last changed, for push-latency metrics.
     changed_at: Option<Instant>,
-    watches: HashMap<String, watch::Sender<Resolution>>,
-    route_watches: HashMap<String, watch::Sender<Arc<Routes>>>,
+    watches: HashMap<String, Watched<Resolution>>,
+    route_watches: HashMap<String, Watched<Arc<Routes>>>,
 }
 
 /// How many objects of each kind the store holds.
@@ -50,6 +58,8 @@ pub struct Counts {
     pub endpoint_slices: usize,
     pub pods: usize,
     pub http_routes: usize,
+    pub http_faults: usize,
+    pub resilience_policies: usize,
     pub watches: usize,
 }
 
@@ -86,6 +96,7 @@ impl Store {
             "Pod" => drop(state.pods.remove(key)),
             "HTTPRoute" => drop(state.routes.remove(key)),
             "HTTPFault" => drop(state.faults.remove(key)),
+            "ResiliencePolicy" => drop(state.policies.remove(key)),
             _ => return,
         }
         state.notify();
@@ -100,33 +111,11 @@ impl Store {
         state.pods.clear();
         state.routes.clear();
         state.faults.clear();
+        state.policies.clear();
         for object in objects {
             state.insert(object);
         }
         state.notify();
-    }
-
-    /// Watches the endpoints of an authority (`name.ns.svc.cluster.local:port`,
-    /// `name.ns:port` or `clusterIP:port`).
-    pub fn watch(&self, authority: &str) -> watch::Receiver<Resolution> {
-        let mut state = self.lock();
-        if let Some(sender) = state.watches.get(authority) {
-            return sender.subscribe();
-        }
-        let (sender, receiver) = watch::channel(Arc::new(state.resolve(authority)));
-        state.watches.insert(authority.to_string(), sender);
-        receiver
-    }
-
-    /// Watches the routes of an authority (same forms as [`Store::watch`]).
-    pub fn watch_routes(&self, authority: &str) -> watch::Receiver<Arc<Routes>> {
-        let mut state = self.lock();
-        if let Some(sender) = state.route_watches.get(authority) {
-            return sender.subscribe();
-        }
-        let (sender, receiver) = watch::channel(Arc::new(state.routes_for(authority)));
-        state.route_watches.insert(authority.to_string(), sender);
-        receiver
     }
 
     /// The current routes of an authority, without watching them.
@@ -151,6 +140,8 @@ impl Store {
             endpoint_slices: state.slices.len(),
             pods: state.pods.len(),
             http_routes: state.routes.len(),
+            http_faults: state.faults.len(),
+            resilience_policies: state.policies.len(),
             watches: state.watches.len() + state.route_watches.len(),
         }
     }
@@ -165,21 +156,19 @@ impl State {
             Object::Pod(o) => drop(self.pods.insert(key, o)),
             Object::HttpRoute(o) => drop(self.routes.insert(key, o)),
             Object::HttpFault(o) => drop(self.faults.insert(key, o)),
+            Object::ResiliencePolicy(o) => drop(self.policies.insert(key, o)),
         }
     }
 
     /// Recomputes every watched authority and wakes the watchers whose answer
-    /// changed; forgets watches nobody holds any more.
+    /// changed. (Watches nobody holds are already gone: see `watches`.)
     fn notify(&mut self) {
         self.changed_at = Some(Instant::now());
-        self.watches.retain(|_, sender| sender.receiver_count() > 0);
-        self.route_watches
-            .retain(|_, sender| sender.receiver_count() > 0);
-        for (authority, sender) in &self.watches {
-            publish(sender, self.resolve(authority));
+        for (authority, watched) in &self.watches {
+            publish(&watched.sender, self.resolve(authority));
         }
-        for (authority, sender) in &self.route_watches {
-            publish(sender, self.routes_for(authority));
+        for (authority, watched) in &self.route_watches {
+            publish(&watched.sender, self.routes_for(authority));
         }
     }
 }

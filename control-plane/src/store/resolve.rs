@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use trellis_proto::discovery::{Endpoint, ProtocolHint};
+use trellis_proto::discovery::{Endpoint, ProtocolHint, Resilience, ServiceInfo};
 use trellis_proto::SpiffeId;
 
 use super::State;
@@ -14,8 +14,22 @@ use crate::model::{EndpointSlice, IntOrString, ObjectKey, Service, ServicePort};
 pub struct ServiceEndpoints {
     pub service: ObjectKey,
     pub port: u16,
+    /// From the ResiliencePolicy that targets the Service, if any.
+    pub resilience: Option<Resilience>,
     /// Keyed by `ip:port`, so diffs and snapshots are deterministic.
     pub endpoints: BTreeMap<String, Endpoint>,
+}
+
+impl ServiceEndpoints {
+    /// What a Snapshot says about the Service besides its endpoints.
+    pub fn info(&self) -> ServiceInfo {
+        ServiceInfo {
+            name: self.service.name.clone(),
+            namespace: self.service.namespace.clone(),
+            port: u32::from(self.port),
+            resilience: self.resilience,
+        }
+    }
 }
 
 /// The host part of an authority, once parsed.
@@ -116,6 +130,7 @@ impl State {
             self.collect_endpoints(service, service_port, slice, &mut endpoints);
         }
         Some(ServiceEndpoints {
+            resilience: self.service_resilience(&key),
             service: key,
             port,
             endpoints,

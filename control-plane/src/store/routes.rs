@@ -168,6 +168,7 @@ impl State {
         };
         let mut request_headers = None;
         let mut fault = None;
+        let mut resilience = None;
         for filter in &rule.filters {
             if let Some(modifier) = &filter.request_header_modifier {
                 let headers = |list: &[crate::model::HttpHeader]| {
@@ -185,6 +186,10 @@ impl State {
                 });
             }
             if let Some(reference) = &filter.extension_ref {
+                if reference.group == TRELLIS_GROUP && reference.kind == "ResiliencePolicy" {
+                    resilience =
+                        self.rule_resilience(&ObjectKey::new(&route.namespace, &reference.name));
+                }
                 if reference.group == TRELLIS_GROUP && reference.kind == "HTTPFault" {
                     let key = ObjectKey::new(&route.namespace, &reference.name);
                     fault = self.faults.get(&key).map(|f| Fault {
@@ -232,7 +237,7 @@ impl State {
             fault,
             request_headers,
             route: format!("{route}#{index}"),
-            resilience: None,
+            resilience,
         }
     }
 }

@@ -114,11 +114,34 @@ async fn watchers_wake_only_when_their_answer_changes() {
 }
 
 #[test]
-fn dropped_watches_are_forgotten() {
+fn a_watch_is_forgotten_when_its_last_holder_drops_it() {
     let store = store();
-    let watch = store.watch("hello.default:8080");
+    let changed_at = store.changed_at();
+    let first = store.watch("made-up.default:80");
+    let second = store.watch("made-up.default:80");
+    let routes = store.watch_routes("made-up.default:80");
+    assert_eq!(store.counts().watches, 2, "one per authority and kind");
+
+    drop(first);
+    assert_eq!(store.counts().watches, 2, "the second holder keeps it");
+    drop(second);
+    drop(routes);
+    assert_eq!(
+        store.counts().watches,
+        0,
+        "forgotten at once, without a store change"
+    );
+    assert_eq!(store.changed_at(), changed_at, "nothing changed meanwhile");
+}
+
+#[tokio::test]
+async fn a_shared_watch_keeps_working_after_another_holder_leaves() {
+    let store = store();
+    let mut kept = store.watch("hello.default:8080");
+    kept.borrow_and_update();
+    drop(store.watch("hello.default:8080"));
+
+    store.delete("Pod", &ObjectKey::new("default", "hello-v1"));
+    assert!(kept.has_changed().unwrap(), "still wired to the store");
     assert_eq!(store.counts().watches, 1);
-    drop(watch);
-    store.replace_all(Vec::new());
-    assert_eq!(store.counts().watches, 0);
 }
