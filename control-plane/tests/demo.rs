@@ -7,6 +7,14 @@ use std::time::{Duration, Instant};
 /// Processes whose command line or environment mentions `needle` (our state
 /// directory: the controller has it in its flags, proxies in their token path).
 fn processes_mentioning(needle: &Path) -> Vec<String> {
+    processes(needle)
+        .into_iter()
+        .map(|(_, cmdline)| cmdline)
+        .collect()
+}
+
+/// Pid and command line of the processes that mention `needle`.
+fn processes(needle: &Path) -> Vec<(String, String)> {
     let needle = needle.to_string_lossy().into_owned();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -18,7 +26,7 @@ fn processes_mentioning(needle: &Path) -> Vec<String> {
             continue;
         };
         if cmdline.contains(&needle) || environ.contains(&needle) {
-            found.push(cmdline);
+            found.push((entry.file_name().to_string_lossy().into_owned(), cmdline));
         }
     }
     found
@@ -89,6 +97,131 @@ fn demo_runs_for_a_duration_and_reports_json() {
     assert_eq!(
         summary["client_identities"][0], "spiffe://cluster.local/ns/default/sa/frontend",
         "{summary}"
+    );
+    assert_eq!(summary["scenario"], "steady", "{summary}");
+    assert_eq!(summary["failed"], requests - succeeded, "{summary}");
+    assert_eq!(
+        summary["restarts"]["total"], 0,
+        "nothing crashed: {summary}"
+    );
+    assert_eq!(
+        summary["restarts"]["by_process"]
+            .as_object()
+            .map(|m| m.len()),
+        Some(7),
+        "the controller and three pods of two processes each: {summary}"
+    );
+    assert_eq!(summary["disruptions"], serde_json::json!([]), "{summary}");
+    let left = processes_mentioning(state.path());
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+/// Runs `meshctl demo <args> --output json` in `state` and returns its
+/// exit status, the summary and stderr.
+fn demo_json(state: &Path, args: &[&str]) -> (std::process::ExitStatus, serde_json::Value, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .arg("demo")
+        .args(args)
+        .args(["--output", "json", "--state-dir"])
+        .arg(state)
+        .env("TRELLIS_CONTEXT", state.join("context.json"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let last = stdout.lines().last().unwrap_or_default();
+    let summary = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    (output.status, summary, stderr)
+}
+
+#[test]
+fn a_crashed_controller_is_restarted_and_traffic_never_notices() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_path_buf();
+    let demo = std::thread::spawn(move || demo_json(&dir, &["--duration", "10"]));
+    // Once the proxies run, kill the controller as an OOM killer would.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processes_mentioning(&state.path().join("tokens")).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the demo's proxies did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let controllers: Vec<String> = processes(state.path())
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains("internal controller"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(controllers.len(), 1, "{controllers:?}");
+    let killed = Command::new("kill")
+        .args(["-KILL", &controllers[0]])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let (status, summary, stderr) = demo.join().unwrap();
+    assert!(status.success(), "{summary}\nstderr:\n{stderr}");
+    assert_eq!(
+        summary["restarts"]["by_process"]["controller"], 1,
+        "{summary}"
+    );
+    assert_eq!(summary["restarts"]["total"], 1, "{summary}");
+    // Proxies keep their last routes and certificate while it is away.
+    assert_eq!(summary["failed"], 0, "{summary}");
+    // The restarted controller wrote below the first one's lines.
+    let log = std::fs::read_to_string(state.path().join("logs/controller.log")).unwrap();
+    let marker = log
+        .find("controller exited (signal: 9 (SIGKILL)); restart 1")
+        .unwrap_or_else(|| panic!("no restart marker in the log:\n{log}"));
+    assert!(log[..marker].contains("controller started"), "{log}");
+    assert!(log[marker..].contains("controller started"), "{log}");
+    let left = processes_mentioning(state.path());
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+/// The goal: a `hello` pod stopped and crashed again and again while
+/// traffic runs, and not one request fails.
+#[test]
+fn chaos_restarts_the_disrupted_pod_and_no_request_fails() {
+    let state = tempfile::tempdir().unwrap();
+    let (status, summary, stderr) =
+        demo_json(state.path(), &["--scenario", "chaos", "--duration", "30"]);
+    assert!(status.success(), "{summary}\nstderr:\n{stderr}");
+    assert_eq!(summary["scenario"], "chaos", "{summary}");
+    assert!(
+        summary["requests"].as_u64().unwrap() >= 2000,
+        "about 100 rps for 30 s: {summary}"
+    );
+    let disruptions = summary["disruptions"].as_array().unwrap();
+    for kind in ["graceful", "crash"] {
+        assert!(
+            disruptions.iter().any(|d| d["kind"] == kind),
+            "no {kind} disruption: {summary}"
+        );
+    }
+    for disruption in disruptions {
+        let process = disruption["process"].as_str().unwrap();
+        assert!(
+            process.starts_with("hello-v2"),
+            "chaos hits one hello pod: {disruption}"
+        );
+        assert!(
+            summary["restarts"]["by_process"][process].as_u64().unwrap() >= 1,
+            "{process} was disrupted, so restarted: {summary}"
+        );
+    }
+    assert!(
+        summary["restarts"]["total"].as_u64().unwrap() >= 1,
+        "{summary}"
+    );
+    assert_eq!(
+        summary["failed"], 0,
+        "requests failed while the pod was disrupted (by disruption: {}; why: {})",
+        summary["disruptions"], summary["failures"]
     );
     let left = processes_mentioning(state.path());
     assert!(left.is_empty(), "processes left behind: {left:?}");

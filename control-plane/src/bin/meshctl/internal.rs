@@ -1,14 +1,19 @@
 //! The processes `meshctl demo` starts, as hidden subcommands of meshctl
 //! itself, so the demo needs no other binary on the PATH. Each one exits
 //! when its standard input closes: the demo holds the other end, so nothing
-//! outlives it, even when it is killed.
+//! outlives it, even when it is killed. SIGTERM stops them too, with exit
+//! status 0, as it stops a container.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::unix::pipe;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 use trellis_control_plane::cli::{init_tracing, ControllerArgs};
 use trellis_control_plane::controller::Controller;
 use trellis_control_plane::demo::apps;
@@ -41,8 +46,15 @@ pub enum Internal {
     },
 }
 
+/// How long a proxy told to stop (SIGTERM) keeps serving the connections it
+/// already accepted before it exits.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 pub async fn run(command: Internal) -> anyhow::Result<bool> {
     init_tracing("info");
+    // Replaces SIGTERM's default (die at once) before anything can send it.
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let drains = matches!(command, Internal::Proxy);
     let work = async {
         match command {
             Internal::Controller(args) => {
@@ -52,8 +64,19 @@ pub async fn run(command: Internal) -> anyhow::Result<bool> {
             }
             Internal::Proxy => {
                 let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
-                trellis_proxy::start(config).await?.wait().await;
-                anyhow::bail!("a proxy task stopped unexpectedly")
+                let mut terminate =
+                    signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+                let proxy = trellis_proxy::start(config).await?;
+                tokio::select! {
+                    () = proxy.wait() => anyhow::bail!("a proxy task stopped unexpectedly"),
+                    _ = terminate.recv() => {}
+                }
+                // The proxy is dropped: its listeners are closed. Connections
+                // it accepted run on tasks of their own, so the requests in
+                // flight on them get a moment to finish.
+                tracing::info!(grace = ?DRAIN_GRACE, "SIGTERM: no longer accepting connections; draining");
+                tokio::time::sleep(DRAIN_GRACE).await;
+                Ok(())
             }
             Internal::Hello {
                 listen,
@@ -82,13 +105,30 @@ pub async fn run(command: Internal) -> anyhow::Result<bool> {
     tokio::select! {
         result = work => result.map(|()| true),
         () = stdin_closed() => Ok(true),
+        _ = terminate.recv(), if !drains => Ok(true),
     }
 }
 
+/// Returns when standard input closes: the demo, which holds the other end,
+/// stopped or died.
 async fn stdin_closed() {
-    let mut stdin = tokio::io::stdin();
+    // A pipe is read without a thread: the runtime waits for its blocking
+    // threads when it shuts down, so one blocked reading stdin would keep the
+    // process alive after it stopped for another reason (SIGTERM, a failure).
+    let pipe = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(pipe::Receiver::from_owned_fd);
+    match pipe {
+        Ok(pipe) => until_end(pipe).await,
+        // A terminal or a file: run by hand.
+        Err(_) => until_end(tokio::io::stdin()).await,
+    }
+}
+
+async fn until_end(mut input: impl AsyncRead + Unpin) {
     let mut buf = [0u8; 64];
-    while let Ok(n) = stdin.read(&mut buf).await {
+    while let Ok(n) = input.read(&mut buf).await {
         if n == 0 {
             return;
         }

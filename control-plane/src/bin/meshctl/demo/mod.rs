@@ -2,9 +2,11 @@
 //! controller, a sidecar per pod, and the apps — each pod on its own loopback
 //! address, with traffic from frontend to hello and a live summary.
 
+pub mod scenario;
+mod supervise;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, Semaphore};
 use trellis_control_plane::cli::duration;
 use trellis_control_plane::context::{self, Context};
@@ -26,6 +27,8 @@ use trellis_control_plane::identity::BootstrapTokens;
 use trellis_proto::SpiffeId;
 
 use crate::report::{Report, Sample};
+use scenario::{Probe, Scenario, Schedule, Target};
+use supervise::{Process, Supervisor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -36,9 +39,15 @@ pub enum Output {
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Run this many seconds, print the summary and stop (exit status 0 only
-    /// if at least 99% of requests succeeded). Without it: until Ctrl-C.
+    /// if at least 99% of requests succeeded; under `chaos`, if the run
+    /// completed). Without it: until Ctrl-C.
     #[arg(long, value_name = "SECONDS")]
     duration: Option<u64>,
+    /// `chaos`: while traffic runs, stop (SIGTERM) and crash (SIGKILL) the
+    /// `hello-v2` pod's sidecar and app every 5–8 s; the demo restarts them
+    /// and the summary lists each disruption, restarts and failed requests.
+    #[arg(long, value_enum, default_value = "steady")]
+    scenario: Scenario,
     /// `json` makes the last line on stdout one JSON object.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Output,
@@ -61,6 +70,8 @@ pub struct DemoArgs {
 const TRUST_DOMAIN: &str = "cluster.local";
 const CONTROLLER_PORT: u16 = 8090;
 const CONTROLLER_ADMIN_PORT: u16 = 9990;
+/// The pod `--scenario chaos` disrupts; hello-v1 keeps serving meanwhile.
+const CHAOS_POD: &str = "hello-v2";
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let temp;
@@ -88,24 +99,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         Output::Table => println!("{line}"),
         Output::Json => eprintln!("{line}"),
     };
-    let mut children = Children::new(logs.clone());
+    let mut children = Supervisor::new(logs.clone())?;
     let result = async {
         let controller = SocketAddr::from((Ipv4Addr::new(base[0], base[1], base[2], 1), CONTROLLER_PORT));
         let admin = SocketAddr::new(controller.ip(), CONTROLLER_ADMIN_PORT);
         let lifetime = format!("{}ms", args.leaf_lifetime.as_millis());
-        children.spawn("controller", &[], &[
+        let controller_process = children.start("controller", &[], &[
             "controller", "--manifests", path(&manifests_dir)?, "--state-dir", path(&state_dir)?,
             "--listen", &controller.to_string(), "--admin", &admin.to_string(),
             "--trust-domain", TRUST_DOMAIN, "--leaf-lifetime", &lifetime,
         ])?;
-        wait_for_port(controller, &mut children).await?;
+        wait_for_port(controller, &controller_process).await?;
 
         let tokens = BootstrapTokens::load_or_create(&state_dir).context("opening the bootstrap tokens")?;
+        let mut processes = Vec::new();
         for pod in &pods {
-            start_pod(&mut children, pod, controller, &tokens, &state_dir)?;
+            processes.push(start_pod(&mut children, pod, controller, &tokens, &state_dir)?);
         }
-        for pod in &pods {
-            wait_ready(pod, &mut children).await?;
+        for (pod, (_, proxy)) in pods.iter().zip(&processes) {
+            wait_ready(pod, proxy).await?;
         }
         say(format!("Trellis demo mesh is up (state and logs in {}):", state_dir.display()));
         say(format!("  controller  {controller}  admin http://{admin}/ready"));
@@ -132,7 +144,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         say("Try, in another terminal: meshctl route set hello --backend hello-v1=50 --backend hello-v2=50".into());
         let frontend = SocketAddr::from((pods[0].ip, APP_PORT));
         let hello_identity = SpiffeId::new(TRUST_DOMAIN, manifests::NAMESPACE, "hello").to_string();
-        drive(&args, frontend, &hello_identity, &mut children).await
+        let chaos = match args.scenario {
+            Scenario::Steady => None,
+            Scenario::Chaos => {
+                let (pod, (app, proxy)) = pods.iter().zip(&processes)
+                    .find(|(pod, _)| pod.name == CHAOS_POD)
+                    .context("the demo has no pod to disrupt")?;
+                Some(chaos_targets(pod, app, proxy)?)
+            }
+        };
+        drive(&args, frontend, &hello_identity, chaos, &children).await
     }
     .await;
     children.stop().await;
@@ -187,17 +208,18 @@ async fn free_loopback_block() -> anyhow::Result<[u8; 3]> {
     bail!("found no free loopback block 127.x.y.0/24 for the demo; is 127.0.0.0/8 routed to lo?")
 }
 
+/// Starts the pod's app and sidecar; returns them in that order.
 fn start_pod(
-    children: &mut Children,
+    children: &mut Supervisor,
     pod: &DemoPod,
     controller: SocketAddr,
     tokens: &BootstrapTokens,
     state_dir: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Process, Process)> {
     let app = SocketAddr::from((pod.ip, APP_PORT));
     let outbound = SocketAddr::from((pod.ip, OUTBOUND_PORT));
-    match pod.app {
-        "frontend" => children.spawn(
+    let app_process = match pod.app {
+        "frontend" => children.start(
             pod.name,
             &[],
             &[
@@ -210,7 +232,7 @@ fn start_pod(
                 &outbound.to_string(),
             ],
         )?,
-        _ => children.spawn(
+        _ => children.start(
             pod.name,
             &[],
             &[
@@ -223,7 +245,7 @@ fn start_pod(
                 pod.name,
             ],
         )?,
-    }
+    };
     let identity = SpiffeId::new(TRUST_DOMAIN, manifests::NAMESPACE, pod.service_account);
     let token_file = state_dir.join("tokens").join(format!("{}.token", pod.name));
     write_private(&token_file, tokens.token_for(&identity).as_bytes())?;
@@ -244,7 +266,25 @@ fn start_pod(
         ("TRELLIS_WORKLOAD", pod.app.to_string()),
         ("TRELLIS_VERSION", pod.version.to_string()),
     ];
-    children.spawn(&format!("{}-proxy", pod.name), &env, &["proxy"])
+    let proxy = children.start(&format!("{}-proxy", pod.name), &env, &["proxy"])?;
+    Ok((app_process, proxy))
+}
+
+/// The pod's sidecar and app as chaos targets, each with its readiness probe.
+fn chaos_targets(
+    pod: &DemoPod,
+    app: &Process,
+    proxy: &Process,
+) -> anyhow::Result<(Target, Target)> {
+    let sidecar = Target {
+        process: proxy.clone(),
+        probe: Probe::Ready(format!("http://{}:{ADMIN_PORT}/ready", pod.ip).parse()?),
+    };
+    let app = Target {
+        process: app.clone(),
+        probe: Probe::Listening(SocketAddr::from((pod.ip, APP_PORT))),
+    };
+    Ok((sidecar, app))
 }
 
 fn write_private(file: &Path, contents: &[u8]) -> anyhow::Result<()> {
@@ -261,14 +301,17 @@ fn write_private(file: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", file.display()))
 }
 
-async fn wait_for_port(addr: SocketAddr, children: &mut Children) -> anyhow::Result<()> {
+/// Waits until `process` listens on `addr`; a process that keeps crashing
+/// is restarted meanwhile, and the error then says how often.
+async fn wait_for_port(addr: SocketAddr, process: &Process) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
-        children.check()?;
         if Instant::now() > deadline {
             bail!(
-                "nothing listens on {addr} after 20 s; see {}",
-                children.logs.display()
+                "{} does not listen on {addr} after 20 s ({} restarts); see {}",
+                process.name(),
+                process.status().restarts,
+                process.log().display()
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -276,7 +319,7 @@ async fn wait_for_port(addr: SocketAddr, children: &mut Children) -> anyhow::Res
     Ok(())
 }
 
-async fn wait_ready(pod: &DemoPod, children: &mut Children) -> anyhow::Result<()> {
+async fn wait_ready(pod: &DemoPod, proxy: &Process) -> anyhow::Result<()> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let url: http::Uri = format!("http://{}:{ADMIN_PORT}/ready", pod.ip).parse()?;
@@ -287,12 +330,12 @@ async fn wait_ready(pod: &DemoPod, children: &mut Children) -> anyhow::Result<()
                 return Ok(());
             }
         }
-        children.check()?;
         if Instant::now() > deadline {
             bail!(
-                "the proxy of {} is not ready after 30 s ({url}); see {}",
+                "the proxy of {} is not ready after 30 s ({url}; {} restarts); see {}",
                 pod.name,
-                children.logs.display()
+                proxy.status().restarts,
+                proxy.log().display()
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -300,12 +343,14 @@ async fn wait_ready(pod: &DemoPod, children: &mut Children) -> anyhow::Result<()
 }
 
 /// Sends requests to the frontend at a fixed rate until the duration ends
-/// or Ctrl-C, then prints the summary.
+/// or Ctrl-C, disrupting the `chaos` targets (sidecar, app) if given, then
+/// prints the summary. Whether the run passed: see `DemoArgs::duration`.
 async fn drive(
     args: &DemoArgs,
     frontend: SocketAddr,
     server_identity: &str,
-    children: &mut Children,
+    chaos: Option<(Target, Target)>,
+    children: &Supervisor,
 ) -> anyhow::Result<bool> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -313,7 +358,13 @@ async fn drive(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let in_flight = Arc::new(Semaphore::new(256));
     let started = Instant::now();
-    let end = args.duration.map(|s| started + Duration::from_secs(s));
+    let duration = args.duration.map(Duration::from_secs);
+    let end = duration.map(|d| started + d);
+    let (chaos_tx, mut chaos_rx) = mpsc::unbounded_channel();
+    let chaos = chaos.map(|(sidecar, app)| {
+        let schedule = Schedule::for_duration(duration);
+        tokio::spawn(scenario::chaos(sidecar, app, schedule, started, chaos_tx))
+    });
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rps)));
     // Open loop: ticks missed while the machine was busy are sent at once,
     // so the rate over any window stays what was asked.
@@ -339,17 +390,20 @@ async fn drive(
                 tokio::spawn(async move {
                     let sent = Instant::now();
                     let answer = request(&client, url).await;
-                    let _ = tx.send(Sample { latency: sent.elapsed(), answer });
+                    let _ = tx.send(Sample { sent: sent - started, latency: sent.elapsed(), answer });
                     drop(permit);
                 });
             }
             Some(sample) = rx.recv() => report.add(sample),
+            Some(event) = chaos_rx.recv(), if chaos.is_some() => report.chaos(event),
             _ = progress.tick() => {
-                children.check()?;
                 eprint!("\r{}   ", report.progress(started.elapsed()));
             }
             _ = &mut ctrl_c => break,
         }
+    }
+    if let Some(chaos) = chaos {
+        chaos.abort();
     }
     // Let the last requests finish.
     drop(tx);
@@ -360,92 +414,55 @@ async fn drive(
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     eprintln!("\r{}   ", report.progress(started.elapsed()));
-    let summary = report.summary(server_identity, started.elapsed());
+    while let Ok(event) = chaos_rx.try_recv() {
+        report.chaos(event);
+    }
+    let summary = report.summary(
+        args.scenario,
+        server_identity,
+        started.elapsed(),
+        children.restarts(),
+    );
     match args.output {
         Output::Table => print!("\n{}", summary.table()),
         Output::Json => println!("{}", serde_json::to_string(&summary)?),
     }
-    Ok(args.duration.is_none() || summary.success_rate >= 0.99)
+    // Chaos is meant to fail requests until the mesh rides it out: the run
+    // itself is the result, and `failed` says how well the mesh did.
+    Ok(match args.scenario {
+        Scenario::Steady => args.duration.is_none() || summary.success_rate >= 0.99,
+        Scenario::Chaos => true,
+    })
 }
 
-/// One request; the version and client identity `hello` reported on success.
+/// One request: the version and client identity `hello` reported, or why
+/// it failed, short enough to count failures by.
 async fn request(
     client: &Client<HttpConnector, Empty<Bytes>>,
     url: http::Uri,
-) -> Option<(String, String)> {
-    let response = tokio::time::timeout(Duration::from_secs(10), client.get(url))
+) -> Result<(String, String), String> {
+    let exchange = async {
+        let response = client
+            .get(url)
+            .await
+            .map_err(|e| format!("frontend unreachable: {e}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{status}, reading the body: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            let first_line = text.lines().next().unwrap_or("");
+            return Err(format!("{status}: {first_line:.160}"));
+        }
+        let greeting: Greeting = serde_json::from_slice(&body)
+            .map_err(|e| format!("{status}, but the answer is not a greeting: {e}"))?;
+        Ok((greeting.version, greeting.client_identity))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .ok()?
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    let body = response.into_body().collect().await.ok()?.to_bytes();
-    let greeting: Greeting = serde_json::from_slice(&body).ok()?;
-    Some((greeting.version, greeting.client_identity))
-}
-
-/// The demo's processes. Each holds a pipe to us on stdin and exits when it
-/// closes; `kill_on_drop` is the backstop.
-struct Children {
-    logs: PathBuf,
-    running: Vec<(String, Child)>,
-}
-
-impl Children {
-    fn new(logs: PathBuf) -> Self {
-        Self {
-            logs,
-            running: Vec::new(),
-        }
-    }
-
-    fn spawn(&mut self, name: &str, env: &[(&str, String)], args: &[&str]) -> anyhow::Result<()> {
-        let exe = std::env::current_exe().context("finding the meshctl binary")?;
-        let log_path = self.logs.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(exe)
-            .arg("internal")
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        self.running.push((name.to_string(), child));
-        Ok(())
-    }
-
-    /// Fails if a process has exited.
-    fn check(&mut self) -> anyhow::Result<()> {
-        for (name, child) in &mut self.running {
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!(
-                    "{name} exited ({status}); see {}",
-                    self.logs.join(format!("{name}.log")).display()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Closes every stdin (the signal to exit), then waits; kills stragglers.
-    async fn stop(&mut self) {
-        for (_, child) in &mut self.running {
-            drop(child.stdin.take());
-        }
-        for (name, child) in &mut self.running {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(%name, "did not exit in 5 s; killing it");
-                let _ = child.kill().await;
-            }
-        }
-        self.running.clear();
-    }
+        .unwrap_or_else(|_| Err("no answer within 10 s".into()))
 }
