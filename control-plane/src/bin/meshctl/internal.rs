@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd as _;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -46,10 +45,6 @@ pub enum Internal {
     },
 }
 
-/// How long a proxy told to stop (SIGTERM) keeps serving the connections it
-/// already accepted before it exits.
-const DRAIN_GRACE: Duration = Duration::from_secs(1);
-
 pub async fn run(command: Internal) -> anyhow::Result<bool> {
     init_tracing("info");
     // Replaces SIGTERM's default (die at once) before anything can send it.
@@ -62,20 +57,11 @@ pub async fn run(command: Internal) -> anyhow::Result<bool> {
                 controller.wait().await;
                 anyhow::bail!("a controller task stopped unexpectedly")
             }
+            // The sidecar drains on SIGTERM like `trellis-proxy run`, with
+            // the same code.
             Internal::Proxy => {
                 let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
-                let mut terminate =
-                    signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-                let proxy = trellis_proxy::start(config).await?;
-                tokio::select! {
-                    () = proxy.wait() => anyhow::bail!("a proxy task stopped unexpectedly"),
-                    _ = terminate.recv() => {}
-                }
-                // The proxy is dropped: its listeners are closed. Connections
-                // it accepted run on tasks of their own, so the requests in
-                // flight on them get a moment to finish.
-                tracing::info!(grace = ?DRAIN_GRACE, "SIGTERM: no longer accepting connections; draining");
-                tokio::time::sleep(DRAIN_GRACE).await;
+                trellis_proxy::run(config).await?;
                 Ok(())
             }
             Internal::Hello {
