@@ -33,7 +33,7 @@ use crate::route::{self, CompiledRoutes};
 use body::Timed;
 pub use endpoint::{Attempt, EndpointHandle};
 use retry::RetryBudget;
-use target::{Endpoints, Target};
+use target::{Endpoints, Lingering, Target};
 
 /// The `dst_service` of requests for names that are not mesh Services: one
 /// label value however many names an application (or a scanner) makes up.
@@ -50,6 +50,7 @@ pub struct Outbound {
     metrics: Arc<Metrics>,
     logicals: Cache<Logical>,
     targets: Cache<Target>,
+    lingering: Arc<Lingering>,
     /// For endpoints that are not meshed: plain HTTP/1.1 and HTTP/2.
     plain_h1: Client<HttpConnector, Body>,
     plain_h2: Client<HttpConnector, Body>,
@@ -78,6 +79,7 @@ impl Outbound {
             metrics,
             logicals: Cache::default(),
             targets: Cache::default(),
+            lingering: Arc::default(),
             plain_h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
             plain_h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
@@ -244,10 +246,12 @@ impl Outbound {
     ) -> Result<Response<Body>, ProxyError> {
         labels.dst_backend = endpoints.names().0;
         let mut tried = Vec::new();
+        // When no other endpoint is left, the client hears what went wrong.
+        let mut last_error = None;
         loop {
             let endpoint = match endpoints.pick(&tried) {
                 Ok(endpoint) => endpoint.clone(),
-                Err(none_left) => return Err(none_left),
+                Err(none_left) => return Err(last_error.unwrap_or(none_left)),
             };
             labels.dst_version = endpoint
                 .endpoint()
@@ -267,14 +271,16 @@ impl Outbound {
             let mut attempt = endpoint.start();
             match self.send(&endpoint, authority, request, &mut attempt).await {
                 Ok(response) if unreached(&response) && tried.len() + 1 < CONNECT_ATTEMPTS => {
-                    let Some(replay) = replay else {
-                        self.failed(endpoints, attempt, Failure::Connect);
-                        return Ok(response);
-                    };
-                    tracing::debug!(endpoint = %endpoint.key(), "its application is unreachable; trying another endpoint");
                     self.failed(endpoints, attempt, Failure::Connect);
                     tried.push(endpoint.key());
-                    request = replay;
+                    // Without another endpoint, the peer's answer stands.
+                    match replay.filter(|_| endpoints.pick(&tried).is_ok()) {
+                        Some(replay) => {
+                            tracing::debug!(endpoint = %endpoint.key(), "its application is unreachable; trying another endpoint");
+                            request = replay;
+                        }
+                        None => return Ok(response),
+                    }
                 }
                 Ok(response) => {
                     if is_failure(&response) {
@@ -296,6 +302,7 @@ impl Outbound {
                         Some(unsent) if tried.len() < CONNECT_ATTEMPTS => {
                             tracing::debug!(endpoint = %endpoint.key(), error = %failed.error, "trying another endpoint");
                             request = unsent;
+                            last_error = Some(failed.error);
                         }
                         _ => return Err(failed.error),
                     }
@@ -346,6 +353,7 @@ impl Outbound {
                     authority,
                     self.discovery.endpoints(authority),
                     self.metrics.clone(),
+                    self.lingering.clone(),
                 )
             })
     }

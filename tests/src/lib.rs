@@ -105,6 +105,68 @@ impl Drop for ControllerProcess {
     }
 }
 
+/// A sidecar on a runtime of its own, so `kill` ends it like `kill -9`:
+/// every task and socket (its pooled connections too) is dropped at once,
+/// with no drain.
+pub struct ProxyProcess {
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProxyProcess {
+    /// Starts the sidecar and waits for its certificate.
+    pub fn start(config: trellis_proxy::Config) -> Self {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = trellis_proxy::runtime(1).expect("proxy runtime");
+            let proxy = runtime.block_on(async {
+                let proxy = trellis_proxy::start(config).await.expect("proxy starts");
+                tokio::time::timeout(Duration::from_secs(10), proxy.ready())
+                    .await
+                    .expect("proxy gets a certificate within 10 s");
+                proxy
+            });
+            started_tx
+                .send((proxy.inbound_addr, proxy.admin_addr))
+                .expect("report start");
+            // The runtime drives the proxy's tasks only while it blocks on something.
+            runtime.block_on(async {
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            });
+            drop(proxy);
+            runtime.shutdown_background();
+        });
+        let (inbound_addr, admin_addr) = started_rx.recv().expect("proxy started");
+        Self {
+            inbound_addr,
+            admin_addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the sidecar abruptly.
+    pub fn kill(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
 /// A test mesh: a state directory with `manifests/`, a controller, and the
 /// pods the test adds.
 pub struct Mesh {
@@ -179,6 +241,22 @@ impl Mesh {
         sa: &str,
         tune: impl FnOnce(&mut HashMap<&'static str, String>),
     ) -> trellis_proxy::Proxy {
+        let config = self.proxy_config(ip, sa, tune);
+        let proxy = trellis_proxy::start(config).await.expect("proxy starts");
+        tokio::time::timeout(Duration::from_secs(10), proxy.ready())
+            .await
+            .expect("proxy gets a certificate within 10 s");
+        proxy
+    }
+
+    /// The configuration of a sidecar for a pod at `ip` with service
+    /// account `sa`, as `proxy_with` starts it.
+    pub fn proxy_config(
+        &self,
+        ip: IpAddr,
+        sa: &str,
+        tune: impl FnOnce(&mut HashMap<&'static str, String>),
+    ) -> trellis_proxy::Config {
         use trellis_proxy::config::*;
         let identity = SpiffeId::new(TRUST_DOMAIN, "default", sa);
         let mut env: HashMap<&'static str, String> = HashMap::from([
@@ -193,12 +271,7 @@ impl Mesh {
         ]);
         env.extend(self.proxy_env.iter().cloned());
         tune(&mut env);
-        let config = Config::from_strings(&env).expect("proxy config");
-        let proxy = trellis_proxy::start(config).await.expect("proxy starts");
-        tokio::time::timeout(Duration::from_secs(10), proxy.ready())
-            .await
-            .expect("proxy gets a certificate within 10 s");
-        proxy
+        Config::from_strings(&env).expect("proxy config")
     }
 
     /// Writes (atomically) a manifest file, as an editor or `meshctl` would.
@@ -863,9 +936,14 @@ pub async fn metric(admin: SocketAddr, family: &str, filter: &[(&str, &str)]) ->
     let Ok(answer) = client.get(&admin.to_string(), "/metrics").await else {
         return f64::NAN;
     };
-    answer
-        .text()
-        .lines()
+    sum_series(&answer.text(), family, filter)
+}
+
+/// In a Prometheus text exposition, the sum of the series of `family` whose
+/// labels include every `(name, value)` of `filter`: the harness's one
+/// metrics parser.
+pub fn sum_series(text: &str, family: &str, filter: &[(&str, &str)]) -> f64 {
+    text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;

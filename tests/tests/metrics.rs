@@ -7,24 +7,7 @@ use trellis_tests::*;
 /// Scrapes a proxy's `/metrics` and sums the series of `family` whose
 /// labels include every `(name, value)` of `filter`.
 async fn sum(proxy: &trellis_proxy::Proxy, family: &str, filter: &[(&str, &str)]) -> f64 {
-    sum_in(&scrape_addr(proxy.admin_addr).await, family, filter)
-}
-
-fn sum_in(text: &str, family: &str, filter: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
-            if name != family {
-                return None;
-            }
-            let ok = filter
-                .iter()
-                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
-            ok.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
+    sum_series(&scrape_addr(proxy.admin_addr).await, family, filter)
 }
 
 async fn scrape_addr(addr: std::net::SocketAddr) -> String {
@@ -181,34 +164,34 @@ async fn the_controller_exports_its_store_pushes_and_certificates() {
     let mesh = HelloMesh::start().await;
     let text = scrape_addr(mesh.controller.as_ref().unwrap().admin_addr).await;
     assert_eq!(
-        sum_in(&text, "trellis_controller_objects", &[("kind", "Service")]),
+        sum_series(&text, "trellis_controller_objects", &[("kind", "Service")]),
         3.0,
         "{text}"
     );
     assert_eq!(
-        sum_in(&text, "trellis_controller_objects", &[("kind", "Pod")]),
+        sum_series(&text, "trellis_controller_objects", &[("kind", "Pod")]),
         2.0,
         "{text}"
     );
     assert_eq!(
-        sum_in(&text, "trellis_controller_certificates_issued_total", &[]),
+        sum_series(&text, "trellis_controller_certificates_issued_total", &[]),
         3.0,
         "one per proxy"
     );
     assert_eq!(
-        sum_in(&text, "trellis_controller_certificates_refused_total", &[]),
+        sum_series(&text, "trellis_controller_certificates_refused_total", &[]),
         0.0
     );
     assert!(
-        sum_in(&text, "trellis_controller_updates_pushed_total", &[]) >= 2.0,
+        sum_series(&text, "trellis_controller_updates_pushed_total", &[]) >= 2.0,
         "{text}"
     );
     assert!(
-        sum_in(&text, "trellis_controller_watches", &[]) >= 2.0,
+        sum_series(&text, "trellis_controller_watches", &[]) >= 2.0,
         "{text}"
     );
     assert_eq!(
-        sum_in(&text, "trellis_controller_manifest_errors", &[]),
+        sum_series(&text, "trellis_controller_manifest_errors", &[]),
         0.0
     );
 }
@@ -242,34 +225,34 @@ async fn connections_bytes_and_discovery_state_are_exported() {
     let text = scrape_addr(mesh.client.admin_addr).await;
     // The readiness probe's connection and the client's, both closed now.
     assert_eq!(
-        sum_in(&text, "trellis_tcp_connections_opened_total", &outbound),
+        sum_series(&text, "trellis_tcp_connections_opened_total", &outbound),
         2.0,
         "{text}"
     );
     assert_eq!(
-        sum_in(&text, "trellis_tcp_open_connections", &outbound),
+        sum_series(&text, "trellis_tcp_open_connections", &outbound),
         0.0
     );
-    let written = sum_in(&text, "trellis_tcp_write_bytes_total", &outbound);
+    let written = sum_series(&text, "trellis_tcp_write_bytes_total", &outbound);
     assert!(
         written > answered as f64,
         "{written} bytes written to clients, {answered} bytes of bodies alone"
     );
-    assert!(sum_in(&text, "trellis_tcp_read_bytes_total", &outbound) > 10.0 * 16.0);
+    assert!(sum_series(&text, "trellis_tcp_read_bytes_total", &outbound) > 10.0 * 16.0);
 
     // Discovery: streaming while the controller is up, reconnecting after.
     let streams = |state| [("kind", "endpoints"), ("state", state)];
-    assert!(sum_in(&text, "trellis_discovery_streams", &streams("open")) >= 1.0);
+    assert!(sum_series(&text, "trellis_discovery_streams", &streams("open")) >= 1.0);
     assert_eq!(
-        sum_in(&text, "trellis_discovery_streams", &streams("reconnecting")),
+        sum_series(&text, "trellis_discovery_streams", &streams("reconnecting")),
         0.0
     );
     mesh.controller.take().unwrap().kill();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let text = scrape_addr(mesh.client.admin_addr).await;
-        let open = sum_in(&text, "trellis_discovery_streams", &streams("open"));
-        let reconnecting = sum_in(&text, "trellis_discovery_streams", &streams("reconnecting"));
+        let open = sum_series(&text, "trellis_discovery_streams", &streams("open"));
+        let reconnecting = sum_series(&text, "trellis_discovery_streams", &streams("reconnecting"));
         if open == 0.0 && reconnecting >= 1.0 {
             break;
         }
@@ -285,7 +268,8 @@ async fn connections_bytes_and_discovery_state_are_exported() {
 async fn the_controller_measures_how_fast_a_change_reaches_the_proxies() {
     let mesh = HelloMesh::start().await;
     let admin = mesh.controller.as_ref().unwrap().admin_addr;
-    let pushes = |text: &str| sum_in(text, "trellis_controller_push_latency_seconds_count", &[]);
+    let pushes =
+        |text: &str| sum_series(text, "trellis_controller_push_latency_seconds_count", &[]);
     let before = pushes(&scrape_addr(admin).await);
     // hello loses v2: the client's watch of hello gets one update.
     mesh.write_hello(&["v1"]);
@@ -293,7 +277,7 @@ async fn the_controller_measures_how_fast_a_change_reaches_the_proxies() {
     loop {
         let text = scrape_addr(admin).await;
         if pushes(&text) > before {
-            let seconds = sum_in(&text, "trellis_controller_push_latency_seconds_sum", &[]);
+            let seconds = sum_series(&text, "trellis_controller_push_latency_seconds_sum", &[]);
             assert!(seconds < 1.0, "a push took {seconds} s:\n{text}");
             break;
         }

@@ -104,18 +104,13 @@ async fn a_peer_with_another_identity_than_discovery_names_is_refused() {
     );
     assert_eq!(answer.headers["trellis-proxy-error"], "tls");
     // …and the refusal is counted on the client's side.
-    let admin = frontend.admin_addr;
-    let metrics = AppClient::http1(admin)
-        .get(&admin.to_string(), "/metrics")
-        .await
-        .unwrap()
-        .text();
-    let failures: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("trellis_tls_handshake_failures_total{direction=\"outbound\"}"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum();
-    assert!(failures >= 1.0, "{metrics}");
+    let failures = metric(
+        frontend.admin_addr,
+        "trellis_tls_handshake_failures_total",
+        &[("direction", "outbound")],
+    )
+    .await;
+    assert!(failures >= 1.0, "{failures}");
 }
 
 /// Steady traffic through the mesh, recording every failure.

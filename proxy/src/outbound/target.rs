@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,10 +19,18 @@ use crate::metrics::Metrics;
 use crate::outlier::{Failure, Policy};
 use trellis_proto::discovery::ServiceInfo;
 
-/// How long a name that is no Service keeps its watch (a Service created
-/// meanwhile is seen at once) and its answer; then the watch closes, and
-/// the next request asks again. So scanners and typos hold no stream.
-pub const NOT_FOUND_TTL: Duration = Duration::from_secs(5);
+/// How long the answer "no such Service" is believed; then the next
+/// request asks again.
+pub const NOT_FOUND_TTL: Duration = Duration::from_secs(2);
+/// How many such names keep their watch for that time, so a Service
+/// created meanwhile is seen at once (an app that starts before its
+/// backend); the rest close theirs at once, so a scanner's or a typo's
+/// names cost the controller no stream.
+const LINGERING_NOT_FOUND: usize = 64;
+
+/// The watches of names that are no Service, still open.
+#[derive(Default)]
+pub struct Lingering(AtomicUsize);
 
 #[derive(Clone)]
 enum State {
@@ -53,6 +62,7 @@ impl Target {
         authority: &str,
         mut resolved: watch::Receiver<Resolved>,
         metrics: Arc<Metrics>,
+        lingering: Arc<Lingering>,
     ) -> Self {
         let (tx, rx) = watch::channel(State::Pending);
         let name = authority.to_string();
@@ -88,10 +98,14 @@ impl Target {
                 };
                 let not_found = matches!(state, State::NotFound(_));
                 tx.send_replace(state);
+                let linger = not_found.then(|| lingering.enter()).flatten();
+                if not_found && linger.is_none() {
+                    return;
+                }
                 let given_up = async {
-                    match not_found {
-                        true => tokio::time::sleep(NOT_FOUND_TTL).await,
-                        false => std::future::pending().await,
+                    match linger {
+                        Some(_linger) => tokio::time::sleep(NOT_FOUND_TTL).await,
+                        None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
@@ -145,6 +159,26 @@ impl Target {
                 patience,
             )),
         }
+    }
+}
+
+impl Lingering {
+    /// A place among the lingering watches, if one is free.
+    fn enter(self: &Arc<Self>) -> Option<Linger> {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < LINGERING_NOT_FOUND).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Linger(self.clone()))
+    }
+}
+
+struct Linger(Arc<Lingering>);
+
+impl Drop for Linger {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
