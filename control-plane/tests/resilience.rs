@@ -12,20 +12,9 @@ use trellis_proto::discovery::{
     CircuitBreaker, EndpointUpdate, OutlierDetection, Resilience, Routes, Snapshot,
 };
 
-use support::{connect, metrics, request, series, start};
+use support::{connect, metrics, request, series, start, HELLO};
 
-const HELLO: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: hello, namespace: default}
-spec: {ports: [{port: 8080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-1, labels: {kubernetes.io/service-name: hello}}
-endpoints: [{addresses: [127.0.0.3]}, {addresses: [127.0.0.4]}]
-ports: [{port: 8080}]
----
+const ROUTE: &str = "\
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: hello, namespace: default}
@@ -99,7 +88,11 @@ async fn a_policy_reaches_the_snapshot_and_the_rules_and_edits_follow() {
     let dir = tempfile::tempdir().unwrap();
     let controller = start(
         dir.path(),
-        &[("hello.yaml", HELLO), ("policies.yaml", POLICIES)],
+        &[
+            ("hello.yaml", HELLO),
+            ("route.yaml", ROUTE),
+            ("policies.yaml", POLICIES),
+        ],
     )
     .await;
     assert!(controller.manifest_errors.borrow().is_empty());
@@ -186,7 +179,11 @@ async fn a_rejected_policy_edit_keeps_the_last_good_one_serving() {
     let dir = tempfile::tempdir().unwrap();
     let controller = start(
         dir.path(),
-        &[("hello.yaml", HELLO), ("policies.yaml", POLICIES)],
+        &[
+            ("hello.yaml", HELLO),
+            ("route.yaml", ROUTE),
+            ("policies.yaml", POLICIES),
+        ],
     )
     .await;
     let mut errors = controller.manifest_errors.clone();

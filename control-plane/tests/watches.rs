@@ -14,20 +14,7 @@ use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::endpoint_update::Kind;
 use trellis_proto::discovery::{EndpointUpdate, Routes};
 
-use support::{connect, metrics, request, series, start};
-
-const HELLO: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: hello, namespace: default}
-spec: {ports: [{port: 8080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: hello-1, labels: {kubernetes.io/service-name: hello}}
-endpoints: [{addresses: [127.0.0.3]}, {addresses: [127.0.0.4]}]
-ports: [{port: 8080}]
-";
+use support::{connect, metrics, request, series, start, HELLO};
 
 /// Made-up authorities per kind (endpoints, routes), as a hostile client
 /// would send them.

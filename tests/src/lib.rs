@@ -41,57 +41,49 @@ pub fn loopback_block() -> [u8; 3] {
     [127, fastrand::u8(1..=254), fastrand::u8(1..=254)]
 }
 
-/// The controller, on a runtime of its own so `kill` ends it like a crash:
-/// every task and socket is dropped at once.
-pub struct ControllerProcess {
-    pub addr: SocketAddr,
-    /// `/live`, `/ready`, `/metrics`.
-    pub admin_addr: SocketAddr,
-    pub manifest_errors: tokio::sync::watch::Receiver<Vec<ManifestError>>,
+/// Something started on a runtime and thread of its own, so `kill` ends it
+/// like a crash (`kill -9`): every task and socket is dropped at once.
+struct Isolated {
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl ControllerProcess {
-    pub fn start(config: ControllerConfig) -> Self {
+impl Isolated {
+    /// Runs `start` on `runtime` in a new thread; returns what `report`
+    /// said of the started thing once it has started.
+    fn start<T, R>(
+        runtime: impl FnOnce() -> tokio::runtime::Runtime + Send + 'static,
+        start: impl std::future::Future<Output = T> + Send + 'static,
+        report: impl FnOnce(&T) -> R + Send + 'static,
+    ) -> (Self, R)
+    where
+        T: 'static,
+        R: Send + 'static,
+    {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("controller runtime");
-            let controller = runtime
-                .block_on(Controller::start(config))
-                .expect("controller starts");
-            started_tx
-                .send((
-                    controller.addr,
-                    controller.admin_addr,
-                    controller.manifest_errors.clone(),
-                ))
-                .expect("report start");
-            let _ = stop_rx.recv();
-            drop(controller);
+            let runtime = runtime();
+            let started = runtime.block_on(start);
+            started_tx.send(report(&started)).expect("report start");
+            // A one-thread runtime drives its tasks only while it blocks on something.
+            runtime.block_on(async {
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            });
+            drop(started);
             runtime.shutdown_timeout(Duration::from_millis(100));
         });
-        let (addr, admin_addr, manifest_errors) = started_rx.recv().expect("controller started");
-        Self {
-            admin_addr,
-            addr,
-            manifest_errors,
+        let report = started_rx.recv().expect("started");
+        let isolated = Self {
             stop: Some(stop_tx),
             thread: Some(thread),
-        }
+        };
+        (isolated, report)
     }
+}
 
-    /// Stops the controller abruptly.
-    pub fn kill(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
+impl Drop for Isolated {
+    fn drop(&mut self) {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -99,10 +91,39 @@ impl ControllerProcess {
     }
 }
 
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        self.shutdown();
+/// The controller, on a runtime of its own so `kill` ends it like a crash.
+pub struct ControllerProcess {
+    pub addr: SocketAddr,
+    /// `/live`, `/ready`, `/metrics`.
+    pub admin_addr: SocketAddr,
+    pub manifest_errors: tokio::sync::watch::Receiver<Vec<ManifestError>>,
+    _isolated: Isolated,
+}
+
+impl ControllerProcess {
+    pub fn start(config: ControllerConfig) -> Self {
+        let runtime = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("controller runtime")
+        };
+        let start = async { Controller::start(config).await.expect("controller starts") };
+        let (isolated, (addr, admin_addr, manifest_errors)) =
+            Isolated::start(runtime, start, |c: &Controller| {
+                (c.addr, c.admin_addr, c.manifest_errors.clone())
+            });
+        Self {
+            admin_addr,
+            addr,
+            manifest_errors,
+            _isolated: isolated,
+        }
     }
+
+    /// Stops the controller abruptly.
+    pub fn kill(self) {}
 }
 
 /// A sidecar on a runtime of its own, so `kill` ends it like `kill -9`:
@@ -111,60 +132,33 @@ impl Drop for ControllerProcess {
 pub struct ProxyProcess {
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _isolated: Isolated,
 }
 
 impl ProxyProcess {
     /// Starts the sidecar and waits for its certificate.
     pub fn start(config: trellis_proxy::Config) -> Self {
-        let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = trellis_proxy::runtime(1).expect("proxy runtime");
-            let proxy = runtime.block_on(async {
-                let proxy = trellis_proxy::start(config).await.expect("proxy starts");
-                tokio::time::timeout(Duration::from_secs(10), proxy.ready())
-                    .await
-                    .expect("proxy gets a certificate within 10 s");
-                proxy
+        let runtime = || trellis_proxy::runtime(1).expect("proxy runtime");
+        let start = async {
+            let proxy = trellis_proxy::start(config).await.expect("proxy starts");
+            tokio::time::timeout(Duration::from_secs(10), proxy.ready())
+                .await
+                .expect("proxy gets a certificate within 10 s");
+            proxy
+        };
+        let (isolated, (inbound_addr, admin_addr)) =
+            Isolated::start(runtime, start, |p: &trellis_proxy::Proxy| {
+                (p.inbound_addr, p.admin_addr)
             });
-            started_tx
-                .send((proxy.inbound_addr, proxy.admin_addr))
-                .expect("report start");
-            // The runtime drives the proxy's tasks only while it blocks on something.
-            runtime.block_on(async {
-                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
-            });
-            drop(proxy);
-            runtime.shutdown_background();
-        });
-        let (inbound_addr, admin_addr) = started_rx.recv().expect("proxy started");
         Self {
             inbound_addr,
             admin_addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _isolated: isolated,
         }
     }
 
     /// Stops the sidecar abruptly.
-    pub fn kill(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
+    pub fn kill(self) {}
 }
 
 /// A test mesh: a state directory with `manifests/`, a controller, and the

@@ -9,6 +9,20 @@ use trellis_control_plane::controller::{Controller, ControllerConfig};
 use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::WatchRequest;
 
+/// The Service `hello` with two endpoints.
+pub const HELLO: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: default}
+spec: {ports: [{port: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-1, labels: {kubernetes.io/service-name: hello}}
+endpoints: [{addresses: [127.0.0.3]}, {addresses: [127.0.0.4]}]
+ports: [{port: 8080}]
+";
+
 /// Starts a controller serving `dir/manifests`, written from `files`
 /// (name, contents) first.
 pub async fn start(dir: &Path, files: &[(&str, &str)]) -> Controller {
