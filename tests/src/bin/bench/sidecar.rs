@@ -45,6 +45,9 @@ impl ProxyProcess {
             .envs(env)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::piped())
+            // Its logs go to stderr: stdout is the bench's report, whose
+            // last line `--output json` promises is the JSON.
+            .stdout(std::io::stderr())
             .kill_on_drop(true)
             .spawn()
             .context("starting a proxy process")?;
