@@ -265,9 +265,13 @@ impl Outbound {
                 .map(ToString::to_string)
                 .unwrap_or_default();
             // A request without a body can go elsewhere if the peer says
-            // it reached no application (its app refused the connection).
+            // it reached no application (its app refused the connection),
+            // and an idempotent one also when the connection broke under it
+            // (a peer that drained or died as it was sent): RFC 9110 §9.2.2
+            // allows repeating it.
             let replay =
                 hyper::body::Body::is_end_stream(request.body()).then(|| head_of(&request));
+            let idempotent = request.method().is_idempotent();
             let mut attempt = endpoint.start();
             match self.send(&endpoint, authority, request, &mut attempt).await {
                 Ok(response) if unreached(&response) && tried.len() + 1 < CONNECT_ATTEMPTS => {
@@ -298,7 +302,9 @@ impl Outbound {
                     };
                     self.failed(endpoints, attempt, failure);
                     tried.push(endpoint.key());
-                    match failed.unsent {
+                    let broken = idempotent && matches!(failed.error, ProxyError::Upstream { .. });
+                    let resend = failed.unsent.or(replay.filter(|_| broken));
+                    match resend {
                         Some(unsent) if tried.len() < CONNECT_ATTEMPTS => {
                             tracing::debug!(endpoint = %endpoint.key(), error = %failed.error, "trying another endpoint");
                             request = unsent;

@@ -360,3 +360,45 @@ async fn a_refused_connection_goes_to_another_endpoint_for_any_method() {
         assert_eq!(answer.greeting().unwrap().version, "v1");
     }
 }
+
+#[tokio::test]
+async fn requests_beyond_the_circuit_breakers_cap_are_shed_not_queued() {
+    let mesh = HelloMesh::start_with_apps(|listener, version| {
+        scripted_app(listener, version, Duration::from_millis(500), |_| false);
+    })
+    .await;
+    // Two requests in flight per endpoint: four for the two of them.
+    mesh.write_manifest(
+        "policy.yaml",
+        "apiVersion: trellis.dev/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: hello, namespace: default}
+spec:
+  targetRefs: [{group: \"\", kind: Service, name: hello}]
+  circuitBreaker: {maxRequests: 2}
+",
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let started = Instant::now();
+    let answers = burst(&mesh.http1(), &mesh.authority(), 10, 10).await;
+    let shed: Vec<_> = answers
+        .iter()
+        .flatten()
+        .filter(|a| {
+            a.headers
+                .get("trellis-proxy-error")
+                .is_some_and(|r| r == "overloaded")
+        })
+        .collect();
+    let served = answers
+        .iter()
+        .flatten()
+        .filter(|a| a.status.is_success())
+        .count();
+    assert_eq!((served, shed.len()), (4, 6), "{:?}", versions(&answers));
+    assert!(shed.iter().all(|a| a.status == 503));
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "the shed requests did not wait for a slot"
+    );
+}
