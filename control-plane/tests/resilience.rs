@@ -77,6 +77,13 @@ fn service_resilience(snapshot: &Snapshot) -> Option<Resilience> {
     snapshot.service.as_ref().and_then(|s| s.resilience)
 }
 
+/// The files every test here starts from.
+const MESH: &[(&str, &str)] = &[
+    ("hello.yaml", HELLO),
+    ("route.yaml", ROUTE),
+    ("policies.yaml", POLICIES),
+];
+
 fn breaker(max_requests: u32) -> Option<CircuitBreaker> {
     Some(CircuitBreaker {
         max_requests: Some(max_requests),
@@ -86,15 +93,7 @@ fn breaker(max_requests: u32) -> Option<CircuitBreaker> {
 #[tokio::test]
 async fn a_policy_reaches_the_snapshot_and_the_rules_and_edits_follow() {
     let dir = tempfile::tempdir().unwrap();
-    let controller = start(
-        dir.path(),
-        &[
-            ("hello.yaml", HELLO),
-            ("route.yaml", ROUTE),
-            ("policies.yaml", POLICIES),
-        ],
-    )
-    .await;
+    let controller = start(dir.path(), MESH).await;
     assert!(controller.manifest_errors.borrow().is_empty());
     let objects = metrics(controller.admin_addr).await;
     assert_eq!(
@@ -177,15 +176,7 @@ async fn a_policy_reaches_the_snapshot_and_the_rules_and_edits_follow() {
 #[tokio::test]
 async fn a_rejected_policy_edit_keeps_the_last_good_one_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let controller = start(
-        dir.path(),
-        &[
-            ("hello.yaml", HELLO),
-            ("route.yaml", ROUTE),
-            ("policies.yaml", POLICIES),
-        ],
-    )
-    .await;
+    let controller = start(dir.path(), MESH).await;
     let mut errors = controller.manifest_errors.clone();
     std::fs::write(
         dir.path().join("manifests/policies.yaml"),

@@ -258,8 +258,11 @@ async fn slowloris_and_idle_connections_are_closed_by_the_timeouts() {
         after < baseline + 64 * 1024,
         "RSS {after} KiB after vs {baseline} KiB before (peak {peak} KiB)"
     );
+    // A second round must not add what a leak would: 5,500 connections
+    // keeping even their 8 KiB read buffer would be 43 MiB (allocator noise
+    // on a loaded machine reached 11 MiB).
     assert!(
-        after < after_first + 8 * 1024,
+        after < after_first + 16 * 1024,
         "RSS grew from {after_first} KiB to {after} KiB in a second round: connections leak"
     );
     // And the sidecar still serves.

@@ -56,6 +56,36 @@ fn served_by(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     counts
 }
 
+/// Writes a `ResiliencePolicy` for `hello` with `spec` (one YAML line under
+/// `spec:`), and waits until the client's sidecar has it: the controller
+/// holds it, and the next snapshot of `hello` has reached the proxy.
+async fn apply_hello_policy(mesh: &HelloMesh, spec: &str) {
+    mesh.write_manifest(
+        "policy.yaml",
+        &format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: ResiliencePolicy
+metadata: {{name: hello, namespace: default}}
+spec:
+  targetRefs: [{{group: \"\", kind: Service, name: hello}}]
+  {spec}
+"
+        ),
+    );
+    let controller = mesh.controller.as_ref().unwrap().admin_addr;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let kind = [("kind", "ResiliencePolicy")];
+    while metric(controller, "trellis_controller_objects", &kind).await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the controller did not load the policy in 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The push to the proxy follows within milliseconds of the load.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 #[tokio::test]
 async fn a_drained_sidecar_costs_no_request() {
     let mesh = HelloMesh::start().await;
@@ -195,17 +225,11 @@ async fn an_endpoint_answering_fast_errors_is_ejected_then_probed_back() {
     let v2_hits = hits[1].clone();
     // The Service's own policy: two failures in a row eject, for 1 s
     // doubling up to 4 s (the proxy's defaults are 5, 1 s and 60 s).
-    mesh.write_manifest(
-        "policy.yaml",
-        "apiVersion: trellis.dev/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: hello, namespace: default}
-spec:
-  targetRefs: [{group: \"\", kind: Service, name: hello}]
-  outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 1s, maxEjectionTime: 4s}
-",
-    );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    apply_hello_policy(
+        &mesh,
+        "outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 1s, maxEjectionTime: 4s}",
+    )
+    .await;
     let before = v2_hits.load(Ordering::SeqCst);
     let outcomes = paced_load(mesh.http1(), mesh.authority(), 200, Duration::from_secs(8)).await;
     let to_v2 = v2_hits.load(Ordering::SeqCst) - before;
@@ -368,17 +392,7 @@ async fn requests_beyond_the_circuit_breakers_cap_are_shed_not_queued() {
     })
     .await;
     // Two requests in flight per endpoint: four for the two of them.
-    mesh.write_manifest(
-        "policy.yaml",
-        "apiVersion: trellis.dev/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: hello, namespace: default}
-spec:
-  targetRefs: [{group: \"\", kind: Service, name: hello}]
-  circuitBreaker: {maxRequests: 2}
-",
-    );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    apply_hello_policy(&mesh, "circuitBreaker: {maxRequests: 2}").await;
     let started = Instant::now();
     let answers = burst(&mesh.http1(), &mesh.authority(), 10, 10).await;
     let shed: Vec<_> = answers
