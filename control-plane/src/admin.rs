@@ -25,7 +25,7 @@ pub struct Admin {
 
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        trellis_proxy::http::serve(listener, move |request| {
+        trellis_common::serve::serve(listener, move |request| {
             let admin = self.clone();
             async move { admin.handle(&request) }
         })
@@ -53,7 +53,7 @@ impl Admin {
         if request.uri().path() == "/metrics" {
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                trellis_proxy::http::METRICS_CONTENT_TYPE,
+                trellis_common::metrics::CONTENT_TYPE,
             );
         }
         response

@@ -1,4 +1,5 @@
-//! Command-line pieces shared by `trellis-controller` and `meshctl`.
+//! Command-line pieces of the controller, shared by `trellis-controller`
+//! and the demo's controller (`meshctl`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "cluster.local", env = "TRELLIS_TRUST_DOMAIN")]
     pub trust_domain: String,
     /// Lifetime of workload certificates, e.g. 24h or 30s.
-    #[arg(long, default_value = "24h", value_parser = duration)]
+    #[arg(long, default_value = "24h", value_parser = trellis_common::duration::parse)]
     pub leaf_lifetime: Duration,
 }
 
@@ -39,12 +40,6 @@ impl From<ControllerArgs> for ControllerConfig {
             leaf_lifetime: args.leaf_lifetime,
         }
     }
-}
-
-/// Parses `500ms`, `30s`, `5m`, `24h`.
-pub fn duration(s: &str) -> Result<Duration, String> {
-    trellis_proxy::config::parse_duration(s)
-        .ok_or_else(|| format!("{s:?} is not a duration; use e.g. 500ms, 30s, 5m or 24h"))
 }
 
 /// Logs to stderr, `info` unless RUST_LOG says otherwise.

@@ -52,10 +52,7 @@ impl ControllerMetrics {
                         "push_latency_seconds",
                         "Time from a change in the store to its discovery update being sent",
                     )
-                    .buckets(vec![
-                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                        0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    ]),
+                    .buckets(trellis_common::metrics::LATENCY_BUCKETS.to_vec()),
                 )?,
                 certificates_issued: IntCounter::new(
                     "certificates_issued_total",

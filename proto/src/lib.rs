@@ -1,6 +1,7 @@
 //! Trellis control-plane API: endpoint discovery and workload identity, and
-//! the identity type both sides share.
+//! the identity type and in-band headers both sides share.
 
+pub mod headers;
 pub mod spiffe;
 
 pub use spiffe::{InvalidSpiffeId, SpiffeId};

@@ -124,7 +124,7 @@ impl Admin {
         if path == "/metrics" {
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                crate::http::METRICS_CONTENT_TYPE,
+                trellis_common::metrics::CONTENT_TYPE,
             );
         }
         response

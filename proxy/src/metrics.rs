@@ -15,12 +15,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Buckets from 100 µs to 10 s: sub-millisecond hops and slow backends both resolve.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
-
 /// Who this proxy is, for the labels of everything it records.
 #[derive(Clone, Debug, Default)]
 pub struct Workload {
@@ -136,7 +130,7 @@ impl Metrics {
                 "response_latency_seconds",
                 "Time from request to response headers, as the proxy saw it",
             )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            .buckets(trellis_common::metrics::LATENCY_BUCKETS.to_vec()),
             REQUEST_LABELS,
         );
         let tcp_opened = IntCounterVec::new(

@@ -165,7 +165,7 @@ async fn sigterm_lets_a_slow_request_finish_and_refuses_new_connections() {
     let app_port = app.local_addr().expect("app addr").port();
     let arrived = Arc::new(AtomicUsize::new(0));
     let counter = arrived.clone();
-    tokio::spawn(trellis_proxy::http::serve(app, move |_request| {
+    tokio::spawn(trellis_common::serve::serve(app, move |_request| {
         let counter = counter.clone();
         async move {
             counter.fetch_add(1, Ordering::SeqCst);

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
+use meshctl::demo::apps::{self, Greeting};
 use tokio::net::TcpListener;
 use trellis_control_plane::controller::{Controller, ControllerConfig};
-use trellis_control_plane::demo::apps::{self, Greeting};
 use trellis_control_plane::identity::BootstrapTokens;
 use trellis_control_plane::source::manifest::ManifestError;
 use trellis_proto::SpiffeId;
@@ -761,7 +761,7 @@ pub fn scripted_app(
 ) -> Arc<std::sync::atomic::AtomicU64> {
     let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (counter, version) = (hits.clone(), version.to_string());
-    tokio::spawn(apps::serve(listener, move |_request| {
+    tokio::spawn(trellis_common::serve::serve(listener, move |_request| {
         let (counter, version) = (counter.clone(), version.clone());
         async move {
             let hit = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
@@ -805,7 +805,7 @@ impl HelloMesh {
 pub fn workbench_app(listener: TcpListener, version: &str) {
     use trellis_proxy::http::{boxed, full};
     let version = version.to_string();
-    tokio::spawn(apps::serve(
+    tokio::spawn(trellis_common::serve::serve(
         listener,
         move |request: http::Request<hyper::body::Incoming>| {
             let version = version.clone();

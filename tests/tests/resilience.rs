@@ -132,7 +132,7 @@ impl KillableMesh {
         let (v1_ip, v2_ip) = (mesh.pod_ip(), mesh.pod_ip());
         let v1 = hello_app(v1_ip, "v1").await;
         let listener = TcpListener::bind((v2_ip, v1.port())).await.unwrap();
-        tokio::spawn(trellis_control_plane::demo::apps::hello(
+        tokio::spawn(meshctl::demo::apps::hello(
             listener,
             "v2".into(),
             "hello-v2".into(),

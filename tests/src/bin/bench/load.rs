@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use trellis_control_plane::demo::apps;
 use trellis_tests::AppClient;
 
 /// Request and response body of the HTTP/2 variant: a gRPC-sized message.
@@ -90,7 +89,7 @@ pub struct Target {
 /// text and `POST` with 1 KiB. (The demo's `hello` speaks both protocols
 /// too, but answers every request with the same small JSON.)
 pub async fn serve_app(listener: tokio::net::TcpListener) {
-    apps::serve(
+    trellis_common::serve::serve(
         listener,
         |request: http::Request<hyper::body::Incoming>| async move {
             let post = request.method() == http::Method::POST;

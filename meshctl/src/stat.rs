@@ -4,22 +4,21 @@
 
 use std::time::Duration;
 
+use crate::context::{self, Context};
+use crate::stats::{self, Sample};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use trellis_control_plane::cli::duration;
-use trellis_control_plane::context::{self, Context};
-use trellis_control_plane::stats::{self, Sample};
 
 use crate::route::render_table;
 
 #[derive(clap::Args)]
 pub struct Source {
     /// How long to measure over.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, default_value = "5s", value_parser = trellis_common::duration::parse)]
     window: Duration,
     /// Read from this Prometheus (e.g. http://127.0.0.1:9090) instead of the proxies.
     #[arg(long)]

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::os::fd::AsFd as _;
 
+use crate::demo::apps;
 use anyhow::Context;
 use clap::Subcommand;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -15,14 +16,20 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use trellis_control_plane::cli::{init_tracing, ControllerArgs};
 use trellis_control_plane::controller::Controller;
-use trellis_control_plane::demo::apps;
 
 #[derive(Subcommand)]
 pub enum Internal {
-    /// The controller.
-    Controller(ControllerArgs),
     /// A sidecar proxy, configured by TRELLIS_* environment variables.
     Proxy,
+    #[command(flatten)]
+    Process(Process),
+}
+
+/// The demo's other processes, which stop at once on SIGTERM.
+#[derive(Subcommand)]
+pub enum Process {
+    /// The controller.
+    Controller(ControllerArgs),
     /// The `hello` application.
     Hello {
         #[arg(long)]
@@ -45,26 +52,45 @@ pub enum Internal {
     },
 }
 
-pub async fn run(command: Internal) -> anyhow::Result<bool> {
+/// Runs one of the demo's processes. A sidecar runs on the runtime
+/// `trellis-proxy run` runs on (as configured, one thread by default) and
+/// drains on SIGTERM with the same code; the others on a multi-thread one.
+pub fn run(command: Internal) -> anyhow::Result<bool> {
     init_tracing("info");
+    let process = match command {
+        Internal::Process(process) => process,
+        Internal::Proxy => return run_proxy(),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(run_process(process))
+}
+
+fn run_proxy() -> anyhow::Result<bool> {
+    let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
+    let runtime = trellis_proxy::runtime(config.worker_threads).context("starting the runtime")?;
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = trellis_proxy::run(config) => result,
+            () = stdin_closed() => Ok(()),
+        }
+    });
+    // As `trellis-proxy run`: tasks still running are not waited for.
+    runtime.shutdown_background();
+    result?;
+    Ok(true)
+}
+
+async fn run_process(process: Process) -> anyhow::Result<bool> {
     // Replaces SIGTERM's default (die at once) before anything can send it.
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let drains = matches!(command, Internal::Proxy);
     let work = async {
-        match command {
-            Internal::Controller(args) => {
+        match process {
+            Process::Controller(args) => {
                 let controller = Controller::start(args.into()).await?;
                 controller.wait().await;
                 anyhow::bail!("a controller task stopped unexpectedly")
             }
-            // The sidecar drains on SIGTERM like `trellis-proxy run`, with
-            // the same code.
-            Internal::Proxy => {
-                let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
-                trellis_proxy::run(config).await?;
-                Ok(())
-            }
-            Internal::Hello {
+            Process::Hello {
                 listen,
                 version,
                 pod,
@@ -75,7 +101,7 @@ pub async fn run(command: Internal) -> anyhow::Result<bool> {
                 apps::hello(listener, version, pod).await;
                 Ok(())
             }
-            Internal::Frontend {
+            Process::Frontend {
                 listen,
                 backend,
                 proxy,
@@ -91,7 +117,7 @@ pub async fn run(command: Internal) -> anyhow::Result<bool> {
     tokio::select! {
         result = work => result.map(|()| true),
         () = stdin_closed() => Ok(true),
-        _ = terminate.recv(), if !drains => Ok(true),
+        _ = terminate.recv() => Ok(true),
     }
 }
 

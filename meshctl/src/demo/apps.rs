@@ -32,7 +32,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
-pub use trellis_proxy::http::serve;
+use trellis_common::serve::serve;
 
 /// `hello`: answers every request with a JSON greeting naming its version.
 pub async fn hello(listener: TcpListener, version: String, pod: String) {
@@ -42,7 +42,7 @@ pub async fn hello(listener: TcpListener, version: String, pod: String) {
         async move {
             let client_identity = request
                 .headers()
-                .get(trellis_proxy::http::CLIENT_ID)
+                .get(trellis_proto::headers::CLIENT_ID)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();

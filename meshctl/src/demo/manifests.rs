@@ -147,8 +147,8 @@ pub fn render(pods: &[DemoPod]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::manifest;
-    use crate::store::Store;
+    use trellis_control_plane::source::manifest;
+    use trellis_control_plane::store::Store;
 
     #[test]
     fn demo_manifests_load_and_resolve() {

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use trellis_control_plane::demo::manifests;
+use meshctl::demo::manifests;
 
 fn meshctl(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_meshctl"))

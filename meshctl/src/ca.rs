@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use trellis_control_plane::cli::duration;
 use trellis_control_plane::identity;
 
 #[derive(clap::Args)]
@@ -22,7 +21,7 @@ pub struct CaArgs {
 enum Step {
     /// Sign a new issuer with the current root (no trust change needed).
     RotateIssuer {
-        #[arg(long, default_value = "8760h", value_parser = duration)]
+        #[arg(long, default_value = "8760h", value_parser = trellis_common::duration::parse)]
         lifetime: Duration,
     },
     /// Root rotation, step 1: add a new root to the trust bundle.

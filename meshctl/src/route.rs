@@ -6,8 +6,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use crate::context::{self, Context};
 use anyhow::{bail, Context as _};
-use trellis_control_plane::context::{self, Context};
 use trellis_control_plane::model::*;
 use trellis_control_plane::source::local::parse_dir;
 use trellis_control_plane::source::manifest;

@@ -2,6 +2,8 @@
 //! controller, a sidecar per pod, and the apps — each pod on its own loopback
 //! address, with traffic from frontend to hello and a live summary.
 
+pub mod apps;
+pub mod manifests;
 pub mod scenario;
 mod supervise;
 
@@ -10,19 +12,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::context::{self, Context};
 use anyhow::{bail, Context as _};
+use apps::Greeting;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use manifests::{DemoPod, ADMIN_PORT, APP_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::sync::{mpsc, Semaphore};
-use trellis_control_plane::cli::duration;
-use trellis_control_plane::context::{self, Context};
-use trellis_control_plane::demo::apps::Greeting;
-use trellis_control_plane::demo::manifests::{
-    self, DemoPod, ADMIN_PORT, APP_PORT, INBOUND_PORT, OUTBOUND_PORT,
-};
 use trellis_control_plane::identity::BootstrapTokens;
 use trellis_proto::SpiffeId;
 
@@ -63,7 +62,7 @@ pub struct DemoArgs {
     #[arg(long, value_name = "FILE")]
     prometheus_config: Option<PathBuf>,
     /// Lifetime of the workload certificates.
-    #[arg(long, default_value = "24h", value_parser = duration)]
+    #[arg(long, default_value = "24h", value_parser = trellis_common::duration::parse)]
     leaf_lifetime: Duration,
 }
 

@@ -1,11 +1,11 @@
 //! `meshctl identity`: the certificate each proxy currently presents.
 
+use crate::context::{self, Context};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use trellis_control_plane::context::{self, Context};
 
 #[derive(clap::Args)]
 pub struct IdentityArgs {

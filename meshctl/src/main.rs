@@ -1,14 +1,7 @@
 //! `meshctl`: the Trellis command line.
 
-mod ca;
-mod demo;
-mod identity;
-mod internal;
-mod report;
-mod route;
-mod stat;
-
 use clap::{Parser, Subcommand};
+use meshctl::{ca, demo, identity, internal, route, stat};
 
 #[derive(Parser)]
 #[command(
@@ -44,25 +37,14 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let result = match Cli::parse().command {
+        // The demo's processes choose their runtime: a sidecar runs on the
+        // one `trellis-proxy run` runs on.
+        Command::Internal(command) => internal::run(command),
+        command => tokio::runtime::Runtime::new()
+            .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+            .and_then(|runtime| runtime.block_on(run(command))),
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Demo(args) => demo::run(args).await,
-            Command::Route(command) => route::run(command),
-            Command::Identity(args) => identity::run(args).await,
-            Command::Ca(args) => ca::run(args),
-            Command::Stat(args) => stat::stat(args).await,
-            Command::Graph(args) => stat::graph(args).await,
-            Command::Internal(command) => internal::run(command).await,
-        }
-    });
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
@@ -70,5 +52,17 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Route(command) => route::run(command),
+        Command::Identity(args) => identity::run(args).await,
+        Command::Ca(args) => ca::run(args),
+        Command::Stat(args) => stat::stat(args).await,
+        Command::Graph(args) => stat::graph(args).await,
+        Command::Internal(command) => internal::run(command),
     }
 }

@@ -1,0 +1,13 @@
+//! `meshctl`, the Trellis command line, as a library: its commands, and the
+//! local demo mesh (its manifests, applications and process supervision).
+//! It is the one crate that depends on both the proxy and the control plane.
+
+pub mod ca;
+pub mod context;
+pub mod demo;
+pub mod identity;
+pub mod internal;
+pub mod report;
+pub mod route;
+pub mod stat;
+pub mod stats;
