@@ -5,14 +5,28 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::controller::ControllerConfig;
+use crate::controller::{ControllerConfig, Source};
+
+/// Where the controller reads the mesh's objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// A directory of manifests (`--manifests DIR`).
+    Manifests,
+    /// The Kubernetes API: in-cluster configuration in a pod, else the
+    /// kubeconfig (`KUBECONFIG`, `~/.kube/config`).
+    Cluster,
+}
 
 /// Flags of the controller, whichever binary starts it.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ControllerArgs {
+    /// Where the mesh's objects come from; the default is `manifests` when
+    /// `--manifests` is given, `cluster` when running in a pod.
+    #[arg(long, value_enum, env = "TRELLIS_SOURCE")]
+    pub source: Option<SourceKind>,
     /// Directory of Kubernetes manifests to serve (local mode), hot-reloaded.
     #[arg(long, env = "TRELLIS_MANIFESTS")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
     /// Where the CA and token keys are kept (created 0600 on first start).
     #[arg(long, env = "TRELLIS_STATE_DIR")]
     pub state_dir: PathBuf,
@@ -29,16 +43,47 @@ pub struct ControllerArgs {
     pub leaf_lifetime: Duration,
 }
 
-impl From<ControllerArgs> for ControllerConfig {
-    fn from(args: ControllerArgs) -> Self {
-        ControllerConfig {
-            manifests: args.manifests,
-            state_dir: args.state_dir,
-            listen: args.listen,
-            admin: args.admin,
-            trust_domain: args.trust_domain,
-            leaf_lifetime: args.leaf_lifetime,
-        }
+/// Why the flags do not make a controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error("--source manifests needs --manifests DIR")]
+    NoManifestDir,
+    #[error("--manifests is for --source manifests; drop one of them")]
+    ManifestsWithCluster,
+    #[error(
+        "say where the mesh's objects are: --manifests DIR (local mode) or --source cluster \
+         (the Kubernetes API; the default inside a pod)"
+    )]
+    NoSource,
+    #[error("no Kubernetes configuration (in-cluster or kubeconfig): {0}")]
+    Kubeconfig(#[from] kube::config::InferConfigError),
+}
+
+impl ControllerArgs {
+    /// The controller's configuration; cluster mode reads the in-cluster
+    /// configuration or the kubeconfig.
+    pub async fn into_config(self) -> Result<ControllerConfig, ArgsError> {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let kind = match (self.source, &self.manifests) {
+            (Some(kind), _) => kind,
+            (None, Some(_)) => SourceKind::Manifests,
+            (None, None) if in_pod => SourceKind::Cluster,
+            (None, None) => return Err(ArgsError::NoSource),
+        };
+        let source = match (kind, self.manifests) {
+            (SourceKind::Manifests, Some(dir)) => Source::Manifests(dir),
+            (SourceKind::Manifests, None) => return Err(ArgsError::NoManifestDir),
+            (SourceKind::Cluster, Some(_)) => return Err(ArgsError::ManifestsWithCluster),
+            (SourceKind::Cluster, None) => Source::Cluster(Box::new(kube::Config::infer().await?)),
+        };
+        Ok(ControllerConfig {
+            source,
+            state_dir: self.state_dir,
+            listen: self.listen,
+            admin: self.admin,
+            trust_domain: self.trust_domain,
+            leaf_lifetime: self.leaf_lifetime,
+        })
     }
 }
 

@@ -14,14 +14,32 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::discovery::DiscoveryService;
 use crate::identity::{BootstrapTokens, Ca, IdentityService};
 use crate::metrics::ControllerMetrics;
+use crate::source::cluster::ClusterSource;
 use crate::source::local::LocalSource;
 use crate::source::manifest::ManifestError;
 use crate::store::Store;
 
+/// Where the mesh's objects come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of Kubernetes manifests, hot-reloaded (local mode).
+    Manifests(PathBuf),
+    /// The Kubernetes API server (cluster mode).
+    Cluster(Box<kube::Config>),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Manifests(dir) => write!(f, "manifests in {}", dir.display()),
+            Source::Cluster(config) => write!(f, "the Kubernetes API at {}", config.cluster_url),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    /// The directory of Kubernetes manifests (local mode).
-    pub manifests: PathBuf,
+    pub source: Source,
     /// Where the CA and bootstrap-token keys live (files 0600).
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
@@ -47,6 +65,11 @@ pub enum ControllerError {
     /// The bootstrap-token key could not be opened or created.
     #[error("bootstrap tokens in {dir}: {reason}")]
     Tokens { dir: PathBuf, reason: String },
+    /// No Kubernetes client could be built from the configuration.
+    #[error(
+        "cannot reach the Kubernetes API: {0}; check the kubeconfig or the pod's service account"
+    )]
+    Kubernetes(#[from] kube::Error),
     /// The gRPC listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -74,15 +97,33 @@ const CA_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 impl Controller {
     pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
         let store = Store::new(&config.trust_domain);
-        let mut source = LocalSource::new(&config.manifests, store.clone());
-        // Load once before serving, so the first answers are complete.
-        source
-            .reload()
-            .map_err(|source| ControllerError::Manifests {
-                dir: config.manifests.clone(),
-                source,
-            })?;
-        let manifest_errors = source.errors();
+        let mut tasks = JoinSet::new();
+        let manifest_errors = match &config.source {
+            Source::Manifests(dir) => {
+                let mut source = LocalSource::new(dir, store.clone());
+                // Load once before serving, so the first answers are complete.
+                source
+                    .reload()
+                    .map_err(|source| ControllerError::Manifests {
+                        dir: dir.clone(),
+                        source,
+                    })?;
+                let errors = source.errors();
+                tasks.spawn(source.run());
+                errors
+            }
+            Source::Cluster(kube_config) => {
+                let client = kube::Client::try_from(kube_config.as_ref().clone())?;
+                let source = ClusterSource::new(client, store.clone());
+                let synced = source.synced();
+                tasks.spawn(source.run());
+                // Serve once every kind is listed: a proxy asking earlier
+                // would be told a Service has no endpoints.
+                tracing::info!(api = %kube_config.cluster_url, "listing the cluster's objects");
+                synced.await;
+                watch::channel(Vec::new()).1
+            }
+        };
 
         let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
         let tokens = Arc::new(
@@ -127,8 +168,6 @@ impl Controller {
             .add_service(DiscoveryService::new(store.clone(), metrics.clone()).into_server())
             .add_service(identity.into_server());
 
-        let mut tasks = JoinSet::new();
-        tasks.spawn(source.run());
         tasks.spawn(admin.serve(admin_listener));
         tasks.spawn(reload_ca(ca.clone()));
         tasks.spawn(async move {
@@ -136,7 +175,7 @@ impl Controller {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         });
-        tracing::info!(%addr, manifests = %config.manifests.display(), trust_domain = %config.trust_domain, "controller started");
+        tracing::info!(%addr, source = %config.source, trust_domain = %config.trust_domain, "controller started");
         Ok(Self {
             addr,
             admin_addr,

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
 use meshctl::demo::apps::{self, Greeting};
 use tokio::net::TcpListener;
-use trellis_control_plane::controller::{Controller, ControllerConfig};
+use trellis_control_plane::controller::{Controller, ControllerConfig, Source};
 use trellis_control_plane::identity::BootstrapTokens;
 use trellis_control_plane::source::manifest::ManifestError;
 use trellis_proto::SpiffeId;
@@ -184,7 +184,7 @@ impl Mesh {
         std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests dir");
         let block = loopback_block();
         let mut config = ControllerConfig {
-            manifests: dir.path().join("manifests"),
+            source: Source::Manifests(dir.path().join("manifests")),
             state_dir: dir.path().to_path_buf(),
             admin: SocketAddr::from((Ipv4Addr::new(block[0], block[1], block[2], 1), 0)),
             listen: SocketAddr::from((Ipv4Addr::new(block[0], block[1], block[2], 1), 0)),

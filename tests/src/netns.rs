@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use trellis_control_plane::controller::ControllerConfig;
+use trellis_control_plane::controller::{ControllerConfig, Source};
 use trellis_control_plane::identity::BootstrapTokens;
 use trellis_proto::SpiffeId;
 
@@ -255,7 +255,7 @@ impl PodNetwork {
         set_mode(dir.path(), 0o755);
         std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests dir");
         let config = ControllerConfig {
-            manifests: dir.path().join("manifests"),
+            source: Source::Manifests(dir.path().join("manifests")),
             state_dir: dir.path().to_path_buf(),
             admin: SocketAddr::from((gateway, 0)),
             listen: SocketAddr::from((gateway, 0)),

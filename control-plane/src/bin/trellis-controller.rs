@@ -1,4 +1,5 @@
-//! `trellis-controller`: the Trellis control plane (local mode).
+//! `trellis-controller`: the Trellis control plane, reading a cluster's
+//! API or a directory of manifests.
 
 use anyhow::Context;
 use clap::Parser;
@@ -20,7 +21,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     init_tracing("info");
     let cli = Cli::parse();
-    let controller = Controller::start(cli.controller.into())
+    let config = cli.controller.into_config().await?;
+    let controller = Controller::start(config)
         .await
         .context("starting the controller")?;
     tokio::select! {

@@ -236,6 +236,16 @@ pub enum Object {
 }
 
 impl Object {
+    /// Every kind the mesh reads, as [`Object::kind`] names them.
+    pub const KINDS: [&'static str; 6] = [
+        "Service",
+        "EndpointSlice",
+        "Pod",
+        "HTTPRoute",
+        "HTTPFault",
+        "ResiliencePolicy",
+    ];
+
     pub fn kind(&self) -> &'static str {
         match self {
             Object::Service(_) => "Service",

@@ -32,85 +32,107 @@ impl fmt::Display for ManifestError {
 /// Parses one (possibly multi-document) YAML file into the objects the mesh
 /// reads. Kinds the mesh does not use (Deployments, ConfigMaps…) are skipped.
 pub fn parse(file: &Path, contents: &str) -> Result<Vec<Object>, ManifestError> {
-    let error = |object: Option<String>, reason: String| ManifestError {
-        file: file.to_path_buf(),
-        object,
-        reason,
-    };
-    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(contents)
-        .map_err(|e| error(None, format!("not valid YAML: {e}")))?;
+    let in_file = |refusal: Refusal| refusal.in_file(file);
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(contents).map_err(|e| ManifestError {
+            file: file.to_path_buf(),
+            object: None,
+            reason: format!("not valid YAML: {e}"),
+        })?;
     let mut objects = Vec::new();
     for (index, document) in documents.into_iter().enumerate() {
         if document.is_null() {
             continue;
         }
-        let api_version = document
-            .get("apiVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        let kind = document.get("kind").and_then(|v| v.as_str()).unwrap_or("");
-        let name = document
-            .pointer("/metadata/name")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string();
-        let label = format!(
-            "{} {}",
-            if kind.is_empty() { "document" } else { kind },
-            name
-        );
-        if api_version.is_empty() || kind.is_empty() {
-            return Err(error(
-                Some(format!("document {}", index + 1)),
-                "has no apiVersion or kind; every document must be a Kubernetes object".into(),
-            ));
+        let has_type = ["apiVersion", "kind"].iter().all(|field| {
+            document
+                .get(field)
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| !v.is_empty())
+        });
+        if !has_type {
+            return Err(in_file(Refusal {
+                object: Some(format!("document {}", index + 1)),
+                reason: "has no apiVersion or kind; every document must be a Kubernetes object"
+                    .into(),
+            }));
         }
-        if name.is_empty() {
-            return Err(error(Some(label), "metadata.name is missing".into()));
+        if let Some(object) = from_value(document).map_err(in_file)? {
+            objects.push(object);
         }
-        let object = match (api_version, kind) {
-            ("v1", "Service") => Object::Service(convert(document, &label, file)?),
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                Object::EndpointSlice(convert(document, &label, file)?)
-            }
-            ("v1", "Pod") => Object::Pod(convert(document, &label, file)?),
-            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-                Object::HttpRoute(convert(document, &label, file)?)
-            }
-            ("trellis.dev/v1alpha1", "HTTPFault") => {
-                Object::HttpFault(convert(document, &label, file)?)
-            }
-            ("trellis.dev/v1alpha1", "ResiliencePolicy") => {
-                Object::ResiliencePolicy(convert(document, &label, file)?)
-            }
-            (
-                _,
-                "Service" | "EndpointSlice" | "Pod" | "HTTPRoute" | "HTTPFault"
-                | "ResiliencePolicy",
-            ) => {
-                return Err(error(
-                    Some(label),
-                    format!(
-                        "apiVersion {api_version:?} is not supported for {kind}; use v1 (Service, Pod), \
-                         discovery.k8s.io/v1 (EndpointSlice), gateway.networking.k8s.io/v1 (HTTPRoute) \
-                         or trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy)"
-                    ),
-                ));
-            }
-            _ => continue,
-        };
-        objects.push(object);
     }
     Ok(objects)
 }
 
-fn convert<T: DeserializeOwned>(
-    document: serde_json::Value,
-    label: &str,
-    file: &Path,
-) -> Result<T, ManifestError> {
-    serde_json::from_value(document).map_err(|e| ManifestError {
-        file: file.to_path_buf(),
+/// Why one object was refused, wherever it came from (a file, the API).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}{reason}", object.as_ref().map(|o| format!("{o}: ")).unwrap_or_default())]
+pub struct Refusal {
+    /// `Kind name`, when the object is known.
+    pub object: Option<String>,
+    pub reason: String,
+}
+
+impl Refusal {
+    fn in_file(self, file: &Path) -> ManifestError {
+        ManifestError {
+            file: file.to_path_buf(),
+            object: self.object,
+            reason: self.reason,
+        }
+    }
+}
+
+/// Reads one Kubernetes object (as JSON) into the mesh's model: `None` for
+/// kinds the mesh does not use. The same reader serves manifest files and
+/// the cluster's watchers, so both accept the same objects.
+pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal> {
+    let text = |field: &str| document.get(field).and_then(|v| v.as_str()).unwrap_or("");
+    let (api_version, kind) = (text("apiVersion").to_string(), text("kind").to_string());
+    let name = document
+        .pointer("/metadata/name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let label = format!("{kind} {name}");
+    if name.is_empty() {
+        return Err(Refusal {
+            object: Some(label),
+            reason: "metadata.name is missing".into(),
+        });
+    }
+    let object = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => Object::Service(convert(document, &label)?),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            Object::EndpointSlice(convert(document, &label)?)
+        }
+        ("v1", "Pod") => Object::Pod(convert(document, &label)?),
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            Object::HttpRoute(convert(document, &label)?)
+        }
+        ("trellis.dev/v1alpha1", "HTTPFault") => Object::HttpFault(convert(document, &label)?),
+        ("trellis.dev/v1alpha1", "ResiliencePolicy") => {
+            Object::ResiliencePolicy(convert(document, &label)?)
+        }
+        (
+            _,
+            "Service" | "EndpointSlice" | "Pod" | "HTTPRoute" | "HTTPFault" | "ResiliencePolicy",
+        ) => {
+            return Err(Refusal {
+                object: Some(label),
+                reason: format!(
+                    "apiVersion {api_version:?} is not supported for {kind}; use v1 (Service, Pod), \
+                     discovery.k8s.io/v1 (EndpointSlice), gateway.networking.k8s.io/v1 (HTTPRoute) \
+                     or trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy)"
+                ),
+            });
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(object))
+}
+
+fn convert<T: DeserializeOwned>(document: serde_json::Value, label: &str) -> Result<T, Refusal> {
+    serde_json::from_value(document).map_err(|e| Refusal {
         object: Some(label.to_string()),
         reason: format!("does not match the Kubernetes schema: {e}"),
     })
@@ -119,43 +141,90 @@ fn convert<T: DeserializeOwned>(
 /// Checks one file's objects against everything that would be loaded with
 /// them (`all`), so cross-object mistakes are caught before they serve.
 pub fn validate(file: &Path, objects: &[Object], all: &[&Object]) -> Result<(), ManifestError> {
-    let keys = |kind: &str| -> BTreeSet<ObjectKey> {
-        all.iter()
-            .filter(|o| o.kind() == kind)
-            .map(|o| o.key())
-            .collect()
-    };
-    let services = keys("Service");
-    let faults = keys("HTTPFault");
-    let policies: BTreeMap<ObjectKey, &ResiliencePolicy> = all
-        .iter()
-        .filter_map(|o| match o {
-            Object::ResiliencePolicy(p) => Some((p.metadata.key(), p)),
-            _ => None,
-        })
-        .collect();
+    let references = References::loaded(all);
     for object in objects {
-        let problem = match object {
-            Object::Service(s) => validate_service(s),
-            Object::EndpointSlice(s) => validate_slice(s, &services),
-            Object::Pod(p) => validate_pod(p),
-            Object::HttpRoute(r) => {
-                super::route_validation::validate_route(r, &services, &faults, &policies)
-            }
-            Object::HttpFault(f) => super::route_validation::validate_fault(f),
-            Object::ResiliencePolicy(p) => {
-                super::resilience_validation::validate_policy(p).map_err(|e| e.to_string())
-            }
-        };
-        if let Err(reason) = problem {
-            return Err(ManifestError {
-                file: file.to_path_buf(),
-                object: Some(object.to_string()),
-                reason,
-            });
-        }
+        check(object, &references).map_err(|reason| ManifestError {
+            file: file.to_path_buf(),
+            object: Some(object.to_string()),
+            reason,
+        })?;
     }
     Ok(())
+}
+
+/// Checks one object: its own fields, and its references to other objects
+/// as far as `references` knows them.
+pub fn check(object: &Object, references: &References) -> Result<(), String> {
+    match object {
+        Object::Service(s) => validate_service(s),
+        Object::EndpointSlice(s) => validate_slice(s, references),
+        Object::Pod(p) => validate_pod(p),
+        Object::HttpRoute(r) => super::route_validation::validate_route(r, references),
+        Object::HttpFault(f) => super::route_validation::validate_fault(f),
+        Object::ResiliencePolicy(p) => {
+            super::resilience_validation::validate_policy(p).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// What an object's references to other objects are checked against.
+pub struct References<'a> {
+    /// `None` for objects from the API server, which accepts a reference to
+    /// an object that does not exist (yet); the store resolves references
+    /// when it answers, so a dangling one routes nowhere instead.
+    loaded: Option<Loaded<'a>>,
+}
+
+struct Loaded<'a> {
+    keys: BTreeSet<(&'static str, ObjectKey)>,
+    policies: BTreeMap<ObjectKey, &'a ResiliencePolicy>,
+}
+
+/// A referenced object, as far as [`References`] can tell.
+pub enum Lookup<'a, T> {
+    Found(&'a T),
+    Missing,
+    /// References are not checked (cluster mode).
+    Unknown,
+}
+
+impl<'a> References<'a> {
+    /// Local mode: everything loaded together must be consistent.
+    pub fn loaded(all: &[&'a Object]) -> Self {
+        let keys = all.iter().map(|o| (o.kind(), o.key())).collect();
+        let policies = all
+            .iter()
+            .filter_map(|o| match o {
+                Object::ResiliencePolicy(p) => Some((p.metadata.key(), p)),
+                _ => None,
+            })
+            .collect();
+        Self {
+            loaded: Some(Loaded { keys, policies }),
+        }
+    }
+
+    /// Cluster mode: the API server's rules, which leave references alone.
+    pub fn unchecked() -> Self {
+        Self { loaded: None }
+    }
+
+    /// Whether `kind key` may be referenced: it exists, or nobody can tell.
+    pub fn exists(&self, kind: &'static str, key: &ObjectKey) -> bool {
+        self.loaded
+            .as_ref()
+            .is_none_or(|l| l.keys.contains(&(kind, key.clone())))
+    }
+
+    pub fn policy(&self, key: &ObjectKey) -> Lookup<'a, ResiliencePolicy> {
+        match &self.loaded {
+            None => Lookup::Unknown,
+            Some(l) => l
+                .policies
+                .get(key)
+                .map_or(Lookup::Missing, |p| Lookup::Found(p)),
+        }
+    }
 }
 
 /// Finds objects defined in more than one file: which one wins would be an
@@ -205,7 +274,7 @@ fn validate_service(service: &Service) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_slice(slice: &EndpointSlice, services: &BTreeSet<ObjectKey>) -> Result<(), String> {
+fn validate_slice(slice: &EndpointSlice, references: &References) -> Result<(), String> {
     let key = slice.metadata.key();
     let Some(service) = slice.service_name() else {
         return Err(format!(
@@ -213,7 +282,7 @@ fn validate_slice(slice: &EndpointSlice, services: &BTreeSet<ObjectKey>) -> Resu
             crate::model::SERVICE_NAME_LABEL
         ));
     };
-    if !services.contains(&ObjectKey::new(&key.namespace, service)) {
+    if !references.exists("Service", &ObjectKey::new(&key.namespace, service)) {
         return Err(format!(
             "label {}={service} names no Service in namespace {}; add the Service or fix the label",
             crate::model::SERVICE_NAME_LABEL,

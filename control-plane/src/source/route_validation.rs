@@ -1,17 +1,11 @@
 //! Checks on HTTPRoutes and HTTPFaults before they may serve: each problem
 //! names the field and what to write instead.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use crate::model::{HttpFault, HttpRoute, ObjectKey, ResiliencePolicy, TRELLIS_GROUP};
+use super::manifest::{Lookup, References};
+use crate::model::{HttpFault, HttpRoute, ObjectKey, TRELLIS_GROUP};
 use crate::store::parse_gateway_duration;
 
-pub fn validate_route(
-    route: &HttpRoute,
-    services: &BTreeSet<ObjectKey>,
-    faults: &BTreeSet<ObjectKey>,
-    policies: &BTreeMap<ObjectKey, &ResiliencePolicy>,
-) -> Result<(), String> {
+pub fn validate_route(route: &HttpRoute, references: &References) -> Result<(), String> {
     let ns = route.metadata.key().namespace;
     let parents: Vec<_> = route
         .spec
@@ -24,7 +18,7 @@ pub fn validate_route(
     }
     for parent in parents {
         let key = ObjectKey::new(parent.namespace.as_deref().unwrap_or(&ns), &parent.name);
-        if !services.contains(&key) {
+        if !references.exists("Service", &key) {
             return Err(format!(
                 "parentRef Service {key} does not exist; create it or fix the name"
             ));
@@ -42,7 +36,7 @@ pub fn validate_route(
                 ));
             }
             let key = ObjectKey::new(b.namespace.as_deref().unwrap_or(&ns), &b.name);
-            if !services.contains(&key) {
+            if !references.exists("Service", &key) {
                 return Err(format!(
                     "{}: backendRef {:?} names no Service in namespace {}; create the Service or fix the name",
                     at(&format!("backendRefs[{j}]")),
@@ -167,16 +161,19 @@ pub fn validate_route(
                     let key = ObjectKey::new(&ns, &r.name);
                     match (r.group.as_str(), r.kind.as_str()) {
                         (TRELLIS_GROUP, "HTTPFault") => {
-                            if !faults.contains(&key) {
+                            if !references.exists("HTTPFault", &key) {
                                 return Err(format!("{at}: HTTPFault {key} does not exist"));
                             }
                         }
                         (TRELLIS_GROUP, "ResiliencePolicy") => {
-                            let Some(policy) = policies.get(&key) else {
-                                return Err(format!("{at}: ResiliencePolicy {key} does not exist"));
-                            };
-                            if policy.spec.outlier_detection.is_some() {
-                                return Err(format!("{at}: ResiliencePolicy {key} sets outlierDetection, which applies per Service through its spec.targetRefs, not per route rule; reference a policy with only circuitBreaker"));
+                            match references.policy(&key) {
+                                Lookup::Missing => {
+                                    return Err(format!("{at}: ResiliencePolicy {key} does not exist"))
+                                }
+                                Lookup::Found(policy) if policy.spec.outlier_detection.is_some() => {
+                                    return Err(format!("{at}: ResiliencePolicy {key} sets outlierDetection, which applies per Service through its spec.targetRefs, not per route rule; reference a policy with only circuitBreaker"));
+                                }
+                                Lookup::Found(_) | Lookup::Unknown => {}
                             }
                             if let Some(first) = policy_filter.replace(j) {
                                 return Err(format!("{at}: a rule takes one ResiliencePolicy, and filters[{first}] already names one"));

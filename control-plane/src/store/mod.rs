@@ -90,28 +90,30 @@ impl Store {
     /// Removes one object; unknown keys are ignored.
     pub fn delete(&self, kind: &str, key: &ObjectKey) {
         let mut state = self.lock();
-        match kind {
-            "Service" => drop(state.services.remove(key)),
-            "EndpointSlice" => drop(state.slices.remove(key)),
-            "Pod" => drop(state.pods.remove(key)),
-            "HTTPRoute" => drop(state.routes.remove(key)),
-            "HTTPFault" => drop(state.faults.remove(key)),
-            "ResiliencePolicy" => drop(state.policies.remove(key)),
-            _ => return,
+        if state.remove(kind, key) {
+            state.notify();
+        }
+    }
+
+    /// Replaces everything at once (a reload of the manifest directory), so
+    /// watchers never see a half-applied state.
+    pub fn replace_all(&self, objects: impl IntoIterator<Item = Object>) {
+        let mut state = self.lock();
+        for kind in Object::KINDS {
+            state.clear(kind);
+        }
+        for object in objects {
+            state.insert(object);
         }
         state.notify();
     }
 
-    /// Replaces everything at once (a re-list, or a reload of the manifest
-    /// directory), so watchers never see a half-applied state.
-    pub fn replace_all(&self, objects: impl IntoIterator<Item = Object>) {
+    /// Replaces every object of one kind at once (a watcher's re-list): an
+    /// object listed again unchanged wakes no watch, one missing from the
+    /// list is gone.
+    pub fn replace_kind(&self, kind: &str, objects: impl IntoIterator<Item = Object>) {
         let mut state = self.lock();
-        state.services.clear();
-        state.slices.clear();
-        state.pods.clear();
-        state.routes.clear();
-        state.faults.clear();
-        state.policies.clear();
+        state.clear(kind);
         for object in objects {
             state.insert(object);
         }
@@ -157,6 +159,31 @@ impl State {
             Object::HttpRoute(o) => drop(self.routes.insert(key, o)),
             Object::HttpFault(o) => drop(self.faults.insert(key, o)),
             Object::ResiliencePolicy(o) => drop(self.policies.insert(key, o)),
+        }
+    }
+
+    /// Removes one object; whether it was there.
+    fn remove(&mut self, kind: &str, key: &ObjectKey) -> bool {
+        match kind {
+            "Service" => self.services.remove(key).is_some(),
+            "EndpointSlice" => self.slices.remove(key).is_some(),
+            "Pod" => self.pods.remove(key).is_some(),
+            "HTTPRoute" => self.routes.remove(key).is_some(),
+            "HTTPFault" => self.faults.remove(key).is_some(),
+            "ResiliencePolicy" => self.policies.remove(key).is_some(),
+            _ => false,
+        }
+    }
+
+    fn clear(&mut self, kind: &str) {
+        match kind {
+            "Service" => self.services.clear(),
+            "EndpointSlice" => self.slices.clear(),
+            "Pod" => self.pods.clear(),
+            "HTTPRoute" => self.routes.clear(),
+            "HTTPFault" => self.faults.clear(),
+            "ResiliencePolicy" => self.policies.clear(),
+            _ => {}
         }
     }
 
