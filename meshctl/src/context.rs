@@ -27,6 +27,29 @@ pub struct Context {
     /// The process that wrote it (the demo), so it removes only its own.
     #[serde(default)]
     pub pid: u32,
+    /// The controller's state directory (CA, bootstrap token key), where
+    /// `meshctl proxy` and `meshctl token` find what proves an identity.
+    #[serde(default)]
+    pub state_dir: PathBuf,
+    /// The mesh's trust domain, for SPIFFE IDs.
+    #[serde(default)]
+    pub trust_domain: String,
+}
+
+/// Why there is no running demo to join.
+#[derive(Debug, thiserror::Error)]
+pub enum NoDemo {
+    #[error("no demo is running (no {}); start `meshctl demo` in another terminal first", .0.display())]
+    Missing(PathBuf),
+    #[error("reading {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the demo that wrote {} (pid {pid}) is no longer running; start `meshctl demo` again", path.display())]
+    Stopped { path: PathBuf, pid: u32 },
+    #[error("{} was written by an older meshctl demo, without its state directory; restart `meshctl demo`", .0.display())]
+    Old(PathBuf),
 }
 
 impl Context {
@@ -38,6 +61,27 @@ impl Context {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The context of the demo running now: it exists, its demo is alive,
+    /// and it names the state directory.
+    pub fn running(path: &Path) -> Result<Self, NoDemo> {
+        let context = Self::load(path)
+            .map_err(|source| NoDemo::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .ok_or_else(|| NoDemo::Missing(path.to_path_buf()))?;
+        if !process_alive(context.pid) {
+            return Err(NoDemo::Stopped {
+                path: path.to_path_buf(),
+                pid: context.pid,
+            });
+        }
+        if context.state_dir.as_os_str().is_empty() || context.trust_domain.is_empty() {
+            return Err(NoDemo::Old(path.to_path_buf()));
+        }
+        Ok(context)
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
@@ -60,4 +104,13 @@ impl Context {
             }
         }
     }
+}
+
+/// Whether process `pid` exists (signal 0 finds it; EPERM means it exists
+/// but is someone else's).
+pub fn process_alive(pid: u32) -> bool {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    pid.is_some_and(|pid| rustix::process::test_kill_process(pid) != Err(rustix::io::Errno::SRCH))
 }

@@ -1,7 +1,7 @@
 //! `meshctl`: the Trellis command line.
 
 use clap::{Parser, Subcommand};
-use meshctl::{ca, demo, identity, internal, route, stat};
+use meshctl::{ca, demo, identity, internal, proxy, route, stat, token};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,16 @@ enum Command {
     /// retries and fault injection (Gateway API HTTPRoute).
     #[command(subcommand)]
     Route(route::RouteCommand),
+    /// Put an app of yours behind a sidecar in the running demo's mesh: its
+    /// identity, token and manifests are taken care of (Ctrl-C removes them).
+    ///
+    /// Example, for nginx listening on 127.0.0.1:8080:
+    ///   meshctl proxy --name web --app 127.0.0.1:8080
+    #[command(verbatim_doc_comment)]
+    Proxy(proxy::ProxyArgs),
+    /// Print the bootstrap token that proves a SPIFFE ID to the local-mode
+    /// controller (for TRELLIS_TOKEN or TRELLIS_TOKEN_FILE).
+    Token(token::TokenArgs),
     /// Processes the demo starts (controller, proxies, apps); not for direct use.
     #[command(hide = true, subcommand)]
     Internal(internal::Internal),
@@ -38,9 +48,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
-        // The demo's processes choose their runtime: a sidecar runs on the
-        // one `trellis-proxy run` runs on.
+        // These choose their runtime: a sidecar runs on the one
+        // `trellis-proxy run` runs on.
         Command::Internal(command) => internal::run(command),
+        Command::Proxy(args) => proxy::run(args),
         command => tokio::runtime::Runtime::new()
             .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
             .and_then(|runtime| runtime.block_on(run(command))),
@@ -63,6 +74,9 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Ca(args) => ca::run(args),
         Command::Stat(args) => stat::stat(args).await,
         Command::Graph(args) => stat::graph(args).await,
-        Command::Internal(command) => internal::run(command),
+        Command::Token(args) => token::run(args),
+        Command::Internal(_) | Command::Proxy(_) => {
+            unreachable!("main runs these on their own runtime")
+        }
     }
 }

@@ -51,6 +51,19 @@ impl BootstrapTokens {
         })
     }
 
+    /// Opens `<dir>/bootstrap.key`, which must exist: a tool handing out
+    /// tokens (`meshctl token`) must not create a key the controller lacks.
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let path = dir.join(KEY_FILE);
+        if !path.is_file() {
+            return Err(CaError::Invalid {
+                path,
+                reason: "does not exist; is this the controller's --state-dir (the demo's state directory)?".into(),
+            });
+        }
+        Self::load_or_create(dir)
+    }
+
     /// The token that proves `identity`.
     pub fn token_for(&self, identity: &SpiffeId) -> String {
         let tag = hmac::sign(&self.key, identity.to_string().as_bytes());

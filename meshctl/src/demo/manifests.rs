@@ -49,7 +49,8 @@ pub fn pods(base: [u8; 3]) -> Vec<DemoPod> {
     ]
 }
 
-fn service(name: &str, cluster_ip: &str) -> String {
+fn service(name: &str, cluster_ip: Option<&str>, port: u16, target_port: u16) -> String {
+    let cluster_ip = cluster_ip.map_or_else(String::new, |ip| format!("  clusterIP: {ip}\n"));
     format!(
         "apiVersion: v1
 kind: Service
@@ -57,32 +58,32 @@ metadata:
   name: {name}
   namespace: {NAMESPACE}
 spec:
-  clusterIP: {cluster_ip}
-  ports:
+{cluster_ip}  ports:
     - name: http
-      port: {APP_PORT}
-      targetPort: {APP_PORT}
+      port: {port}
+      targetPort: {target_port}
       appProtocol: http
 "
     )
 }
 
-fn endpoint_slice(service: &str, pods: &[&DemoPod]) -> String {
+/// The EndpointSlice `name` of `service`: the `(pod name, pod IP)`
+/// endpoints, each serving the app on `port`.
+fn endpoint_slice(name: &str, service: &str, pods: &[(&str, Ipv4Addr)], port: u16) -> String {
     let mut endpoints = String::new();
-    for pod in pods {
+    for (pod, ip) in pods {
         endpoints.push_str(&format!(
-            "  - addresses: [\"{}\"]
+            "  - addresses: [\"{ip}\"]
     conditions: {{ready: true}}
-    targetRef: {{kind: Pod, name: {}, namespace: {NAMESPACE}}}
-",
-            pod.ip, pod.name
+    targetRef: {{kind: Pod, name: {pod}, namespace: {NAMESPACE}}}
+"
         ));
     }
     format!(
         "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: {service}-demo
+  name: {name}
   namespace: {NAMESPACE}
   labels:
     kubernetes.io/service-name: {service}
@@ -90,13 +91,23 @@ addressType: IPv4
 endpoints:
 {endpoints}ports:
   - name: http
-    port: {APP_PORT}
+    port: {port}
     appProtocol: http
 "
     )
 }
 
-fn pod(pod: &DemoPod) -> String {
+/// A meshed Pod (it has the `trellis-proxy` container beside the app's
+/// `image`) labelled `app` and, if given, `version`, whose sidecar takes
+/// mTLS on `ip`:[`INBOUND_PORT`].
+fn pod(
+    name: &str,
+    (app, image): (&str, &str),
+    version: Option<&str>,
+    service_account: &str,
+    ip: Ipv4Addr,
+) -> String {
+    let version = version.map_or_else(String::new, |v| format!("    version: {v}\n"));
     format!(
         "apiVersion: v1
 kind: Pod
@@ -105,43 +116,90 @@ metadata:
   namespace: {NAMESPACE}
   labels:
     app: {app}
-    version: {version}
-  annotations:
+{version}  annotations:
     trellis.dev/inbound-port: \"{INBOUND_PORT}\"
 spec:
-  serviceAccountName: {sa}
+  serviceAccountName: {service_account}
   containers:
     - name: {app}
-      image: trellis-demo/{app}
+      image: {image}
     - name: trellis-proxy
       image: trellis-proxy
 status:
   podIP: {ip}
-",
-        name = pod.name,
-        app = pod.app,
-        version = pod.version,
-        sa = pod.service_account,
-        ip = pod.ip,
+"
     )
 }
 
 /// The whole demo mesh as one multi-document YAML file.
 pub fn render(pods: &[DemoPod]) -> String {
-    let by_app = |app: &str| pods.iter().filter(|p| p.app == app).collect::<Vec<_>>();
-    let by_name = |name: &str| pods.iter().filter(|p| p.name == name).collect::<Vec<_>>();
+    let slice = |service: &str, pick: fn(&DemoPod) -> bool| {
+        let endpoints: Vec<_> = pods
+            .iter()
+            .filter(|p| pick(p))
+            .map(|p| (p.name, p.ip))
+            .collect();
+        endpoint_slice(&format!("{service}-demo"), service, &endpoints, APP_PORT)
+    };
     let mut docs = vec![
-        service("frontend", "10.96.0.10"),
-        service("hello", "10.96.0.20"),
-        service("hello-v1", "10.96.0.21"),
-        service("hello-v2", "10.96.0.22"),
-        endpoint_slice("frontend", &by_app("frontend")),
-        endpoint_slice("hello", &by_app("hello")),
-        endpoint_slice("hello-v1", &by_name("hello-v1")),
-        endpoint_slice("hello-v2", &by_name("hello-v2")),
+        service("frontend", Some("10.96.0.10"), APP_PORT, APP_PORT),
+        service("hello", Some("10.96.0.20"), APP_PORT, APP_PORT),
+        service("hello-v1", Some("10.96.0.21"), APP_PORT, APP_PORT),
+        service("hello-v2", Some("10.96.0.22"), APP_PORT, APP_PORT),
+        slice("frontend", |p| p.app == "frontend"),
+        slice("hello", |p| p.app == "hello"),
+        slice("hello-v1", |p| p.name == "hello-v1"),
+        slice("hello-v2", |p| p.name == "hello-v2"),
     ];
-    docs.extend(pods.iter().map(pod));
+    docs.extend(pods.iter().map(|p| {
+        let image = format!("trellis-demo/{}", p.app);
+        pod(
+            p.name,
+            (p.app, &image),
+            Some(p.version),
+            p.service_account,
+            p.ip,
+        )
+    }));
     docs.join("---\n")
+}
+
+/// An application of the user's that `meshctl proxy` meshes: a Service
+/// `name` on `port`, one endpoint (its sidecar, at `pod_ip`) and its Pod.
+#[derive(Clone, Debug)]
+pub struct OwnApp<'a> {
+    pub name: &'a str,
+    pub service_account: &'a str,
+    pub version: Option<&'a str>,
+    /// The sidecar's address, the pod IP of the Pod.
+    pub pod_ip: Ipv4Addr,
+    /// The Service port callers name.
+    pub port: u16,
+    /// The port the application listens on.
+    pub app_port: u16,
+}
+
+/// The Service, EndpointSlice and Pod of an [`OwnApp`], one YAML file.
+pub fn render_own_app(app: &OwnApp) -> String {
+    let slice_name = format!("{}-meshctl-proxy", app.name);
+    [
+        service(app.name, None, app.port, app.app_port),
+        endpoint_slice(
+            &slice_name,
+            app.name,
+            &[(app.name, app.pod_ip)],
+            app.app_port,
+        ),
+        // A process on this machine, not an image; the field names what runs.
+        pod(
+            app.name,
+            (app.name, "local-process"),
+            app.version,
+            app.service_account,
+            app.pod_ip,
+        ),
+    ]
+    .join("---\n")
 }
 
 #[cfg(test)]
@@ -172,5 +230,46 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn an_own_app_joins_the_demo_behind_its_sidecar() {
+        let app = OwnApp {
+            name: "web",
+            service_account: "web-sa",
+            version: Some("v3"),
+            pod_ip: Ipv4Addr::new(127, 0, 9, 77),
+            port: 80,
+            app_port: 18080,
+        };
+        let demo = manifest::parse(
+            std::path::Path::new("demo.yaml"),
+            &render(&pods([127, 0, 9])),
+        );
+        let own = manifest::parse(std::path::Path::new("web.yaml"), &render_own_app(&app));
+        let (demo, own) = (demo.unwrap(), own.unwrap());
+        let all: Vec<_> = demo.iter().chain(&own).collect();
+        manifest::validate(std::path::Path::new("web.yaml"), &own, &all).unwrap();
+        let store = Store::new("cluster.local");
+        store.replace_all(demo.into_iter().chain(own));
+        // Callers name the Service port; the sidecar gets the app's port.
+        let web = store.resolve("web.default.svc.cluster.local:80").unwrap();
+        let endpoints: Vec<_> = web.endpoints.values().collect();
+        assert_eq!(endpoints.len(), 1);
+        let endpoint = endpoints[0];
+        assert_eq!(endpoint.ip, "127.0.9.77");
+        assert_eq!(endpoint.port, 18080);
+        assert_eq!(endpoint.proxy_port, u32::from(INBOUND_PORT));
+        assert_eq!(
+            endpoint.identity,
+            "spiffe://cluster.local/ns/default/sa/web-sa"
+        );
+        assert_eq!(
+            endpoint.labels.get("version").map(String::as_str),
+            Some("v3")
+        );
+        assert!(store
+            .resolve("web.default.svc.cluster.local:18080")
+            .is_none());
     }
 }

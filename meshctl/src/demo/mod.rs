@@ -7,7 +7,7 @@ pub mod manifests;
 pub mod scenario;
 mod supervise;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,7 +75,10 @@ const CHAOS_POD: &str = "hello-v2";
 pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let temp;
     let state_dir = match &args.state_dir {
-        Some(dir) => dir.clone(),
+        // Absolute, so commands run from another directory find it through the context.
+        Some(dir) => {
+            std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?
+        }
         None => {
             temp = tempfile::Builder::new()
                 .prefix("trellis-demo-")
@@ -116,7 +119,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             processes.push(start_pod(&mut children, pod, controller, &tokens, &state_dir)?);
         }
         for (pod, (_, proxy)) in pods.iter().zip(&processes) {
-            wait_ready(pod, proxy).await?;
+            let hint = || format!("{} restarts; see {}", proxy.status().restarts, proxy.log().display());
+            wait_ready(pod.ip, &format!("the proxy of {}", pod.name), hint).await?;
         }
         say(format!("Trellis demo mesh is up (state and logs in {}):", state_dir.display()));
         say(format!("  controller  {controller}  admin http://{admin}/ready"));
@@ -132,6 +136,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             controller: controller.to_string(),
             proxies: pods.iter().map(|p| (p.name.to_string(), format!("http://{}:{ADMIN_PORT}", p.ip))).collect(),
             pid: std::process::id(),
+            state_dir: state_dir.clone(),
+            trust_domain: TRUST_DOMAIN.into(),
         };
         context.save(&context::path()).context("writing the meshctl context")?;
         if let Some(file) = &args.prometheus_config {
@@ -245,28 +251,73 @@ fn start_pod(
             ],
         )?,
     };
-    let identity = SpiffeId::new(TRUST_DOMAIN, manifests::NAMESPACE, pod.service_account);
-    let token_file = state_dir.join("tokens").join(format!("{}.token", pod.name));
-    write_private(&token_file, tokens.token_for(&identity).as_bytes())?;
-    let env = [
+    let sidecar = Sidecar {
+        name: pod.name,
+        pod_ip: pod.ip,
+        app_ip: pod.ip.into(),
+        identity: SpiffeId::new(TRUST_DOMAIN, manifests::NAMESPACE, pod.service_account),
+        workload: pod.app,
+        version: Some(pod.version),
+    };
+    let env = sidecar_env(&sidecar, controller, tokens, state_dir)?;
+    let proxy = children.start(&format!("{}-proxy", pod.name), &env, &["proxy"])?;
+    Ok((app_process, proxy))
+}
+
+/// A sidecar of the demo's mesh: one of the demo's pods, or an app of the
+/// user's (`meshctl proxy`).
+pub struct Sidecar<'a> {
+    /// The pod's name; names its token file.
+    pub name: &'a str,
+    /// The pod's own loopback address: the sidecar listens there on
+    /// [`OUTBOUND_PORT`], [`INBOUND_PORT`] and [`ADMIN_PORT`].
+    pub pod_ip: Ipv4Addr,
+    /// Where the inbound side reaches the app.
+    pub app_ip: IpAddr,
+    pub identity: SpiffeId,
+    pub workload: &'a str,
+    pub version: Option<&'a str>,
+}
+
+/// The environment a sidecar joins the demo's mesh with — the controller at
+/// `controller`, whose state directory is `state_dir` — after writing its
+/// bootstrap token to `<state_dir>/tokens/<name>.token` (0600). Every
+/// sidecar of the demo's mesh is configured here, so all join it alike.
+pub fn sidecar_env(
+    sidecar: &Sidecar,
+    controller: SocketAddr,
+    tokens: &BootstrapTokens,
+    state_dir: &Path,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let identity = &sidecar.identity;
+    let outbound = SocketAddr::from((sidecar.pod_ip, OUTBOUND_PORT));
+    let token_file = token_file(state_dir, sidecar.name);
+    write_private(&token_file, tokens.token_for(identity).as_bytes())?;
+    let mut env = vec![
         ("TRELLIS_CONTROLLER", format!("http://{controller}")),
         ("TRELLIS_IDENTITY", identity.to_string()),
         ("TRELLIS_TOKEN_FILE", path(&token_file)?.to_string()),
         ("TRELLIS_OUTBOUND_LISTEN", outbound.to_string()),
         (
             "TRELLIS_INBOUND_LISTEN",
-            SocketAddr::from((pod.ip, INBOUND_PORT)).to_string(),
+            SocketAddr::from((sidecar.pod_ip, INBOUND_PORT)).to_string(),
         ),
         (
             "TRELLIS_ADMIN_LISTEN",
-            SocketAddr::from((pod.ip, ADMIN_PORT)).to_string(),
+            SocketAddr::from((sidecar.pod_ip, ADMIN_PORT)).to_string(),
         ),
-        ("TRELLIS_APP_IP", pod.ip.to_string()),
-        ("TRELLIS_WORKLOAD", pod.app.to_string()),
-        ("TRELLIS_VERSION", pod.version.to_string()),
+        ("TRELLIS_APP_IP", sidecar.app_ip.to_string()),
+        ("TRELLIS_WORKLOAD", sidecar.workload.to_string()),
     ];
-    let proxy = children.start(&format!("{}-proxy", pod.name), &env, &["proxy"])?;
-    Ok((app_process, proxy))
+    if let Some(version) = sidecar.version {
+        env.push(("TRELLIS_VERSION", version.to_string()));
+    }
+    Ok(env)
+}
+
+/// Where the sidecar of pod `name` reads its bootstrap token.
+pub fn token_file(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("tokens").join(format!("{name}.token"))
 }
 
 /// The pod's sidecar and app as chaos targets, each with its readiness probe.
@@ -318,10 +369,16 @@ async fn wait_for_port(addr: SocketAddr, process: &Process) -> anyhow::Result<()
     Ok(())
 }
 
-async fn wait_ready(pod: &DemoPod, proxy: &Process) -> anyhow::Result<()> {
+/// Waits until the sidecar of the pod at `pod_ip` is ready (it has a
+/// certificate); after 30 s fails naming it (`who`) and what to look at.
+pub async fn wait_ready(
+    pod_ip: Ipv4Addr,
+    who: &str,
+    hint: impl Fn() -> String,
+) -> anyhow::Result<()> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let url: http::Uri = format!("http://{}:{ADMIN_PORT}/ready", pod.ip).parse()?;
+    let url: http::Uri = format!("http://{pod_ip}:{ADMIN_PORT}/ready").parse()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(response) = client.get(url.clone()).await {
@@ -330,12 +387,7 @@ async fn wait_ready(pod: &DemoPod, proxy: &Process) -> anyhow::Result<()> {
             }
         }
         if Instant::now() > deadline {
-            bail!(
-                "the proxy of {} is not ready after 30 s ({url}; {} restarts); see {}",
-                pod.name,
-                proxy.status().restarts,
-                proxy.log().display()
-            );
+            bail!("{who} is not ready after 30 s ({url}); {}", hint());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
