@@ -303,7 +303,7 @@ metadata:
   annotations: {{trellis.dev/inbound-port: \"{inbound_port}\"}}
 spec:
   serviceAccountName: {sa}
-  containers: [{{name: app}}, {{name: trellis-proxy}}]
+  containers: [{{name: app, image: hello}}, {{name: trellis-proxy, image: trellis-proxy}}]
 "
     )
 }
@@ -353,6 +353,7 @@ kind: EndpointSlice
 metadata:
   name: {name}-1
   labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
 endpoints:
 {endpoints}ports: [{ports}]
 "

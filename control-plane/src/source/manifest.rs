@@ -2,12 +2,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{EndpointSlice, Object, ObjectKey, Pod, ResiliencePolicy, Service};
+use crate::model::{EndpointSlice, Object, ObjectKey, Pod, ResiliencePolicy};
 
 /// A manifest that was rejected, and why. The message names the file, the
 /// object (when the file parsed) and what to fix.
@@ -30,7 +29,8 @@ impl fmt::Display for ManifestError {
 }
 
 /// Parses one (possibly multi-document) YAML file into the objects the mesh
-/// reads. Kinds the mesh does not use (Deployments, ConfigMaps…) are skipped.
+/// reads, each checked as the API server would check it (`api_validation`).
+/// Kinds the mesh does not use (Deployments, ConfigMaps…) are skipped.
 pub fn parse(file: &Path, contents: &str) -> Result<Vec<Object>, ManifestError> {
     let error = |object: Option<String>, reason: String| ManifestError {
         file: file.to_path_buf(),
@@ -69,19 +69,19 @@ pub fn parse(file: &Path, contents: &str) -> Result<Vec<Object>, ManifestError> 
             return Err(error(Some(label), "metadata.name is missing".into()));
         }
         let object = match (api_version, kind) {
-            ("v1", "Service") => Object::Service(convert(document, &label, file)?),
+            ("v1", "Service") => convert(document, &label, file, Object::Service)?,
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                Object::EndpointSlice(convert(document, &label, file)?)
+                convert(document, &label, file, Object::EndpointSlice)?
             }
-            ("v1", "Pod") => Object::Pod(convert(document, &label, file)?),
+            ("v1", "Pod") => convert(document, &label, file, Object::Pod)?,
             ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-                Object::HttpRoute(convert(document, &label, file)?)
+                convert(document, &label, file, Object::HttpRoute)?
             }
             ("trellis.dev/v1alpha1", "HTTPFault") => {
-                Object::HttpFault(convert(document, &label, file)?)
+                convert(document, &label, file, Object::HttpFault)?
             }
             ("trellis.dev/v1alpha1", "ResiliencePolicy") => {
-                Object::ResiliencePolicy(convert(document, &label, file)?)
+                convert(document, &label, file, Object::ResiliencePolicy)?
             }
             (
                 _,
@@ -104,20 +104,40 @@ pub fn parse(file: &Path, contents: &str) -> Result<Vec<Object>, ManifestError> 
     Ok(objects)
 }
 
+/// Converts one document to its type and checks it as the API server
+/// would; the error names the first field that does not fit.
 fn convert<T: DeserializeOwned>(
     document: serde_json::Value,
     label: &str,
     file: &Path,
-) -> Result<T, ManifestError> {
-    serde_json::from_value(document).map_err(|e| ManifestError {
+    wrap: impl FnOnce(T) -> Object,
+) -> Result<Object, ManifestError> {
+    let error = |object: String, reason: String| ManifestError {
         file: file.to_path_buf(),
-        object: Some(label.to_string()),
-        reason: format!("does not match the Kubernetes schema: {e}"),
-    })
+        object: Some(object),
+        reason,
+    };
+    let typed = serde_path_to_error::deserialize(document).map_err(|e| {
+        let field = e.path().to_string();
+        let reason = match field.as_str() {
+            "." => format!("does not match the Kubernetes schema: {}", e.inner()),
+            _ => format!(
+                "{field}: does not match the Kubernetes schema: {}",
+                e.inner()
+            ),
+        };
+        error(label.to_string(), reason)
+    })?;
+    let object = wrap(typed);
+    super::api_validation::validate(&object)
+        .map_err(|errors| error(object.to_string(), errors.to_string()))?;
+    Ok(object)
 }
 
 /// Checks one file's objects against everything that would be loaded with
-/// them (`all`), so cross-object mistakes are caught before they serve.
+/// them (`all`), so cross-object mistakes are caught before they serve, and
+/// against the mesh's own rules. (What the API server checks on one object,
+/// `parse` has checked already.)
 pub fn validate(file: &Path, objects: &[Object], all: &[&Object]) -> Result<(), ManifestError> {
     let keys = |kind: &str| -> BTreeSet<ObjectKey> {
         all.iter()
@@ -136,7 +156,7 @@ pub fn validate(file: &Path, objects: &[Object], all: &[&Object]) -> Result<(), 
         .collect();
     for object in objects {
         let problem = match object {
-            Object::Service(s) => validate_service(s),
+            Object::Service(_) => Ok(()),
             Object::EndpointSlice(s) => validate_slice(s, &services),
             Object::Pod(p) => validate_pod(p),
             Object::HttpRoute(r) => {
@@ -185,26 +205,6 @@ pub fn duplicates<'a>(
     errors
 }
 
-fn validate_service(service: &Service) -> Result<(), String> {
-    if let Some(ip) = service.spec.cluster_ip.as_deref() {
-        if ip != "None" && ip.parse::<IpAddr>().is_err() {
-            return Err(format!(
-                "spec.clusterIP {ip:?} is not an IP address (or \"None\")"
-            ));
-        }
-    }
-    let mut ports = BTreeSet::new();
-    for port in &service.spec.ports {
-        if port.port == 0 {
-            return Err("spec.ports: port 0 is not valid; use 1-65535".into());
-        }
-        if !ports.insert(port.port) {
-            return Err(format!("spec.ports: port {} is listed twice", port.port));
-        }
-    }
-    Ok(())
-}
-
 fn validate_slice(slice: &EndpointSlice, services: &BTreeSet<ObjectKey>) -> Result<(), String> {
     let key = slice.metadata.key();
     let Some(service) = slice.service_name() else {
@@ -219,13 +219,6 @@ fn validate_slice(slice: &EndpointSlice, services: &BTreeSet<ObjectKey>) -> Resu
             crate::model::SERVICE_NAME_LABEL,
             key.namespace
         ));
-    }
-    for endpoint in &slice.endpoints {
-        for address in &endpoint.addresses {
-            if address.parse::<IpAddr>().is_err() {
-                return Err(format!("endpoint address {address:?} is not an IP address"));
-            }
-        }
     }
     Ok(())
 }
@@ -300,8 +293,9 @@ metadata: {name: ignored}
         )
         .unwrap_err();
         assert!(
-            err.to_string()
-                .starts_with("svc.yaml: Service x: does not match"),
+            err.to_string().starts_with(
+                "svc.yaml: Service x: spec.ports[0].port: does not match the Kubernetes schema"
+            ),
             "{err}"
         );
 
