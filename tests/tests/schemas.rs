@@ -64,31 +64,13 @@ struct Validator {
 
 impl Validator {
     fn find() -> Option<Self> {
-        let out = Command::new("python3")
-            .args([
-                "-c",
-                "import kubernetes_validate.utils as u; print(' '.join(u.all_versions()))",
-            ])
-            .output()
-            .expect("python3 runs");
-        if !out.status.success() {
-            let why = format!(
-                "kubernetes-validate is not installed ({}); install it with \
-                 `pip install kubernetes-validate`",
-                String::from_utf8_lossy(&out.stderr)
-                    .trim()
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            );
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and {why}"
-            );
-            eprintln!("skipping: {why}");
-            return None;
-        }
-        let known: BTreeSet<(u32, u32, String)> = String::from_utf8_lossy(&out.stdout)
+        let out = trellis_tests::python_with(
+            "kubernetes-validate",
+            "pip install kubernetes-validate",
+            "import kubernetes_validate.utils as u; print(' '.join(u.all_versions()))",
+            &[],
+        )?;
+        let known: BTreeSet<(u32, u32, String)> = String::from_utf8_lossy(&out)
             .split_whitespace()
             .filter_map(|v| {
                 let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
