@@ -25,6 +25,30 @@ pub mod tls;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
+/// Runs a Python `script` (with `args`) that needs the pip package
+/// `package`, and returns its stdout. When the script fails (the package
+/// is missing, mostly) the test skips, except under `CI=true`, where a
+/// missing capability fails it.
+pub fn python_with(package: &str, install: &str, script: &str, args: &[&str]) -> Option<Vec<u8>> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    if out.status.success() {
+        return Some(out.stdout);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.trim().lines().last().unwrap_or("");
+    let why = format!("{package} is not usable ({last}); install it with `{install}`");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and {why}"
+    );
+    eprintln!("skipping: {why}");
+    None
+}
+
 /// Logs for tests, once per process; `RUST_LOG` picks the level.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -303,7 +327,7 @@ metadata:
   annotations: {{trellis.dev/inbound-port: \"{inbound_port}\"}}
 spec:
   serviceAccountName: {sa}
-  containers: [{{name: app}}, {{name: trellis-proxy}}]
+  containers: [{{name: app, image: hello}}, {{name: trellis-proxy, image: trellis-proxy}}]
 "
     )
 }
@@ -353,6 +377,7 @@ kind: EndpointSlice
 metadata:
   name: {name}-1
   labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
 endpoints:
 {endpoints}ports: [{ports}]
 "

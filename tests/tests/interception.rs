@@ -46,7 +46,7 @@ metadata:
   labels: {{version: {version}}}
 spec:
   serviceAccountName: {sa}
-  containers: [{{name: app}}, {{name: trellis-proxy}}]
+  containers: [{{name: app, image: nginx}}, {{name: trellis-proxy, image: trellis-proxy}}]
 ---
 ",
         pod.name

@@ -194,7 +194,7 @@ async fn broken_manifests_are_rejected_and_the_last_good_state_keeps_serving() {
     // An object that refers to a Service that does not exist.
     mesh.write_manifest(
         "orphan.yaml",
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: orphan\n  labels: {kubernetes.io/service-name: nowhere}\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: orphan\n  labels: {kubernetes.io/service-name: nowhere}\naddressType: IPv4\nendpoints: []\n",
     );
     let rejected = tokio::time::timeout(
         Duration::from_secs(2),

@@ -1,8 +1,10 @@
 //! The Kubernetes objects the mesh reads, as plain serde types.
 //!
-//! Only the fields Trellis uses are modelled; unknown fields are ignored, so
-//! ordinary manifests written for a real cluster load unchanged — except in
-//! `ResiliencePolicy`, which refuses them (see `resilience`).
+//! Only the fields Trellis uses (and those its checks need) are modelled;
+//! unknown fields are ignored, so ordinary manifests written for a real
+//! cluster load unchanged — except in `ResiliencePolicy`, which refuses them
+//! (see `resilience`). What the API server would refuse in the modelled
+//! fields, the local source refuses too (`source::api_validation`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,8 +72,13 @@ pub struct Service {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
+    /// ClusterIP (the default), NodePort, LoadBalancer or ExternalName.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub service_type: Option<String>,
     #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_name: Option<String>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -83,8 +90,12 @@ pub struct ServiceSpec {
 pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// TCP (the default), UDP or SCTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
     pub port: u16,
     /// A number or a named container port; only numbers are resolved here.
+    /// 0 (or absent) means the same as `port`, as the API server defaults it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<IntOrString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +114,7 @@ pub enum IntOrString {
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSlice {
     pub metadata: ObjectMeta,
+    /// IPv4, IPv6 or FQDN; required.
     #[serde(default)]
     pub address_type: Option<String>,
     #[serde(default)]
@@ -128,6 +140,8 @@ impl EndpointSlice {
 pub struct Endpoint {
     #[serde(default)]
     pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     #[serde(default)]
     pub conditions: EndpointConditions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +159,7 @@ pub struct EndpointConditions {
 pub struct ObjectReference {
     #[serde(default)]
     pub kind: Option<String>,
+    #[serde(default)]
     pub name: String,
     #[serde(default)]
     pub namespace: Option<String>,
@@ -155,7 +170,12 @@ pub struct ObjectReference {
 pub struct EndpointPort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    pub port: u16,
+    /// TCP (the default), UDP or SCTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Absent means the port is not restricted (the Service's targetPort).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
 }
@@ -188,6 +208,7 @@ pub struct PodStatus {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Container {
+    #[serde(default)]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,

@@ -2,12 +2,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{EndpointSlice, Object, ObjectKey, Pod, ResiliencePolicy, Service};
+use crate::model::{EndpointSlice, Object, ObjectKey, Pod, ResiliencePolicy};
 
 /// A manifest that was rejected, and why. The message names the file, the
 /// object (when the file parsed) and what to fix.
@@ -30,7 +29,8 @@ impl fmt::Display for ManifestError {
 }
 
 /// Parses one (possibly multi-document) YAML file into the objects the mesh
-/// reads. Kinds the mesh does not use (Deployments, ConfigMaps…) are skipped.
+/// reads, each checked as the API server would check it (`api_validation`).
+/// Kinds the mesh does not use (Deployments, ConfigMaps…) are skipped.
 pub fn parse(file: &Path, contents: &str) -> Result<Vec<Object>, ManifestError> {
     let in_file = |refusal: Refusal| refusal.in_file(file);
     let documents: Vec<serde_json::Value> =
@@ -101,17 +101,17 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
         });
     }
     let object = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => Object::Service(convert(document, &label)?),
+        ("v1", "Service") => convert(document, &label, Object::Service)?,
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            Object::EndpointSlice(convert(document, &label)?)
+            convert(document, &label, Object::EndpointSlice)?
         }
-        ("v1", "Pod") => Object::Pod(convert(document, &label)?),
+        ("v1", "Pod") => convert(document, &label, Object::Pod)?,
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-            Object::HttpRoute(convert(document, &label)?)
+            convert(document, &label, Object::HttpRoute)?
         }
-        ("trellis.dev/v1alpha1", "HTTPFault") => Object::HttpFault(convert(document, &label)?),
+        ("trellis.dev/v1alpha1", "HTTPFault") => convert(document, &label, Object::HttpFault)?,
         ("trellis.dev/v1alpha1", "ResiliencePolicy") => {
-            Object::ResiliencePolicy(convert(document, &label)?)
+            convert(document, &label, Object::ResiliencePolicy)?
         }
         (
             _,
@@ -131,15 +131,38 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
     Ok(Some(object))
 }
 
-fn convert<T: DeserializeOwned>(document: serde_json::Value, label: &str) -> Result<T, Refusal> {
-    serde_json::from_value(document).map_err(|e| Refusal {
-        object: Some(label.to_string()),
-        reason: format!("does not match the Kubernetes schema: {e}"),
-    })
+/// Converts one document to its type and checks it as the API server
+/// would; the refusal names the first field that does not fit.
+fn convert<T: DeserializeOwned>(
+    document: serde_json::Value,
+    label: &str,
+    wrap: impl FnOnce(T) -> Object,
+) -> Result<Object, Refusal> {
+    let refusal = |object: String, reason: String| Refusal {
+        object: Some(object),
+        reason,
+    };
+    let typed = serde_path_to_error::deserialize(document).map_err(|e| {
+        let field = e.path().to_string();
+        let reason = match field.as_str() {
+            "." => format!("does not match the Kubernetes schema: {}", e.inner()),
+            _ => format!(
+                "{field}: does not match the Kubernetes schema: {}",
+                e.inner()
+            ),
+        };
+        refusal(label.to_string(), reason)
+    })?;
+    let object = wrap(typed);
+    super::api_validation::validate(&object)
+        .map_err(|errors| refusal(object.to_string(), errors.to_string()))?;
+    Ok(object)
 }
 
 /// Checks one file's objects against everything that would be loaded with
-/// them (`all`), so cross-object mistakes are caught before they serve.
+/// them (`all`), so cross-object mistakes are caught before they serve, and
+/// against the mesh's own rules. (What the API server checks on one object,
+/// `parse` has checked already.)
 pub fn validate(file: &Path, objects: &[Object], all: &[&Object]) -> Result<(), ManifestError> {
     let references = References::loaded(all);
     for object in objects {
@@ -156,7 +179,7 @@ pub fn validate(file: &Path, objects: &[Object], all: &[&Object]) -> Result<(), 
 /// as far as `references` knows them.
 pub fn check(object: &Object, references: &References) -> Result<(), String> {
     match object {
-        Object::Service(s) => validate_service(s),
+        Object::Service(_) => Ok(()),
         Object::EndpointSlice(s) => validate_slice(s, references),
         Object::Pod(p) => validate_pod(p),
         Object::HttpRoute(r) => super::route_validation::validate_route(r, references),
@@ -254,26 +277,6 @@ pub fn duplicates<'a>(
     errors
 }
 
-fn validate_service(service: &Service) -> Result<(), String> {
-    if let Some(ip) = service.spec.cluster_ip.as_deref() {
-        if ip != "None" && ip.parse::<IpAddr>().is_err() {
-            return Err(format!(
-                "spec.clusterIP {ip:?} is not an IP address (or \"None\")"
-            ));
-        }
-    }
-    let mut ports = BTreeSet::new();
-    for port in &service.spec.ports {
-        if port.port == 0 {
-            return Err("spec.ports: port 0 is not valid; use 1-65535".into());
-        }
-        if !ports.insert(port.port) {
-            return Err(format!("spec.ports: port {} is listed twice", port.port));
-        }
-    }
-    Ok(())
-}
-
 fn validate_slice(slice: &EndpointSlice, references: &References) -> Result<(), String> {
     let key = slice.metadata.key();
     let Some(service) = slice.service_name() else {
@@ -288,13 +291,6 @@ fn validate_slice(slice: &EndpointSlice, references: &References) -> Result<(), 
             crate::model::SERVICE_NAME_LABEL,
             key.namespace
         ));
-    }
-    for endpoint in &slice.endpoints {
-        for address in &endpoint.addresses {
-            if address.parse::<IpAddr>().is_err() {
-                return Err(format!("endpoint address {address:?} is not an IP address"));
-            }
-        }
     }
     Ok(())
 }
@@ -369,8 +365,9 @@ metadata: {name: ignored}
         )
         .unwrap_err();
         assert!(
-            err.to_string()
-                .starts_with("svc.yaml: Service x: does not match"),
+            err.to_string().starts_with(
+                "svc.yaml: Service x: spec.ports[0].port: does not match the Kubernetes schema"
+            ),
             "{err}"
         );
 

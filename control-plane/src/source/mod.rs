@@ -4,6 +4,7 @@
 //! used by `meshctl demo` and most tests). A cluster source built on kube-rs
 //! watchers feeds the same `Store` API.
 
+pub mod api_validation;
 pub mod cluster;
 pub mod local;
 pub mod manifest;

@@ -149,14 +149,19 @@ impl State {
         let slice_port = slice.ports.iter().find(|p| {
             p.name.as_deref().unwrap_or("") == service_port.name.as_deref().unwrap_or("")
         });
-        let target_port = match (slice_port, &service_port.target_port) {
-            (Some(p), _) => p.port,
-            (None, Some(IntOrString::Int(p))) => *p,
+        // A targetPort of 0 (or none) means `port`, as the API server defaults it.
+        let target_port = match (slice_port.and_then(|p| p.port), &service_port.target_port) {
+            (Some(p), _) => p,
+            (None, Some(IntOrString::Int(p))) if *p != 0 => *p,
             (None, _) => service_port.port,
         };
         let app_protocol = slice_port
             .and_then(|p| p.app_protocol.as_deref())
             .or(service_port.app_protocol.as_deref());
+        // FQDN slices name hosts, which a proxy does not dial as endpoints.
+        if !matches!(slice.address_type.as_deref(), Some("IPv4" | "IPv6")) {
+            return;
+        }
         for endpoint in &slice.endpoints {
             if endpoint.conditions.ready == Some(false) {
                 continue;

@@ -16,6 +16,7 @@ kind: EndpointSlice
 metadata:
   name: hello-1
   labels: {kubernetes.io/service-name: hello}
+addressType: IPv4
 endpoints:
   - addresses: ["127.0.0.3"]
     targetRef: {kind: Pod, name: hello-v1}
@@ -30,13 +31,13 @@ kind: Pod
 metadata: {name: hello-v1, labels: {app: hello, version: v1}}
 spec:
   serviceAccountName: hello
-  containers: [{name: hello}, {name: trellis-proxy}]
+  containers: [{name: hello, image: hello}, {name: trellis-proxy, image: trellis-proxy}]
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: hello-v2, labels: {app: hello, version: v2}}
 spec:
-  containers: [{name: hello}]
+  containers: [{name: hello, image: hello}]
 "#;
 
 fn store() -> Arc<Store> {
@@ -98,7 +99,7 @@ async fn watchers_wake_only_when_their_answer_changes() {
     // An unrelated Pod changes nothing for either watch.
     let unrelated = manifest::parse(
         Path::new("x.yaml"),
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: unrelated}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: unrelated}\nspec: {containers: [{name: app, image: app}]}\n",
     )
     .unwrap();
     store.apply(unrelated.into_iter().next().unwrap());

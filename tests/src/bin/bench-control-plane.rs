@@ -37,7 +37,7 @@ fn service(i: usize, endpoints: usize, salt: usize) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec: {{ports: [{{port: 80}}]}}\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-1, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
-         endpoints: [{}]\nports: [{{port: 8080}}]\n",
+         addressType: IPv4\nendpoints: [{}]\nports: [{{port: 8080}}]\n",
         addresses.iter().map(|a| format!("{{addresses: [{a}]}}")).collect::<Vec<_>>().join(", ")
     )
 }

@@ -78,8 +78,9 @@ fn unknown_fields_are_refused_with_file_object_and_field() {
     ));
     assert!(
         err.starts_with(
-            "policy.yaml: ResiliencePolicy hello: does not match the Kubernetes schema: \
-             unknown field `consecutiveFailure`, expected one of `consecutiveFailures`"
+            "policy.yaml: ResiliencePolicy hello: spec.outlierDetection.consecutiveFailure: \
+             does not match the Kubernetes schema: unknown field `consecutiveFailure`, \
+             expected one of `consecutiveFailures`"
         ),
         "{err}"
     );

@@ -20,6 +20,7 @@ spec: {ports: [{port: 8080}]}
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: hello-1, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
 endpoints: [{addresses: [127.0.0.3]}]
 ports: [{port: 8080}]
 ---
