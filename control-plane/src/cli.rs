@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::controller::ControllerConfig;
+use crate::transport::Plaintext;
 
 /// Flags of the controller, whichever binary starts it.
 #[derive(Clone, Debug, clap::Args)]
@@ -26,6 +27,17 @@ pub struct ControllerArgs {
     /// Lifetime of workload certificates, e.g. 24h or 30s.
     #[arg(long, default_value = "24h", value_parser = duration)]
     pub leaf_lifetime: Duration,
+    /// The controller's namespace: with the service account, the SPIFFE ID
+    /// its serving certificate names (proxies' TRELLIS_CONTROLLER_IDENTITY).
+    #[arg(long, default_value = trellis_proto::CONTROLLER_NAMESPACE, env = "TRELLIS_NAMESPACE")]
+    pub namespace: String,
+    /// The controller's service account.
+    #[arg(long, default_value = trellis_proto::CONTROLLER_SERVICE_ACCOUNT, env = "TRELLIS_SERVICE_ACCOUNT")]
+    pub service_account: String,
+    /// Serve plaintext gRPC to loopback clients too (local mode); any other
+    /// client must use TLS.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "TRELLIS_LOOPBACK_PLAINTEXT")]
+    pub loopback_plaintext: bool,
 }
 
 impl From<ControllerArgs> for ControllerConfig {
@@ -37,6 +49,13 @@ impl From<ControllerArgs> for ControllerConfig {
             admin: args.admin,
             trust_domain: args.trust_domain,
             leaf_lifetime: args.leaf_lifetime,
+            namespace: args.namespace,
+            service_account: args.service_account,
+            plaintext: if args.loopback_plaintext {
+                Plaintext::Loopback
+            } else {
+                Plaintext::Refused
+            },
         }
     }
 }

@@ -13,3 +13,4 @@ pub mod model;
 pub mod source;
 pub mod stats;
 pub mod store;
+pub mod transport;

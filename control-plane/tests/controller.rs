@@ -26,12 +26,8 @@ async fn an_expired_issuer_makes_the_controller_unready_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("manifests")).unwrap();
     let controller = Controller::start(ControllerConfig {
-        manifests: dir.path().join("manifests"),
-        state_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        trust_domain: "cluster.local".into(),
         leaf_lifetime: Duration::from_secs(60),
+        ..ControllerConfig::local(dir.path(), [127, 0, 0, 1].into())
     })
     .await
     .unwrap();

@@ -3,7 +3,7 @@
 
 pub mod spiffe;
 
-pub use spiffe::{InvalidSpiffeId, SpiffeId};
+pub use spiffe::{InvalidSpiffeId, SpiffeId, CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT};
 
 /// Discovery: a proxy watches an authority and receives its endpoints.
 pub mod discovery {

@@ -31,12 +31,8 @@ pub async fn start(dir: &Path, files: &[(&str, &str)]) -> Controller {
         std::fs::write(dir.join("manifests").join(name), contents).unwrap();
     }
     Controller::start(ControllerConfig {
-        manifests: dir.join("manifests"),
-        state_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        trust_domain: "cluster.local".into(),
         leaf_lifetime: Duration::from_secs(60),
+        ..ControllerConfig::local(dir, [127, 0, 0, 1].into())
     })
     .await
     .unwrap()

@@ -23,7 +23,7 @@ use trellis_control_plane::demo::apps::Greeting;
 use trellis_control_plane::demo::manifests::{
     self, DemoPod, ADMIN_PORT, APP_PORT, INBOUND_PORT, OUTBOUND_PORT,
 };
-use trellis_control_plane::identity::BootstrapTokens;
+use trellis_control_plane::identity::{BootstrapTokens, BUNDLE};
 use trellis_proto::SpiffeId;
 
 use crate::report::{Report, Sample};
@@ -250,7 +250,11 @@ fn start_pod(
     let token_file = state_dir.join("tokens").join(format!("{}.token", pod.name));
     write_private(&token_file, tokens.token_for(&identity).as_bytes())?;
     let env = [
-        ("TRELLIS_CONTROLLER", format!("http://{controller}")),
+        ("TRELLIS_CONTROLLER", format!("https://{controller}")),
+        (
+            "TRELLIS_CONTROLLER_TRUST",
+            path(&state_dir.join(BUNDLE))?.to_string(),
+        ),
         ("TRELLIS_IDENTITY", identity.to_string()),
         ("TRELLIS_TOKEN_FILE", path(&token_file)?.to_string()),
         ("TRELLIS_OUTBOUND_LISTEN", outbound.to_string()),
