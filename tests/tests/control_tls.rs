@@ -105,6 +105,28 @@ async fn a_controller_certificate_with_another_spiffe_id_is_refused() {
     .await;
 }
 
+#[tokio::test]
+async fn an_identity_refusal_names_its_reason_and_is_counted() {
+    let mut mesh = Mesh::start().await;
+    let admin = mesh.controller.as_ref().expect("controller").admin_addr;
+    let frontend = trellis_proto::SpiffeId::new(trellis_tests::TRUST_DOMAIN, "default", "frontend");
+    let stolen = mesh.tokens.token_for(&frontend);
+    let _proxy = refused_with(
+        &mut mesh,
+        |env| {
+            env.insert(trellis_proxy::config::TOKEN, stolen);
+        },
+        "(PermissionDenied): identity-mismatch: the token does not prove identity spiffe://cluster.local/ns/default/sa/hello",
+    )
+    .await;
+    let family = "trellis_controller_certificates_refused_total";
+    assert!(metric(admin, family, &[("reason", "identity-mismatch")]).await >= 1.0);
+    assert_eq!(
+        metric(admin, family, &[("reason", "invalid-token")]).await,
+        0.0
+    );
+}
+
 /// An address of this machine that is not loopback, or `None` (which
 /// fails the test under CI).
 fn non_loopback_ip() -> Option<IpAddr> {
