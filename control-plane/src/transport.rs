@@ -185,7 +185,14 @@ impl Gate {
                 Ok(Ok(tls)) => Some(Connection::Tls(Box::new(tls))),
                 Ok(Err(e)) => {
                     self.refused("handshake");
-                    tracing::warn!(%peer, error = %e, "TLS handshake on the gRPC port failed; does the client trust the mesh's bundle?");
+                    // rustls reports a TLS failure (an alert: the client
+                    // refused our certificate) as InvalidData; anything
+                    // else is a client that went away mid-handshake.
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        tracing::warn!(%peer, error = %e, "TLS handshake on the gRPC port failed; does the client trust the mesh's bundle?");
+                    } else {
+                        tracing::debug!(%peer, error = %e, "gRPC client left during the TLS handshake");
+                    }
                     None
                 }
                 Err(_) => {
