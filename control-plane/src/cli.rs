@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::controller::{ControllerConfig, Source};
+use crate::transport::Plaintext;
 
 /// Where the controller reads the mesh's objects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -41,6 +42,17 @@ pub struct ControllerArgs {
     /// Lifetime of workload certificates, e.g. 24h or 30s.
     #[arg(long, default_value = "24h", value_parser = trellis_common::duration::parse)]
     pub leaf_lifetime: Duration,
+    /// The controller's namespace: with the service account, the SPIFFE ID
+    /// its serving certificate names (proxies' TRELLIS_CONTROLLER_IDENTITY).
+    #[arg(long, default_value = trellis_proto::CONTROLLER_NAMESPACE, env = "TRELLIS_NAMESPACE")]
+    pub namespace: String,
+    /// The controller's service account.
+    #[arg(long, default_value = trellis_proto::CONTROLLER_SERVICE_ACCOUNT, env = "TRELLIS_SERVICE_ACCOUNT")]
+    pub service_account: String,
+    /// Serve plaintext gRPC to loopback clients too (local mode only); any
+    /// other client must use TLS.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "TRELLIS_LOOPBACK_PLAINTEXT")]
+    pub loopback_plaintext: bool,
 }
 
 /// Why the flags do not make a controller.
@@ -77,12 +89,19 @@ impl ControllerArgs {
             (SourceKind::Cluster, None) => Source::Cluster(Box::new(kube::Config::infer().await?)),
         };
         Ok(ControllerConfig {
-            source,
             state_dir: self.state_dir,
             listen: self.listen,
             admin: self.admin,
             trust_domain: self.trust_domain,
             leaf_lifetime: self.leaf_lifetime,
+            namespace: self.namespace,
+            service_account: self.service_account,
+            // Local mode only: in a cluster, a pod's loopback is not ours to trust.
+            plaintext: match source {
+                Source::Manifests(_) if self.loopback_plaintext => Plaintext::Loopback,
+                _ => Plaintext::Refused,
+            },
+            source,
         })
     }
 }

@@ -1,10 +1,11 @@
 //! The controller process as a library: load the manifests, open the CA,
-//! serve discovery and identity over gRPC.
+//! serve discovery and identity over gRPC (TLS with the controller's own
+//! certificate; plaintext from loopback in local mode).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -12,12 +13,14 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::discovery::DiscoveryService;
-use crate::identity::{BootstrapTokens, Ca, IdentityService};
+use crate::identity::{Authenticator, BootstrapTokens, Ca, IdentityService, ServingCertificate};
 use crate::metrics::ControllerMetrics;
 use crate::source::cluster::ClusterSource;
 use crate::source::local::LocalSource;
 use crate::source::manifest::ManifestError;
 use crate::store::Store;
+use crate::transport::{self, Plaintext};
+use trellis_proto::SpiffeId;
 
 /// Where the mesh's objects come from.
 #[derive(Clone, Debug)]
@@ -47,6 +50,35 @@ pub struct ControllerConfig {
     pub admin: SocketAddr,
     pub trust_domain: String,
     pub leaf_lifetime: Duration,
+    /// The controller's own namespace and service account: its serving
+    /// certificate names `spiffe://<trust-domain>/ns/<namespace>/sa/<service account>`.
+    pub namespace: String,
+    pub service_account: String,
+    /// Which plaintext gRPC connections are served (TLS always is).
+    pub plaintext: Plaintext,
+}
+
+impl ControllerConfig {
+    /// A local-mode controller on loopback ports the OS picks, as the
+    /// tests start it: state and manifests in `dir`.
+    pub fn local(dir: &std::path::Path, ip: std::net::IpAddr) -> Self {
+        Self {
+            source: Source::Manifests(dir.join("manifests")),
+            state_dir: dir.to_path_buf(),
+            listen: SocketAddr::new(ip, 0),
+            admin: SocketAddr::new(ip, 0),
+            trust_domain: "cluster.local".into(),
+            leaf_lifetime: Duration::from_secs(3600),
+            namespace: trellis_proto::CONTROLLER_NAMESPACE.into(),
+            service_account: trellis_proto::CONTROLLER_SERVICE_ACCOUNT.into(),
+            plaintext: Plaintext::Loopback,
+        }
+    }
+
+    /// The SPIFFE ID the controller's serving certificate names.
+    pub fn identity(&self) -> SpiffeId {
+        SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +97,9 @@ pub enum ControllerError {
     /// The bootstrap-token key could not be opened or created.
     #[error("bootstrap tokens in {dir}: {reason}")]
     Tokens { dir: PathBuf, reason: String },
+    /// The serving certificate cannot be used by rustls.
+    #[error("the controller's TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
     /// No Kubernetes client could be built from the configuration.
     #[error(
         "cannot reach the Kubernetes API: {0}; check the kubeconfig or the pod's service account"
@@ -86,6 +121,8 @@ pub struct Controller {
     pub store: Arc<Store>,
     pub ca: Arc<Ca>,
     pub tokens: Arc<BootstrapTokens>,
+    /// The certificate the gRPC port presents.
+    pub serving: Arc<ServingCertificate>,
     /// The problems of the last manifest reload.
     pub manifest_errors: watch::Receiver<Vec<ManifestError>>,
     tasks: JoinSet<()>,
@@ -93,6 +130,8 @@ pub struct Controller {
 
 /// How often the CA files are checked for a rotated issuer or bundle.
 const CA_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon a failed renewal of the serving certificate is retried.
+const SERVING_RETRY: Duration = Duration::from_secs(10);
 
 impl Controller {
     pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
@@ -158,9 +197,12 @@ impl Controller {
             manifest_errors: manifest_errors.clone(),
         });
 
+        let (serving, renew_at) =
+            ServingCertificate::new(ca.clone(), config.identity(), config.leaf_lifetime)?;
+        let tls = serving.server_config()?;
         let identity = IdentityService::new(
             ca.clone(),
-            tokens.clone(),
+            Authenticator::BootstrapTokens(tokens.clone()),
             config.leaf_lifetime,
             metrics.clone(),
         );
@@ -169,19 +211,21 @@ impl Controller {
             .add_service(identity.into_server());
 
         tasks.spawn(admin.serve(admin_listener));
-        tasks.spawn(reload_ca(ca.clone()));
+        tasks.spawn(maintain_certificates(ca.clone(), serving.clone(), renew_at));
+        let incoming = transport::incoming(listener, tls, config.plaintext, metrics.clone());
         tasks.spawn(async move {
-            if let Err(e) = router.serve_with_incoming(incoming(listener)).await {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         });
-        tracing::info!(%addr, source = %config.source, trust_domain = %config.trust_domain, "controller started");
+        tracing::info!(%addr, identity = %serving.identity(), plaintext = ?config.plaintext, source = %config.source, "controller started");
         Ok(Self {
             addr,
             admin_addr,
             store,
             ca,
             tokens,
+            serving,
             manifest_errors,
             tasks,
         })
@@ -193,17 +237,37 @@ impl Controller {
     }
 }
 
-async fn reload_ca(ca: Arc<Ca>) {
+/// Picks up rotated CA files, and keeps the serving certificate fresh:
+/// re-issued by the new issuer after a rotation, and before it expires.
+async fn maintain_certificates(
+    ca: Arc<Ca>,
+    serving: Arc<ServingCertificate>,
+    mut renew_at: SystemTime,
+) {
     let mut tick = tokio::time::interval(CA_RELOAD_INTERVAL);
     loop {
         tick.tick().await;
-        match ca.reload() {
-            Ok(true) => {
-                tracing::info!("CA files changed; now signing with the new issuer and bundle")
-            }
-            Ok(false) => {}
+        let rotated = match ca.reload() {
+            Ok(rotated) => rotated,
             Err(e) => {
-                tracing::error!(error = %e, "rejected new CA files; still signing with the previous issuer")
+                tracing::error!(error = %e, "rejected new CA files; still signing with the previous issuer");
+                false
+            }
+        };
+        if rotated {
+            tracing::info!("CA files changed; now signing with the new issuer and bundle");
+        }
+        if rotated || SystemTime::now() >= renew_at {
+            match serving.renew() {
+                Ok(next) => {
+                    renew_at = next;
+                    tracing::info!(identity = %serving.identity(), "serving certificate renewed");
+                }
+                Err(e) => {
+                    // The current certificate serves on; try again shortly.
+                    renew_at = SystemTime::now() + SERVING_RETRY;
+                    tracing::error!(error = %e, "cannot renew the controller's serving certificate");
+                }
             }
         }
     }

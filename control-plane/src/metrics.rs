@@ -1,8 +1,8 @@
 //! The controller's Prometheus metrics, served on its admin port.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::store::Store;
@@ -17,7 +17,11 @@ pub struct ControllerMetrics {
     /// From a change in the store to its update on a proxy's stream.
     pub push_latency: Histogram,
     pub certificates_issued: IntCounter,
-    pub certificates_refused: IntCounter,
+    /// Refused certificate requests, by [`crate::identity::Refusal::reason`].
+    pub certificates_refused: IntCounterVec,
+    /// Connections to the gRPC port closed before serving: plaintext from
+    /// where only TLS is accepted, or a failed TLS handshake.
+    pub connections_refused: IntCounterVec,
 }
 
 impl Default for ControllerMetrics {
@@ -58,9 +62,19 @@ impl ControllerMetrics {
                     "certificates_issued_total",
                     "Workload certificates issued",
                 )?,
-                certificates_refused: IntCounter::new(
-                    "certificates_refused_total",
-                    "Certificate requests refused",
+                certificates_refused: IntCounterVec::new(
+                    Opts::new(
+                        "certificates_refused_total",
+                        "Certificate requests refused, by reason",
+                    ),
+                    &["reason"],
+                )?,
+                connections_refused: IntCounterVec::new(
+                    Opts::new(
+                        "connections_refused_total",
+                        "gRPC connections closed unserved, by reason (plaintext, handshake)",
+                    ),
+                    &["reason"],
                 )?,
             };
             registry.register(Box::new(metrics.objects.clone()))?;
@@ -70,6 +84,7 @@ impl ControllerMetrics {
             registry.register(Box::new(metrics.push_latency.clone()))?;
             registry.register(Box::new(metrics.certificates_issued.clone()))?;
             registry.register(Box::new(metrics.certificates_refused.clone()))?;
+            registry.register(Box::new(metrics.connections_refused.clone()))?;
             Ok(metrics)
         };
         build().expect("metric definitions are valid")

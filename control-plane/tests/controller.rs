@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use trellis_control_plane::controller::{Controller, ControllerConfig, Source};
+use trellis_control_plane::controller::{Controller, ControllerConfig};
 use trellis_control_plane::identity;
 
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -26,12 +26,8 @@ async fn an_expired_issuer_makes_the_controller_unready_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("manifests")).unwrap();
     let controller = Controller::start(ControllerConfig {
-        source: Source::Manifests(dir.path().join("manifests")),
-        state_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        trust_domain: "cluster.local".into(),
         leaf_lifetime: Duration::from_secs(60),
+        ..ControllerConfig::local(dir.path(), [127, 0, 0, 1].into())
     })
     .await
     .unwrap();

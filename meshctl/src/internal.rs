@@ -29,7 +29,7 @@ pub enum Internal {
 #[derive(Subcommand)]
 pub enum Process {
     /// The controller.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// The `hello` application.
     Hello {
         #[arg(long)]
@@ -86,7 +86,7 @@ async fn run_process(process: Process) -> anyhow::Result<bool> {
     let work = async {
         match process {
             Process::Controller(args) => {
-                let controller = Controller::start(args.into_config().await?).await?;
+                let controller = Controller::start((*args).into_config().await?).await?;
                 controller.wait().await;
                 anyhow::bail!("a controller task stopped unexpectedly")
             }

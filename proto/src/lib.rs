@@ -4,7 +4,7 @@
 pub mod headers;
 pub mod spiffe;
 
-pub use spiffe::{InvalidSpiffeId, SpiffeId};
+pub use spiffe::{InvalidSpiffeId, SpiffeId, CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT};
 
 /// Discovery: a proxy watches an authority and receives its endpoints.
 pub mod discovery {

@@ -21,6 +21,12 @@ pub struct InvalidSpiffeId {
     pub reason: &'static str,
 }
 
+/// Where the controller runs unless told otherwise: the chart's namespace
+/// and service account. Its serving certificate names them, and proxies
+/// expect them, so both sides default from here.
+pub const CONTROLLER_NAMESPACE: &str = "trellis";
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "trellis-controller";
+
 impl SpiffeId {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
         Self {
@@ -28,6 +34,16 @@ impl SpiffeId {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
         }
+    }
+
+    /// The controller's identity in `trust_domain` when it runs as the chart
+    /// installs it.
+    pub fn default_controller(trust_domain: &str) -> Self {
+        Self::new(
+            trust_domain,
+            CONTROLLER_NAMESPACE,
+            CONTROLLER_SERVICE_ACCOUNT,
+        )
     }
 }
 

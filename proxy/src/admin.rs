@@ -81,7 +81,10 @@ impl Admin {
                 ),
                 None => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no valid certificate\n".into(),
+                    match self.identity.last_error() {
+                        Some(error) => format!("not ready: no valid certificate: {error}\n"),
+                        None => "not ready: no valid certificate\n".into(),
+                    },
                 ),
             },
             (&Method::GET, "/metrics") => (StatusCode::OK, self.metrics.render()),

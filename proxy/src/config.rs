@@ -56,10 +56,28 @@ pub enum TokenSource {
     File(PathBuf),
 }
 
+/// Where the controller is and how it is authenticated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControllerAddress {
+    /// The gRPC URL, e.g. `https://trellis-controller.trellis.svc:8090`.
+    pub url: String,
+    /// `None` for plaintext, which only a loopback URL may use.
+    pub tls: Option<ControllerTls>,
+}
+
+/// How the proxy verifies the controller over TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControllerTls {
+    /// The mesh's trust bundle (PEM), re-read at every connection so a
+    /// rotated bundle (an updated ConfigMap) needs no restart.
+    pub trust_bundle: PathBuf,
+    /// The SPIFFE ID the controller's certificate must name.
+    pub identity: SpiffeId,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The controller's gRPC URL, e.g. `http://127.0.0.1:8090`.
-    pub controller: String,
+    pub controller: ControllerAddress,
     pub identity: SpiffeId,
     pub token: TokenSource,
     pub outbound_listen: SocketAddr,
@@ -133,6 +151,8 @@ impl fmt::Display for ConfigError {
 }
 
 pub const CONTROLLER: &str = "TRELLIS_CONTROLLER";
+pub const CONTROLLER_TRUST: &str = "TRELLIS_CONTROLLER_TRUST";
+pub const CONTROLLER_IDENTITY: &str = "TRELLIS_CONTROLLER_IDENTITY";
 pub const IDENTITY: &str = "TRELLIS_IDENTITY";
 pub const TOKEN: &str = "TRELLIS_TOKEN";
 pub const TOKEN_FILE: &str = "TRELLIS_TOKEN_FILE";
@@ -162,16 +182,12 @@ impl Config {
             env,
             problems: Vec::new(),
         };
-        let controller = r.required(
-            CONTROLLER,
-            "an http:// URL, e.g. http://127.0.0.1:8090",
-            |v| (v.starts_with("http://") || v.starts_with("https://")).then(|| v.to_string()),
-        );
         let identity = r.required(
             IDENTITY,
             "spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>",
             |v| v.parse::<SpiffeId>().ok(),
         );
+        let controller = r.controller(identity.as_ref());
         let token = match (env.get(TOKEN), env.get(TOKEN_FILE)) {
             (Some(t), _) => Some(TokenSource::Static(t)),
             (None, Some(f)) => Some(TokenSource::File(PathBuf::from(f))),
@@ -312,6 +328,73 @@ impl Reader<'_> {
         self.parse(name, &value, expected, parse)
     }
 
+    /// `TRELLIS_CONTROLLER` and, for `https://`, the trust bundle and the
+    /// identity to expect (by default the controller's in the proxy's own
+    /// trust domain). Plaintext is only for a controller on loopback.
+    fn controller(&mut self, own: Option<&SpiffeId>) -> Option<ControllerAddress> {
+        let url = self.required(
+            CONTROLLER,
+            "an https:// URL, e.g. https://trellis-controller.trellis.svc:8090 (http:// only to a loopback address)",
+            |v| {
+                let uri = v.parse::<http::Uri>().ok()?;
+                let secure = match uri.scheme_str()? {
+                    "https" => true,
+                    "http" => false,
+                    _ => return None,
+                };
+                uri.authority()?;
+                Some((v.to_string(), secure, uri))
+            },
+        );
+        let trust = self.env.get(CONTROLLER_TRUST).map(PathBuf::from);
+        let (url, secure, uri) = url?;
+        if !secure {
+            let host = uri.host().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host == "localhost"
+                || host
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| ip.to_canonical().is_loopback());
+            if !loopback {
+                self.problems.push(format!(
+                    "{CONTROLLER}={url:?}: plaintext to the controller is only allowed to a loopback address; use https:// and set {CONTROLLER_TRUST} to the mesh's trust bundle"
+                ));
+                return None;
+            }
+            if trust.is_some() {
+                self.problems.push(format!(
+                    "{CONTROLLER_TRUST} is set but {CONTROLLER}={url:?} is plaintext; use https:// so the bundle is used"
+                ));
+                return None;
+            }
+            return Some(ControllerAddress { url, tls: None });
+        }
+        let Some(trust_bundle) = trust else {
+            self.problems.push(format!(
+                "{CONTROLLER}={url:?} is https:// but {CONTROLLER_TRUST} is not set; set it to the PEM file of the mesh's trust bundle (bundle.crt in the controller's state directory, or the mounted trust-bundle ConfigMap)"
+            ));
+            return None;
+        };
+        let identity = match self.env.get(CONTROLLER_IDENTITY) {
+            Some(value) => self.parse(
+                CONTROLLER_IDENTITY,
+                &value,
+                "the controller's SPIFFE ID, spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>",
+                |v| v.parse::<SpiffeId>().ok(),
+            )?,
+            // Without a valid own identity there is no trust domain to
+            // default from; that problem is reported already.
+            None => SpiffeId::default_controller(&own?.trust_domain),
+        };
+        Some(ControllerAddress {
+            url,
+            tls: Some(ControllerTls {
+                trust_bundle,
+                identity,
+            }),
+        })
+    }
+
     /// A timeout: a duration above zero and at most [`MAX_TIMEOUT`], so that
     /// deadlines computed from it cannot overflow.
     fn timeout(&mut self, name: &str, default: &str) -> Option<Duration> {
@@ -446,5 +529,84 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert_eq!(err.0.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn the_controller_is_tls_with_a_bundle_or_plaintext_on_loopback() {
+        let with = |pairs: &[(&'static str, &str)]| {
+            let mut e = env(&[
+                (IDENTITY, "spiffe://mesh.example/ns/default/sa/hello"),
+                (TOKEN, "t"),
+            ]);
+            e.extend(pairs.iter().map(|(k, v)| (*k, v.to_string())));
+            Config::from_strings(&e).map(|c| c.controller)
+        };
+        let tls = with(&[
+            (CONTROLLER, "https://trellis-controller.trellis.svc:8090"),
+            (CONTROLLER_TRUST, "/var/run/trellis/bundle.crt"),
+        ])
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(
+            tls.trust_bundle,
+            PathBuf::from("/var/run/trellis/bundle.crt")
+        );
+        assert_eq!(
+            tls.identity.to_string(),
+            "spiffe://mesh.example/ns/trellis/sa/trellis-controller",
+            "by default the controller's identity in the proxy's trust domain"
+        );
+        let tls = with(&[
+            (CONTROLLER, "https://10.0.0.1:8090"),
+            (CONTROLLER_TRUST, "/b.crt"),
+            (CONTROLLER_IDENTITY, "spiffe://mesh.example/ns/mesh/sa/cp"),
+        ])
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(
+            tls.identity.to_string(),
+            "spiffe://mesh.example/ns/mesh/sa/cp"
+        );
+        for loopback in [
+            "http://127.0.0.1:8090",
+            "http://127.9.8.7:1",
+            "http://[::1]:8090",
+            "http://localhost:8090",
+        ] {
+            assert_eq!(
+                with(&[(CONTROLLER, loopback)]).unwrap().tls,
+                None,
+                "{loopback}"
+            );
+        }
+
+        let problem = |pairs: &[(&'static str, &str)]| with(pairs).unwrap_err().to_string();
+        let text = problem(&[(CONTROLLER, "http://10.0.0.1:8090")]);
+        assert!(
+            text.contains(CONTROLLER)
+                && text.contains("only allowed to a loopback address")
+                && text.contains(CONTROLLER_TRUST),
+            "{text}"
+        );
+        let text = problem(&[(CONTROLLER, "https://10.0.0.1:8090")]);
+        assert!(
+            text.contains(CONTROLLER_TRUST) && text.contains("is not set"),
+            "{text}"
+        );
+        let text = problem(&[
+            (CONTROLLER, "https://10.0.0.1:8090"),
+            (CONTROLLER_TRUST, "/b.crt"),
+            (CONTROLLER_IDENTITY, "trellis-controller"),
+        ]);
+        assert!(text.contains(CONTROLLER_IDENTITY), "{text}");
+        let text = problem(&[
+            (CONTROLLER, "http://127.0.0.1:8090"),
+            (CONTROLLER_TRUST, "/b.crt"),
+        ]);
+        assert!(text.contains("use https://"), "{text}");
+        let text = problem(&[(CONTROLLER, "grpc://10.0.0.1:8090")]);
+        assert!(text.contains("an https:// URL"), "{text}");
     }
 }

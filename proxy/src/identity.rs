@@ -38,6 +38,8 @@ pub struct IdentityManager {
     identity: SpiffeId,
     current: ArcSwapOption<TlsConfigs>,
     changes: watch::Sender<Option<Arc<TlsConfigs>>>,
+    /// Why the last attempt failed, until one succeeds (for `/ready`).
+    last_error: ArcSwapOption<String>,
 }
 
 impl IdentityManager {
@@ -49,6 +51,7 @@ impl IdentityManager {
             identity,
             current: ArcSwapOption::empty(),
             changes,
+            last_error: ArcSwapOption::empty(),
         })
     }
 
@@ -63,6 +66,11 @@ impl IdentityManager {
         self.current
             .load_full()
             .filter(|configs| configs.is_valid_at(SystemTime::now()))
+    }
+
+    /// Why the last attempt to get a certificate failed, if it did.
+    pub fn last_error(&self) -> Option<Arc<String>> {
+        self.last_error.load_full()
     }
 
     /// Waits until a valid certificate is installed.
@@ -99,6 +107,7 @@ impl IdentityManager {
             let delay = match self.renew(&mut client, &token).await {
                 Ok(configs) => {
                     backoff.reset();
+                    self.last_error.store(None);
                     let remaining = remaining(&configs);
                     let delay = refresh_delay(remaining);
                     tracing::info!(
@@ -116,6 +125,7 @@ impl IdentityManager {
                     // try again no later than its expiry.
                     let delay = self.current().map_or(retry, |c| retry.min(remaining(&c)));
                     self.publish_expiry();
+                    self.last_error.store(Some(Arc::new(error.to_string())));
                     tracing::warn!(identity = %self.identity, %error, retry_in = ?delay, "cannot renew certificate");
                     delay
                 }
@@ -142,7 +152,7 @@ impl IdentityManager {
             .map_err(|_| RenewError::Timeout(CERTIFY_TIMEOUT))?
             .map_err(|status| RenewError::Certify {
                 code: status.code(),
-                message: status.message().to_string(),
+                message: with_causes(&status),
             })?
             .into_inner();
         let configs = TlsConfigs::new(
@@ -187,7 +197,7 @@ enum RenewError {
     #[error("the identity token file {0} is empty")]
     EmptyToken(PathBuf),
     /// The controller refused or failed the request.
-    #[error("the controller refused to certify ({code:?}): {message}")]
+    #[error("the controller did not certify ({code:?}): {message}")]
     Certify { code: tonic::Code, message: String },
     /// The controller did not answer in time.
     #[error("the controller did not answer within {0:?}; is it reachable?")]
@@ -198,6 +208,22 @@ enum RenewError {
     /// The issued certificate was already expired on arrival.
     #[error("the controller issued an already expired certificate; check the clocks of controller and proxy")]
     Expired,
+}
+
+/// A status's message and the errors under it: a transport failure says
+/// only "transport error" itself, its cause (an untrusted controller
+/// certificate, a refused connection) is further down.
+fn with_causes(status: &tonic::Status) -> String {
+    let mut message = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = error.source();
+    }
+    message
 }
 
 /// The token as sent: a file is re-read every time because projected

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod balance;
 pub mod cache;
 pub mod config;
+pub mod control;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
@@ -32,7 +33,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tonic::transport::Endpoint;
 use trellis_proto::identity::identity_client::IdentityClient;
 
 pub use config::Config;
@@ -50,9 +50,9 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    /// The controller address is not a valid URL.
-    #[error("invalid controller address {0:?}")]
-    Controller(String),
+    /// The controller's URL or trust bundle is unusable.
+    #[error(transparent)]
+    Controller(#[from] control::ControllerError),
 }
 
 /// Why [`run`] failed.
@@ -168,10 +168,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     let admin_listener = bind("admin", config.admin_listen).await?;
     let addr = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
 
-    let channel = Endpoint::from_shared(config.controller.clone())
-        .map_err(|_| StartError::Controller(config.controller.clone()))?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .connect_lazy();
+    let channel = control::channel(&config.controller)?;
     let identity = IdentityManager::new(config.identity.clone());
     let workload = metrics::Workload {
         name: if config.workload.is_empty() {

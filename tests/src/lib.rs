@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
 use meshctl::demo::apps::{self, Greeting};
 use tokio::net::TcpListener;
-use trellis_control_plane::controller::{Controller, ControllerConfig, Source};
+use trellis_control_plane::controller::{Controller, ControllerConfig};
 use trellis_control_plane::identity::BootstrapTokens;
 use trellis_control_plane::source::manifest::ManifestError;
 use trellis_proto::SpiffeId;
@@ -207,14 +207,8 @@ impl Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests dir");
         let block = loopback_block();
-        let mut config = ControllerConfig {
-            source: Source::Manifests(dir.path().join("manifests")),
-            state_dir: dir.path().to_path_buf(),
-            admin: SocketAddr::from((Ipv4Addr::new(block[0], block[1], block[2], 1), 0)),
-            listen: SocketAddr::from((Ipv4Addr::new(block[0], block[1], block[2], 1), 0)),
-            trust_domain: TRUST_DOMAIN.into(),
-            leaf_lifetime: Duration::from_secs(3600),
-        };
+        let ip = IpAddr::V4(Ipv4Addr::new(block[0], block[1], block[2], 1));
+        let mut config = ControllerConfig::local(dir.path(), ip);
         tune(&mut config);
         let controller = ControllerProcess::start(config);
         let tokens = BootstrapTokens::load_or_create(dir.path()).expect("tokens");
@@ -278,7 +272,6 @@ impl Mesh {
         use trellis_proxy::config::*;
         let identity = SpiffeId::new(TRUST_DOMAIN, "default", sa);
         let mut env: HashMap<&'static str, String> = HashMap::from([
-            (CONTROLLER, format!("http://{}", self.controller_addr())),
             (IDENTITY, identity.to_string()),
             (TOKEN, self.tokens.token_for(&identity)),
             (OUTBOUND_LISTEN, format!("{ip}:0")),
@@ -287,6 +280,7 @@ impl Mesh {
             (APP_IP, ip.to_string()),
             (REQUEST_TIMEOUT, "5s".into()),
         ]);
+        env.extend(controller_env(self.controller_addr(), self.dir.path()));
         env.extend(self.proxy_env.iter().cloned());
         tune(&mut env);
         Config::from_strings(&env).expect("proxy config")
@@ -296,6 +290,36 @@ impl Mesh {
     pub fn write_manifest(&self, name: &str, contents: &str) {
         write_atomically(&self.manifests().join(name), contents);
     }
+}
+
+/// Polls `check` every 50 ms until it returns `Ok`, and returns that; after
+/// `within`, fails the test with `what` and the last `Err`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not within {within:?}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// The variables that point a proxy at the controller at `addr` whose
+/// state (CA) is in `state_dir`: TLS, verified against the mesh's bundle.
+pub fn controller_env(addr: SocketAddr, state_dir: &Path) -> [(&'static str, String); 2] {
+    use trellis_proxy::config::{CONTROLLER, CONTROLLER_TRUST};
+    let bundle = state_dir.join(trellis_control_plane::identity::BUNDLE);
+    [
+        (CONTROLLER, format!("https://{addr}")),
+        (CONTROLLER_TRUST, bundle.display().to_string()),
+    ]
 }
 
 pub fn write_atomically(path: &Path, contents: &str) {

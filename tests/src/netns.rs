@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use trellis_control_plane::controller::{ControllerConfig, Source};
+use trellis_control_plane::controller::ControllerConfig;
 use trellis_control_plane::identity::BootstrapTokens;
 use trellis_proto::SpiffeId;
 
@@ -254,14 +254,7 @@ impl PodNetwork {
         // Applications run unprivileged and read their configuration here.
         set_mode(dir.path(), 0o755);
         std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests dir");
-        let config = ControllerConfig {
-            source: Source::Manifests(dir.path().join("manifests")),
-            state_dir: dir.path().to_path_buf(),
-            admin: SocketAddr::from((gateway, 0)),
-            listen: SocketAddr::from((gateway, 0)),
-            trust_domain: TRUST_DOMAIN.into(),
-            leaf_lifetime: Duration::from_secs(3600),
-        };
+        let config = ControllerConfig::local(dir.path(), gateway.into());
         // The controller's runtime thread is started from inside the
         // namespace, so it inherits it.
         let controller = in_netns(&node.path(), move || ControllerProcess::start(config));
@@ -362,7 +355,6 @@ impl PodNetwork {
         pod.intercept();
         let identity = SpiffeId::new(TRUST_DOMAIN, "default", sa);
         let mut env: std::collections::HashMap<&'static str, String> = [
-            (CONTROLLER, format!("http://{}", self.controller_addr)),
             (IDENTITY, identity.to_string()),
             (TOKEN, self.tokens.token_for(&identity)),
             (OUTBOUND_LISTEN, format!("127.0.0.1:{OUTBOUND_PORT}")),
@@ -373,6 +365,7 @@ impl PodNetwork {
         ]
         .into_iter()
         .collect();
+        env.extend(crate::controller_env(self.controller_addr, self.dir.path()));
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let config = Config::from_strings(&env).expect("proxy config");
         let runtime = NetnsRuntime::start(&pod.netns.path());

@@ -66,6 +66,9 @@ pub enum CaError {
     /// rcgen refused to build a certificate.
     #[error("cannot build a certificate: {0}")]
     Build(#[from] rcgen::Error),
+    /// rustls cannot use the key generated for the controller's own certificate.
+    #[error("cannot use the controller's serving key: {0}")]
+    ServingKey(rustls::Error),
 }
 
 /// A signed leaf: the chain (leaf, issuer) and its expiry.
@@ -183,13 +186,6 @@ impl Ca {
         csr_der: &[u8],
         lifetime: Duration,
     ) -> Result<SignedLeaf, CaError> {
-        if identity.trust_domain != self.trust_domain {
-            return Err(CaError::ForeignTrustDomain {
-                identity: identity.to_string(),
-                trust_domain: self.trust_domain.clone(),
-            });
-        }
-        self.healthy()?;
         let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let expected = identity.to_string();
@@ -209,6 +205,35 @@ impl Ca {
                 },
             });
         }
+        self.leaf(identity, &csr.public_key, lifetime)
+    }
+
+    /// A fresh key and a leaf for it, for the controller's own serving
+    /// certificate: the key never leaves the process, so no CSR is needed.
+    pub fn issue(
+        &self,
+        identity: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<(SignedLeaf, KeyPair), CaError> {
+        let key = KeyPair::generate()?;
+        Ok((self.leaf(identity, &key, lifetime)?, key))
+    }
+
+    /// Signs an X.509-SVID for `identity` over `public_key`.
+    fn leaf(
+        &self,
+        identity: &SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<SignedLeaf, CaError> {
+        if identity.trust_domain != self.trust_domain {
+            return Err(CaError::ForeignTrustDomain {
+                identity: identity.to_string(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        self.healthy()?;
+        let expected = identity.to_string();
         let active = self.active.load();
         let now = SystemTime::now();
         let not_after = (now + lifetime).min(active.not_after);
@@ -225,7 +250,7 @@ impl Ca {
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
-        let leaf = params.signed_by(&csr.public_key, &active.issuer)?;
+        let leaf = params.signed_by(public_key, &active.issuer)?;
         Ok(SignedLeaf {
             chain_der: vec![leaf.der().to_vec(), active.issuer_der.clone()],
             valid_until: not_after,

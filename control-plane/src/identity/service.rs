@@ -1,4 +1,4 @@
-//! The Identity gRPC service: checks the proof, then signs the CSR.
+//! The Identity gRPC service: authenticates the request, then signs the CSR.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -8,13 +8,13 @@ use trellis_proto::identity::identity_server::{Identity, IdentityServer};
 use trellis_proto::identity::{CertifyRequest, CertifyResponse};
 use trellis_proto::SpiffeId;
 
-use super::ca::{Ca, CaError};
-use super::tokens::BootstrapTokens;
+use super::authenticator::{Authenticator, Refusal};
+use super::ca::{Ca, SignedLeaf};
 use crate::metrics::ControllerMetrics;
 
 pub struct IdentityService {
     ca: Arc<Ca>,
-    tokens: Arc<BootstrapTokens>,
+    authenticator: Authenticator,
     leaf_lifetime: Duration,
     metrics: Arc<ControllerMetrics>,
 }
@@ -22,13 +22,13 @@ pub struct IdentityService {
 impl IdentityService {
     pub fn new(
         ca: Arc<Ca>,
-        tokens: Arc<BootstrapTokens>,
+        authenticator: Authenticator,
         leaf_lifetime: Duration,
         metrics: Arc<ControllerMetrics>,
     ) -> Self {
         Self {
             ca,
-            tokens,
+            authenticator,
             leaf_lifetime,
             metrics,
         }
@@ -38,10 +38,14 @@ impl IdentityService {
         IdentityServer::new(self)
     }
 
-    fn refuse(&self, identity: &str, status: Status) -> Status {
-        self.metrics.certificates_refused.inc();
-        tracing::warn!(%identity, reason = %status.message(), "certificate refused");
-        status
+    async fn certify(&self, request: &CertifyRequest) -> Result<SignedLeaf, Refusal> {
+        let identity: SpiffeId = request.identity.parse()?;
+        self.authenticator
+            .authenticate(&identity, &request.token)
+            .await?;
+        Ok(self
+            .ca
+            .sign(&identity, &request.csr_der, self.leaf_lifetime)?)
     }
 }
 
@@ -52,33 +56,19 @@ impl Identity for IdentityService {
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
         let request = request.into_inner();
-        let identity: SpiffeId =
-            request
-                .identity
-                .parse()
-                .map_err(|e: trellis_proto::InvalidSpiffeId| {
-                    self.refuse(&request.identity, Status::invalid_argument(e.to_string()))
-                })?;
-        if !self.tokens.verify(&identity, &request.token) {
-            let message = format!("the bootstrap token does not prove identity {identity}");
-            return Err(self.refuse(&request.identity, Status::permission_denied(message)));
-        }
-        let leaf = self
-            .ca
-            .sign(&identity, &request.csr_der, self.leaf_lifetime)
-            .map_err(|e| {
-                let status = match &e {
-                    CaError::IssuerExpired { .. } => Status::unavailable(e.to_string()),
-                    CaError::ForeignTrustDomain { .. } => Status::permission_denied(e.to_string()),
-                    CaError::BadCsr(_) | CaError::WrongSan { .. } => {
-                        Status::invalid_argument(e.to_string())
-                    }
-                    _ => Status::internal(e.to_string()),
-                };
-                self.refuse(&request.identity, status)
-            })?;
+        let leaf = match IdentityService::certify(self, &request).await {
+            Ok(leaf) => leaf,
+            Err(refusal) => {
+                self.metrics
+                    .certificates_refused
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                tracing::warn!(identity = %request.identity, reason = refusal.reason(), error = %refusal, "certificate refused");
+                return Err(refusal.status());
+            }
+        };
         self.metrics.certificates_issued.inc();
-        tracing::debug!(%identity, "certificate issued");
+        tracing::debug!(identity = %request.identity, "certificate issued");
         Ok(Response::new(CertifyResponse {
             chain_der: leaf.chain_der,
             trust_anchors_der: self.ca.trust_anchors_der(),

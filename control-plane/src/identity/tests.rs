@@ -174,13 +174,17 @@ fn csrs_asking_for_anything_else_are_refused() {
 }
 
 #[tokio::test]
-async fn the_service_refuses_a_token_for_another_identity() {
+async fn the_service_refuses_with_a_reason_and_counts_it() {
     let dir = tempfile::tempdir().unwrap();
     let ca = std::sync::Arc::new(Ca::load_or_create(dir.path(), "cluster.local").unwrap());
     let tokens = std::sync::Arc::new(BootstrapTokens::load_or_create(dir.path()).unwrap());
     let metrics = std::sync::Arc::new(crate::metrics::ControllerMetrics::new());
-    let service =
-        IdentityService::new(ca, tokens.clone(), Duration::from_secs(60), metrics.clone());
+    let service = IdentityService::new(
+        ca,
+        Authenticator::BootstrapTokens(tokens.clone()),
+        Duration::from_secs(60),
+        metrics.clone(),
+    );
     let hello = id("hello");
     let request = |token: String| {
         Request::new(CertifyRequest {
@@ -194,15 +198,52 @@ async fn the_service_refuses_a_token_for_another_identity() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status
-        .message()
-        .contains("does not prove identity spiffe://cluster.local/ns/default/sa/hello"));
+    assert!(
+        status.message().starts_with(
+            "identity-mismatch: the token does not prove identity spiffe://cluster.local/ns/default/sa/hello"
+        ),
+        "{}",
+        status.message()
+    );
     let status = service
         .certify(request("not-hex".into()))
         .await
         .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(
+        status.message().starts_with("invalid-token: "),
+        "{}",
+        status.message()
+    );
+    let foreign = SpiffeId::new("evil.example", "default", "hello");
+    let status = service
+        .certify(Request::new(CertifyRequest {
+            identity: foreign.to_string(),
+            token: tokens.token_for(&foreign),
+            csr_der: csr(&[&format!("uri:{foreign}")]),
+        }))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert_eq!(metrics.certificates_refused.get(), 2);
+    assert!(
+        status.message().starts_with("foreign-trust-domain: "),
+        "{}",
+        status.message()
+    );
+    let refused = |reason: &str| {
+        metrics
+            .certificates_refused
+            .with_label_values(&[reason])
+            .get()
+    };
+    assert_eq!(
+        [
+            refused("identity-mismatch"),
+            refused("invalid-token"),
+            refused("foreign-trust-domain")
+        ],
+        [1, 1, 1]
+    );
 
     let response = service
         .certify(request(tokens.token_for(&hello)))
@@ -296,4 +337,39 @@ fn issuer_and_root_rotation_keep_the_chain_valid() {
     std::fs::copy(dir.path().join("root.crt"), dir.path().join("issuer.crt")).unwrap();
     assert!(ca.reload().is_err());
     sign(&ca);
+}
+
+#[test]
+fn the_serving_certificate_names_the_controller_and_follows_the_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = std::sync::Arc::new(Ca::load_or_create(dir.path(), "cluster.local").unwrap());
+    let controller = SpiffeId::default_controller("cluster.local");
+    let lifetime = Duration::from_secs(3600);
+    let (serving, renew_at) = ServingCertificate::new(ca.clone(), controller, lifetime).unwrap();
+    let first = serving.chain_der();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&first[0]).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        r#"[URI("spiffe://cluster.local/ns/trellis/sa/trellis-controller")]"#
+    );
+    let in_secs = renew_at
+        .duration_since(SystemTime::now())
+        .unwrap()
+        .as_secs();
+    assert!((2500..=2520).contains(&in_secs), "renews at 70%: {in_secs}");
+
+    rotate_issuer(dir.path(), lifetime).unwrap();
+    assert!(ca.reload().unwrap());
+    serving.renew().unwrap();
+    let second = serving.chain_der();
+    assert_ne!(first[1], second[1], "signed by the new issuer");
+    let (_, issuer) = x509_parser::parse_x509_certificate(&second[1]).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&second[0]).unwrap();
+    leaf.verify_signature(Some(issuer.public_key())).unwrap();
+    assert!(serving
+        .server_config()
+        .unwrap()
+        .alpn_protocols
+        .contains(&b"h2".to_vec()));
 }

@@ -70,6 +70,12 @@ impl BootstrapTokens {
         tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// Whether `token` has the shape of a bootstrap token (64 hex digits),
+    /// whoever it proves.
+    pub fn well_formed(token: &str) -> bool {
+        decode_hex(token.trim()).is_some_and(|tag| tag.len() == 32)
+    }
+
     /// Whether `token` proves `identity` (constant time).
     pub fn verify(&self, identity: &SpiffeId, token: &str) -> bool {
         let Some(tag) = decode_hex(token.trim()) else {

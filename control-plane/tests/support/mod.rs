@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tonic::transport::Channel;
-use trellis_control_plane::controller::{Controller, ControllerConfig, Source};
+use trellis_control_plane::controller::{Controller, ControllerConfig};
 use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::WatchRequest;
 
@@ -32,12 +32,8 @@ pub async fn start(dir: &Path, files: &[(&str, &str)]) -> Controller {
         std::fs::write(dir.join("manifests").join(name), contents).unwrap();
     }
     Controller::start(ControllerConfig {
-        source: Source::Manifests(dir.join("manifests")),
-        state_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        trust_domain: "cluster.local".into(),
         leaf_lifetime: Duration::from_secs(60),
+        ..ControllerConfig::local(dir, [127, 0, 0, 1].into())
     })
     .await
     .unwrap()

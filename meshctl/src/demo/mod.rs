@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use manifests::{DemoPod, ADMIN_PORT, APP_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::sync::{mpsc, Semaphore};
-use trellis_control_plane::identity::BootstrapTokens;
+use trellis_control_plane::identity::{BootstrapTokens, BUNDLE};
 use trellis_proto::SpiffeId;
 
 use crate::report::{Report, Sample};
@@ -294,7 +294,11 @@ pub fn sidecar_env(
     let token_file = token_file(state_dir, sidecar.name);
     write_private(&token_file, tokens.token_for(identity).as_bytes())?;
     let mut env = vec![
-        ("TRELLIS_CONTROLLER", format!("http://{controller}")),
+        ("TRELLIS_CONTROLLER", format!("https://{controller}")),
+        (
+            "TRELLIS_CONTROLLER_TRUST",
+            path(&state_dir.join(BUNDLE))?.to_string(),
+        ),
         ("TRELLIS_IDENTITY", identity.to_string()),
         ("TRELLIS_TOKEN_FILE", path(&token_file)?.to_string()),
         ("TRELLIS_OUTBOUND_LISTEN", outbound.to_string()),

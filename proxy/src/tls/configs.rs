@@ -152,16 +152,7 @@ pub async fn connect(
     expected: &SpiffeId,
     alpn: &[u8],
 ) -> Result<TlsStream<TcpStream>, TlsError> {
-    // The verifier ignores the server name (SVIDs have no DNS SAN). An IP
-    // address keeps rustls from sending a meaningless SNI.
-    let name = ServerName::IpAddress(Ipv4Addr::UNSPECIFIED.into());
-    let connector = TlsConnector::from(configs.client_with_alpn(alpn));
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
-        .await
-        .map_err(|_| TlsError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
-        .map_err(TlsError::Handshake)?;
-    let (_, session) = stream.get_ref();
-    let actual = peer_identity(session.peer_certificates().unwrap_or_default())?;
+    let (stream, actual) = handshake(configs.client_with_alpn(alpn), tcp).await?;
     if actual != *expected {
         return Err(TlsError::UnexpectedPeer {
             expected: Box::new(expected.clone()),
@@ -169,6 +160,53 @@ pub async fn connect(
         });
     }
     Ok(stream)
+}
+
+/// Opens TLS on `tcp` with `config` (whose verifier checks the chain and
+/// that the leaf names one SPIFFE ID); returns the stream and that ID, for
+/// the caller to compare with the one it expects.
+pub async fn handshake(
+    config: Arc<ClientConfig>,
+    tcp: TcpStream,
+) -> Result<(TlsStream<TcpStream>, SpiffeId), TlsError> {
+    // The verifier ignores the server name (SVIDs have no DNS SAN). An IP
+    // address keeps rustls from sending a meaningless SNI.
+    let name = ServerName::IpAddress(Ipv4Addr::UNSPECIFIED.into());
+    let stream = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| TlsError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+    .map_err(TlsError::Handshake)?;
+    let (_, session) = stream.get_ref();
+    let identity = peer_identity(session.peer_certificates().unwrap_or_default())?;
+    Ok((stream, identity))
+}
+
+/// A client configuration that authenticates the server only (no client
+/// certificate: the controller's identity call, which a proxy makes before
+/// it has one), verifying X.509-SVIDs against the roots in `bundle_pem`,
+/// offering `alpn`.
+pub fn server_auth_client(bundle_pem: &[u8], alpn: &[u8]) -> Result<Arc<ClientConfig>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let anchors = CertificateDer::pem_slice_iter(bundle_pem)
+        .map(|cert| cert.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Bundle(e.to_string()))?;
+    if anchors.is_empty() {
+        return Err(TlsError::Bundle("it holds no certificate".into()));
+    }
+    let roots = Arc::new(root_store(anchors)?);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(roots, &provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
 }
 
 fn root_store(trust_anchors_der: Vec<Vec<u8>>) -> Result<RootCertStore, TlsError> {

@@ -13,7 +13,7 @@ pub(crate) mod test_ca;
 #[cfg(test)]
 mod tests;
 
-pub use configs::{chain_not_after, connect, TlsConfigs};
+pub use configs::{chain_not_after, connect, handshake, server_auth_client, TlsConfigs};
 pub use csr::generate_csr;
 pub use verify::peer_identity;
 
@@ -38,8 +38,11 @@ pub enum TlsError {
     /// The controller answered with no trust anchors.
     #[error("the controller returned no trust anchors; check the controller's CA configuration")]
     NoTrustAnchors,
+    /// A PEM trust bundle cannot be parsed.
+    #[error("the trust bundle is not valid PEM: {0}")]
+    Bundle(String),
     /// A trust anchor is not a usable CA certificate.
-    #[error("trust anchor #{index} from the controller is not a usable CA certificate: {source}")]
+    #[error("trust anchor #{index} is not a usable CA certificate: {source}")]
     TrustAnchor { index: usize, source: rustls::Error },
     /// A certificate does not carry exactly one SPIFFE ID as URI SAN.
     #[error("the certificate is not an X.509-SVID: {0}")]

@@ -30,8 +30,7 @@ impl ProxyProcess {
             SocketAddr::new(ip, 4143),
             SocketAddr::new(ip, 4191),
         );
-        let env: HashMap<&str, String> = HashMap::from([
-            (CONTROLLER, format!("http://{}", mesh.controller_addr())),
+        let mut env: HashMap<&str, String> = HashMap::from([
             (IDENTITY, identity.to_string()),
             (TOKEN, mesh.tokens.token_for(&identity)),
             (OUTBOUND_LISTEN, outbound.to_string()),
@@ -40,6 +39,10 @@ impl ProxyProcess {
             (APP_IP, ip.to_string()),
             (WORKLOAD, sa.to_string()),
         ]);
+        env.extend(trellis_tests::controller_env(
+            mesh.controller_addr(),
+            mesh.dir.path(),
+        ));
         let child = Command::new(std::env::current_exe().context("own path")?)
             .arg(INTERNAL_PROXY)
             .envs(env)

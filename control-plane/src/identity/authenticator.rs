@@ -1,0 +1,92 @@
+//! Who may ask for which identity: the proof a Certify request carries is
+//! checked here, and every refusal has a typed reason that the gRPC status
+//! and the refusal metric name.
+
+use std::sync::Arc;
+
+use trellis_proto::{InvalidSpiffeId, SpiffeId};
+
+use super::ca::CaError;
+use super::tokens::BootstrapTokens;
+
+/// How the controller authenticates the proxy asking for a certificate.
+/// Cluster mode adds a variant that checks a projected service-account
+/// token with a TokenReview.
+pub enum Authenticator {
+    /// Local mode: an HMAC of the SPIFFE ID under the controller's key.
+    BootstrapTokens(Arc<BootstrapTokens>),
+}
+
+impl Authenticator {
+    /// Succeeds when `token` proves `identity`.
+    pub async fn authenticate(&self, identity: &SpiffeId, token: &str) -> Result<(), Refusal> {
+        match self {
+            Self::BootstrapTokens(tokens) => {
+                if !BootstrapTokens::well_formed(token) {
+                    return Err(Refusal::InvalidToken(
+                        "it is not a bootstrap token (64 hex digits)".into(),
+                    ));
+                }
+                if !tokens.verify(identity, token) {
+                    return Err(Refusal::IdentityMismatch {
+                        requested: Box::new(identity.clone()),
+                        detail: "the bootstrap token was issued for another identity or by another controller".into(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Why a certificate request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The requested identity is not a workload SPIFFE ID.
+    #[error(transparent)]
+    InvalidIdentity(#[from] InvalidSpiffeId),
+    /// The token proves nobody: malformed, unknown, expired or revoked.
+    #[error("the token is not valid: {0}")]
+    InvalidToken(String),
+    /// The token is valid but does not prove the identity asked for.
+    #[error("the token does not prove identity {requested}: {detail}")]
+    IdentityMismatch {
+        requested: Box<SpiffeId>,
+        detail: String,
+    },
+    /// The CA would not sign: another trust domain, a bad CSR, an expired issuer.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+impl Refusal {
+    /// The metric label and the word the gRPC status starts with.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidIdentity(_) => "invalid-identity",
+            Self::InvalidToken(_) => "invalid-token",
+            Self::IdentityMismatch { .. } => "identity-mismatch",
+            Self::Ca(CaError::ForeignTrustDomain { .. }) => "foreign-trust-domain",
+            Self::Ca(CaError::BadCsr(_) | CaError::WrongSan { .. }) => "bad-csr",
+            Self::Ca(CaError::IssuerExpired { .. }) => "issuer-expired",
+            Self::Ca(_) => "ca-error",
+        }
+    }
+
+    /// The status a proxy sees: the code says whether retrying can help,
+    /// the message starts with the reason.
+    pub fn status(&self) -> tonic::Status {
+        let message = format!("{}: {self}", self.reason());
+        match self {
+            Self::InvalidIdentity(_) | Self::Ca(CaError::BadCsr(_) | CaError::WrongSan { .. }) => {
+                tonic::Status::invalid_argument(message)
+            }
+            Self::InvalidToken(_) => tonic::Status::unauthenticated(message),
+            Self::IdentityMismatch { .. } | Self::Ca(CaError::ForeignTrustDomain { .. }) => {
+                tonic::Status::permission_denied(message)
+            }
+            Self::Ca(CaError::IssuerExpired { .. }) => tonic::Status::unavailable(message),
+            Self::Ca(_) => tonic::Status::internal(message),
+        }
+    }
+}
