@@ -181,8 +181,10 @@ impl FakeApi {
     }
 
     /// Forgets the history, as an etcd compaction does: a watch resuming
-    /// from any resourceVersion before now gets `410 Expired`, and so does
-    /// a paged list continuing from before now.
+    /// from any resourceVersion issued before (the latest included) gets
+    /// `410 Expired`, and so does a paged list continuing from before. Open
+    /// watches go on; `drop_watches` after this makes every watcher resume,
+    /// get the 410 and re-list.
     pub fn expire_history(&self) {
         self.store().expire_history();
     }

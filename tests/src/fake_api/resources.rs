@@ -10,7 +10,6 @@ pub struct Resource {
     pub group: &'static str,
     pub version: &'static str,
     pub plural: &'static str,
-    pub singular: &'static str,
     pub kind: &'static str,
     pub namespaced: bool,
     pub short_names: &'static [&'static str],
@@ -24,22 +23,22 @@ pub struct Resource {
 const ALL_VERBS: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
+const GATEWAY: &str = "gateway.networking.k8s.io";
+const TRELLIS: &str = "trellis.dev";
 
+/// A namespaced resource with every verb; the methods below change that.
 const fn resource(
     group: &'static str,
     version: &'static str,
     plural: &'static str,
-    singular: &'static str,
     kind: &'static str,
-    namespaced: bool,
 ) -> Resource {
     Resource {
         group,
         version,
         plural,
-        singular,
         kind,
-        namespaced,
+        namespaced: true,
         short_names: &[],
         categories: &[],
         status: false,
@@ -47,100 +46,74 @@ const fn resource(
     }
 }
 
+impl Resource {
+    const fn cluster_scoped(self) -> Self {
+        Resource {
+            namespaced: false,
+            ..self
+        }
+    }
+
+    const fn short(self, short_names: &'static [&'static str]) -> Self {
+        Resource {
+            short_names,
+            ..self
+        }
+    }
+
+    /// In the `all` category (`kubectl get all`).
+    const fn in_all(self) -> Self {
+        Resource {
+            categories: &["all"],
+            ..self
+        }
+    }
+
+    const fn with_status(self) -> Self {
+        Resource {
+            status: true,
+            ..self
+        }
+    }
+
+    const fn create_only(self) -> Self {
+        Resource {
+            create_only: true,
+            ..self
+        }
+    }
+}
+
 pub static RESOURCES: &[Resource] = &[
-    Resource {
-        short_names: &["ns"],
-        status: true,
-        ..resource("", "v1", "namespaces", "namespace", "Namespace", false)
-    },
-    Resource {
-        short_names: &["svc"],
-        categories: &["all"],
-        status: true,
-        ..resource("", "v1", "services", "service", "Service", true)
-    },
-    Resource {
-        short_names: &["po"],
-        categories: &["all"],
-        status: true,
-        ..resource("", "v1", "pods", "pod", "Pod", true)
-    },
-    resource("", "v1", "secrets", "secret", "Secret", true),
-    Resource {
-        short_names: &["cm"],
-        ..resource("", "v1", "configmaps", "configmap", "ConfigMap", true)
-    },
-    Resource {
-        short_names: &["sa"],
-        ..resource(
-            "",
-            "v1",
-            "serviceaccounts",
-            "serviceaccount",
-            "ServiceAccount",
-            true,
-        )
-    },
+    resource("", "v1", "namespaces", "Namespace")
+        .cluster_scoped()
+        .short(&["ns"])
+        .with_status(),
+    resource("", "v1", "services", "Service")
+        .short(&["svc"])
+        .in_all()
+        .with_status(),
+    resource("", "v1", "pods", "Pod")
+        .short(&["po"])
+        .in_all()
+        .with_status(),
+    resource("", "v1", "secrets", "Secret"),
+    resource("", "v1", "configmaps", "ConfigMap").short(&["cm"]),
+    resource("", "v1", "serviceaccounts", "ServiceAccount").short(&["sa"]),
+    resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
+    resource(GATEWAY, "v1", "httproutes", "HTTPRoute").with_status(),
+    resource(TRELLIS, "v1alpha1", "httpfaults", "HTTPFault").with_status(),
     resource(
-        "discovery.k8s.io",
-        "v1",
-        "endpointslices",
-        "endpointslice",
-        "EndpointSlice",
-        true,
-    ),
-    Resource {
-        status: true,
-        ..resource(
-            "gateway.networking.k8s.io",
-            "v1",
-            "httproutes",
-            "httproute",
-            "HTTPRoute",
-            true,
-        )
-    },
-    Resource {
-        status: true,
-        ..resource(
-            "trellis.dev",
-            "v1alpha1",
-            "httpfaults",
-            "httpfault",
-            "HTTPFault",
-            true,
-        )
-    },
-    Resource {
-        status: true,
-        ..resource(
-            "trellis.dev",
-            "v1alpha1",
-            "resiliencepolicies",
-            "resiliencepolicy",
-            "ResiliencePolicy",
-            true,
-        )
-    },
-    resource(
-        "coordination.k8s.io",
-        "v1",
-        "leases",
-        "lease",
-        "Lease",
-        true,
-    ),
-    Resource {
-        create_only: true,
-        ..resource(
-            "authentication.k8s.io",
-            "v1",
-            "tokenreviews",
-            "tokenreview",
-            "TokenReview",
-            false,
-        )
-    },
+        TRELLIS,
+        "v1alpha1",
+        "resiliencepolicies",
+        "ResiliencePolicy",
+    )
+    .with_status(),
+    resource("coordination.k8s.io", "v1", "leases", "Lease"),
+    resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview")
+        .cluster_scoped()
+        .create_only(),
 ];
 
 impl Resource {
@@ -161,7 +134,7 @@ impl Resource {
     /// Served from a CustomResourceDefinition in a real cluster (so no
     /// strategic merge patch).
     pub fn custom(&self) -> bool {
-        matches!(self.group, "trellis.dev" | "gateway.networking.k8s.io")
+        matches!(self.group, TRELLIS | GATEWAY)
     }
 
     pub fn by_path(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
@@ -274,7 +247,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             ALL_VERBS
         };
         resources.push(json!({
-            "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
+            "name": r.plural, "singularName": r.kind.to_ascii_lowercase(), "namespaced": r.namespaced,
             "kind": r.kind, "verbs": verbs, "shortNames": r.short_names,
             "categories": r.categories,
         }));

@@ -26,21 +26,10 @@ pub struct Selector {
 
 impl Selector {
     pub fn parse(labels: Option<&str>, fields: Option<&str>) -> Result<Self, ApiError> {
-        let labels = match labels {
-            Some(text) => split_top_level(text)
-                .into_iter()
-                .map(parse_label_requirement)
-                .collect::<Result<_, _>>()?,
-            None => Vec::new(),
-        };
-        let fields = match fields {
-            Some(text) => split_top_level(text)
-                .into_iter()
-                .map(parse_field_requirement)
-                .collect::<Result<_, _>>()?,
-            None => Vec::new(),
-        };
-        Ok(Selector { labels, fields })
+        Ok(Selector {
+            labels: parse_all(labels, parse_label_requirement)?,
+            fields: parse_all(fields, parse_field_requirement)?,
+        })
     }
 
     pub fn matches(&self, object: &Value) -> bool {
@@ -72,6 +61,15 @@ impl Requirement {
             Requirement::NotExists(k) => lookup(k).is_none(),
         }
     }
+}
+
+fn parse_all(
+    text: Option<&str>,
+    parse: fn(&str) -> Result<Requirement, ApiError>,
+) -> Result<Vec<Requirement>, ApiError> {
+    text.map_or(Ok(Vec::new()), |text| {
+        split_top_level(text).into_iter().map(parse).collect()
+    })
 }
 
 /// Splits on commas outside parentheses; drops empty parts.

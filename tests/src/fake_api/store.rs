@@ -436,7 +436,6 @@ impl Store {
         Ok(self.record(resource, EventType::Modified, key, updated))
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn patch(
         &mut self,
         resource: &'static Resource,
@@ -609,8 +608,12 @@ impl Store {
         })
     }
 
-    /// Forgets the history (and list snapshots), as an etcd compaction does.
+    /// Forgets the history (and list snapshots), as an etcd compaction does,
+    /// after advancing the resourceVersion as writes to kinds this server
+    /// doesn't serve would: so every resourceVersion issued so far, even the
+    /// latest, is too old to resume from.
     pub fn expire_history(&mut self) {
+        self.resource_version += 1;
         self.history.clear();
         self.snapshots.clear();
         self.history_floor = self.resource_version;
