@@ -20,6 +20,7 @@ use trellis_control_plane::identity::BootstrapTokens;
 use trellis_control_plane::source::manifest::ManifestError;
 use trellis_proto::SpiffeId;
 
+pub mod fake_api;
 pub mod netns;
 pub mod tls;
 

@@ -1,0 +1,463 @@
+//! HTTP requests to API verbs: which document or resource a path names,
+//! which verb a method and query ask for, and the response for each.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+
+use super::resources::{self, Resource};
+use super::selector::Selector;
+use super::status::ApiError;
+use super::store::{ListPage, Part, PatchType, WatchStart, Writer};
+use super::watch::{self, WatchRequest};
+use super::Shared;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// What a resource path names.
+struct Target {
+    resource: &'static Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    part: Part,
+}
+
+struct Answer {
+    verb: &'static str,
+    resource: &'static str,
+    response: Response<Body>,
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let query = parse_query(parts.uri.query().unwrap_or(""));
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let answer = route(
+        &shared,
+        &parts.method,
+        parts.uri.path(),
+        &query,
+        content_type,
+        &body,
+    );
+    let line = format!(
+        "{} {} -> {}",
+        parts.method,
+        parts.uri,
+        answer.response.status().as_u16()
+    );
+    shared
+        .requests
+        .lock()
+        .expect("request log lock")
+        .record(answer.verb, answer.resource, line);
+    Ok(answer.response)
+}
+
+fn json_response(status: u16, value: &Value) -> Response<Body> {
+    bytes_response(
+        status,
+        serde_json::to_vec(value).expect("JSON values serialize"),
+    )
+}
+
+fn bytes_response(status: u16, bytes: Vec<u8>) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)).boxed())
+        .expect("a valid response")
+}
+
+fn error_response(error: &ApiError) -> Response<Body> {
+    json_response(error.code, &error.to_status())
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_query(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(key), percent_decode(value))
+        })
+        .collect()
+}
+
+fn route(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    content_type: &str,
+    body: &[u8],
+) -> Answer {
+    let discovery = |response| Answer {
+        verb: "discovery",
+        resource: "",
+        response,
+    };
+    if method == Method::GET {
+        if let Some(document) = discovery_document(shared, path) {
+            return discovery(json_response(200, &document));
+        }
+    }
+    let target = match parse_target(path) {
+        Some(target) => target,
+        None => return discovery(error_response(&ApiError::path_not_found(path))),
+    };
+    let resource = target.resource;
+    let (verb, result) = if resource.create_only {
+        match (method.as_str(), &target.name) {
+            ("POST", None) => ("create", token_review(shared, body)),
+            _ => (
+                "unsupported",
+                Err(ApiError::method_not_allowed(format!(
+                    "{} only supports create",
+                    resource.qualified()
+                ))),
+            ),
+        }
+    } else {
+        serve_resource(shared, method, &target, query, content_type, body)
+    };
+    Answer {
+        verb,
+        resource: resource.plural,
+        response: result.unwrap_or_else(|error| error_response(&error)),
+    }
+}
+
+fn discovery_document(shared: &Shared, path: &str) -> Option<Value> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments[..] {
+        ["version"] => Some(resources::version()),
+        ["api"] => Some(resources::core_versions(&shared.addr.to_string())),
+        ["apis"] => Some(resources::group_list()),
+        ["api", "v1"] => resources::resource_list("", "v1"),
+        ["apis", group] => resources::group(group),
+        ["apis", group, version] => resources::resource_list(group, version),
+        ["openapi", "v3"] => Some(resources::openapi_root()),
+        ["openapi", "v3", ..] => resources::openapi_group_version(&segments[2..].join("/")),
+        ["healthz" | "livez" | "readyz"] => Some(json!("ok")),
+        _ => None,
+    }
+}
+
+fn parse_target(path: &str) -> Option<Target> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match &segments[..] {
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return None,
+    };
+    let (namespace, rest): (Option<&str>, &[&str]) = match rest {
+        ["namespaces", namespace, tail @ ..]
+            if tail
+                .first()
+                .is_some_and(|t| !["status", "finalize"].contains(t)) =>
+        {
+            (Some(*namespace), tail)
+        }
+        _ => (None, rest),
+    };
+    let (plural, name, part) = match rest {
+        [plural] => (*plural, None, Part::Main),
+        [plural, name] => (*plural, Some(name.to_string()), Part::Main),
+        [plural, name, "status"] => (*plural, Some(name.to_string()), Part::Status),
+        _ => return None,
+    };
+    let resource = Resource::by_path(group, version, plural)?;
+    if namespace.is_some() && !resource.namespaced {
+        return None;
+    }
+    if part == Part::Status && !resource.status {
+        return None;
+    }
+    Some(Target {
+        resource,
+        namespace: namespace.map(str::to_string),
+        name,
+        part,
+    })
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+fn object_response(status: u16, object: &Value) -> Response<Body> {
+    json_response(status, object)
+}
+
+fn serve_resource(
+    shared: &Shared,
+    method: &Method,
+    target: &Target,
+    query: &HashMap<String, String>,
+    content_type: &str,
+    body: &[u8],
+) -> (&'static str, Result<Response<Body>, ApiError>) {
+    let Target {
+        resource,
+        namespace,
+        name,
+        part,
+    } = target;
+    let (resource, namespace, part) = (*resource, namespace.as_deref(), *part);
+    let mut store = shared.store.lock().expect("store lock");
+    match (method.as_str(), name) {
+        ("GET", None) if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => {
+            let request = watch_request(resource, namespace, query);
+            let response = request.map(|request| {
+                let body = watch::start(&store, request, shared.watch_ends.subscribe());
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(body.boxed())
+                    .expect("a valid response")
+            });
+            ("watch", response)
+        }
+        ("GET", None) => {
+            let page = list_params(query).and_then(|(selector, limit, token, exact)| {
+                if let Some(exact) = exact.filter(|&rv| rv != store.resource_version()) {
+                    return Err(ApiError::expired(format!(
+                        "too old resource version: {exact} ({}); this fake API server serves \
+                         Exact lists only at the current resourceVersion",
+                        store.resource_version()
+                    )));
+                }
+                store.list(resource, namespace, &selector, limit, token.as_deref())
+            });
+            ("list", page.map(|page| list_response(resource, &page)))
+        }
+        ("GET", Some(name)) => (
+            "get",
+            store
+                .get(resource, namespace, name)
+                .map(|object| object_response(200, &object)),
+        ),
+        ("POST", None) => (
+            "create",
+            parse_body(body)
+                .and_then(|object| store.create(resource, namespace, object, Writer::Client))
+                .map(|object| object_response(201, &object)),
+        ),
+        ("PUT", Some(name)) => (
+            "update",
+            parse_body(body)
+                .and_then(|object| {
+                    store.update(resource, namespace, name, object, part, Writer::Client)
+                })
+                .map(|object| object_response(200, &object)),
+        ),
+        ("PATCH", Some(name)) => {
+            let existed = store.get(resource, namespace, name).is_ok();
+            let result = patch_type(resource, content_type, query)
+                .and_then(|patch_type| {
+                    let patch = parse_body(body)?;
+                    store.patch(resource, namespace, name, patch_type, &patch, part)
+                })
+                .map(|object| object_response(if existed { 200 } else { 201 }, &object));
+            ("patch", result)
+        }
+        ("DELETE", Some(name)) => {
+            let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let precondition = options["preconditions"]["resourceVersion"].as_str();
+            let result = store
+                .delete(resource, namespace, name, precondition)
+                .map(|object| object_response(200, &object));
+            ("delete", result)
+        }
+        _ => (
+            "unsupported",
+            Err(ApiError::method_not_allowed(format!(
+                "{method} is not supported on this path by the fake API server \
+                 (it serves get, list, watch, create, update, patch and delete)"
+            ))),
+        ),
+    }
+}
+
+type ListParams = (Selector, Option<usize>, Option<String>, Option<u64>);
+
+fn list_params(query: &HashMap<String, String>) -> Result<ListParams, ApiError> {
+    let selector = selector(query)?;
+    let limit = match query.get("limit") {
+        Some(limit) => Some(limit.parse().map_err(|_| {
+            ApiError::bad_request(format!("limit {limit:?} is not a non-negative integer"))
+        })?),
+        None => None,
+    };
+    let token = query.get("continue").filter(|t| !t.is_empty()).cloned();
+    let exact = match query.get("resourceVersionMatch").map(String::as_str) {
+        Some("Exact") => Some(resource_version(query)?.unwrap_or(0)),
+        _ => None,
+    };
+    Ok((selector, limit, token, exact))
+}
+
+fn selector(query: &HashMap<String, String>) -> Result<Selector, ApiError> {
+    let get = |key: &str| query.get(key).map(String::as_str).filter(|s| !s.is_empty());
+    Selector::parse(get("labelSelector"), get("fieldSelector"))
+}
+
+/// `resourceVersion`, `None` when absent, empty or "0" ("any").
+fn resource_version(query: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+    match query.get("resourceVersion").map(String::as_str) {
+        None | Some("" | "0") => Ok(None),
+        Some(version) => version.parse().map(Some).map_err(|_| {
+            ApiError::bad_request(format!(
+                "resourceVersion {version:?} is not one this server issued (they are integers)"
+            ))
+        }),
+    }
+}
+
+fn watch_request(
+    resource: &'static Resource,
+    namespace: Option<&str>,
+    query: &HashMap<String, String>,
+) -> Result<WatchRequest, ApiError> {
+    let flag = |key: &str| matches!(query.get(key).map(String::as_str), Some("true" | "1"));
+    let initial_events = flag("sendInitialEvents");
+    let start = match resource_version(query)? {
+        Some(version) if !initial_events => WatchStart::After(version),
+        _ => WatchStart::Now,
+    };
+    let timeout = match query.get("timeoutSeconds") {
+        Some(seconds) => Some(Duration::from_secs(seconds.parse().map_err(|_| {
+            ApiError::bad_request(format!("timeoutSeconds {seconds:?} is not an integer"))
+        })?)),
+        None => None,
+    };
+    Ok(WatchRequest {
+        resource,
+        namespace: namespace.map(str::to_string),
+        selector: selector(query)?,
+        start,
+        bookmarks: flag("allowWatchBookmarks"),
+        initial_events_end: initial_events,
+        timeout,
+    })
+}
+
+fn patch_type(
+    resource: &Resource,
+    content_type: &str,
+    query: &HashMap<String, String>,
+) -> Result<PatchType, ApiError> {
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    match media_type {
+        "application/merge-patch+json" => Ok(PatchType::Merge),
+        "application/strategic-merge-patch+json" if resource.custom() => {
+            Err(ApiError::unsupported_media_type(format!(
+                "the body of the request was in an unknown format - accepted media types include: \
+                 application/json-patch+json, application/merge-patch+json, \
+                 application/apply-patch+yaml (strategic merge patch is not supported for {})",
+                resource.qualified()
+            )))
+        }
+        "application/strategic-merge-patch+json" => Ok(PatchType::Strategic),
+        "application/apply-patch+yaml"
+            if query.get("fieldManager").is_none_or(String::is_empty) =>
+        {
+            Err(ApiError::bad_request(
+                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: \
+                 is required for apply patch",
+            ))
+        }
+        "application/apply-patch+yaml" => Ok(PatchType::Apply),
+        other => Err(ApiError::unsupported_media_type(format!(
+            "the fake API server does not take {other:?} patches; it takes \
+             application/merge-patch+json, application/strategic-merge-patch+json and \
+             application/apply-patch+yaml (as JSON)"
+        ))),
+    }
+}
+
+fn list_response(resource: &Resource, page: &ListPage) -> Response<Body> {
+    let mut metadata = json!({"resourceVersion": page.resource_version.to_string()});
+    if let Some(token) = &page.continue_token {
+        metadata["continue"] = json!(token);
+        metadata["remainingItemCount"] = json!(page.remaining);
+    }
+    // Written by hand so the (shared) objects aren't cloned into a new Value.
+    let mut bytes = format!(
+        "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":",
+        resource.kind,
+        resource.api_version()
+    )
+    .into_bytes();
+    serde_json::to_writer(&mut bytes, &metadata).expect("JSON values serialize");
+    bytes.extend_from_slice(b",\"items\":[");
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            bytes.push(b',');
+        }
+        serde_json::to_writer(&mut bytes, item.as_ref()).expect("JSON values serialize");
+    }
+    bytes.extend_from_slice(b"]}");
+    bytes_response(200, bytes)
+}
+
+fn token_review(shared: &Shared, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let review = parse_body(body)?;
+    if review["kind"].as_str().is_some_and(|k| k != "TokenReview") {
+        return Err(ApiError::bad_request(format!(
+            "kind {} does not match tokenreviews.authentication.k8s.io (expected TokenReview)",
+            review["kind"]
+        )));
+    }
+    let status = shared
+        .tokens
+        .lock()
+        .expect("tokens lock")
+        .review(&review["spec"]);
+    let answer = json!({
+        "kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status,
+    });
+    Ok(json_response(201, &answer))
+}
