@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fake_api::FakeApi;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
 use meshctl::demo::apps::{self, Greeting};
 use tokio::net::TcpListener;
-use trellis_control_plane::controller::{Controller, ControllerConfig};
+use trellis_control_plane::controller::{Controller, ControllerConfig, Source};
 use trellis_control_plane::identity::BootstrapTokens;
 use trellis_control_plane::source::manifest::ManifestError;
 use trellis_proto::SpiffeId;
@@ -122,6 +123,8 @@ pub struct ControllerProcess {
     /// `/live`, `/ready`, `/metrics`.
     pub admin_addr: SocketAddr,
     pub manifest_errors: tokio::sync::watch::Receiver<Vec<ManifestError>>,
+    /// The controller's store, to compare with its source.
+    pub store: Arc<trellis_control_plane::store::Store>,
     _isolated: Isolated,
 }
 
@@ -135,14 +138,20 @@ impl ControllerProcess {
                 .expect("controller runtime")
         };
         let start = async { Controller::start(config).await.expect("controller starts") };
-        let (isolated, (addr, admin_addr, manifest_errors)) =
+        let (isolated, (addr, admin_addr, manifest_errors, store)) =
             Isolated::start(runtime, start, |c: &Controller| {
-                (c.addr, c.admin_addr, c.manifest_errors.clone())
+                (
+                    c.addr,
+                    c.admin_addr,
+                    c.manifest_errors.clone(),
+                    c.store.clone(),
+                )
             });
         Self {
             admin_addr,
             addr,
             manifest_errors,
+            store,
             _isolated: isolated,
         }
     }
@@ -194,6 +203,9 @@ pub struct Mesh {
     pub tokens: BootstrapTokens,
     /// Variables every proxy of this mesh gets (before per-proxy tuning).
     pub proxy_env: Vec<(&'static str, String)>,
+    /// In cluster mode, the API server the controller watches: manifests
+    /// are applied to it instead of written to `manifests/`.
+    pub api: Option<Arc<FakeApi>>,
     block: [u8; 3],
     next_host: u8,
 }
@@ -201,6 +213,17 @@ pub struct Mesh {
 impl Mesh {
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
+    }
+
+    /// A mesh whose controller watches `api` (cluster mode).
+    pub async fn start_in_cluster(api: Arc<FakeApi>) -> Self {
+        let url = api.url().parse().expect("the fake API's URL");
+        let mut mesh = Self::start_with(|config| {
+            config.source = Source::Cluster(Box::new(kube::Config::new(url)));
+        })
+        .await;
+        mesh.api = Some(api);
+        mesh
     }
 
     pub async fn start_with(tune: impl FnOnce(&mut ControllerConfig)) -> Self {
@@ -218,6 +241,7 @@ impl Mesh {
             controller: Some(controller),
             tokens,
             proxy_env: Vec::new(),
+            api: None,
             block,
             next_host: 2,
         }
@@ -287,9 +311,19 @@ impl Mesh {
         Config::from_strings(&env).expect("proxy config")
     }
 
-    /// Writes (atomically) a manifest file, as an editor or `meshctl` would.
+    /// Writes (atomically) a manifest file, as an editor or `meshctl` would;
+    /// in cluster mode, applies its objects to the API server instead.
     pub fn write_manifest(&self, name: &str, contents: &str) {
-        write_atomically(&self.manifests().join(name), contents);
+        match &self.api {
+            None => write_atomically(&self.manifests().join(name), contents),
+            Some(api) => {
+                let documents: Vec<serde_json::Value> =
+                    serde_saphyr::from_multiple(contents).expect("manifest YAML");
+                for document in documents.into_iter().filter(|d| !d.is_null()) {
+                    api.apply(document);
+                }
+            }
+        }
     }
 }
 
@@ -673,10 +707,27 @@ impl HelloMesh {
     async fn build_with(
         tune: impl FnOnce(&mut ControllerConfig),
         proxy_env: Vec<(&'static str, String)>,
-        mut app: impl FnMut(TcpListener, &str),
+        app: impl FnMut(TcpListener, &str),
     ) -> Self {
         let mut mesh = Mesh::start_with(tune).await;
         mesh.proxy_env = proxy_env;
+        Self::populate(mesh, app).await
+    }
+
+    /// `hello` in cluster mode: its objects are applied to `api`.
+    pub async fn start_in_cluster(api: Arc<FakeApi>) -> Self {
+        let mesh = Mesh::start_in_cluster(api).await;
+        Self::populate(mesh, |listener, version| {
+            tokio::spawn(apps::hello(
+                listener,
+                version.into(),
+                format!("hello-{version}"),
+            ));
+        })
+        .await
+    }
+
+    async fn populate(mut mesh: Mesh, mut app: impl FnMut(TcpListener, &str)) -> Self {
         let client_ip = mesh.pod_ip();
         let client = mesh.proxy(client_ip, "frontend").await;
         let mut hello = Vec::new();

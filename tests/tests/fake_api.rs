@@ -3,8 +3,6 @@
 //! lists, `410 Expired`, `409 Conflict`, TokenReview, dropped watches and
 //! restarts.
 
-use std::path::PathBuf;
-use std::process::Output;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,77 +10,10 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-use trellis_tests::fake_api::FakeApi;
+use trellis_tests::fake_api::{FakeApi, Kubectl};
 
-const KUBECTL: &str = "kubectl";
 /// Generous: kubectl and the server are local, but CI machines are busy.
 const WAIT: Duration = Duration::from_secs(10);
-
-/// kubectl against `api`, with its own kubeconfig and discovery cache.
-struct Kubectl {
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-impl Kubectl {
-    /// `None` (after saying why) when kubectl isn't installed, unless
-    /// `CI=true`, where that fails the test.
-    fn new(api: &FakeApi) -> Option<Self> {
-        let installed = std::process::Command::new(KUBECTL)
-            .args(["version", "--client"])
-            .output()
-            .is_ok_and(|out| out.status.success());
-        if !installed {
-            let why = "kubectl is not installed (https://kubernetes.io/docs/tasks/tools/)";
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and {why}"
-            );
-            eprintln!("skipping: {why}");
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let kubeconfig = api.write_kubeconfig(dir.path());
-        Some(Kubectl { dir, kubeconfig })
-    }
-
-    fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(KUBECTL);
-        command
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("cache"))
-            .args(args)
-            .kill_on_drop(true);
-        command
-    }
-
-    /// Runs kubectl to completion; panics with its output if it fails.
-    async fn run(&self, args: &[&str]) -> String {
-        let out = self.output(args).await;
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    async fn output(&self, args: &[&str]) -> Output {
-        tokio::time::timeout(WAIT * 3, self.command(args).output())
-            .await
-            .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish"))
-            .expect("kubectl runs")
-    }
-
-    fn write(&self, name: &str, contents: &str) -> String {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, contents).expect("write a manifest");
-        path.to_string_lossy().into_owned()
-    }
-}
 
 fn service(namespace: &str, name: &str, port: u16) -> Value {
     json!({

@@ -135,6 +135,27 @@ impl Store {
         self.lock().resolve(authority)
     }
 
+    /// Every object, ordered by kind and key (to compare a store with its
+    /// source).
+    pub fn objects(&self) -> Vec<Object> {
+        let state = self.lock();
+        let mut objects: Vec<Object> = (state.services.values().cloned().map(Object::Service))
+            .chain(state.slices.values().cloned().map(Object::EndpointSlice))
+            .chain(state.pods.values().cloned().map(Object::Pod))
+            .chain(state.routes.values().cloned().map(Object::HttpRoute))
+            .chain(state.faults.values().cloned().map(Object::HttpFault))
+            .chain(
+                state
+                    .policies
+                    .values()
+                    .cloned()
+                    .map(Object::ResiliencePolicy),
+            )
+            .collect();
+        objects.sort_by_key(|o| (o.kind(), o.key()));
+        objects
+    }
+
     pub fn counts(&self) -> Counts {
         let state = self.lock();
         Counts {

@@ -19,6 +19,7 @@
 //! its default columns), protobuf, aggregated discovery (kubectl falls back
 //! to the legacy documents), and Service cluster IP allocation.
 
+mod kubectl;
 mod patch;
 mod requests;
 pub mod resources;
@@ -38,6 +39,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+pub use kubectl::Kubectl;
 pub use status::ApiError;
 pub use store::HISTORY_LIMIT;
 pub use tokens::API_SERVER_AUDIENCE;
