@@ -1054,7 +1054,12 @@ pub fn sum_series(text: &str, family: &str, filter: &[(&str, &str)]) -> f64 {
 
 /// This process's resident memory (`VmRSS`), in KiB.
 pub fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_kib_of("self")
+}
+
+/// The resident set of process `pid` (or `"self"`), in KiB.
+pub fn rss_kib_of(pid: impl std::fmt::Display) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

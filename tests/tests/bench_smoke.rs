@@ -105,6 +105,9 @@ fn quick_control_plane_benchmark_produces_all_figures() {
         "all 20 watchers",
         "RSS growth",
         "CSR/s",
+        "cluster source: 100 Services",
+        "cluster source: API change → all 20 watchers",
+        "peak during a full re-list",
     ] {
         assert!(table.contains(figure), "{figure} missing from:\n{table}");
     }

@@ -1,7 +1,8 @@
 //! Control-plane scale: 1,000 Services with 10 endpoints each, 100 discovery
 //! watchers over real gRPC on loopback; how long an endpoint change takes to
 //! reach every watcher, how long the initial snapshots take, and how fast
-//! the CA signs.
+//! the CA signs. Then the same through the cluster source: a controller
+//! process watching the fake API server (`cluster.rs`).
 //!
 //! cargo run --release -p trellis-tests --bin bench-control-plane -- [--quick]
 
@@ -22,7 +23,7 @@ use trellis_proto::SpiffeId;
 
 /// One Service and its EndpointSlice with `endpoints` addresses; `salt`
 /// changes the last address (an endpoint change).
-fn service(i: usize, endpoints: usize, salt: usize) -> String {
+pub(crate) fn service(i: usize, endpoints: usize, salt: usize) -> String {
     let addresses: Vec<String> = (0..endpoints)
         .map(|e| {
             // The last address moves with `salt`, away from the others.
@@ -46,24 +47,25 @@ fn objects(yaml: &str) -> Vec<Object> {
     manifest::parse(Path::new("bench.yaml"), yaml).expect("valid manifests")
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], q: f64) -> f64 {
     sorted
         .get(((sorted.len().saturating_sub(1)) as f64 * q) as usize)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
-}
+mod cluster;
+
+use trellis_tests::rss_kib;
 
 #[tokio::main]
 async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, api, state] = &args[..] {
+        if flag == cluster::CONTROLLER_FLAG {
+            return cluster::run_controller(api, state).await;
+        }
+    }
+    let quick = args.iter().any(|a| a == "--quick");
     let (services, endpoints, watchers, changes) = if quick {
         (100, 10, 20, 10)
     } else {
@@ -170,4 +172,6 @@ async fn main() {
         rss_kib().saturating_sub(rss_before)
     );
     println!("| CA signing rate (one core) | {csr_per_second:.0} CSR/s |");
+
+    cluster::bench(quick).await;
 }
