@@ -12,12 +12,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use trellis_control_plane::controller::{Controller, ControllerConfig, Source};
-use trellis_proto::discovery::discovery_client::DiscoveryClient;
-use trellis_proto::discovery::WatchRequest;
 use trellis_tests::fake_api::FakeApi;
 use trellis_tests::rss_kib_of;
 
-use super::{percentile, service};
+use super::{measure_changes, open_watchers, percentile, service};
 
 /// Runs this binary as the controller: `--cluster-controller API_URL STATE_DIR`.
 pub const CONTROLLER_FLAG: &str = "--cluster-controller";
@@ -73,46 +71,12 @@ pub async fn bench(quick: bool) {
         .expect("the controller printed its address");
     let first_list = started.elapsed();
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let target = "svc-7.default.svc.cluster.local:80";
-    let mut streams = Vec::new();
-    for _ in 0..watchers {
-        let request = WatchRequest {
-            authority: target.into(),
-            client_identity: String::new(),
-        };
-        let mut stream = DiscoveryClient::new(channel.clone())
-            .watch_endpoints(request)
-            .await
-            .expect("watch")
-            .into_inner();
-        stream.message().await.expect("snapshot").expect("snapshot");
-        streams.push(stream);
-    }
-
-    let mut latencies = Vec::new();
-    for change in 1..=changes {
-        let at = Instant::now();
-        apply_service(&api, 7, endpoints, change);
-        let mut arrivals = Vec::new();
-        for stream in &mut streams {
-            // An Add and a Remove arrive for a moved address.
-            for _ in 0..2 {
-                tokio::time::timeout(Duration::from_secs(10), stream.message())
-                    .await
-                    .expect("an update within 10 s")
-                    .expect("update")
-                    .expect("update");
-            }
-            arrivals.push(at.elapsed());
-        }
-        latencies.push(arrivals.into_iter().max().unwrap_or_default());
-    }
-    latencies.sort();
+    let addr = addr.parse().expect("the controller's address");
+    let mut streams = open_watchers(addr, watchers).await;
+    let latencies = measure_changes(&mut streams, changes, |change| {
+        apply_service(&api, 7, endpoints, change)
+    })
+    .await;
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let steady = rss_kib_of(pid);

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tonic::Streaming;
 use trellis_control_plane::discovery::DiscoveryService;
 use trellis_control_plane::identity::Ca;
 use trellis_control_plane::metrics::ControllerMetrics;
@@ -18,7 +19,7 @@ use trellis_control_plane::model::Object;
 use trellis_control_plane::source::manifest;
 use trellis_control_plane::store::Store;
 use trellis_proto::discovery::discovery_client::DiscoveryClient;
-use trellis_proto::discovery::WatchRequest;
+use trellis_proto::discovery::{EndpointUpdate, WatchRequest};
 use trellis_proto::SpiffeId;
 
 /// One Service and its EndpointSlice with `endpoints` addresses; `salt`
@@ -55,6 +56,63 @@ pub(crate) fn percentile(sorted: &[Duration], q: f64) -> f64 {
 
 mod cluster;
 
+/// The Service every watcher follows.
+const TARGET: &str = "svc-7.default.svc.cluster.local:80";
+
+/// `n` discovery streams of [`TARGET`] over one connection, each past its
+/// snapshot.
+async fn open_watchers(addr: SocketAddr, n: usize) -> Vec<Streaming<EndpointUpdate>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        let request = WatchRequest {
+            authority: TARGET.into(),
+            client_identity: String::new(),
+        };
+        let mut stream = DiscoveryClient::new(channel.clone())
+            .watch_endpoints(request)
+            .await
+            .expect("watch")
+            .into_inner();
+        stream.message().await.expect("snapshot").expect("snapshot");
+        streams.push(stream);
+    }
+    streams
+}
+
+/// Makes `changes` endpoint changes of [`TARGET`] with `change(1..)` and
+/// times each until every stream has it; sorted.
+async fn measure_changes(
+    streams: &mut [Streaming<EndpointUpdate>],
+    changes: usize,
+    mut change: impl FnMut(usize),
+) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for n in 1..=changes {
+        let started = Instant::now();
+        change(n);
+        let mut arrivals = Vec::new();
+        for stream in streams.iter_mut() {
+            // An Add and a Remove arrive for a moved address.
+            for _ in 0..2 {
+                tokio::time::timeout(Duration::from_secs(10), stream.message())
+                    .await
+                    .expect("an update within 10 s")
+                    .expect("update")
+                    .expect("update");
+            }
+            arrivals.push(started.elapsed());
+        }
+        latencies.push(arrivals.into_iter().max().unwrap_or_default());
+    }
+    latencies.sort();
+    latencies
+}
+
 use trellis_tests::rss_kib;
 
 #[tokio::main]
@@ -90,55 +148,17 @@ async fn main() {
             .add_service(discovery.into_server())
             .serve_with_incoming(trellis_control_plane::controller::incoming(listener)),
     );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-
     // Every watcher follows the same Service (the worst fan-out), plus the
     // store keeps every other Service's state.
-    let target = "svc-7.default.svc.cluster.local:80";
     let snapshot_start = Instant::now();
-    let mut streams = Vec::new();
-    for _ in 0..watchers {
-        let mut client = DiscoveryClient::new(channel.clone());
-        let request = WatchRequest {
-            authority: target.into(),
-            client_identity: String::new(),
-        };
-        let mut stream = client
-            .watch_endpoints(request)
-            .await
-            .expect("watch")
-            .into_inner();
-        stream.message().await.expect("snapshot").expect("snapshot");
-        streams.push(stream);
-    }
+    let mut streams = open_watchers(addr, watchers).await;
     let snapshot_time = snapshot_start.elapsed();
-
-    let mut latencies = Vec::new();
-    for change in 1..=changes {
-        let changed = objects(&service(7, endpoints, change));
-        let started = Instant::now();
-        for object in changed {
+    let latencies = measure_changes(&mut streams, changes, |change| {
+        for object in objects(&service(7, endpoints, change)) {
             store.apply(object);
         }
-        let mut arrivals = Vec::new();
-        for stream in &mut streams {
-            // An Add and a Remove arrive for a changed address.
-            for _ in 0..2 {
-                tokio::time::timeout(Duration::from_secs(10), stream.message())
-                    .await
-                    .expect("an update within 10 s")
-                    .expect("update")
-                    .expect("update");
-            }
-            arrivals.push(started.elapsed());
-        }
-        latencies.push(arrivals.into_iter().max().unwrap_or_default());
-    }
-    latencies.sort();
+    })
+    .await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::load_or_create(dir.path(), "cluster.local").expect("ca");
