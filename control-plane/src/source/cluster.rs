@@ -63,11 +63,6 @@ impl ClusterSource {
         }
     }
 
-    /// The kinds not listed yet, for readiness.
-    pub fn unsynced(&self) -> watch::Receiver<Vec<&'static str>> {
-        self.synced.subscribe()
-    }
-
     /// Runs the watchers (forever: they retry on every failure).
     pub async fn run(self) {
         let mut watchers = JoinSet::new();
