@@ -53,6 +53,11 @@ pub struct ControllerArgs {
     /// other client must use TLS.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "TRELLIS_LOOPBACK_PLAINTEXT")]
     pub loopback_plaintext: bool,
+    /// Cluster mode: how long the leader's Lease lasts unrenewed, in whole
+    /// seconds. A crashed leader is replaced within this; the leader renews
+    /// every third of it.
+    #[arg(long, default_value = "15s", value_parser = crate::lease::parse_lease_duration, env = "TRELLIS_LEASE_DURATION")]
+    pub lease_duration: Duration,
 }
 
 /// Why the flags do not make a controller.
@@ -96,6 +101,7 @@ impl ControllerArgs {
             leaf_lifetime: self.leaf_lifetime,
             namespace: self.namespace,
             service_account: self.service_account,
+            lease_duration: self.lease_duration,
             // Local mode only: in a cluster, a pod's loopback is not ours to trust.
             plaintext: match source {
                 Source::Manifests(_) if self.loopback_plaintext => Plaintext::Loopback,

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::discovery::DiscoveryService;
 use crate::identity::{Authenticator, BootstrapTokens, Ca, IdentityService, ServingCertificate};
+use crate::lease::{Leadership, LeaseConfig};
 use crate::metrics::ControllerMetrics;
 use crate::source::cluster::ClusterSource;
 use crate::source::local::LocalSource;
@@ -56,6 +57,8 @@ pub struct ControllerConfig {
     pub service_account: String,
     /// Which plaintext gRPC connections are served (TLS always is).
     pub plaintext: Plaintext,
+    /// How long the leader's Lease lasts unrenewed (cluster mode).
+    pub lease_duration: Duration,
 }
 
 impl ControllerConfig {
@@ -72,6 +75,7 @@ impl ControllerConfig {
             namespace: trellis_proto::CONTROLLER_NAMESPACE.into(),
             service_account: trellis_proto::CONTROLLER_SERVICE_ACCOUNT.into(),
             plaintext: Plaintext::Loopback,
+            lease_duration: crate::lease::DEFAULT_LEASE_DURATION,
         }
     }
 
@@ -125,6 +129,8 @@ pub struct Controller {
     pub serving: Arc<ServingCertificate>,
     /// The problems of the last manifest reload.
     pub manifest_errors: watch::Receiver<Vec<ManifestError>>,
+    /// Whether this replica leads (see [`crate::lease`]).
+    pub leadership: Leadership,
     tasks: JoinSet<()>,
 }
 
@@ -137,7 +143,8 @@ impl Controller {
     pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
         let store = Store::new(&config.trust_domain);
         let mut tasks = JoinSet::new();
-        let manifest_errors = match &config.source {
+        let metrics = Arc::new(ControllerMetrics::new());
+        let (manifest_errors, leadership) = match &config.source {
             Source::Manifests(dir) => {
                 let mut source = LocalSource::new(dir, store.clone());
                 // Load once before serving, so the first answers are complete.
@@ -149,18 +156,21 @@ impl Controller {
                     })?;
                 let errors = source.errors();
                 tasks.spawn(source.run());
-                errors
+                (errors, Leadership::sole(&metrics.leader))
             }
             Source::Cluster(kube_config) => {
                 let client = kube::Client::try_from(kube_config.as_ref().clone())?;
-                let source = ClusterSource::new(client, store.clone());
+                let source = ClusterSource::new(client.clone(), store.clone());
                 let synced = source.synced();
                 tasks.spawn(source.run());
                 // Serve once every kind is listed: a proxy asking earlier
                 // would be told a Service has no endpoints.
                 tracing::info!(api = %kube_config.cluster_url, "listing the cluster's objects");
                 synced.await;
-                watch::channel(Vec::new()).1
+                // Only a replica with the whole store may lead.
+                let lease = LeaseConfig::new(&config.namespace, config.lease_duration);
+                let leadership = Leadership::elect(client, lease, metrics.leader.clone());
+                (watch::channel(Vec::new()).1, leadership)
             }
         };
 
@@ -189,7 +199,6 @@ impl Controller {
                     source,
                 })?;
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin);
-        let metrics = Arc::new(ControllerMetrics::new());
         let admin = Arc::new(crate::admin::Admin {
             ca: ca.clone(),
             store: store.clone(),
@@ -227,13 +236,22 @@ impl Controller {
             tokens,
             serving,
             manifest_errors,
+            leadership,
             tasks,
         })
     }
 
     /// Runs until one of the controller's tasks ends (they only end on failure).
-    pub async fn wait(mut self) {
+    pub async fn wait(&mut self) {
         self.tasks.join_next().await;
+    }
+
+    /// A graceful stop: hands the Lease over at once, then stops serving.
+    /// (Dropping the controller instead is a crash to its peers: the Lease
+    /// is taken over when it expires.)
+    pub async fn shutdown(self) {
+        let Self { leadership, .. } = self;
+        leadership.release().await;
     }
 }
 

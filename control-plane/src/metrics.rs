@@ -22,6 +22,8 @@ pub struct ControllerMetrics {
     /// Connections to the gRPC port closed before serving: plaintext from
     /// where only TLS is accepted, or a failed TLS handshake.
     pub connections_refused: IntCounterVec,
+    /// 1 while this replica leads (holds the Lease; always in local mode).
+    pub leader: IntGauge,
 }
 
 impl Default for ControllerMetrics {
@@ -76,6 +78,10 @@ impl ControllerMetrics {
                     ),
                     &["reason"],
                 )?,
+                leader: IntGauge::new(
+                    "leader",
+                    "1 while this replica is the leader (holds the controllers' Lease)",
+                )?,
             };
             registry.register(Box::new(metrics.objects.clone()))?;
             registry.register(Box::new(metrics.watches.clone()))?;
@@ -85,6 +91,7 @@ impl ControllerMetrics {
             registry.register(Box::new(metrics.certificates_issued.clone()))?;
             registry.register(Box::new(metrics.certificates_refused.clone()))?;
             registry.register(Box::new(metrics.connections_refused.clone()))?;
+            registry.register(Box::new(metrics.leader.clone()))?;
             Ok(metrics)
         };
         build().expect("metric definitions are valid")

@@ -1,4 +1,5 @@
-//! The controller as a library: readiness follows the CA's health.
+//! The controller as a library: readiness follows the CA's health; with
+//! no peers (local mode) it leads.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -50,4 +51,20 @@ async fn an_expired_issuer_makes_the_controller_unready_and_says_why() {
     identity::rotate_issuer(dir.path(), Duration::from_secs(3600)).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(get(controller.admin_addr, "/ready").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_local_controller_has_no_peers_and_always_leads() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("manifests")).unwrap();
+    let controller = Controller::start(ControllerConfig::local(dir.path(), [127, 0, 0, 1].into()))
+        .await
+        .unwrap();
+    assert!(*controller.leadership.is_leader().borrow());
+    let (status, metrics) = get(controller.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.lines().any(|l| l == "trellis_controller_leader 1"),
+        "{metrics}"
+    );
 }

@@ -86,7 +86,7 @@ async fn run_process(process: Process) -> anyhow::Result<bool> {
     let work = async {
         match process {
             Process::Controller(args) => {
-                let controller = Controller::start((*args).into_config().await?).await?;
+                let mut controller = Controller::start((*args).into_config().await?).await?;
                 controller.wait().await;
                 anyhow::bail!("a controller task stopped unexpectedly")
             }

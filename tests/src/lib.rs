@@ -68,7 +68,8 @@ pub fn loopback_block() -> [u8; 3] {
 }
 
 /// Something started on a runtime and thread of its own, so `kill` ends it
-/// like a crash (`kill -9`): every task and socket is dropped at once.
+/// like a crash (`kill -9`): every task and socket is dropped at once. A
+/// graceful stop runs its shutdown first.
 struct Isolated {
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -76,15 +77,18 @@ struct Isolated {
 
 impl Isolated {
     /// Runs `start` on `runtime` in a new thread; returns what `report`
-    /// said of the started thing once it has started.
-    fn start<T, R>(
+    /// said of the started thing once it has started. `shutdown` is its
+    /// graceful stop.
+    fn start<T, R, S>(
         runtime: impl FnOnce() -> tokio::runtime::Runtime + Send + 'static,
         start: impl std::future::Future<Output = T> + Send + 'static,
         report: impl FnOnce(&T) -> R + Send + 'static,
+        shutdown: impl FnOnce(T) -> S + Send + 'static,
     ) -> (Self, R)
     where
         T: 'static,
         R: Send + 'static,
+        S: std::future::Future<Output = ()>,
     {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -93,10 +97,15 @@ impl Isolated {
             let started = runtime.block_on(start);
             started_tx.send(report(&started)).expect("report start");
             // A one-thread runtime drives its tasks only while it blocks on something.
-            runtime.block_on(async {
-                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            let graceful = runtime.block_on(async {
+                let stop = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+                matches!(stop, Ok(Ok(())))
             });
-            drop(started);
+            if graceful {
+                runtime.block_on(shutdown(started));
+            } else {
+                drop(started);
+            }
             runtime.shutdown_timeout(Duration::from_millis(100));
         });
         let report = started_rx.recv().expect("started");
@@ -105,6 +114,13 @@ impl Isolated {
             thread: Some(thread),
         };
         (isolated, report)
+    }
+
+    /// Stops gracefully, and waits until it has.
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -138,15 +154,19 @@ impl ControllerProcess {
                 .expect("controller runtime")
         };
         let start = async { Controller::start(config).await.expect("controller starts") };
-        let (isolated, (addr, admin_addr, manifest_errors, store)) =
-            Isolated::start(runtime, start, |c: &Controller| {
+        let (isolated, (addr, admin_addr, manifest_errors, store)) = Isolated::start(
+            runtime,
+            start,
+            |c: &Controller| {
                 (
                     c.addr,
                     c.admin_addr,
                     c.manifest_errors.clone(),
                     c.store.clone(),
                 )
-            });
+            },
+            Controller::shutdown,
+        );
         Self {
             admin_addr,
             addr,
@@ -158,6 +178,11 @@ impl ControllerProcess {
 
     /// Stops the controller abruptly.
     pub fn kill(self) {}
+
+    /// Stops the controller as SIGTERM does: it hands over its Lease first.
+    pub fn stop(self) {
+        self._isolated.stop();
+    }
 }
 
 /// A sidecar on a runtime of its own, so `kill` ends it like `kill -9`:
@@ -180,10 +205,12 @@ impl ProxyProcess {
                 .expect("proxy gets a certificate within 10 s");
             proxy
         };
-        let (isolated, (inbound_addr, admin_addr)) =
-            Isolated::start(runtime, start, |p: &trellis_proxy::Proxy| {
-                (p.inbound_addr, p.admin_addr)
-            });
+        let (isolated, (inbound_addr, admin_addr)) = Isolated::start(
+            runtime,
+            start,
+            |p: &trellis_proxy::Proxy| (p.inbound_addr, p.admin_addr),
+            |p| async move { drop(p) },
+        );
         Self {
             inbound_addr,
             admin_addr,
@@ -316,13 +343,7 @@ impl Mesh {
     pub fn write_manifest(&self, name: &str, contents: &str) {
         match &self.api {
             None => write_atomically(&self.manifests().join(name), contents),
-            Some(api) => {
-                let documents: Vec<serde_json::Value> =
-                    serde_saphyr::from_multiple(contents).expect("manifest YAML");
-                for document in documents.into_iter().filter(|d| !d.is_null()) {
-                    api.apply(document);
-                }
-            }
+            Some(api) => api.apply_yaml(contents),
         }
     }
 }
@@ -834,6 +855,34 @@ pub async fn burst(
     }
     let mut results = results.lock().expect("results");
     std::mem::take(&mut *results)
+}
+
+/// Requests sent one after another through a sidecar until stopped, to
+/// show that something happening meanwhile fails none of them.
+pub struct RequestLoop {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<Result<Answer, String>>>,
+}
+
+impl RequestLoop {
+    pub fn start(client: AppClient, authority: &str) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let authority = authority.to_string();
+        let task = tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while !*stopped.borrow_and_update() {
+                answers.push(client.get(&authority, "/").await);
+            }
+            answers
+        });
+        Self { stop, task }
+    }
+
+    /// Stops after the request in flight; every answer, in order.
+    pub async fn stop(self) -> Vec<Result<Answer, String>> {
+        let _ = self.stop.send(true);
+        self.task.await.expect("request loop")
+    }
 }
 
 /// Counts answers by greeting version ("error" for anything else).

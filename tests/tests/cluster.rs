@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::endpoint_update::Kind;
 use trellis_proto::discovery::WatchRequest;
 use trellis_tests::fake_api::{FakeApi, Kubectl};
-use trellis_tests::{eventually, HelloMesh};
+use trellis_tests::{eventually, versions, HelloMesh, RequestLoop};
 
 /// How soon a change in the API must reach a proxy's discovery stream.
 const PROPAGATION: Duration = Duration::from_secs(1);
@@ -156,51 +155,6 @@ async fn until_store_matches(mesh: &HelloMesh, api: &FakeApi, what: &str) {
     .await
 }
 
-/// Requests through the frontend's sidecar until stopped; counts failures.
-struct RequestLoop {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<Vec<String>>,
-}
-
-impl RequestLoop {
-    fn start(mesh: &HelloMesh) -> Self {
-        let (stop, sent, failed) = Default::default();
-        let (client, authority) = (mesh.http1(), mesh.authority());
-        let (s, n, f): (Arc<AtomicBool>, Arc<AtomicU64>, Arc<AtomicU64>) =
-            (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&failed));
-        let task = tokio::spawn(async move {
-            let mut failures = Vec::new();
-            while !s.load(Ordering::Relaxed) {
-                n.fetch_add(1, Ordering::Relaxed);
-                match client.get(&authority, "/").await {
-                    Ok(answer) if answer.status.is_success() => {}
-                    other => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                        failures.push(format!("{other:?}"));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            failures
-        });
-        Self {
-            stop,
-            sent,
-            failed,
-            task,
-        }
-    }
-
-    async fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let failures = self.task.await.expect("request loop");
-        assert_eq!(self.failed.load(Ordering::Relaxed), failures.len() as u64);
-        (self.sent.load(Ordering::Relaxed), failures)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_added_made_unready_and_removed_through_the_api_reach_a_proxy_within_a_second() {
     let api = Arc::new(FakeApi::start().await);
@@ -253,7 +207,7 @@ async fn relists_after_gone_dropped_watches_and_a_restart_leave_the_store_equal_
     let seen = follow(mesh.controller_addr(), mesh.authority()).await;
     until_seen(&seen, &[v1, v2], PROPAGATION).await;
     until_store_matches(&mesh, &api, "the first list").await;
-    let requests = RequestLoop::start(&mesh);
+    let requests = RequestLoop::start(mesh.http1(), &mesh.authority());
     let lists = || api.requests("list", "endpointslices");
 
     // 410 Gone: history compacted while the watches are away, and changes
@@ -294,12 +248,14 @@ async fn relists_after_gone_dropped_watches_and_a_restart_leave_the_store_equal_
         "no endpoint of hello went away, yet the proxy was told to remove {removed:?}"
     );
     until_seen(&seen, &[v1, v2], PROPAGATION).await;
-    let (sent, failures) = requests.finish().await;
-    assert!(sent > 50, "the request loop ran ({sent} requests)");
+    let answers = requests.stop().await;
+    let tally = versions(&answers);
+    assert!(answers.len() > 50, "the request loop ran: {tally:?}");
     assert!(
-        failures.is_empty(),
-        "{} of {sent} failed: {failures:?}",
-        failures.len()
+        tally
+            .keys()
+            .all(|version| version == "v1" || version == "v2"),
+        "every request answered by hello: {tally:?}"
     );
 }
 

@@ -149,6 +149,16 @@ impl FakeApi {
         }
     }
 
+    /// Applies every document of a YAML manifest (as the harness writes
+    /// them for local mode), in order.
+    pub fn apply_yaml(&self, manifest: &str) {
+        let documents: Vec<Value> =
+            serde_saphyr::from_multiple(manifest).expect("the manifest is YAML");
+        for document in documents.into_iter().filter(|d| !d.is_null()) {
+            self.apply(document);
+        }
+    }
+
     /// Deletes the object; false if there was none.
     pub fn delete(
         &self,
