@@ -92,6 +92,12 @@ impl ControllerMetrics {
             registry.register(Box::new(metrics.certificates_refused.clone()))?;
             registry.register(Box::new(metrics.connections_refused.clone()))?;
             registry.register(Box::new(metrics.leader.clone()))?;
+            for reason in crate::identity::Refusal::REASONS {
+                metrics.certificates_refused.with_label_values(&[*reason]);
+            }
+            for reason in ["plaintext", "handshake"] {
+                metrics.connections_refused.with_label_values(&[reason]);
+            }
             Ok(metrics)
         };
         build().expect("metric definitions are valid")

@@ -60,6 +60,18 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every [`reason`](Self::reason), so each series exists from the start
+    /// (at 0) and dashboards show "none" rather than "no data".
+    pub const REASONS: &[&str] = &[
+        "invalid-identity",
+        "invalid-token",
+        "identity-mismatch",
+        "foreign-trust-domain",
+        "bad-csr",
+        "issuer-expired",
+        "ca-error",
+    ];
+
     /// The metric label and the word the gRPC status starts with.
     pub fn reason(&self) -> &'static str {
         match self {
