@@ -14,8 +14,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::discovery::DiscoveryService;
 use crate::identity::{
-    Authenticator, BootstrapTokens, Ca, IdentityService, IssuerSource, ServingCertificate,
-    TokenReviewer,
+    Authenticator, BootstrapTokens, Ca, IdentityService, IssuerChanges, IssuerError, IssuerSource,
+    ServingCertificate, TokenReviewer,
 };
 use crate::lease::{Leadership, LeaseConfig};
 use crate::metrics::ControllerMetrics;
@@ -194,7 +194,7 @@ impl Controller {
                     },
                 )?);
                 let authenticator = Authenticator::BootstrapTokens(tokens.clone());
-                let issuer = IssuerSource::files(config.state_dir.clone());
+                let issuer = IssuerSource::Files(config.state_dir.clone());
                 (issuer, Some(tokens), authenticator)
             }
             Some(client) => {
@@ -241,7 +241,7 @@ impl Controller {
             .add_service(identity.into_server());
 
         tasks.spawn(admin.serve(admin_listener));
-        tasks.spawn(follow_issuer(ca.clone(), issuer));
+        tasks.spawn(follow_issuer(ca.clone(), issuer.changes(), metrics.clone()));
         tasks.spawn(maintain_serving(ca.clone(), serving.clone(), renew_at));
         let incoming = transport::incoming(listener, tls, config.plaintext, metrics.clone());
         tasks.spawn(async move {
@@ -278,19 +278,39 @@ impl Controller {
 }
 
 /// Swaps in every new issuer and bundle the source reports, or refuses it
-/// with the reason logged (the previous issuer keeps signing).
-async fn follow_issuer(ca: Arc<Ca>, mut issuer: IssuerSource) {
+/// with the reason logged and counted once (the previous issuer keeps signing).
+async fn follow_issuer(ca: Arc<Ca>, mut issuer: IssuerChanges, metrics: Arc<ControllerMetrics>) {
+    let reject = |error: &dyn std::fmt::Display| {
+        metrics
+            .issuer_updates
+            .with_label_values(&["rejected"])
+            .inc();
+        tracing::error!(%error, "rejected the new issuer; still signing with the previous one");
+    };
+    // Files are read every second: a bad version is reported once.
+    let mut rejected = None;
     loop {
-        match issuer.next().await.map(|material| ca.replace(material)) {
-            Ok(Ok(false)) => {}
-            Ok(Ok(true)) => {
-                tracing::info!("the CA's issuer or bundle changed; now signing with the new one")
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "rejected the new issuer; still signing with the previous one")
+        let material = match issuer.next().await {
+            Ok(material) if rejected.as_ref() == Some(&material) => continue,
+            Ok(material) => material,
+            Err(e @ IssuerError::Malformed(_)) => {
+                reject(&e);
+                continue;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the CA's issuer; still signing with the previous one")
+                tracing::error!(error = %e, "cannot read the CA's issuer; still signing with the previous one");
+                continue;
+            }
+        };
+        match ca.replace(material.clone()) {
+            Ok(false) => {}
+            Ok(true) => {
+                metrics.issuer_updates.with_label_values(&["applied"]).inc();
+                tracing::info!(issuer = %material.cert.origin, "the CA's issuer or bundle changed; now signing with the new one");
+            }
+            Err(e) => {
+                reject(&e);
+                rejected = Some(material);
             }
         }
     }

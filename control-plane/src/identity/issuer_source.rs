@@ -33,64 +33,121 @@ const FILES_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
-    /// The files or objects do not hold a usable issuer.
+    /// The files do not hold a usable issuer, or the objects' issuer
+    /// fails the CA's checks.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// The Secret or the ConfigMap is not shaped as the CA needs: its
+    /// type, a missing key, not text.
+    #[error(transparent)]
+    Malformed(CaError),
     /// The Secret or the ConfigMap does not exist.
     #[error("{object} does not exist; create it: {create}")]
     Missing { object: String, create: String },
     /// The API server could not be asked.
     #[error("cannot read {object}: {source}")]
-    Api { object: String, source: kube::Error },
+    Api {
+        object: String,
+        source: Box<kube::Error>,
+    },
     /// A watch of the Secret or the ConfigMap failed (it is retried).
     #[error("watching {object}: {source}")]
     Watch {
         object: String,
-        source: watcher::Error,
+        source: Box<watcher::Error>,
     },
 }
 
 /// Where the issuer comes from.
 pub enum IssuerSource {
     /// Local mode: the files of the state directory.
-    Files {
-        dir: PathBuf,
-        tick: tokio::time::Interval,
-    },
+    Files(PathBuf),
     /// Cluster mode: the Secret and the ConfigMap.
-    Cluster(ClusterIssuer),
+    Cluster(Box<ClusterIssuer>),
 }
 
 impl IssuerSource {
-    pub fn files(dir: PathBuf) -> Self {
-        Self::Files {
-            dir,
-            tick: tokio::time::interval(FILES_INTERVAL),
-        }
-    }
-
     pub fn cluster(client: Client, namespace: &str) -> Self {
-        Self::Cluster(ClusterIssuer::new(client, namespace))
+        Self::Cluster(Box::new(ClusterIssuer {
+            namespace: namespace.to_string(),
+            secrets: Api::namespaced(client.clone(), namespace),
+            config_maps: Api::namespaced(client, namespace),
+        }))
     }
 
     /// The CA as it is now. Local mode creates a root and an issuer on
     /// first start; cluster mode needs both objects to exist.
     pub async fn open(&self, trust_domain: &str) -> Result<Ca, IssuerError> {
         match self {
-            Self::Files { dir, .. } => Ok(Ca::load_or_create(dir, trust_domain)?),
+            Self::Files(dir) => Ok(Ca::load_or_create(dir, trust_domain)?),
             Self::Cluster(cluster) => Ok(Ca::new(trust_domain, cluster.read().await?)?),
         }
     }
 
-    /// The issuer and bundle at their next possible change (for files:
-    /// the next second; for objects: the next event of either).
+    /// Follows the issuer from now on.
+    pub fn changes(self) -> IssuerChanges {
+        IssuerChanges(match self {
+            Self::Files(dir) => Changes::Files {
+                dir,
+                tick: tokio::time::interval(FILES_INTERVAL),
+            },
+            Self::Cluster(cluster) => Changes::Cluster {
+                events: cluster.watch(),
+                cluster,
+                secret: None,
+                roots: None,
+            },
+        })
+    }
+}
+
+/// The issuer's versions as they come.
+pub struct IssuerChanges(Changes);
+
+enum Changes {
+    Files {
+        dir: PathBuf,
+        tick: tokio::time::Interval,
+    },
+    Cluster {
+        cluster: Box<ClusterIssuer>,
+        /// Both watches, merged.
+        events: BoxStream<'static, Result<Seen, IssuerError>>,
+        /// The latest of each object.
+        secret: Option<Box<Secret>>,
+        roots: Option<Box<ConfigMap>>,
+    },
+}
+
+impl IssuerChanges {
+    /// The issuer and bundle at their next possible change (files: the
+    /// next second; objects: the next event of either, the first list
+    /// included).
     pub async fn next(&mut self) -> Result<IssuerMaterial, IssuerError> {
-        match self {
-            Self::Files { dir, tick } => {
+        match &mut self.0 {
+            Changes::Files { dir, tick } => {
                 tick.tick().await;
                 Ok(IssuerMaterial::from_dir(dir)?)
             }
-            Self::Cluster(cluster) => cluster.next().await,
+            Changes::Cluster {
+                cluster,
+                events,
+                secret,
+                roots,
+            } => loop {
+                match events.next().await {
+                    Some(Ok(Seen::Secret(latest))) => *secret = Some(latest),
+                    Some(Ok(Seen::Roots(latest))) => *roots = Some(latest),
+                    Some(Err(e)) => return Err(e),
+                    // Unreachable: watchers retry forever.
+                    None => std::future::pending().await,
+                }
+                if let (Some(secret), Some(roots)) = (secret.as_deref(), roots.as_deref()) {
+                    return cluster
+                        .material(secret, roots)
+                        .map_err(IssuerError::Malformed);
+                }
+            },
         }
     }
 }
@@ -101,46 +158,17 @@ enum Seen {
     Roots(Box<ConfigMap>),
 }
 
-/// The cluster-mode issuer: the Secret and the ConfigMap, with a watch of
-/// each (by name) that re-lists after any failure with kube-runtime's
-/// backoff. Deleting either changes nothing: the last good issuer signs
-/// until they are back.
+/// The cluster-mode issuer: the Secret and the ConfigMap, each watched by
+/// name; a watch re-lists after any failure with kube-runtime's backoff.
+/// Deleting either changes nothing: the last good issuer signs until they
+/// are back.
 pub struct ClusterIssuer {
     namespace: String,
     secrets: Api<Secret>,
     config_maps: Api<ConfigMap>,
-    /// Both watches, merged; they start when first polled.
-    changes: BoxStream<'static, Result<Seen, IssuerError>>,
-    secret: Option<Box<Secret>>,
-    roots: Option<Box<ConfigMap>>,
 }
 
 impl ClusterIssuer {
-    pub fn new(client: Client, namespace: &str) -> Self {
-        let secrets = Api::namespaced(client.clone(), namespace);
-        let config_maps = Api::namespaced(client, namespace);
-        let changes = stream::select(
-            follow(&secrets, ISSUER_SECRET, secret_name(namespace), |s| {
-                Seen::Secret(Box::new(s))
-            }),
-            follow(
-                &config_maps,
-                TRUST_ROOTS_CONFIG_MAP,
-                roots_name(namespace),
-                |c| Seen::Roots(Box::new(c)),
-            ),
-        )
-        .boxed();
-        Self {
-            namespace: namespace.to_string(),
-            secrets,
-            config_maps,
-            changes,
-            secret: None,
-            roots: None,
-        }
-    }
-
     fn secret_name(&self) -> String {
         secret_name(&self.namespace)
     }
@@ -149,49 +177,36 @@ impl ClusterIssuer {
         roots_name(&self.namespace)
     }
 
+    /// Both watches, merged; they start when first polled.
+    fn watch(&self) -> BoxStream<'static, Result<Seen, IssuerError>> {
+        let secrets = follow(&self.secrets, ISSUER_SECRET, self.secret_name(), |s| {
+            Seen::Secret(Box::new(s))
+        });
+        let roots = follow(
+            &self.config_maps,
+            TRUST_ROOTS_CONFIG_MAP,
+            self.roots_name(),
+            |c| Seen::Roots(Box::new(c)),
+        );
+        stream::select(secrets, roots).boxed()
+    }
+
     /// Reads both objects now.
     pub async fn read(&self) -> Result<IssuerMaterial, IssuerError> {
         let ns = &self.namespace;
-        let secret = self.secrets.get_opt(ISSUER_SECRET).await;
-        let secret = secret
-            .map_err(|source| IssuerError::Api {
-                object: self.secret_name(),
-                source,
-            })?
-            .ok_or_else(|| IssuerError::Missing {
-                object: self.secret_name(),
-                create: format!(
-                    "kubectl -n {ns} create secret tls {ISSUER_SECRET} --cert=issuer.crt --key=issuer.key"
-                ),
-            })?;
-        let roots = self.config_maps.get_opt(TRUST_ROOTS_CONFIG_MAP).await;
-        let roots = roots
-            .map_err(|source| IssuerError::Api {
-                object: self.roots_name(),
-                source,
-            })?
-            .ok_or_else(|| IssuerError::Missing {
-                object: self.roots_name(),
-                create: format!(
-                    "kubectl -n {ns} create configmap {TRUST_ROOTS_CONFIG_MAP} --from-file={BUNDLE_KEY}=roots.crt"
-                ),
-            })?;
-        Ok(self.material(&secret, &roots)?)
-    }
-
-    async fn next(&mut self) -> Result<IssuerMaterial, IssuerError> {
-        loop {
-            match self.changes.next().await {
-                Some(Ok(Seen::Secret(secret))) => self.secret = Some(secret),
-                Some(Ok(Seen::Roots(roots))) => self.roots = Some(roots),
-                Some(Err(e)) => return Err(e),
-                // Unreachable: watchers retry forever.
-                None => std::future::pending().await,
-            }
-            if let (Some(secret), Some(roots)) = (&self.secret, &self.roots) {
-                return Ok(self.material(secret, roots)?);
-            }
-        }
+        let secret = get(&self.secrets, ISSUER_SECRET, self.secret_name(), || {
+            format!("kubectl -n {ns} create secret tls {ISSUER_SECRET} --cert=issuer.crt --key=issuer.key")
+        });
+        let roots = get(
+            &self.config_maps,
+            TRUST_ROOTS_CONFIG_MAP,
+            self.roots_name(),
+            || {
+                format!("kubectl -n {ns} create configmap {TRUST_ROOTS_CONFIG_MAP} --from-file={BUNDLE_KEY}=roots.crt")
+            },
+        );
+        self.material(&secret.await?, &roots.await?)
+            .map_err(IssuerError::Malformed)
     }
 
     /// The issuer and bundle the objects hold, unchecked beyond their shape.
@@ -240,6 +255,29 @@ fn roots_name(namespace: &str) -> String {
     format!("ConfigMap {namespace}/{TRUST_ROOTS_CONFIG_MAP}")
 }
 
+/// The object `name` (`object` in errors; `create` says how to make it).
+async fn get<K>(
+    api: &Api<K>,
+    name: &str,
+    object: String,
+    create: impl FnOnce() -> String,
+) -> Result<K, IssuerError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get_opt(name).await {
+        Ok(Some(found)) => Ok(found),
+        Ok(None) => Err(IssuerError::Missing {
+            object,
+            create: create(),
+        }),
+        Err(source) => Err(IssuerError::Api {
+            object,
+            source: Box::new(source),
+        }),
+    }
+}
+
 /// A watch of the object `name` (`object` in errors): every version of it
 /// applied, from the first list on.
 fn follow<K>(
@@ -258,7 +296,7 @@ where
         .map(move |event| {
             event.map(seen).map_err(|source| IssuerError::Watch {
                 object: object.clone(),
-                source,
+                source: Box::new(source),
             })
         })
         .boxed()

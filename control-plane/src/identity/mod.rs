@@ -19,7 +19,8 @@ pub use ca::{
     PemText, SignedLeaf, BUNDLE,
 };
 pub use issuer_source::{
-    ClusterIssuer, IssuerError, IssuerSource, BUNDLE_KEY, ISSUER_SECRET, TRUST_ROOTS_CONFIG_MAP,
+    ClusterIssuer, IssuerChanges, IssuerError, IssuerSource, BUNDLE_KEY, ISSUER_SECRET,
+    TRUST_ROOTS_CONFIG_MAP,
 };
 pub use service::IdentityService;
 pub use serving::ServingCertificate;
