@@ -13,7 +13,10 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::discovery::DiscoveryService;
-use crate::identity::{Authenticator, BootstrapTokens, Ca, IdentityService, ServingCertificate};
+use crate::identity::{
+    Authenticator, BootstrapTokens, Ca, IdentityService, IssuerChanges, IssuerError, IssuerSource,
+    ServingCertificate, TokenReviewer,
+};
 use crate::lease::{Leadership, LeaseConfig};
 use crate::metrics::ControllerMetrics;
 use crate::source::cluster::ClusterSource;
@@ -44,7 +47,7 @@ impl std::fmt::Display for Source {
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
     pub source: Source,
-    /// Where the CA and bootstrap-token keys live (files 0600).
+    /// Where the CA and bootstrap-token keys live (files 0600; local mode).
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     /// `/live` and `/ready`.
@@ -53,6 +56,7 @@ pub struct ControllerConfig {
     pub leaf_lifetime: Duration,
     /// The controller's own namespace and service account: its serving
     /// certificate names `spiffe://<trust-domain>/ns/<namespace>/sa/<service account>`.
+    /// In cluster mode the CA's Secret and ConfigMap are in this namespace.
     pub namespace: String,
     pub service_account: String,
     /// Which plaintext gRPC connections are served (TLS always is).
@@ -95,9 +99,12 @@ pub enum ControllerError {
         dir: PathBuf,
         source: std::io::Error,
     },
-    /// The CA could not be opened or created.
+    /// The CA could not be used.
     #[error(transparent)]
     Ca(#[from] crate::identity::CaError),
+    /// The CA's issuer could not be read or created.
+    #[error(transparent)]
+    Issuer(#[from] crate::identity::IssuerError),
     /// The bootstrap-token key could not be opened or created.
     #[error("bootstrap tokens in {dir}: {reason}")]
     Tokens { dir: PathBuf, reason: String },
@@ -124,7 +131,8 @@ pub struct Controller {
     pub admin_addr: SocketAddr,
     pub store: Arc<Store>,
     pub ca: Arc<Ca>,
-    pub tokens: Arc<BootstrapTokens>,
+    /// Local mode's bootstrap tokens (cluster mode uses TokenReview).
+    pub tokens: Option<Arc<BootstrapTokens>>,
     /// The certificate the gRPC port presents.
     pub serving: Arc<ServingCertificate>,
     /// The problems of the last manifest reload.
@@ -134,8 +142,9 @@ pub struct Controller {
     tasks: JoinSet<()>,
 }
 
-/// How often the CA files are checked for a rotated issuer or bundle.
-const CA_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the serving certificate is checked for a CA rotation or its
+/// renewal time.
+const SERVING_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How soon a failed renewal of the serving certificate is retried.
 const SERVING_RETRY: Duration = Duration::from_secs(10);
 
@@ -144,7 +153,7 @@ impl Controller {
         let store = Store::new(&config.trust_domain);
         let mut tasks = JoinSet::new();
         let metrics = Arc::new(ControllerMetrics::new());
-        let (manifest_errors, leadership) = match &config.source {
+        let (manifest_errors, leadership, client) = match &config.source {
             Source::Manifests(dir) => {
                 let mut source = LocalSource::new(dir, store.clone());
                 // Load once before serving, so the first answers are complete.
@@ -156,7 +165,7 @@ impl Controller {
                     })?;
                 let errors = source.errors();
                 tasks.spawn(source.run());
-                (errors, Leadership::sole(&metrics.leader))
+                (errors, Leadership::sole(&metrics.leader), None)
             }
             Source::Cluster(kube_config) => {
                 let client = kube::Client::try_from(kube_config.as_ref().clone())?;
@@ -169,20 +178,32 @@ impl Controller {
                 synced.await;
                 // Only a replica with the whole store may lead.
                 let lease = LeaseConfig::new(&config.namespace, config.lease_duration);
-                let leadership = Leadership::elect(client, lease, metrics.leader.clone());
-                (watch::channel(Vec::new()).1, leadership)
+                let leadership = Leadership::elect(client.clone(), lease, metrics.leader.clone());
+                (watch::channel(Vec::new()).1, leadership, Some(client))
             }
         };
 
-        let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
-        let tokens = Arc::new(
-            BootstrapTokens::load_or_create(&config.state_dir).map_err(|e| {
-                ControllerError::Tokens {
-                    dir: config.state_dir.clone(),
-                    reason: e.to_string(),
-                }
-            })?,
-        );
+        // Local mode: the CA's files and bootstrap tokens in the state
+        // directory. Cluster mode: a Secret and a ConfigMap, and TokenReview.
+        let (issuer, tokens, authenticator) = match client {
+            None => {
+                let tokens = Arc::new(BootstrapTokens::load_or_create(&config.state_dir).map_err(
+                    |e| ControllerError::Tokens {
+                        dir: config.state_dir.clone(),
+                        reason: e.to_string(),
+                    },
+                )?);
+                let authenticator = Authenticator::BootstrapTokens(tokens.clone());
+                let issuer = IssuerSource::Files(config.state_dir.clone());
+                (issuer, Some(tokens), authenticator)
+            }
+            Some(client) => {
+                let issuer = IssuerSource::cluster(client.clone(), &config.namespace);
+                let authenticator = Authenticator::TokenReview(TokenReviewer::new(client));
+                (issuer, None, authenticator)
+            }
+        };
+        let ca = Arc::new(issuer.open(&config.trust_domain).await?);
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -211,7 +232,7 @@ impl Controller {
         let tls = serving.server_config()?;
         let identity = IdentityService::new(
             ca.clone(),
-            Authenticator::BootstrapTokens(tokens.clone()),
+            authenticator,
             config.leaf_lifetime,
             metrics.clone(),
         );
@@ -220,7 +241,8 @@ impl Controller {
             .add_service(identity.into_server());
 
         tasks.spawn(admin.serve(admin_listener));
-        tasks.spawn(maintain_certificates(ca.clone(), serving.clone(), renew_at));
+        tasks.spawn(follow_issuer(ca.clone(), issuer.changes(), metrics.clone()));
+        tasks.spawn(maintain_serving(ca.clone(), serving.clone(), renew_at));
         let incoming = transport::incoming(listener, tls, config.plaintext, metrics.clone());
         tasks.spawn(async move {
             if let Err(e) = router.serve_with_incoming(incoming).await {
@@ -255,26 +277,54 @@ impl Controller {
     }
 }
 
-/// Picks up rotated CA files, and keeps the serving certificate fresh:
-/// re-issued by the new issuer after a rotation, and before it expires.
-async fn maintain_certificates(
-    ca: Arc<Ca>,
-    serving: Arc<ServingCertificate>,
-    mut renew_at: SystemTime,
-) {
-    let mut tick = tokio::time::interval(CA_RELOAD_INTERVAL);
+/// Swaps in every new issuer and bundle the source reports, or refuses it
+/// with the reason logged and counted once (the previous issuer keeps signing).
+async fn follow_issuer(ca: Arc<Ca>, mut issuer: IssuerChanges, metrics: Arc<ControllerMetrics>) {
+    let reject = |error: &dyn std::fmt::Display| {
+        metrics
+            .issuer_updates
+            .with_label_values(&["rejected"])
+            .inc();
+        tracing::error!(%error, "rejected the new issuer; still signing with the previous one");
+    };
+    // Files are read every second: a bad version is reported once.
+    let mut rejected = None;
     loop {
-        tick.tick().await;
-        let rotated = match ca.reload() {
-            Ok(rotated) => rotated,
+        let material = match issuer.next().await {
+            Ok(material) if rejected.as_ref() == Some(&material) => continue,
+            Ok(material) => material,
+            Err(e @ IssuerError::Malformed(_)) => {
+                reject(&e);
+                continue;
+            }
             Err(e) => {
-                tracing::error!(error = %e, "rejected new CA files; still signing with the previous issuer");
-                false
+                tracing::error!(error = %e, "cannot read the CA's issuer; still signing with the previous one");
+                continue;
             }
         };
-        if rotated {
-            tracing::info!("CA files changed; now signing with the new issuer and bundle");
+        match ca.replace(material.clone()) {
+            Ok(false) => {}
+            Ok(true) => {
+                metrics.issuer_updates.with_label_values(&["applied"]).inc();
+                tracing::info!(issuer = %material.cert.origin, "the CA's issuer or bundle changed; now signing with the new one");
+            }
+            Err(e) => {
+                reject(&e);
+                rejected = Some(material);
+            }
         }
+    }
+}
+
+/// Keeps the serving certificate fresh: re-issued by the new issuer after
+/// a rotation, and before it expires.
+async fn maintain_serving(ca: Arc<Ca>, serving: Arc<ServingCertificate>, mut renew_at: SystemTime) {
+    let mut tick = tokio::time::interval(SERVING_CHECK_INTERVAL);
+    let mut generation = ca.generation();
+    loop {
+        tick.tick().await;
+        let rotated = ca.generation() != generation;
+        generation = ca.generation();
         if rotated || SystemTime::now() >= renew_at {
             match serving.renew() {
                 Ok(next) => {

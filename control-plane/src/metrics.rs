@@ -24,6 +24,9 @@ pub struct ControllerMetrics {
     pub connections_refused: IntCounterVec,
     /// 1 while this replica leads (holds the Lease; always in local mode).
     pub leader: IntGauge,
+    /// New issuers or bundles seen, by result: `applied`, or `rejected`
+    /// (the previous issuer keeps signing).
+    pub issuer_updates: IntCounterVec,
 }
 
 impl Default for ControllerMetrics {
@@ -82,6 +85,13 @@ impl ControllerMetrics {
                     "leader",
                     "1 while this replica is the leader (holds the controllers' Lease)",
                 )?,
+                issuer_updates: IntCounterVec::new(
+                    Opts::new(
+                        "issuer_updates_total",
+                        "New CA issuers or trust bundles seen, by result (applied or rejected)",
+                    ),
+                    &["result"],
+                )?,
             };
             registry.register(Box::new(metrics.objects.clone()))?;
             registry.register(Box::new(metrics.watches.clone()))?;
@@ -92,8 +102,12 @@ impl ControllerMetrics {
             registry.register(Box::new(metrics.certificates_refused.clone()))?;
             registry.register(Box::new(metrics.connections_refused.clone()))?;
             registry.register(Box::new(metrics.leader.clone()))?;
+            registry.register(Box::new(metrics.issuer_updates.clone()))?;
             for reason in crate::identity::Refusal::REASONS {
                 metrics.certificates_refused.with_label_values(&[*reason]);
+            }
+            for result in ["applied", "rejected"] {
+                metrics.issuer_updates.with_label_values(&[result]);
             }
             for reason in ["plaintext", "handshake"] {
                 metrics.connections_refused.with_label_values(&[reason]);

@@ -16,11 +16,12 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
 use meshctl::demo::apps::{self, Greeting};
 use tokio::net::TcpListener;
-use trellis_control_plane::controller::{Controller, ControllerConfig, Source};
-use trellis_control_plane::identity::BootstrapTokens;
+use trellis_control_plane::controller::{Controller, ControllerConfig};
+use trellis_control_plane::identity::{BootstrapTokens, AUDIENCE};
 use trellis_control_plane::source::manifest::ManifestError;
 use trellis_proto::SpiffeId;
 
+pub mod cluster_ca;
 pub mod fake_api;
 pub mod netns;
 pub mod tls;
@@ -242,11 +243,21 @@ impl Mesh {
         Self::start_with(|_| {}).await
     }
 
-    /// A mesh whose controller watches `api` (cluster mode).
+    /// A mesh whose controller watches `api` (cluster mode): its CA is
+    /// published there, and its proxies prove themselves with token files
+    /// the API server reviews.
     pub async fn start_in_cluster(api: Arc<FakeApi>) -> Self {
-        let url = api.url().parse().expect("the fake API's URL");
+        Self::start_in_cluster_with(api, |_| {}).await
+    }
+
+    /// Like `start_in_cluster`, with the controller tuned.
+    pub async fn start_in_cluster_with(
+        api: Arc<FakeApi>,
+        tune: impl FnOnce(&mut ControllerConfig),
+    ) -> Self {
         let mut mesh = Self::start_with(|config| {
-            config.source = Source::Cluster(Box::new(kube::Config::new(url)));
+            cluster_ca::in_cluster(config, &api);
+            tune(config);
         })
         .await;
         mesh.api = Some(api);
@@ -313,6 +324,11 @@ impl Mesh {
         proxy
     }
 
+    /// In cluster mode, the token file of service account `sa`'s sidecars.
+    pub fn token_file(&self, sa: &str) -> PathBuf {
+        self.dir.path().join(format!("{sa}.token"))
+    }
+
     /// The configuration of a sidecar for a pod at `ip` with service
     /// account `sa`, as `proxy_with` starts it.
     pub fn proxy_config(
@@ -323,15 +339,21 @@ impl Mesh {
     ) -> trellis_proxy::Config {
         use trellis_proxy::config::*;
         let identity = SpiffeId::new(TRUST_DOMAIN, "default", sa);
-        let mut env: HashMap<&'static str, String> = HashMap::from([
-            (IDENTITY, identity.to_string()),
-            (TOKEN, self.tokens.token_for(&identity)),
-            (OUTBOUND_LISTEN, format!("{ip}:0")),
-            (INBOUND_LISTEN, format!("{ip}:0")),
-            (ADMIN_LISTEN, format!("{ip}:0")),
-            (APP_IP, ip.to_string()),
-            (REQUEST_TIMEOUT, "5s".into()),
-        ]);
+        let mut env = sidecar_env(&identity, ip);
+        let token = self.tokens.token_for(&identity);
+        match &self.api {
+            None => {
+                env.insert(TOKEN, token);
+            }
+            // A projected service-account token, as the injector mounts it.
+            Some(api) => {
+                let username = format!("system:serviceaccount:default:{sa}");
+                api.add_token(&token, &username, &[AUDIENCE], true);
+                let file = self.token_file(sa);
+                std::fs::write(&file, &token).expect("write the token file");
+                env.insert(TOKEN_FILE, file.display().to_string());
+            }
+        }
         env.extend(controller_env(self.controller_addr(), self.dir.path()));
         env.extend(self.proxy_env.iter().cloned());
         tune(&mut env);
@@ -365,6 +387,20 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// The variables of a sidecar for `identity` on a pod at `ip` (listeners on
+/// ports the OS picks), without its token and controller.
+pub fn sidecar_env(identity: &SpiffeId, ip: IpAddr) -> HashMap<&'static str, String> {
+    use trellis_proxy::config::*;
+    HashMap::from([
+        (IDENTITY, identity.to_string()),
+        (OUTBOUND_LISTEN, format!("{ip}:0")),
+        (INBOUND_LISTEN, format!("{ip}:0")),
+        (ADMIN_LISTEN, format!("{ip}:0")),
+        (APP_IP, ip.to_string()),
+        (REQUEST_TIMEOUT, "5s".into()),
+    ])
 }
 
 /// The variables that point a proxy at the controller at `addr` whose

@@ -6,10 +6,11 @@
 //! killed as a crashed pod is (every task and socket dropped at once).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use trellis_control_plane::controller::{ControllerConfig, Source};
+use trellis_control_plane::controller::ControllerConfig;
 use trellis_control_plane::lease::LEASE_NAME;
 use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::{endpoint_update, WatchRequest};
@@ -28,14 +29,8 @@ const LEASE: Duration = Duration::from_secs(3);
 const POLL_SLACK: Duration = Duration::from_millis(800);
 const LEADER: &str = "trellis_controller_leader";
 
-/// The fake API server, with the controllers' namespace.
-async fn api_server() -> FakeApi {
-    let api = FakeApi::start().await;
-    api.apply(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": CONTROLLER_NAMESPACE},
-    }));
-    api
+async fn api_server() -> Arc<FakeApi> {
+    Arc::new(FakeApi::start().await)
 }
 
 /// Waits until the controller at `admin` says it leads and the Lease names
@@ -64,8 +59,7 @@ async fn leads(admin: SocketAddr, leader: bool, within: Duration) {
 
 /// Points a controller at the fake API server, with a short Lease.
 fn in_cluster(config: &mut ControllerConfig, api: &FakeApi) {
-    let url = api.url().parse().expect("the fake API's URL");
-    config.source = Source::Cluster(Box::new(kube::Config::new(url)));
+    trellis_tests::cluster_ca::in_cluster(config, api);
     config.lease_duration = LEASE;
 }
 
@@ -123,11 +117,11 @@ async fn discovered(addr: SocketAddr, authority: &str) -> Result<Vec<String>, St
     }
 }
 
-/// Two controllers sharing a CA (as replicas share the issuer's Secret),
+/// Two controllers sharing a CA (the issuer's Secret and the roots' ConfigMap),
 /// watching one API server: `leader`, and the mesh's controller (the one
 /// its proxies connect to), which follows.
 struct Pair {
-    api: FakeApi,
+    api: Arc<FakeApi>,
     mesh: Mesh,
     leader: ControllerProcess,
 }
@@ -135,7 +129,7 @@ struct Pair {
 impl Pair {
     async fn start() -> Self {
         let api = api_server().await;
-        let mut mesh = Mesh::start_with(|c| in_cluster(c, &api)).await;
+        let mut mesh = Mesh::start_in_cluster_with(api.clone(), |c| c.lease_duration = LEASE).await;
         let first = mesh.controller.take().expect("the first controller");
         let mut config = ControllerConfig::local(mesh.dir.path(), first.addr.ip());
         in_cluster(&mut config, &api);
@@ -164,7 +158,7 @@ impl Pair {
 
     /// Loses the leader (`ControllerProcess::kill` or `::stop`); the API
     /// server and the mesh, with the follower, remain.
-    fn lose_leader(self, how: impl FnOnce(ControllerProcess)) -> (FakeApi, Mesh) {
+    fn lose_leader(self, how: impl FnOnce(ControllerProcess)) -> (Arc<FakeApi>, Mesh) {
         how(self.leader);
         (self.api, self.mesh)
     }
@@ -292,7 +286,7 @@ async fn a_leader_stopped_gracefully_hands_the_lease_over_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_renewal_conflicts_rereads_and_yields_to_a_valid_holder() {
     let api = api_server().await;
-    let mesh = Mesh::start_with(|c| in_cluster(c, &api)).await;
+    let mesh = Mesh::start_in_cluster_with(api.clone(), |c| c.lease_duration = LEASE).await;
     let admin = mesh.controller.as_ref().expect("controller").admin_addr;
     leads(admin, true, LEASE).await;
 

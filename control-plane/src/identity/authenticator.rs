@@ -7,14 +7,16 @@ use std::sync::Arc;
 use trellis_proto::{InvalidSpiffeId, SpiffeId};
 
 use super::ca::CaError;
+use super::token_review::TokenReviewer;
 use super::tokens::BootstrapTokens;
 
 /// How the controller authenticates the proxy asking for a certificate.
-/// Cluster mode adds a variant that checks a projected service-account
-/// token with a TokenReview.
 pub enum Authenticator {
     /// Local mode: an HMAC of the SPIFFE ID under the controller's key.
     BootstrapTokens(Arc<BootstrapTokens>),
+    /// Cluster mode: a projected service-account token, checked by the
+    /// API server in a TokenReview.
+    TokenReview(TokenReviewer),
 }
 
 impl Authenticator {
@@ -35,6 +37,7 @@ impl Authenticator {
                 }
                 Ok(())
             }
+            Self::TokenReview(reviewer) => reviewer.authenticate(identity, token).await,
         }
     }
 }
@@ -48,12 +51,20 @@ pub enum Refusal {
     /// The token proves nobody: malformed, unknown, expired or revoked.
     #[error("the token is not valid: {0}")]
     InvalidToken(String),
+    /// The token was issued for another audience than the mesh's: it was
+    /// meant for some other service.
+    #[error("the token is not meant for the mesh (audience {aud}): {0}", aud = super::token_review::AUDIENCE)]
+    WrongAudience(String),
     /// The token is valid but does not prove the identity asked for.
     #[error("the token does not prove identity {requested}: {detail}")]
     IdentityMismatch {
         requested: Box<SpiffeId>,
         detail: String,
     },
+    /// The API server could not be asked to review the token: not the
+    /// proxy's fault, and worth retrying.
+    #[error("cannot review the token with the Kubernetes API: {0}")]
+    ReviewFailed(kube::Error),
     /// The CA would not sign: another trust domain, a bad CSR, an expired issuer.
     #[error(transparent)]
     Ca(#[from] CaError),
@@ -70,6 +81,8 @@ impl Refusal {
         "bad-csr",
         "issuer-expired",
         "ca-error",
+        "wrong-audience",
+        "review-failed",
     ];
 
     /// The metric label and the word the gRPC status starts with.
@@ -77,6 +90,8 @@ impl Refusal {
         match self {
             Self::InvalidIdentity(_) => "invalid-identity",
             Self::InvalidToken(_) => "invalid-token",
+            Self::WrongAudience(_) => "wrong-audience",
+            Self::ReviewFailed(_) => "review-failed",
             Self::IdentityMismatch { .. } => "identity-mismatch",
             Self::Ca(CaError::ForeignTrustDomain { .. }) => "foreign-trust-domain",
             Self::Ca(CaError::BadCsr(_) | CaError::WrongSan { .. }) => "bad-csr",
@@ -93,11 +108,15 @@ impl Refusal {
             Self::InvalidIdentity(_) | Self::Ca(CaError::BadCsr(_) | CaError::WrongSan { .. }) => {
                 tonic::Status::invalid_argument(message)
             }
-            Self::InvalidToken(_) => tonic::Status::unauthenticated(message),
+            Self::InvalidToken(_) | Self::WrongAudience(_) => {
+                tonic::Status::unauthenticated(message)
+            }
             Self::IdentityMismatch { .. } | Self::Ca(CaError::ForeignTrustDomain { .. }) => {
                 tonic::Status::permission_denied(message)
             }
-            Self::Ca(CaError::IssuerExpired { .. }) => tonic::Status::unavailable(message),
+            Self::Ca(CaError::IssuerExpired { .. }) | Self::ReviewFailed(_) => {
+                tonic::Status::unavailable(message)
+            }
             Self::Ca(_) => tonic::Status::internal(message),
         }
     }

@@ -1,7 +1,10 @@
-//! The workload certificate authority: a root, an issuer signed by it, and a
-//! trust bundle, kept as files in the state directory (keys 0600) and
-//! reloaded when they change, so the issuer and the root can be rotated
-//! without restarting anything.
+//! The workload certificate authority: an issuer and the trust bundle of
+//! roots it chains to. In local mode they are files in the state directory
+//! (keys 0600, with the root that signs issuers); in cluster mode a Secret
+//! and a ConfigMap (`cluster_issuer.rs`). Either way every change goes
+//! through [`Ca::replace`], which checks the new issuer and swaps it in or
+//! refuses it, so the issuer and the roots rotate without restarting
+//! anything and a bad replacement never stops signing.
 //!
 //! Leaves follow the SPIFFE X.509-SVID spec:
 //! <https://github.com/spiffe/spiffe/blob/main/standards/X509-SVID.md>.
@@ -9,6 +12,7 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -41,16 +45,16 @@ pub enum CaError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// A CA file does not hold what it should.
-    #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    /// A CA file or object (named by `origin`) does not hold what it should.
+    #[error("{origin}: {reason}")]
+    Invalid { origin: String, reason: String },
     /// The trust domain is not a valid SPIFFE trust domain.
     #[error("trust domain {0:?} is invalid: use lowercase letters, digits, '-', '.' and '_'")]
     TrustDomain(String),
     /// The issuer is expired or not yet valid: signing with it would hand
     /// out certificates no peer accepts.
-    #[error("{path}: the issuer certificate is not valid now (valid until {not_after} unix); rotate it with `meshctl ca rotate-issuer` or replace the file")]
-    IssuerExpired { path: PathBuf, not_after: u64 },
+    #[error("{origin}: the issuer certificate is not valid now (valid until {not_after} unix); rotate it (local mode: `meshctl ca rotate-issuer`) or replace it with a valid one")]
+    IssuerExpired { origin: String, not_after: u64 },
     /// The CSR cannot be parsed or its signature is wrong.
     #[error("the CSR is not a valid PKCS#10 request: {0}")]
     BadCsr(String),
@@ -78,42 +82,94 @@ pub struct SignedLeaf {
     pub valid_until: SystemTime,
 }
 
+/// One PEM text of the CA and where it came from, for errors: a file's
+/// path, or a key of a Kubernetes object.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemText {
+    pub origin: String,
+    pub text: String,
+}
+
+/// What the CA signs with, wherever it is kept: the issuer's certificate
+/// and key, and the bundle of roots the issuer must chain to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuerMaterial {
+    pub cert: PemText,
+    pub key: PemText,
+    pub bundle: PemText,
+}
+
+impl std::fmt::Debug for IssuerMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("IssuerMaterial")
+            .field("cert", &self.cert.origin)
+            .field("bundle", &self.bundle.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IssuerMaterial {
+    /// The issuer and bundle files of a local-mode state directory.
+    pub fn from_dir(dir: &Path) -> Result<Self, CaError> {
+        let pem = |file: &str| -> Result<PemText, CaError> {
+            let path = dir.join(file);
+            Ok(PemText {
+                text: read(&path)?,
+                origin: path.display().to_string(),
+            })
+        };
+        Ok(Self {
+            cert: pem(ISSUER_CERT)?,
+            key: pem(ISSUER_KEY)?,
+            bundle: pem(BUNDLE)?,
+        })
+    }
+}
+
 /// The issuer and bundle currently in use.
 struct Active {
     issuer_der: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
     not_before: SystemTime,
     not_after: SystemTime,
-    /// File contents, to notice changes.
-    files: (String, String, String),
+    /// What it was made from, to notice changes.
+    material: IssuerMaterial,
     anchors_der: Vec<Vec<u8>>,
 }
 
 pub struct Ca {
-    dir: PathBuf,
     trust_domain: String,
     active: ArcSwap<Active>,
+    /// Counts the issuers swapped in, so users of the CA (the serving
+    /// certificate) notice a rotation.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca")
-            .field("dir", &self.dir)
             .field("trust_domain", &self.trust_domain)
+            .field("issuer", &self.active.load().material.cert.origin)
             .finish_non_exhaustive()
     }
 }
 
 impl Ca {
+    /// A CA for `trust_domain` signing with `material`, if it passes the
+    /// checks of [`replace`](Self::replace).
+    pub fn new(trust_domain: &str, material: IssuerMaterial) -> Result<Self, CaError> {
+        check_trust_domain(trust_domain)?;
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            active: ArcSwap::from_pointee(load(material)?),
+            generation: AtomicU64::new(0),
+        })
+    }
+
     /// Opens the CA in `dir`, creating a root, an issuer and a bundle on first start.
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
-        let valid_domain = !trust_domain.is_empty()
-            && trust_domain.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
-            });
-        if !valid_domain {
-            return Err(CaError::TrustDomain(trust_domain.to_string()));
-        }
+        check_trust_domain(trust_domain)?;
         std::fs::create_dir_all(dir).map_err(|source| CaError::Io {
             path: dir.to_path_buf(),
             source,
@@ -132,24 +188,26 @@ impl Ca {
         if !dir.join(ISSUER_CERT).exists() {
             rotate_issuer(dir, ISSUER_LIFETIME)?;
         }
-        let active = load(dir)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            trust_domain: trust_domain.to_string(),
-            active: ArcSwap::from_pointee(active),
-        })
+        Self::new(trust_domain, IssuerMaterial::from_dir(dir)?)
     }
 
-    /// Re-reads the issuer and the bundle if their files changed; returns
-    /// whether anything changed. A bad new issuer is refused and the
-    /// current one keeps signing.
-    pub fn reload(&self) -> Result<bool, CaError> {
-        let files = read_files(&self.dir)?;
-        if files == self.active.load().files {
+    /// Signs with `material` from now on if it differs from the current
+    /// one and is good: the key belongs to the certificate, and the
+    /// certificate is a CA signed by a root of the bundle. Returns whether
+    /// anything changed. A bad replacement is refused and the current
+    /// issuer keeps signing.
+    pub fn replace(&self, material: IssuerMaterial) -> Result<bool, CaError> {
+        if material == self.active.load().material {
             return Ok(false);
         }
-        self.active.store(Arc::new(load(&self.dir)?));
+        self.active.store(Arc::new(load(material)?));
+        self.generation.fetch_add(1, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// Changes with every issuer or bundle swapped in.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -171,7 +229,7 @@ impl Ca {
         let now = SystemTime::now();
         if now < active.not_before || now >= active.not_after {
             return Err(CaError::IssuerExpired {
-                path: self.dir.join(ISSUER_CERT),
+                origin: active.material.cert.origin.clone(),
                 not_after: unix(active.not_after),
             });
         }
@@ -306,6 +364,18 @@ fn ca_params(common_name: &str, path_len: Option<u8>, lifetime: Duration) -> Cer
     params
 }
 
+fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {
+    let valid = !trust_domain.is_empty()
+        && trust_domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(CaError::TrustDomain(trust_domain.to_string()))
+    }
+}
+
 fn create_root() -> Result<(String, KeyPair), CaError> {
     let key = KeyPair::generate()?;
     let name = format!("Trellis root CA {}", unix(SystemTime::now()));
@@ -317,8 +387,8 @@ fn create_root() -> Result<(String, KeyPair), CaError> {
 pub fn rotate_issuer(dir: &Path, lifetime: Duration) -> Result<(), CaError> {
     let root = read(&dir.join(ROOT_CERT))?;
     let root_key = read_key(&dir.join(ROOT_KEY))?;
-    let root =
-        Issuer::from_ca_cert_pem(&root, root_key).map_err(|e| invalid(&dir.join(ROOT_CERT), e))?;
+    let root = Issuer::from_ca_cert_pem(&root, root_key)
+        .map_err(|e| invalid(dir.join(ROOT_CERT).display(), e))?;
     let key = KeyPair::generate()?;
     let name = format!("Trellis issuer {}", unix(SystemTime::now()));
     let cert = ca_params(&name, Some(0), lifetime).signed_by(&key, &root)?;
@@ -366,30 +436,24 @@ pub fn retire_old_roots(dir: &Path) -> Result<(), CaError> {
     write_file(&dir.join(BUNDLE), root.as_bytes(), 0o644)
 }
 
-fn read_files(dir: &Path) -> Result<(String, String, String), CaError> {
-    Ok((
-        read(&dir.join(ISSUER_CERT))?,
-        read(&dir.join(ISSUER_KEY))?,
-        read(&dir.join(BUNDLE))?,
-    ))
-}
-
-/// Loads and checks the issuer and bundle.
-fn load(dir: &Path) -> Result<Active, CaError> {
-    let files = read_files(dir)?;
-    let issuer_path = dir.join(ISSUER_CERT);
-    let issuer_der = pem_blocks(&files.0, &issuer_path)?
+/// Checks `material` and makes the issuer it holds.
+fn load(material: IssuerMaterial) -> Result<Active, CaError> {
+    let IssuerMaterial { cert, key, bundle } = &material;
+    let issuer_der = pem_blocks(&cert.text, &cert.origin)?
         .into_iter()
         .next()
-        .ok_or_else(|| invalid(&issuer_path, "no certificate"))?;
-    let anchors_der = pem_blocks(&files.2, &dir.join(BUNDLE))?;
-    let key = KeyPair::from_pem(&files.1).map_err(|e| invalid(&dir.join(ISSUER_KEY), e))?;
+        .ok_or_else(|| invalid(&cert.origin, "no certificate"))?;
+    let anchors_der = pem_blocks(&bundle.text, &bundle.origin)?;
+    if anchors_der.is_empty() {
+        return Err(invalid(&bundle.origin, "no root certificate"));
+    }
+    let key_pair = KeyPair::from_pem(&key.text).map_err(|e| invalid(&key.origin, e))?;
     let (_, parsed) =
-        x509_parser::parse_x509_certificate(&issuer_der).map_err(|e| invalid(&issuer_path, e))?;
-    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        x509_parser::parse_x509_certificate(&issuer_der).map_err(|e| invalid(&cert.origin, e))?;
+    if parsed.public_key().subject_public_key.data.as_ref() != key_pair.public_key_raw() {
         return Err(invalid(
-            &dir.join(ISSUER_KEY),
-            "this key does not belong to issuer.crt",
+            &key.origin,
+            format!("this key does not belong to {}", cert.origin),
         ));
     }
     // The issuer must chain to a root the bundle holds, or no peer trusts its leaves.
@@ -399,8 +463,8 @@ fn load(dir: &Path) -> Result<Active, CaError> {
     });
     if !chains {
         return Err(invalid(
-            &issuer_path,
-            "the issuer is not signed by any root in bundle.crt",
+            &cert.origin,
+            format!("the issuer is not signed by any root in {}", bundle.origin),
         ));
     }
     let time = |t: x509_parser::time::ASN1Time| {
@@ -408,31 +472,31 @@ fn load(dir: &Path) -> Result<Active, CaError> {
     };
     let not_before = time(parsed.validity().not_before);
     let not_after = time(parsed.validity().not_after);
-    let issuer = Issuer::from_ca_cert_der(&issuer_der.clone().into(), key)
-        .map_err(|e| invalid(&issuer_path, e))?;
+    let issuer = Issuer::from_ca_cert_der(&issuer_der.clone().into(), key_pair)
+        .map_err(|e| invalid(&cert.origin, e))?;
     Ok(Active {
         issuer_der,
         issuer,
         not_before,
         not_after,
-        files,
+        material,
         anchors_der,
     })
 }
 
-fn pem_blocks(text: &str, path: &Path) -> Result<Vec<Vec<u8>>, CaError> {
+fn pem_blocks(text: &str, origin: &str) -> Result<Vec<Vec<u8>>, CaError> {
     x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
         .map(|block| {
             block
                 .map(|b| b.contents)
-                .map_err(|e| invalid(path, format!("bad PEM: {e}")))
+                .map_err(|e| invalid(origin, format!("bad PEM: {e}")))
         })
         .collect()
 }
 
-fn invalid(path: &Path, reason: impl std::fmt::Display) -> CaError {
+fn invalid(origin: impl std::fmt::Display, reason: impl std::fmt::Display) -> CaError {
     CaError::Invalid {
-        path: path.to_path_buf(),
+        origin: origin.to_string(),
         reason: reason.to_string(),
     }
 }
@@ -445,7 +509,7 @@ fn read(path: &Path) -> Result<String, CaError> {
 }
 
 fn read_key(path: &Path) -> Result<KeyPair, CaError> {
-    KeyPair::from_pem(&read(path)?).map_err(|e| invalid(path, e))
+    KeyPair::from_pem(&read(path)?).map_err(|e| invalid(path.display(), e))
 }
 
 /// Writes atomically (temporary file + rename) with `mode`, so a reader

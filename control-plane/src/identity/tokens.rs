@@ -40,7 +40,7 @@ impl BootstrapTokens {
         };
         if bytes.len() != 32 {
             return Err(CaError::Invalid {
-                path,
+                origin: path.display().to_string(),
                 reason:
                     "expected 32 bytes; delete it to create a new key (invalidates issued tokens)"
                         .into(),
@@ -57,7 +57,7 @@ impl BootstrapTokens {
         let path = dir.join(KEY_FILE);
         if !path.is_file() {
             return Err(CaError::Invalid {
-                path,
+                origin: path.display().to_string(),
                 reason: "does not exist; is this the controller's --state-dir (the demo's state directory)?".into(),
             });
         }

@@ -54,6 +54,7 @@ pub async fn bench(quick: bool) {
         apply_service(&api, i, endpoints, 0);
     }
     let state = tempfile::tempdir().expect("tempdir");
+    trellis_tests::cluster_ca::publish_ca(&api, state.path());
     let mut controller = tokio::process::Command::new(std::env::current_exe().expect("exe"))
         .args([CONTROLLER_FLAG, &api.url(), &state.path().to_string_lossy()])
         .stdin(Stdio::piped())
