@@ -131,6 +131,7 @@ impl ControllerMetrics {
     pub fn render(&self, store: &Store, manifest_errors: usize) -> String {
         let counts = store.counts();
         for (kind, n) in [
+            ("Namespace", counts.namespaces),
             ("Service", counts.services),
             ("EndpointSlice", counts.endpoint_slices),
             ("Pod", counts.pods),

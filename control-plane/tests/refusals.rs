@@ -78,3 +78,67 @@ fn refused_objects_name_the_field_and_the_last_good_version_serves() {
     assert!(errors.borrow().is_empty(), "{:?}", errors.borrow());
     assert_eq!(endpoints(&store), Some(1), "the fixed file replaces it");
 }
+
+#[test]
+fn namespaces_load_with_their_labels_and_a_name_the_api_server_refuses_is_refused() {
+    use trellis_control_plane::model::{Object, ObjectKey};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shop.yaml");
+    let store = Store::new("cluster.local");
+    let mut source = LocalSource::new(dir.path(), store.clone());
+    let errors = source.errors();
+
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {trellis.dev/inject: enabled}}\n",
+    )
+    .unwrap();
+    source.reload().unwrap();
+    assert!(errors.borrow().is_empty(), "{:?}", errors.borrow());
+    let namespaces: Vec<_> = store
+        .objects()
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Namespace(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(namespaces.len(), 1);
+    assert_eq!(
+        namespaces[0]
+            .metadata
+            .labels
+            .get("trellis.dev/inject")
+            .map(String::as_str),
+        Some("enabled")
+    );
+    assert_eq!(
+        store.objects()[0].key(),
+        ObjectKey::cluster_scoped("shop"),
+        "a Namespace lives in no namespace"
+    );
+
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: Shop_1}\n",
+    )
+    .unwrap();
+    source.reload().unwrap();
+    let message = errors
+        .borrow()
+        .first()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("shop.yaml")
+            && message.contains("metadata.name")
+            && message.contains("Shop_1"),
+        "{message}"
+    );
+    assert_eq!(
+        store.counts().namespaces,
+        1,
+        "the last good file keeps serving"
+    );
+}

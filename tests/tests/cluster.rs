@@ -116,6 +116,7 @@ async fn until_seen(seen: &Arc<Mutex<Seen>>, expected: &[std::net::IpAddr], with
 /// The API's objects of the kinds the mesh reads, in the mesh's model.
 fn api_objects(api: &FakeApi) -> Vec<Object> {
     let kinds = [
+        ("v1", "Namespace"),
         ("v1", "Service"),
         ("discovery.k8s.io/v1", "EndpointSlice"),
         ("v1", "Pod"),

@@ -32,10 +32,26 @@ impl ObjectKey {
     }
 }
 
+impl ObjectKey {
+    /// The key of an object that lives in no namespace (a Namespace).
+    pub fn cluster_scoped(name: &str) -> Self {
+        Self::new("", name)
+    }
+}
+
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        match self.namespace.as_str() {
+            "" => f.write_str(&self.name),
+            namespace => write!(f, "{namespace}/{}", self.name),
+        }
     }
+}
+
+/// `v1/Namespace`: its labels select what the mesh does in it (injection).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -248,6 +264,7 @@ impl Pod {
 /// Any object the store knows, tagged by kind.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
+    Namespace(Namespace),
     Service(Service),
     EndpointSlice(EndpointSlice),
     Pod(Pod),
@@ -258,7 +275,8 @@ pub enum Object {
 
 impl Object {
     /// Every kind the mesh reads, as [`Object::kind`] names them.
-    pub const KINDS: [&'static str; 6] = [
+    pub const KINDS: [&'static str; 7] = [
+        "Namespace",
         "Service",
         "EndpointSlice",
         "Pod",
@@ -269,6 +287,7 @@ impl Object {
 
     pub fn kind(&self) -> &'static str {
         match self {
+            Object::Namespace(_) => "Namespace",
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::Pod(_) => "Pod",
@@ -280,6 +299,7 @@ impl Object {
 
     pub fn key(&self) -> ObjectKey {
         match self {
+            Object::Namespace(o) => ObjectKey::cluster_scoped(&o.metadata.name),
             Object::Service(o) => o.metadata.key(),
             Object::EndpointSlice(o) => o.metadata.key(),
             Object::Pod(o) => o.metadata.key(),

@@ -92,6 +92,7 @@ impl fmt::Display for FieldErrors {
 pub fn validate(object: &Object) -> Result<(), FieldErrors> {
     let mut checks = Checks::default();
     match object {
+        Object::Namespace(n) => metadata(&mut checks, &n.metadata, Format::Dns1123Label),
         Object::Service(s) => service(&mut checks, s),
         Object::EndpointSlice(s) => endpoint_slice(&mut checks, s),
         Object::Pod(p) => pod(&mut checks, p),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use gateway_api::httproutes::HttpRoute;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::manifest::{self, References};
-use crate::model::{Object, ObjectKey};
+use crate::model::Object;
 use crate::store::Store;
 
 /// At most one "watch failed" line per kind per this period: an API server
@@ -71,6 +71,7 @@ impl ClusterSource {
             store: &self.store,
             synced: &self.synced,
         };
+        watchers.spawn(kinds.follow(Api::<Namespace>::all(client.clone())));
         watchers.spawn(kinds.follow(Api::<Service>::all(client.clone())));
         watchers.spawn(kinds.follow(Api::<EndpointSlice>::all(client.clone())));
         watchers.spawn(kinds.follow(Api::<Pod>::all(client.clone())));
@@ -162,12 +163,11 @@ impl Kinds<'_> {
                         }
                     }
                     Ok(watcher::Event::Delete(object)) => {
-                        let meta = object.meta();
-                        let key = ObjectKey::new(
-                            meta.namespace.as_deref().unwrap_or("default"),
-                            meta.name.as_deref().unwrap_or_default(),
-                        );
-                        store.delete(kind, &key);
+                        // Read like any other, so its key is made alike; one
+                        // the checks refuse was never in the store.
+                        if let Some(object) = read(&object) {
+                            store.delete(kind, &object.key());
+                        }
                     }
                     Err(error) => {
                         if last_logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {

@@ -101,6 +101,7 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
         });
     }
     let object = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => convert(document, &label, Object::Namespace)?,
         ("v1", "Service") => convert(document, &label, Object::Service)?,
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             convert(document, &label, Object::EndpointSlice)?
@@ -115,12 +116,13 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
         }
         (
             _,
-            "Service" | "EndpointSlice" | "Pod" | "HTTPRoute" | "HTTPFault" | "ResiliencePolicy",
+            "Namespace" | "Service" | "EndpointSlice" | "Pod" | "HTTPRoute" | "HTTPFault"
+            | "ResiliencePolicy",
         ) => {
             return Err(Refusal {
                 object: Some(label),
                 reason: format!(
-                    "apiVersion {api_version:?} is not supported for {kind}; use v1 (Service, Pod), \
+                    "apiVersion {api_version:?} is not supported for {kind}; use v1 (Namespace, Service, Pod), \
                      discovery.k8s.io/v1 (EndpointSlice), gateway.networking.k8s.io/v1 (HTTPRoute) \
                      or trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy)"
                 ),
@@ -179,7 +181,7 @@ pub fn validate(file: &Path, objects: &[Object], all: &[&Object]) -> Result<(), 
 /// as far as `references` knows them.
 pub fn check(object: &Object, references: &References) -> Result<(), String> {
     match object {
-        Object::Service(_) => Ok(()),
+        Object::Namespace(_) | Object::Service(_) => Ok(()),
         Object::EndpointSlice(s) => validate_slice(s, references),
         Object::Pod(p) => validate_pod(p),
         Object::HttpRoute(r) => super::route_validation::validate_route(r, references),

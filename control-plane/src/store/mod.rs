@@ -20,7 +20,8 @@ use tokio::sync::watch;
 use trellis_proto::discovery::Routes;
 
 use crate::model::{
-    EndpointSlice, HttpFault, HttpRoute, Object, ObjectKey, Pod, ResiliencePolicy, Service,
+    EndpointSlice, HttpFault, HttpRoute, Namespace, Object, ObjectKey, Pod, ResiliencePolicy,
+    Service,
 };
 pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
 pub use routes::parse_gateway_duration;
@@ -39,6 +40,7 @@ pub struct Store {
 #[derive(Default)]
 pub(crate) struct State {
     pub(crate) trust_domain: String,
+    pub(crate) namespaces: HashMap<ObjectKey, Namespace>,
     pub(crate) services: HashMap<ObjectKey, Service>,
     pub(crate) slices: HashMap<ObjectKey, EndpointSlice>,
     pub(crate) pods: HashMap<ObjectKey, Pod>,
@@ -54,6 +56,7 @@ pub(crate) struct State {
 /// How many objects of each kind the store holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
+    pub namespaces: usize,
     pub services: usize,
     pub endpoint_slices: usize,
     pub pods: usize,
@@ -139,7 +142,8 @@ impl Store {
     /// source).
     pub fn objects(&self) -> Vec<Object> {
         let state = self.lock();
-        let mut objects: Vec<Object> = (state.services.values().cloned().map(Object::Service))
+        let mut objects: Vec<Object> = (state.namespaces.values().cloned().map(Object::Namespace))
+            .chain(state.services.values().cloned().map(Object::Service))
             .chain(state.slices.values().cloned().map(Object::EndpointSlice))
             .chain(state.pods.values().cloned().map(Object::Pod))
             .chain(state.routes.values().cloned().map(Object::HttpRoute))
@@ -159,6 +163,7 @@ impl Store {
     pub fn counts(&self) -> Counts {
         let state = self.lock();
         Counts {
+            namespaces: state.namespaces.len(),
             services: state.services.len(),
             endpoint_slices: state.slices.len(),
             pods: state.pods.len(),
@@ -174,6 +179,7 @@ impl State {
     fn insert(&mut self, object: Object) {
         let key = object.key();
         match object {
+            Object::Namespace(o) => drop(self.namespaces.insert(key, o)),
             Object::Service(o) => drop(self.services.insert(key, o)),
             Object::EndpointSlice(o) => drop(self.slices.insert(key, o)),
             Object::Pod(o) => drop(self.pods.insert(key, o)),
@@ -186,6 +192,7 @@ impl State {
     /// Removes one object; whether it was there.
     fn remove(&mut self, kind: &str, key: &ObjectKey) -> bool {
         match kind {
+            "Namespace" => self.namespaces.remove(key).is_some(),
             "Service" => self.services.remove(key).is_some(),
             "EndpointSlice" => self.slices.remove(key).is_some(),
             "Pod" => self.pods.remove(key).is_some(),
@@ -198,6 +205,7 @@ impl State {
 
     fn clear(&mut self, kind: &str) {
         match kind {
+            "Namespace" => self.namespaces.clear(),
             "Service" => self.services.clear(),
             "EndpointSlice" => self.slices.clear(),
             "Pod" => self.pods.clear(),
