@@ -711,26 +711,12 @@ impl std::ops::DerefMut for HelloMesh {
 
 impl HelloMesh {
     pub async fn start() -> Self {
-        Self::start_with_apps(|listener, version| {
-            tokio::spawn(apps::hello(
-                listener,
-                version.into(),
-                format!("hello-{version}"),
-            ));
-        })
-        .await
+        Self::start_with_apps(serve_hello).await
     }
 
     /// Like `start`, with the controller tuned (e.g. short leaf lifetimes).
     pub async fn start_tuned(tune: impl FnOnce(&mut ControllerConfig)) -> Self {
-        Self::build(tune, |listener, version| {
-            tokio::spawn(apps::hello(
-                listener,
-                version.into(),
-                format!("hello-{version}"),
-            ));
-        })
-        .await
+        Self::build(tune, serve_hello).await
     }
 
     /// Like `start`, with the test's own app behind each version.
@@ -740,18 +726,7 @@ impl HelloMesh {
 
     /// Like `start`, with extra environment for every proxy.
     pub async fn start_with_proxy_env(proxy_env: Vec<(&'static str, String)>) -> Self {
-        Self::build_with(
-            |_| {},
-            proxy_env,
-            |listener, version| {
-                tokio::spawn(apps::hello(
-                    listener,
-                    version.into(),
-                    format!("hello-{version}"),
-                ));
-            },
-        )
-        .await
+        Self::build_with(|_| {}, proxy_env, serve_hello).await
     }
 
     async fn build(
@@ -774,14 +749,7 @@ impl HelloMesh {
     /// `hello` in cluster mode: its objects are applied to `api`.
     pub async fn start_in_cluster(api: Arc<FakeApi>) -> Self {
         let mesh = Mesh::start_in_cluster(api).await;
-        Self::populate(mesh, |listener, version| {
-            tokio::spawn(apps::hello(
-                listener,
-                version.into(),
-                format!("hello-{version}"),
-            ));
-        })
-        .await
+        Self::populate(mesh, serve_hello).await
     }
 
     async fn populate(mut mesh: Mesh, mut app: impl FnMut(TcpListener, &str)) -> Self {
@@ -843,6 +811,48 @@ impl HelloMesh {
     pub fn http1(&self) -> AppClient {
         AppClient::http1(self.client.outbound_addr)
     }
+}
+
+/// The demo's `hello` app of `version` on `listener`, as pod `hello-<version>`.
+fn serve_hello(listener: TcpListener, version: &str) {
+    tokio::spawn(apps::hello(
+        listener,
+        version.into(),
+        format!("hello-{version}"),
+    ));
+}
+
+/// Opens a discovery watch of `authority` at `url` (`http://` is plaintext,
+/// which the controller serves to loopback clients in local mode), as a
+/// test client identity. Errors carry their whole chain of causes.
+pub async fn watch_endpoints(
+    url: &str,
+    authority: &str,
+) -> Result<tonic::Streaming<trellis_proto::discovery::EndpointUpdate>, String> {
+    use trellis_proto::discovery::discovery_client::DiscoveryClient;
+    let chain = |e: &dyn std::error::Error| {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(e) = cause {
+            text = format!("{text}: {e}");
+            cause = e.source();
+        }
+        text
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| chain(&e))?
+        .connect()
+        .await
+        .map_err(|e| chain(&e))?;
+    let request = trellis_proto::discovery::WatchRequest {
+        authority: authority.into(),
+        client_identity: "spiffe://cluster.local/ns/default/sa/test".into(),
+    };
+    let stream = DiscoveryClient::new(channel)
+        .watch_endpoints(request)
+        .await
+        .map_err(|e| chain(&e))?;
+    Ok(stream.into_inner())
 }
 
 /// An HTTPRoute for `hello` splitting between `hello-v1` and `hello-v2`,

@@ -11,11 +11,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use trellis_control_plane::model::Object;
 use trellis_control_plane::source::manifest;
-use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::endpoint_update::Kind;
-use trellis_proto::discovery::WatchRequest;
 use trellis_tests::fake_api::{FakeApi, Kubectl};
-use trellis_tests::{eventually, versions, HelloMesh, RequestLoop};
+use trellis_tests::{eventually, versions, watch_endpoints, HelloMesh, RequestLoop};
 
 /// How soon a change in the API must reach a proxy's discovery stream.
 const PROPAGATION: Duration = Duration::from_secs(1);
@@ -55,19 +53,9 @@ struct Seen {
 /// Follows the endpoints of `authority` as a proxy does.
 async fn follow(controller: SocketAddr, authority: String) -> Arc<Mutex<Seen>> {
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{controller}"))
-        .expect("endpoint")
-        .connect()
+    let mut stream = watch_endpoints(&format!("http://{controller}"), &authority)
         .await
-        .expect("connect to the controller");
-    let mut stream = DiscoveryClient::new(channel)
-        .watch_endpoints(WatchRequest {
-            authority,
-            client_identity: "spiffe://cluster.local/ns/default/sa/test".into(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+        .expect("watch");
     let record = seen.clone();
     tokio::spawn(async move {
         while let Ok(Some(update)) = stream.message().await {

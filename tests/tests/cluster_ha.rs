@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use trellis_control_plane::controller::ControllerConfig;
 use trellis_control_plane::lease::LEASE_NAME;
-use trellis_proto::discovery::discovery_client::DiscoveryClient;
-use trellis_proto::discovery::{endpoint_update, WatchRequest};
+use trellis_proto::discovery::endpoint_update;
 use trellis_proto::CONTROLLER_NAMESPACE;
 use trellis_tests::fake_api::FakeApi;
 use trellis_tests::{
@@ -94,20 +93,7 @@ async fn leading(admins: &[SocketAddr]) -> Vec<f64> {
 /// The endpoint IPs a discovery watch on the controller at `addr` is first
 /// told for `authority`.
 async fn discovered(addr: SocketAddr, authority: &str) -> Result<Vec<String>, String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
-    let request = WatchRequest {
-        authority: authority.into(),
-        client_identity: "spiffe://cluster.local/ns/default/sa/test".into(),
-    };
-    let mut stream = DiscoveryClient::new(channel)
-        .watch_endpoints(request)
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
+    let mut stream = trellis_tests::watch_endpoints(&format!("http://{addr}"), authority).await?;
     let first = stream.message().await.map_err(|e| e.to_string())?;
     match first.and_then(|update| update.kind) {
         Some(endpoint_update::Kind::Snapshot(snapshot)) => {

@@ -8,8 +8,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use trellis_control_plane::transport::Plaintext;
-use trellis_proto::discovery::discovery_client::DiscoveryClient;
-use trellis_proto::discovery::WatchRequest;
 use trellis_proxy::config::{CONTROLLER, CONTROLLER_IDENTITY, CONTROLLER_TRUST};
 use trellis_tests::{eventually, metric, AppClient, Mesh};
 
@@ -152,30 +150,9 @@ fn non_loopback_ip() -> Option<IpAddr> {
 
 /// Opens a plaintext discovery watch at `url` and reads its first message.
 async fn plaintext_watch(url: String) -> Result<(), String> {
-    let chain = |e: &dyn std::error::Error| {
-        let mut text = e.to_string();
-        let mut cause = e.source();
-        while let Some(e) = cause {
-            text = format!("{text}: {e}");
-            cause = e.source();
-        }
-        text
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| chain(&e))?
-        .connect()
-        .await
-        .map_err(|e| chain(&e))?;
-    let request = WatchRequest {
-        authority: "hello.default.svc.cluster.local:8080".into(),
-        client_identity: "spiffe://cluster.local/ns/default/sa/test".into(),
-    };
-    let mut stream = DiscoveryClient::new(channel)
-        .watch_endpoints(request)
-        .await
-        .map_err(|e| chain(&e))?
-        .into_inner();
-    stream.message().await.map_err(|e| chain(&e))?;
+    let mut stream =
+        trellis_tests::watch_endpoints(&url, "hello.default.svc.cluster.local:8080").await?;
+    stream.message().await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
