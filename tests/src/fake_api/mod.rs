@@ -19,8 +19,11 @@
 //! its default columns), protobuf, aggregated discovery (kubectl falls back
 //! to the legacy documents), and Service cluster IP allocation.
 
+mod admission;
 mod kubectl;
+mod managed_fields;
 mod patch;
+mod rbac;
 mod requests;
 pub mod resources;
 mod routes;
@@ -40,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use kubectl::Kubectl;
+pub use rbac::Attributes;
 pub use status::ApiError;
 pub use store::HISTORY_LIMIT;
 pub use tokens::API_SERVER_AUDIENCE;
@@ -55,6 +59,7 @@ struct Shared {
     store: Mutex<Store>,
     tokens: Mutex<Tokens>,
     requests: Mutex<RequestLog>,
+    service_routes: Mutex<admission::ServiceRoutes>,
     /// Changed to end every open watch.
     watch_ends: tokio::sync::watch::Sender<u64>,
     addr: SocketAddr,
@@ -77,6 +82,7 @@ impl FakeApi {
             store: Mutex::new(Store::new()),
             tokens: Mutex::new(Tokens::default()),
             requests: Mutex::new(RequestLog::default()),
+            service_routes: Mutex::new(Default::default()),
             watch_ends: tokio::sync::watch::channel(0).0,
             addr,
         });
@@ -97,15 +103,21 @@ impl FakeApi {
     }
 
     /// Writes `dir/kubeconfig` for this server (context `fake`, namespace
-    /// `default`, a bearer token) and returns its path.
+    /// `default`, a bearer token: the admin's) and returns its path.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
+        self.write_kubeconfig_as(dir, "kubeconfig", "fake-api-token")
+    }
+
+    /// Writes `dir/file`, a kubeconfig authenticating with `token` (one
+    /// registered with [`FakeApi::add_token`] is that user, held to RBAC).
+    pub fn write_kubeconfig_as(&self, dir: &Path, file: &str, token: &str) -> PathBuf {
+        let path = dir.join(file);
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\n\
              clusters:\n- name: fake\n  cluster:\n    server: {}\n\
              contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
              current-context: fake\n\
-             users:\n- name: fake\n  user:\n    token: fake-api-token\n",
+             users:\n- name: fake\n  user:\n    token: {token}\n",
             self.url()
         );
         std::fs::write(&path, kubeconfig).expect("write the kubeconfig");
@@ -216,6 +228,29 @@ impl FakeApi {
             .expect("bind the fake API server's port again");
         let server = tokio::spawn(serve(listener, self.shared.clone()));
         *self.server.lock().expect("server lock") = Some(server);
+    }
+
+    /// Where the Service `namespace/name`'s `port` is served, for the
+    /// webhooks that name it (no cluster network here).
+    pub fn route_service(&self, namespace: &str, name: &str, port: u16, addr: SocketAddr) {
+        self.shared
+            .service_routes
+            .lock()
+            .expect("routes lock")
+            .insert((namespace.to_string(), name.to_string(), port), addr);
+    }
+
+    /// Every distinct call `user` (e.g. `system:serviceaccount:NS:SA`)
+    /// made, as RBAC names it, with the HTTP status it last got.
+    pub fn calls_by(&self, user: &str) -> Vec<(Attributes, u16)> {
+        self.shared
+            .requests
+            .lock()
+            .expect("request log lock")
+            .calls_by(user)
+            .into_iter()
+            .map(|(call, status)| (call.attributes, status))
+            .collect()
     }
 
     /// Registers a token for TokenReview: `username` (e.g.

@@ -1,14 +1,36 @@
 //! What clients asked: counters per (verb, resource), so a test can see a
-//! re-list happen, and the last requests, to print when a test fails.
+//! re-list happen; the last requests, to print when a test fails; and, per
+//! user, every distinct call (as RBAC names it) with its status, so a test
+//! can hold a client's calls against the RBAC rules it is given.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::rbac::{Attributes, User};
 
 const RECENT_LIMIT: usize = 1000;
+
+/// One call a user made, as RBAC sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Call {
+    pub user: String,
+    pub attributes: Attributes,
+}
+
+impl Call {
+    pub fn new(user: &User, attributes: Attributes) -> Self {
+        Call {
+            user: user.name.clone(),
+            attributes,
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct RequestLog {
     counts: HashMap<(String, String), u64>,
     recent: VecDeque<String>,
+    /// Distinct calls (bounded by what a client can name) → the last status.
+    calls: BTreeMap<Call, u16>,
 }
 
 impl RequestLog {
@@ -23,6 +45,19 @@ impl RequestLog {
         if self.recent.len() > RECENT_LIMIT {
             self.recent.pop_front();
         }
+    }
+
+    pub fn record_call(&mut self, call: Call, status: u16) {
+        self.calls.insert(call, status);
+    }
+
+    /// Every distinct call `user` made, with the status it last got.
+    pub fn calls_by(&self, user: &str) -> Vec<(Call, u16)> {
+        self.calls
+            .iter()
+            .filter(|(call, _)| call.user == user)
+            .map(|(call, status)| (call.clone(), *status))
+            .collect()
     }
 
     pub fn count(&self, verb: &str, resource: &str) -> u64 {

@@ -25,6 +25,7 @@ const ALL_VERBS: &[&str] = &[
 ];
 const GATEWAY: &str = "gateway.networking.k8s.io";
 const TRELLIS: &str = "trellis.dev";
+const RBAC: &str = "rbac.authorization.k8s.io";
 
 /// A namespaced resource with every verb; the methods below change that.
 const fn resource(
@@ -114,6 +115,25 @@ pub static RESOURCES: &[Resource] = &[
     resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview")
         .cluster_scoped()
         .create_only(),
+    resource(
+        "authorization.k8s.io",
+        "v1",
+        "subjectaccessreviews",
+        "SubjectAccessReview",
+    )
+    .cluster_scoped()
+    .create_only(),
+    resource(RBAC, "v1", "clusterroles", "ClusterRole").cluster_scoped(),
+    resource(RBAC, "v1", "clusterrolebindings", "ClusterRoleBinding").cluster_scoped(),
+    resource(RBAC, "v1", "roles", "Role"),
+    resource(RBAC, "v1", "rolebindings", "RoleBinding"),
+    resource(
+        "admissionregistration.k8s.io",
+        "v1",
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+    )
+    .cluster_scoped(),
 ];
 
 impl Resource {

@@ -12,10 +12,14 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 
+use super::admission;
+use super::managed_fields;
+use super::rbac::{self, Attributes, User};
+use super::requests::Call;
 use super::resources::{self, Resource};
 use super::selector::Selector;
 use super::status::ApiError;
-use super::store::{ListPage, Part, PatchType, WatchStart, Writer};
+use super::store::{self, ListPage, Part, PatchType, WatchStart, Writer};
 use super::watch::{self, WatchRequest};
 use super::Shared;
 
@@ -45,31 +49,158 @@ pub async fn handle(
         Err(_) => Bytes::new(),
     };
     let query = parse_query(parts.uri.query().unwrap_or(""));
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let answer = route(
-        &shared,
-        &parts.method,
-        parts.uri.path(),
-        &query,
-        content_type,
-        &body,
-    );
+    let header = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let request = ClientRequest {
+        user: authenticate(&shared, &header(header::AUTHORIZATION)),
+        manager: managed_fields::manager(
+            query.get("fieldManager").map(String::as_str),
+            Some(&header(header::USER_AGENT)),
+        ),
+        dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
+        content_type: header(header::CONTENT_TYPE),
+        body,
+        warnings: Vec::new(),
+    };
+    let (answer, call) = match admit(&shared, &parts.method, parts.uri.path(), &query, request).await {
+        Ok(mut request) => {
+            let (answer, call) = route(&shared, &parts.method, parts.uri.path(), &query, &request);
+            let mut answer = answer;
+            for warning in request.warnings.drain(..) {
+                let value = format!("299 - {:?}", warning);
+                if let Ok(value) = http::HeaderValue::from_str(&value) {
+                    answer.response.headers_mut().append(header::WARNING, value);
+                }
+            }
+            (answer, call)
+        }
+        Err(refused) => refused,
+    };
     let line = format!(
         "{} {} -> {}",
         parts.method,
         parts.uri,
         answer.response.status().as_u16()
     );
-    shared
-        .requests
-        .lock()
-        .expect("request log lock")
-        .record(answer.verb, answer.resource, line);
+    let mut log = shared.requests.lock().expect("request log lock");
+    log.record(answer.verb, answer.resource, line);
+    if let Some(call) = call {
+        log.record_call(call, answer.response.status().as_u16());
+    }
+    drop(log);
     Ok(answer.response)
+}
+
+/// One request as the handlers need it: who sent it, under which field
+/// manager, and its body after admission.
+struct ClientRequest {
+    user: User,
+    manager: String,
+    dry_run: bool,
+    content_type: String,
+    body: Bytes,
+    warnings: Vec<String>,
+}
+
+/// The user a bearer token names: a token the test registered for the API
+/// server's audience, else the admin.
+fn authenticate(shared: &Shared, authorization: &str) -> User {
+    authorization
+        .strip_prefix("Bearer ")
+        .and_then(|token| shared.tokens.lock().expect("tokens lock").user(token.trim()))
+        .unwrap_or_else(User::admin)
+}
+
+/// Mutating admission for a Pod create, after authorization, as the API
+/// server orders them; anything else passes as it is.
+async fn admit(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    mut request: ClientRequest,
+) -> Result<ClientRequest, (Answer, Option<Call>)> {
+    let Some(target) = parse_target(path) else {
+        return Ok(request);
+    };
+    if method != Method::POST || target.resource.kind != "Pod" || target.name.is_some() {
+        return Ok(request);
+    }
+    let refuse = |error: ApiError, call: Option<Call>| {
+        (
+            Answer {
+                verb: "create",
+                resource: target.resource.plural,
+                response: error_response(&error),
+            },
+            call,
+        )
+    };
+    let call = Call::new(&request.user, attributes("create", &target, query));
+    if let Err(error) = authorize(shared, &request.user, &call.attributes) {
+        return Err(refuse(error, Some(call)));
+    }
+    let Ok(pod) = parse_body(&request.body) else {
+        return Ok(request); // the create itself reports the bad body
+    };
+    let namespace = target
+        .namespace
+        .clone()
+        .or_else(|| pod["metadata"]["namespace"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "default".to_string());
+    match admission::mutate_pod(shared, &namespace, &request.user, pod, request.dry_run).await {
+        Ok(admitted) => {
+            request.body = Bytes::from(serde_json::to_vec(&admitted.object).expect("JSON values serialize"));
+            request.warnings = admitted.warnings;
+            Ok(request)
+        }
+        Err(error) => Err(refuse(error, Some(call))),
+    }
+}
+
+/// What RBAC names the request as.
+fn attributes(verb: &str, target: &Target, query: &HashMap<String, String>) -> Attributes {
+    let mut attributes = Attributes::new(verb, target.resource);
+    attributes.namespace = target.namespace.clone();
+    attributes.subresource = (target.part == Part::Status).then(|| "status".to_string());
+    attributes.name = target.name.clone().or_else(|| {
+        query
+            .get("fieldSelector")
+            .and_then(|fields| fields.strip_prefix("metadata.name="))
+            .filter(|name| !name.contains(','))
+            .map(str::to_string)
+    });
+    attributes
+}
+
+fn authorize(shared: &Shared, user: &User, attributes: &Attributes) -> Result<(), ApiError> {
+    let store = shared.store.lock().expect("store lock");
+    if rbac::allows(&store, user, attributes) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(attributes.forbidden_message(user)))
+    }
+}
+
+/// The API verb of a request on `target`.
+fn verb_of(method: &Method, target: &Target, query: &HashMap<String, String>) -> &'static str {
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    match (method.as_str(), &target.name) {
+        ("GET", None) if watch => "watch",
+        ("GET", None) => "list",
+        ("GET", Some(_)) => "get",
+        ("POST", None) => "create",
+        ("PUT", Some(_)) => "update",
+        ("PATCH", Some(_)) => "patch",
+        ("DELETE", Some(_)) => "delete",
+        _ => "unsupported",
+    }
 }
 
 fn json_response(status: u16, value: &Value) -> Response<Body> {
@@ -129,9 +260,8 @@ fn route(
     method: &Method,
     path: &str,
     query: &HashMap<String, String>,
-    content_type: &str,
-    body: &[u8],
-) -> Answer {
+    request: &ClientRequest,
+) -> (Answer, Option<Call>) {
     let discovery = |response| Answer {
         verb: "discovery",
         resource: "",
@@ -139,33 +269,36 @@ fn route(
     };
     if method == Method::GET {
         if let Some(document) = discovery_document(shared, path) {
-            return discovery(json_response(200, &document));
+            return (discovery(json_response(200, &document)), None);
         }
     }
     let target = match parse_target(path) {
         Some(target) => target,
-        None => return discovery(error_response(&ApiError::path_not_found(path))),
+        None => return (discovery(error_response(&ApiError::path_not_found(path))), None),
     };
     let resource = target.resource;
-    let (verb, result) = if resource.create_only {
-        match (method.as_str(), &target.name) {
-            ("POST", None) => ("create", token_review(shared, body)),
-            _ => (
-                "unsupported",
-                Err(ApiError::method_not_allowed(format!(
-                    "{} only supports create",
-                    resource.qualified()
-                ))),
-            ),
+    let verb = verb_of(method, &target, query);
+    let call = Call::new(&request.user, attributes(verb, &target, query));
+    let result = if let Err(error) = authorize(shared, &request.user, &call.attributes) {
+        Err(error)
+    } else if resource.create_only {
+        match (verb, resource.kind) {
+            ("create", "TokenReview") => token_review(shared, &request.body),
+            ("create", "SubjectAccessReview") => access_review(shared, &request.body),
+            _ => Err(ApiError::method_not_allowed(format!(
+                "{} only supports create",
+                resource.qualified()
+            ))),
         }
     } else {
-        serve_resource(shared, method, &target, query, content_type, body)
+        serve_resource(shared, method, &target, query, request)
     };
-    Answer {
+    let answer = Answer {
         verb,
         resource: resource.plural,
         response: result.unwrap_or_else(|error| error_response(&error)),
-    }
+    };
+    (answer, Some(call))
 }
 
 fn discovery_document(shared: &Shared, path: &str) -> Option<Value> {
@@ -236,9 +369,8 @@ fn serve_resource(
     method: &Method,
     target: &Target,
     query: &HashMap<String, String>,
-    content_type: &str,
-    body: &[u8],
-) -> (&'static str, Result<Response<Body>, ApiError>) {
+    request: &ClientRequest,
+) -> Result<Response<Body>, ApiError> {
     let Target {
         resource,
         namespace,
@@ -247,76 +379,74 @@ fn serve_resource(
     } = target;
     let (resource, namespace, part) = (*resource, namespace.as_deref(), *part);
     let mut store = shared.store.lock().expect("store lock");
-    match (method.as_str(), name) {
-        ("GET", None) if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => {
-            let request = watch_request(resource, namespace, query);
-            let response = request.map(|request| {
-                let body = watch::start(&store, request, shared.watch_ends.subscribe());
-                Response::builder()
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(body.boxed())
-                    .expect("a valid response")
-            });
-            ("watch", response)
+    // The managedFields a write carries: this manager's entry added to the
+    // current object's.
+    let managed = |current: Option<&Value>, body: &Value, operation: &str| {
+        managed_fields::record(current, body, &request.manager, operation, &store::rfc3339_now())
+    };
+    match (verb_of(method, target, query), name) {
+        ("watch", _) => {
+            let watch = watch_request(resource, namespace, query)?;
+            let body = watch::start(&store, watch, shared.watch_ends.subscribe());
+            Ok(Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.boxed())
+                .expect("a valid response"))
         }
-        ("GET", None) => {
-            let page = list_params(query).and_then(|(selector, limit, token, exact)| {
-                if let Some(exact) = exact.filter(|&rv| rv != store.resource_version()) {
-                    return Err(ApiError::expired(format!(
-                        "too old resource version: {exact} ({}); this fake API server serves \
-                         Exact lists only at the current resourceVersion",
-                        store.resource_version()
-                    )));
-                }
-                store.list(resource, namespace, &selector, limit, token.as_deref())
-            });
-            ("list", page.map(|page| list_response(resource, &page)))
+        ("list", _) => {
+            let (selector, limit, token, exact) = list_params(query)?;
+            if let Some(exact) = exact.filter(|&rv| rv != store.resource_version()) {
+                return Err(ApiError::expired(format!(
+                    "too old resource version: {exact} ({}); this fake API server serves \
+                     Exact lists only at the current resourceVersion",
+                    store.resource_version()
+                )));
+            }
+            let page = store.list(resource, namespace, &selector, limit, token.as_deref())?;
+            Ok(list_response(resource, &page))
         }
-        ("GET", Some(name)) => (
-            "get",
-            store
-                .get(resource, namespace, name)
-                .map(|object| object_response(200, &object)),
-        ),
-        ("POST", None) => (
-            "create",
-            parse_body(body)
-                .and_then(|object| store.create(resource, namespace, object, Writer::Client))
-                .map(|object| object_response(201, &object)),
-        ),
-        ("PUT", Some(name)) => (
-            "update",
-            parse_body(body)
-                .and_then(|object| {
-                    store.update(resource, namespace, name, object, part, Writer::Client)
-                })
-                .map(|object| object_response(200, &object)),
-        ),
-        ("PATCH", Some(name)) => {
-            let existed = store.get(resource, namespace, name).is_ok();
-            let result = patch_type(resource, content_type, query)
-                .and_then(|patch_type| {
-                    let patch = parse_body(body)?;
-                    store.patch(resource, namespace, name, patch_type, &patch, part)
-                })
-                .map(|object| object_response(if existed { 200 } else { 201 }, &object));
-            ("patch", result)
+        ("get", Some(name)) => Ok(object_response(200, &*store.get(resource, namespace, name)?)),
+        ("create", None) => {
+            let mut object = parse_body(&request.body)?;
+            let entries = managed(None, &object, "Update");
+            object["metadata"]["managedFields"] = entries;
+            let created = if request.dry_run {
+                store.dry_run_create(resource, namespace, object)?
+            } else {
+                store.create(resource, namespace, object, Writer::Client)?
+            };
+            Ok(object_response(201, &created))
         }
-        ("DELETE", Some(name)) => {
-            let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        ("update", Some(name)) => {
+            let mut object = parse_body(&request.body)?;
+            if part == Part::Main {
+                let current = store.get(resource, namespace, name)?;
+                object["metadata"]["managedFields"] = managed(Some(&current), &object, "Update");
+            }
+            let updated = store.update(resource, namespace, name, object, part, Writer::Client)?;
+            Ok(object_response(200, &updated))
+        }
+        ("patch", Some(name)) => {
+            let current = store.get(resource, namespace, name).ok();
+            let patch_type = patch_type(resource, &request.content_type, query)?;
+            let mut patch = parse_body(&request.body)?;
+            if part == Part::Main && patch.is_object() {
+                let operation = if patch_type == PatchType::Apply { "Apply" } else { "Update" };
+                patch["metadata"]["managedFields"] = managed(current.as_deref(), &patch, operation);
+            }
+            let patched = store.patch(resource, namespace, name, patch_type, &patch, part)?;
+            Ok(object_response(if current.is_some() { 200 } else { 201 }, &patched))
+        }
+        ("delete", Some(name)) => {
+            let options: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
             let precondition = options["preconditions"]["resourceVersion"].as_str();
-            let result = store
-                .delete(resource, namespace, name, precondition)
-                .map(|object| object_response(200, &object));
-            ("delete", result)
+            let deleted = store.delete(resource, namespace, name, precondition)?;
+            Ok(object_response(200, &deleted))
         }
-        _ => (
-            "unsupported",
-            Err(ApiError::method_not_allowed(format!(
-                "{method} is not supported on this path by the fake API server \
-                 (it serves get, list, watch, create, update, patch and delete)"
-            ))),
-        ),
+        _ => Err(ApiError::method_not_allowed(format!(
+            "{method} is not supported on this path by the fake API server \
+             (it serves get, list, watch, create, update, patch and delete)"
+        ))),
     }
 }
 
@@ -440,6 +570,22 @@ fn list_response(resource: &Resource, page: &ListPage) -> Response<Body> {
     }
     bytes.extend_from_slice(b"]}");
     bytes_response(200, bytes)
+}
+
+fn access_review(shared: &Shared, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let review = parse_body(body)?;
+    if review["kind"].as_str().is_some_and(|k| k != "SubjectAccessReview") {
+        return Err(ApiError::bad_request(format!(
+            "kind {} does not match subjectaccessreviews.authorization.k8s.io (expected SubjectAccessReview)",
+            review["kind"]
+        )));
+    }
+    let status = rbac::review(&shared.store.lock().expect("store lock"), &review["spec"]);
+    let answer = json!({
+        "kind": "SubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+        "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status,
+    });
+    Ok(json_response(201, &answer))
 }
 
 fn token_review(shared: &Shared, body: &[u8]) -> Result<Response<Body>, ApiError> {

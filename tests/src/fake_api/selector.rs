@@ -32,6 +32,41 @@ impl Selector {
         })
     }
 
+    /// A `metav1.LabelSelector` object (`matchLabels`, `matchExpressions`),
+    /// as webhooks' namespace and object selectors are; an absent or empty
+    /// one selects everything.
+    pub fn from_label_selector(selector: &Value) -> Result<Self, ApiError> {
+        let mut labels = Vec::new();
+        for (key, value) in selector["matchLabels"].as_object().into_iter().flatten() {
+            let value = value.as_str().unwrap_or_default().to_string();
+            labels.push(Requirement::Equals(key.clone(), value));
+        }
+        for expression in selector["matchExpressions"].as_array().into_iter().flatten() {
+            let key = expression["key"].as_str().unwrap_or_default().to_string();
+            let values: Vec<String> = expression["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            labels.push(match expression["operator"].as_str() {
+                Some("In") => Requirement::In(key, values),
+                Some("NotIn") => Requirement::NotIn(key, values),
+                Some("Exists") => Requirement::Exists(key),
+                Some("DoesNotExist") => Requirement::NotExists(key),
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "{other:?} is not a valid label selector operator (In, NotIn, Exists, DoesNotExist)"
+                    )))
+                }
+            });
+        }
+        Ok(Selector {
+            labels,
+            fields: Vec::new(),
+        })
+    }
+
     pub fn matches(&self, object: &Value) -> bool {
         let label = |key: &str| {
             object["metadata"]["labels"][key]
@@ -179,5 +214,21 @@ mod tests {
         assert!(matches(None, Some("metadata.name=web-1")));
         assert!(!matches(None, Some("metadata.name!=web-1")));
         assert!(Selector::parse(Some("app in web"), None).is_err());
+    }
+
+    #[test]
+    fn label_selector_objects_select() {
+        let namespace = json!({"metadata": {"labels": {"kubernetes.io/metadata.name": "shop"}}});
+        let selector = json!({"matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system"]},
+            {"key": "trellis.dev/inject", "operator": "NotIn", "values": ["disabled"]}
+        ]});
+        let select = |s: &serde_json::Value, o| Selector::from_label_selector(s).unwrap().matches(o);
+        assert!(select(&selector, &namespace));
+        let system = json!({"metadata": {"labels": {"kubernetes.io/metadata.name": "kube-system"}}});
+        assert!(!select(&selector, &system));
+        assert!(select(&json!(null), &system));
+        assert!(!select(&json!({"matchLabels": {"a": "b"}}), &namespace));
+        assert!(Selector::from_label_selector(&json!({"matchExpressions": [{"key": "a", "operator": "Equals"}]})).is_err());
     }
 }

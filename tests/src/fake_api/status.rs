@@ -79,6 +79,20 @@ impl ApiError {
         Self::new(415, "UnsupportedMediaType", message)
     }
 
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, "Forbidden", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "InternalError", format!("Internal error occurred: {}", message.into()))
+    }
+
+    /// A webhook's refusal, with the code it chose (400 if none).
+    pub fn denied(code: u16, message: impl Into<String>) -> Self {
+        let reason = if code == 403 { "Forbidden" } else { "BadRequest" };
+        Self::new(code, reason, message)
+    }
+
     pub fn path_not_found(path: &str) -> Self {
         Self::new(
             404,

@@ -138,7 +138,7 @@ fn key(resource: &Resource, namespace: Option<&str>, name: &str) -> Key {
     (namespace.to_string(), name.to_string())
 }
 
-fn rfc3339_now() -> String {
+pub fn rfc3339_now() -> String {
     let seconds = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -161,13 +161,21 @@ fn rfc3339_now() -> String {
     )
 }
 
-fn new_uid() -> String {
+pub fn new_uid() -> String {
     let hex = |n: usize| -> String {
         (0..n)
             .map(|_| char::from_digit(fastrand::u32(0..16), 16).expect("a hex digit"))
             .collect()
     };
     format!("{}-{}-4{}-a{}-{}", hex(8), hex(4), hex(3), hex(3), hex(12))
+}
+
+fn without_managed_fields(object: &Value) -> Value {
+    let mut object = object.clone();
+    if let Some(metadata) = object["metadata"].as_object_mut() {
+        metadata.remove("managedFields");
+    }
+    object
 }
 
 /// The object without `metadata` and `status`: what `generation` counts.
@@ -313,9 +321,31 @@ impl Store {
         &mut self,
         resource: &'static Resource,
         namespace: Option<&str>,
-        mut object: Value,
+        object: Value,
         writer: Writer,
     ) -> Result<Arc<Value>, ApiError> {
+        let (key, object) = self.prepare_create(resource, namespace, object, writer)?;
+        Ok(self.record(resource, EventType::Added, key, object))
+    }
+
+    /// What `create` would store (`dryRun=All`), without storing it.
+    pub fn dry_run_create(
+        &self,
+        resource: &'static Resource,
+        namespace: Option<&str>,
+        object: Value,
+    ) -> Result<Arc<Value>, ApiError> {
+        let (_, object) = self.prepare_create(resource, namespace, object, Writer::Client)?;
+        Ok(Arc::new(object))
+    }
+
+    fn prepare_create(
+        &self,
+        resource: &'static Resource,
+        namespace: Option<&str>,
+        mut object: Value,
+        writer: Writer,
+    ) -> Result<(Key, Value), ApiError> {
         Self::check_type(resource, &mut object)?;
         let name = match (
             metadata_str(&object, "name"),
@@ -349,7 +379,11 @@ impl Store {
             metadata.remove("namespace");
         }
         let key = key(resource, metadata_str(&object, "namespace"), &name);
-        if self.table(resource).contains_key(&key) {
+        if self
+            .objects
+            .get(&id(resource))
+            .is_some_and(|table| table.contains_key(&key))
+        {
             return Err(ApiError::already_exists(resource, &name));
         }
         let metadata = &mut object["metadata"];
@@ -370,7 +404,7 @@ impl Store {
                 map.remove("status");
             }
         }
-        Ok(self.record(resource, EventType::Added, key, object))
+        Ok((key, object))
     }
 
     /// PUT: replaces the object (or its status), if the resourceVersion the
@@ -425,7 +459,8 @@ impl Store {
             map.retain(|_, v| !v.is_null());
         }
         updated["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
-        if updated == *current {
+        // A write that changes nothing but its own bookkeeping is a no-op.
+        if without_managed_fields(&updated) == without_managed_fields(&current) {
             return Ok(current);
         }
         if desired_state(&updated) != desired_state(&current) {

@@ -30,6 +30,13 @@ impl Tokens {
         self.0.insert(token.to_string(), token_value);
     }
 
+    /// The user a bearer token authenticates to the API server as: a
+    /// registered, valid token for the API server's audience.
+    pub fn user(&self, token: &str) -> Option<super::rbac::User> {
+        let status = self.review(&json!({"token": token}));
+        super::rbac::User::from_review(&status["user"])
+    }
+
     /// The `status` of a TokenReview with this `spec`.
     pub fn review(&self, spec: &Value) -> Value {
         let refuse = |why: String| json!({"authenticated": false, "error": why});
