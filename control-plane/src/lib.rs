@@ -9,6 +9,7 @@ pub mod identity;
 pub mod lease;
 pub mod metrics;
 pub mod model;
+pub mod permissions;
 pub mod source;
 pub mod store;
 pub mod transport;
