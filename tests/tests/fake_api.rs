@@ -664,3 +664,178 @@ async fn discovery_describes_every_kind() {
     let (status, missing) = call(&api, "GET", "/apis/trellis.dev/v1alpha1/widgets", None).await;
     assert_eq!((status, missing["kind"].as_str()), (404, Some("Status")));
 }
+
+/// kubectl acting as another user (`--as`).
+struct Impersonating<'a>(&'a Kubectl, &'a str);
+
+impl Impersonating<'_> {
+    fn args<'b>(&'b self, args: &[&'b str]) -> Vec<String> {
+        let mut all = vec![format!("--as={}", self.1)];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
+    }
+
+    async fn run(&self, args: &[&str]) -> String {
+        let all = self.args(args);
+        self.0
+            .run(&all.iter().map(String::as_str).collect::<Vec<_>>())
+            .await
+    }
+
+    async fn output(&self, args: &[&str]) -> std::process::Output {
+        let all = self.args(args);
+        self.0
+            .output(&all.iter().map(String::as_str).collect::<Vec<_>>())
+            .await
+    }
+}
+
+/// What kubectl printed on stderr, for a command that must fail.
+async fn refusal(kubectl: &Impersonating<'_>, args: &[&str]) -> String {
+    let out = kubectl.output(args).await;
+    assert!(!out.status.success(), "kubectl {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn rbac_holds_an_impersonated_service_account_to_its_roles_and_answers_access_reviews() {
+    let api = FakeApi::start().await;
+    api.apply(namespace("shop"));
+    let Some(admin) = Kubectl::new(&api) else {
+        return;
+    };
+    // kubectl sends no bearer token over plain HTTP: it acts as the
+    // service account by impersonation, as an admin may.
+    let reader = Impersonating(&admin, "system:serviceaccount:shop:reader");
+    let user = "User \"system:serviceaccount:shop:reader\"";
+    let stderr = refusal(&reader, &["-n", "shop", "get", "pods"]).await;
+    assert!(
+        stderr.contains(&format!(
+            "Error from server (Forbidden): pods is forbidden: {user} cannot list resource \"pods\" in API group \"\" in the namespace \"shop\""
+        )),
+        "{stderr}"
+    );
+
+    // A Role for pods and for one ConfigMap by name, bound to the reader
+    // (kubectl's `create role` speaks protobuf, which this server does not).
+    let rbac = admin.write(
+        "rbac.yaml",
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\n\
+         metadata: {name: reader, namespace: shop}\n\
+         rules:\n- {apiGroups: [''], resources: [pods], verbs: [get, list]}\n\
+         - {apiGroups: [''], resources: [configmaps], verbs: [get, list], resourceNames: [settings]}\n\
+         ---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
+         metadata: {name: reader, namespace: shop}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}\n\
+         subjects: [{kind: ServiceAccount, name: reader, namespace: shop}]\n\
+         ---\n\
+         {apiVersion: v1, kind: ConfigMap, metadata: {name: settings, namespace: shop}}\n\
+         ---\n\
+         {apiVersion: v1, kind: ConfigMap, metadata: {name: other, namespace: shop}}\n",
+    );
+    admin.run(&["apply", "-f", &rbac]).await;
+
+    reader.run(&["-n", "shop", "get", "pods"]).await;
+    reader
+        .run(&["-n", "shop", "get", "configmap", "settings"])
+        .await;
+    reader
+        .run(&[
+            "-n",
+            "shop",
+            "get",
+            "configmaps",
+            "--field-selector",
+            "metadata.name=settings",
+        ])
+        .await;
+    let stderr = refusal(&reader, &["-n", "shop", "get", "configmap", "other"]).await;
+    assert!(
+        stderr.contains(&format!(
+            "configmaps \"other\" is forbidden: {user} cannot get resource \"configmaps\""
+        )),
+        "{stderr}"
+    );
+    refusal(&reader, &["-n", "shop", "get", "configmaps"]).await;
+    refusal(&reader, &["-n", "default", "get", "pods"]).await;
+    refusal(&reader, &["-n", "shop", "delete", "configmap", "settings"]).await;
+
+    // A SubjectAccessReview answers from the same rules.
+    let review = |verb: &str, resource: &str, name: &str| {
+        json!({
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": "system:serviceaccount:shop:reader",
+                     "resourceAttributes": {"namespace": "shop", "verb": verb, "resource": resource, "name": name}}
+        })
+    };
+    for (verb, resource, name, allowed) in [
+        ("list", "pods", "", true),
+        ("delete", "pods", "", false),
+        ("get", "configmaps", "settings", true),
+        ("get", "configmaps", "other", false),
+    ] {
+        let (status, answer) = call(
+            &api,
+            "POST",
+            "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+            Some(("application/json", review(verb, resource, name))),
+        )
+        .await;
+        assert_eq!(status, 201);
+        assert_eq!(
+            answer["status"]["allowed"], allowed,
+            "{verb} {resource} {name}: {answer}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn writes_record_their_manager_and_time_in_managed_fields() {
+    let api = FakeApi::start().await;
+    let Some(kubectl) = Kubectl::new(&api) else {
+        return;
+    };
+    let file = kubectl.write(
+        "shop.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+    );
+    kubectl.run(&["apply", "-f", &file]).await;
+    kubectl
+        .run(&["label", "namespace", "shop", "trellis.dev/inject=enabled"])
+        .await;
+    let namespace = &api
+        .objects("v1", "Namespace")
+        .into_iter()
+        .find(|ns| ns["metadata"]["name"] == "shop")
+        .expect("the namespace");
+    let entries = namespace["metadata"]["managedFields"]
+        .as_array()
+        .expect("managedFields");
+    let label = entries
+        .iter()
+        .find(|e| {
+            e["fieldsV1"]["f:metadata"]["f:labels"]
+                .get("f:trellis.dev/inject")
+                .is_some()
+        })
+        .unwrap_or_else(|| panic!("no manager set the label: {entries:#?}"));
+    assert_eq!(label["manager"], "kubectl-label", "{label}");
+    assert_eq!(label["operation"], "Update");
+    assert!(
+        label["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{label}"
+    );
+    // A write that changes nothing is no new version.
+    let version = api.resource_version();
+    kubectl
+        .run(&[
+            "label",
+            "--overwrite",
+            "namespace",
+            "shop",
+            "trellis.dev/inject=enabled",
+        ])
+        .await;
+    assert_eq!(api.resource_version(), version);
+}

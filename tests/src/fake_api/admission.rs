@@ -165,9 +165,9 @@ async fn call(shared: &Shared, webhook: &Value, review: &Value) -> Result<Value,
             .strip_prefix("https://")
             .ok_or_else(|| format!("webhook URL {url:?} is not https"))?;
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let addr: SocketAddr = authority
-            .parse()
-            .map_err(|_| format!("this fake API server calls webhook URLs by IP:port only, not {authority:?}"))?;
+        let addr: SocketAddr = authority.parse().map_err(|_| {
+            format!("this fake API server calls webhook URLs by IP:port only, not {authority:?}")
+        })?;
         (addr, addr.ip().to_string(), format!("/{path}"))
     } else {
         let service = &config["service"];

@@ -21,6 +21,12 @@ impl Kubectl {
     /// `None` (after saying why) when kubectl isn't installed, unless
     /// `CI=true`, where that fails the test.
     pub fn new(api: &FakeApi) -> Option<Self> {
+        Self::with_token(api, "fake-api-token")
+    }
+
+    /// kubectl authenticating with `token`: one registered with
+    /// [`FakeApi::add_token`] is held to that user's RBAC.
+    pub fn with_token(api: &FakeApi, token: &str) -> Option<Self> {
         let installed = std::process::Command::new(KUBECTL)
             .args(["version", "--client"])
             .output()
@@ -35,7 +41,7 @@ impl Kubectl {
             return None;
         }
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let kubeconfig = api.write_kubeconfig(dir.path());
+        let kubeconfig = api.write_kubeconfig_as(dir.path(), "kubeconfig", token);
         Some(Kubectl { dir, kubeconfig })
     }
 

@@ -114,15 +114,26 @@ mod tests {
             {"manager": "kubectl-client-side-apply", "operation": "Update", "fieldsV1": {"f:spec": {}}}
         ]}});
         let patch = json!({"metadata": {"labels": {"trellis.dev/inject": "enabled"}}});
-        let entries = record(Some(&current), &patch, "kubectl-label", "Update", "2026-12-02T01:00:00Z");
+        let entries = record(
+            Some(&current),
+            &patch,
+            "kubectl-label",
+            "Update",
+            "2026-12-02T01:00:00Z",
+        );
         assert_eq!(entries.as_array().unwrap().len(), 2);
         assert_eq!(
             entries[1]["fieldsV1"],
             json!({"f:metadata": {"f:labels": {"f:trellis.dev/inject": {}}}})
         );
         assert_eq!(entries[1]["time"], "2026-12-02T01:00:00Z");
-        let again = record(Some(&json!({"metadata": {"managedFields": entries}})),
-            &json!({"metadata": {"labels": {"team": "a"}}}), "kubectl-label", "Update", "2026-12-02T01:00:05Z");
+        let again = record(
+            Some(&json!({"metadata": {"managedFields": entries}})),
+            &json!({"metadata": {"labels": {"team": "a"}}}),
+            "kubectl-label",
+            "Update",
+            "2026-12-02T01:00:05Z",
+        );
         assert_eq!(again.as_array().unwrap().len(), 2);
         assert_eq!(
             again[1]["fieldsV1"]["f:metadata"]["f:labels"],
@@ -133,7 +144,10 @@ mod tests {
     #[test]
     fn managers_come_from_the_parameter_or_the_user_agent() {
         assert_eq!(manager(Some("helm"), Some("kubectl/v1.32")), "helm");
-        assert_eq!(manager(None, Some("kubectl/v1.32.0 (linux/amd64)")), "kubectl");
+        assert_eq!(
+            manager(None, Some("kubectl/v1.32.0 (linux/amd64)")),
+            "kubectl"
+        );
         assert_eq!(manager(Some(""), None), "unknown");
     }
 }

@@ -11,13 +11,26 @@
 //! resourceVersion older than the history, `409` on stale updates, and
 //! TokenReview against tokens the test registers.
 //!
-//! Not covered: authorization, admission and schema validation
-//! (`fieldValidation` is accepted and not enforced), finalizers and
-//! graceful deletion (a delete is immediate; deleting a namespace deletes
-//! its objects at once), `deletecollection`, JSON patch, managed fields
-//! (server-side apply is a create-or-merge), Table output (kubectl prints
-//! its default columns), protobuf, aggregated discovery (kubectl falls back
-//! to the legacy documents), and Service cluster IP allocation.
+//! Authentication and authorization (`rbac`): a bearer token registered
+//! with [`FakeApi::add_token`] for the API server's audience, or an admin's
+//! `Impersonate-User` (kubectl `--as`; kubectl sends no token over plain
+//! HTTP), is held to the Roles, ClusterRoles and bindings stored here, with
+//! the API server's 403 wording; SubjectAccessReviews answer from the same
+//! rules; any other client is the admin. Mutating admission (`admission`):
+//! a Pod create goes through the MutatingWebhookConfigurations' webhooks
+//! over TLS checked against their caBundle; `dryRun=All` creates store
+//! nothing. `metadata.managedFields` are kept approximately (per manager:
+//! its time and the fields it set).
+//!
+//! Not covered: validating admission and other kinds' admission, schema
+//! validation (`fieldValidation` is accepted and not enforced), finalizers
+//! and graceful deletion (a delete is immediate; deleting a namespace
+//! deletes its objects at once), `deletecollection`, JSON patch, field
+//! ownership conflicts (server-side apply is a create-or-merge), Table
+//! output (kubectl prints its default columns), protobuf (so `kubectl
+//! create role|namespace` fail; `kubectl apply` works), aggregated
+//! discovery (kubectl falls back to the legacy documents), and Service
+//! cluster IP allocation.
 
 mod admission;
 mod kubectl;

@@ -58,7 +58,10 @@ pub async fn handle(
             .to_string()
     };
     let request = ClientRequest {
-        user: authenticate(&shared, &header(header::AUTHORIZATION)),
+        user: impersonate(
+            authenticate(&shared, &header(header::AUTHORIZATION)),
+            &parts.headers,
+        ),
         manager: managed_fields::manager(
             query.get("fieldManager").map(String::as_str),
             Some(&header(header::USER_AGENT)),
@@ -68,7 +71,9 @@ pub async fn handle(
         body,
         warnings: Vec::new(),
     };
-    let (answer, call) = match admit(&shared, &parts.method, parts.uri.path(), &query, request).await {
+    let (answer, call) = match admit(&shared, &parts.method, parts.uri.path(), &query, request)
+        .await
+    {
         Ok(mut request) => {
             let (answer, call) = route(&shared, &parts.method, parts.uri.path(), &query, &request);
             let mut answer = answer;
@@ -83,7 +88,8 @@ pub async fn handle(
         Err(refused) => refused,
     };
     let line = format!(
-        "{} {} -> {}",
+        "{} {} {} -> {}",
+        call.as_ref().map_or("-", |c| c.user.as_str()),
         parts.method,
         parts.uri,
         answer.response.status().as_u16()
@@ -113,8 +119,44 @@ struct ClientRequest {
 fn authenticate(shared: &Shared, authorization: &str) -> User {
     authorization
         .strip_prefix("Bearer ")
-        .and_then(|token| shared.tokens.lock().expect("tokens lock").user(token.trim()))
+        .and_then(|token| {
+            shared
+                .tokens
+                .lock()
+                .expect("tokens lock")
+                .user(token.trim())
+        })
         .unwrap_or_else(User::admin)
+}
+
+/// The user an admin acts as with `Impersonate-User` (kubectl `--as`,
+/// `--as-group`), with the groups the API server gives it; anyone else's
+/// impersonation is ignored (a real server would refuse it).
+fn impersonate(user: User, headers: &http::HeaderMap) -> User {
+    let Some(name) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| user.is_admin())
+    else {
+        return user;
+    };
+    let mut groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    if let Some((namespace, _)) = name
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        groups.push("system:serviceaccounts".to_string());
+        groups.push(format!("system:serviceaccounts:{namespace}"));
+    }
+    groups.push("system:authenticated".to_string());
+    User {
+        name: name.to_string(),
+        groups,
+    }
 }
 
 /// Mutating admission for a Pod create, after authorization, as the API
@@ -156,7 +198,8 @@ async fn admit(
         .unwrap_or_else(|| "default".to_string());
     match admission::mutate_pod(shared, &namespace, &request.user, pod, request.dry_run).await {
         Ok(admitted) => {
-            request.body = Bytes::from(serde_json::to_vec(&admitted.object).expect("JSON values serialize"));
+            request.body =
+                Bytes::from(serde_json::to_vec(&admitted.object).expect("JSON values serialize"));
             request.warnings = admitted.warnings;
             Ok(request)
         }
@@ -274,7 +317,12 @@ fn route(
     }
     let target = match parse_target(path) {
         Some(target) => target,
-        None => return (discovery(error_response(&ApiError::path_not_found(path))), None),
+        None => {
+            return (
+                discovery(error_response(&ApiError::path_not_found(path))),
+                None,
+            )
+        }
     };
     let resource = target.resource;
     let verb = verb_of(method, &target, query);
@@ -382,7 +430,13 @@ fn serve_resource(
     // The managedFields a write carries: this manager's entry added to the
     // current object's.
     let managed = |current: Option<&Value>, body: &Value, operation: &str| {
-        managed_fields::record(current, body, &request.manager, operation, &store::rfc3339_now())
+        managed_fields::record(
+            current,
+            body,
+            &request.manager,
+            operation,
+            &store::rfc3339_now(),
+        )
     };
     match (verb_of(method, target, query), name) {
         ("watch", _) => {
@@ -405,7 +459,10 @@ fn serve_resource(
             let page = store.list(resource, namespace, &selector, limit, token.as_deref())?;
             Ok(list_response(resource, &page))
         }
-        ("get", Some(name)) => Ok(object_response(200, &*store.get(resource, namespace, name)?)),
+        ("get", Some(name)) => Ok(object_response(
+            200,
+            &*store.get(resource, namespace, name)?,
+        )),
         ("create", None) => {
             let mut object = parse_body(&request.body)?;
             let entries = managed(None, &object, "Update");
@@ -431,11 +488,18 @@ fn serve_resource(
             let patch_type = patch_type(resource, &request.content_type, query)?;
             let mut patch = parse_body(&request.body)?;
             if part == Part::Main && patch.is_object() {
-                let operation = if patch_type == PatchType::Apply { "Apply" } else { "Update" };
+                let operation = if patch_type == PatchType::Apply {
+                    "Apply"
+                } else {
+                    "Update"
+                };
                 patch["metadata"]["managedFields"] = managed(current.as_deref(), &patch, operation);
             }
             let patched = store.patch(resource, namespace, name, patch_type, &patch, part)?;
-            Ok(object_response(if current.is_some() { 200 } else { 201 }, &patched))
+            Ok(object_response(
+                if current.is_some() { 200 } else { 201 },
+                &patched,
+            ))
         }
         ("delete", Some(name)) => {
             let options: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
@@ -574,7 +638,10 @@ fn list_response(resource: &Resource, page: &ListPage) -> Response<Body> {
 
 fn access_review(shared: &Shared, body: &[u8]) -> Result<Response<Body>, ApiError> {
     let review = parse_body(body)?;
-    if review["kind"].as_str().is_some_and(|k| k != "SubjectAccessReview") {
+    if review["kind"]
+        .as_str()
+        .is_some_and(|k| k != "SubjectAccessReview")
+    {
         return Err(ApiError::bad_request(format!(
             "kind {} does not match subjectaccessreviews.authorization.k8s.io (expected SubjectAccessReview)",
             review["kind"]

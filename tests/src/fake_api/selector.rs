@@ -41,7 +41,11 @@ impl Selector {
             let value = value.as_str().unwrap_or_default().to_string();
             labels.push(Requirement::Equals(key.clone(), value));
         }
-        for expression in selector["matchExpressions"].as_array().into_iter().flatten() {
+        for expression in selector["matchExpressions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let key = expression["key"].as_str().unwrap_or_default().to_string();
             let values: Vec<String> = expression["values"]
                 .as_array()
@@ -223,12 +227,17 @@ mod tests {
             {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system"]},
             {"key": "trellis.dev/inject", "operator": "NotIn", "values": ["disabled"]}
         ]});
-        let select = |s: &serde_json::Value, o| Selector::from_label_selector(s).unwrap().matches(o);
+        let select =
+            |s: &serde_json::Value, o| Selector::from_label_selector(s).unwrap().matches(o);
         assert!(select(&selector, &namespace));
-        let system = json!({"metadata": {"labels": {"kubernetes.io/metadata.name": "kube-system"}}});
+        let system =
+            json!({"metadata": {"labels": {"kubernetes.io/metadata.name": "kube-system"}}});
         assert!(!select(&selector, &system));
         assert!(select(&json!(null), &system));
         assert!(!select(&json!({"matchLabels": {"a": "b"}}), &namespace));
-        assert!(Selector::from_label_selector(&json!({"matchExpressions": [{"key": "a", "operator": "Equals"}]})).is_err());
+        assert!(Selector::from_label_selector(
+            &json!({"matchExpressions": [{"key": "a", "operator": "Equals"}]})
+        )
+        .is_err());
     }
 }

@@ -84,12 +84,20 @@ impl ApiError {
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, "InternalError", format!("Internal error occurred: {}", message.into()))
+        Self::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {}", message.into()),
+        )
     }
 
     /// A webhook's refusal, with the code it chose (400 if none).
     pub fn denied(code: u16, message: impl Into<String>) -> Self {
-        let reason = if code == 403 { "Forbidden" } else { "BadRequest" };
+        let reason = if code == 403 {
+            "Forbidden"
+        } else {
+            "BadRequest"
+        };
         Self::new(code, reason, message)
     }
 
