@@ -30,6 +30,8 @@ pub struct Permission {
 }
 
 const WATCH: &[&str] = &["list", "watch"];
+/// Read at start (`get`), then watched.
+const READ: &[&str] = &["get", "list", "watch"];
 
 const fn watched(group: &'static str, resource: &'static str) -> Permission {
     Permission {
@@ -59,18 +61,18 @@ pub const PERMISSIONS: &[Permission] = &[
         scope: Scope::Cluster,
         names: &[],
     },
-    // The issuer and trust roots (`identity::issuer_source`), watched by name.
+    // The issuer and trust roots (`identity::issuer_source`), by name.
     Permission {
         group: "",
         resource: "secrets",
-        verbs: WATCH,
+        verbs: READ,
         scope: Scope::ControllerNamespace,
         names: &[ISSUER_SECRET],
     },
     Permission {
         group: "",
         resource: "configmaps",
-        verbs: WATCH,
+        verbs: READ,
         scope: Scope::ControllerNamespace,
         names: &[TRUST_ROOTS_CONFIG_MAP],
     },

@@ -14,7 +14,7 @@ use trellis_control_plane::controller::{ControllerConfig, Source};
 use trellis_control_plane::identity::{
     Ca, BUNDLE, BUNDLE_KEY, ISSUER_SECRET, TRUST_ROOTS_CONFIG_MAP,
 };
-use trellis_proto::CONTROLLER_NAMESPACE;
+use trellis_proto::{CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT};
 
 use crate::fake_api::FakeApi;
 use crate::TRUST_DOMAIN;
@@ -26,6 +26,28 @@ pub fn in_cluster(config: &mut ControllerConfig, api: &FakeApi) {
     let url = api.url().parse().expect("the fake API's URL");
     config.source = Source::Cluster(Box::new(kube::Config::new(url)));
     publish_ca(api, &config.state_dir);
+}
+
+/// The controller's service account as the API server names the user the
+/// token [`authenticate_as_controller`] sends.
+pub fn controller_user() -> String {
+    format!("system:serviceaccount:{CONTROLLER_NAMESPACE}:{CONTROLLER_SERVICE_ACCOUNT}")
+}
+
+const CONTROLLER_API_TOKEN: &str = "trellis-controller-api-token";
+
+/// Makes the controller `config` points at `api` send its service
+/// account's token, so the fake holds it to the RBAC stored there.
+pub fn authenticate_as_controller(config: &mut ControllerConfig, api: &FakeApi) {
+    api.add_token(
+        CONTROLLER_API_TOKEN,
+        &controller_user(),
+        &[crate::fake_api::API_SERVER_AUDIENCE],
+        true,
+    );
+    if let Source::Cluster(kube) = &mut config.source {
+        kube.auth_info.token = Some(CONTROLLER_API_TOKEN.to_string().into());
+    }
 }
 
 /// Publishes the CA in `dir` (created on first use) as the issuer's

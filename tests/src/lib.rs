@@ -748,7 +748,15 @@ impl HelloMesh {
 
     /// `hello` in cluster mode: its objects are applied to `api`.
     pub async fn start_in_cluster(api: Arc<FakeApi>) -> Self {
-        let mesh = Mesh::start_in_cluster(api).await;
+        Self::start_in_cluster_with(api, |_| {}).await
+    }
+
+    /// Like `start_in_cluster`, with the controller tuned.
+    pub async fn start_in_cluster_with(
+        api: Arc<FakeApi>,
+        tune: impl FnOnce(&mut ControllerConfig),
+    ) -> Self {
+        let mesh = Mesh::start_in_cluster_with(api, tune).await;
         Self::populate(mesh, serve_hello).await
     }
 
