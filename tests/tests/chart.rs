@@ -1,45 +1,92 @@
-//! The Helm chart, checked by Helm's own linter (the `Lint` action of Helm's
-//! Go library, through the PyPI package helm-sdkpy), which renders every
-//! template and parses what it renders. Without helm-sdkpy the test skips,
-//! except under `CI=true`, where it fails.
+//! The Helm chart (charts/trellis) and `meshctl install`, checked with real
+//! tools: Helm's own library (PyPI helm-sdkpy: its `Lint`, and its `Install`
+//! against the in-repo fake API server), `kubernetes-validate --strict`
+//! (the API server's OpenAPI schemas) and Python's `jsonschema`. Without a
+//! tool a test skips, except under `CI=true`, where it fails.
+//!
+//! `meshctl install` renders the chart's objects in Rust; the equality
+//! tests install the chart with Helm and require the objects Helm created
+//! to be the ones `meshctl install` prints, for the same values and CA.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Lints `chart`: `(severity, path)` of every message and the error count.
-/// Severities are Helm's: 1 info, 2 warning, 3 error.
-fn lint(chart: &Path) -> Option<(Vec<(u64, String)>, usize)> {
-    const SCRIPT: &str = r#"
-import asyncio, json, sys
-import helm_sdkpy
-result = asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(sys.argv[1]))
-print(json.dumps({
-    "messages": [[m["Severity"], m["Path"]] for m in result.get("Messages") or []],
-    "errors": len(result.get("Errors") or []),
-}))
-"#;
-    let out = trellis_tests::python_with(
-        "helm-sdkpy",
-        "pip install --ignore-requires-python helm-sdkpy",
-        SCRIPT,
-        &[chart.to_str().expect("a UTF-8 path")],
-    )?;
-    let report: serde_json::Value = serde_json::from_slice(&out).expect("lint report");
-    let messages = report["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| {
-            (
-                m[0].as_u64().unwrap_or(0),
-                m[1].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    Some((messages, report["errors"].as_u64().unwrap_or(0) as usize))
-}
+use serde_json::{json, Value};
+use trellis_control_plane::identity::Ca;
+use trellis_tests::fake_api::resources::RESOURCES;
+use trellis_tests::fake_api::FakeApi;
+use trellis_tests::TRUST_DOMAIN;
+
+const NAMESPACE: &str = "trellis";
+const HELM_SDKPY: (&str, &str) = (
+    "helm-sdkpy",
+    "pip install --ignore-requires-python helm-sdkpy",
+);
 
 fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/trellis")
+}
+
+/// A local-mode CA directory: what `meshctl install --ca-dir` reads, and
+/// what the Helm values get with `--set-file`.
+struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Ca::load_or_create(dir.path(), TRUST_DOMAIN).expect("a CA");
+        TestCa { dir }
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(file)).unwrap()
+    }
+
+    /// The identity values (`--set-file identity.trustRoots=bundle.crt ...`).
+    fn values(&self) -> Value {
+        json!({"identity": {
+            "trustRoots": self.read("bundle.crt"),
+            "issuer": {"certificate": self.read("issuer.crt"), "key": self.read("issuer.key")},
+        }})
+    }
+}
+
+/// Every optional feature on.
+fn everything_on() -> Value {
+    json!({"monitoring": {
+        "podMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "prometheus"}},
+        "serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
+    }})
+}
+
+/// Helm's merge of `overlay` into `base`: maps key by key.
+fn merge(base: &mut Value, overlay: &Value) {
+    match (base, overlay) {
+        (Value::Object(base), Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                merge(base.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+        (base, overlay) => *base = overlay.clone(),
+    }
+}
+
+fn merged(parts: &[&Value]) -> Value {
+    let mut values = json!({});
+    for part in parts {
+        merge(&mut values, part);
+    }
+    values
+}
+
+/// The chart's values.yaml with `overrides` merged in.
+fn chart_values(overrides: &Value) -> Value {
+    let text = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    let mut values: Value = serde_saphyr::from_str(&text).unwrap();
+    merge(&mut values, overrides);
+    values
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -55,23 +102,95 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn the_chart_lints_and_renders_cleanly() {
-    let Some((messages, errors)) = lint(&chart()) else {
+/// A copy of the chart in `dir` whose values.yaml is the chart's with
+/// `overrides` (Helm's linter takes no values but the chart's own).
+fn chart_copy(dir: &Path, overrides: &Value) -> PathBuf {
+    copy_dir(&chart(), dir);
+    // JSON is YAML.
+    std::fs::write(dir.join("values.yaml"), chart_values(overrides).to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+/// Helm's linter on `chart`: `(severity, path, message)` of every message
+/// and the error count. Severities are Helm's: 1 info, 2 warning, 3 error.
+fn lint(chart: &Path) -> Option<(Vec<(u64, String, String)>, usize)> {
+    const SCRIPT: &str = r#"
+import asyncio, json, sys
+import helm_sdkpy
+result = asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(sys.argv[1]))
+print(json.dumps({
+    "messages": [[m["Severity"], m["Path"], str(m.get("Err"))] for m in result.get("Messages") or []],
+    "errors": len(result.get("Errors") or []),
+}))
+"#;
+    let (package, install) = HELM_SDKPY;
+    let out = trellis_tests::python_with(
+        package,
+        install,
+        SCRIPT,
+        &[chart.to_str().expect("a UTF-8 path")],
+    )?;
+    let report: Value = serde_json::from_slice(&out).expect("lint report");
+    let messages = report["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            let text = |i: usize| m[i].as_str().unwrap_or("").to_string();
+            (m[0].as_u64().unwrap_or(0), text(1), text(2))
+        })
+        .collect();
+    Some((messages, report["errors"].as_u64().unwrap_or(0) as usize))
+}
+
+fn assert_lints_cleanly(overrides: &Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((messages, errors)) = lint(&chart_copy(dir.path(), overrides)) else {
         return;
     };
-    let serious: Vec<_> = messages
-        .iter()
-        .filter(|(severity, _)| *severity >= 2)
-        .collect();
+    let serious: Vec<_> = messages.iter().filter(|(s, _, _)| *s >= 2).collect();
     assert!(
         errors == 0 && serious.is_empty(),
-        "helm lint: {errors} errors, warnings or errors at {serious:?}"
+        "helm lint: {errors} errors; warnings or errors: {serious:#?}"
+    );
+}
+
+#[test]
+fn the_chart_lints_cleanly_with_default_values() {
+    assert_lints_cleanly(&TestCa::new().values());
+}
+
+#[test]
+fn the_chart_lints_cleanly_with_every_optional_feature_on() {
+    let ca = TestCa::new();
+    assert_lints_cleanly(&merged(&[&ca.values(), &everything_on()]));
+    // An external issuer (cert-manager) needs only the roots.
+    let external =
+        json!({"identity": {"trustRoots": ca.read("bundle.crt"), "issuer": {"external": true}}});
+    assert_lints_cleanly(&merged(&[&external, &everything_on()]));
+}
+
+#[test]
+fn without_a_ca_the_chart_says_how_to_provide_one() {
+    // The chart's values as shipped: no certificates. (Helm's linter lets
+    // `required` pass, so this installs.)
+    let Some(installed) = helm_install(&json!({})) else {
+        return;
+    };
+    let error = installed
+        .err()
+        .expect("Helm installed the chart without a CA");
+    assert!(
+        error.contains("identity.trustRoots")
+            && error.contains("meshctl install")
+            && error.contains("--set-file"),
+        "no word on how to pass the CA: {error}"
     );
 }
 
 #[test]
 fn a_broken_template_or_dashboard_fails_the_lint() {
+    let ca = TestCa::new();
     let dir = tempfile::tempdir().unwrap();
     for (file, breakage) in [
         // A template error.
@@ -85,8 +204,7 @@ fn a_broken_template_or_dashboard_fails_the_lint() {
             "kind: ConfigMap\n  data: [unclosed\n",
         ),
     ] {
-        let copy = dir.path().join(file.replace('/', "-"));
-        copy_dir(&chart(), &copy);
+        let copy = chart_copy(&dir.path().join(file.replace('/', "-")), &ca.values());
         let path = copy.join(file);
         let mut text = std::fs::read_to_string(&path).unwrap_or_default();
         text.push_str(breakage);
@@ -95,8 +213,219 @@ fn a_broken_template_or_dashboard_fails_the_lint() {
             return;
         };
         assert!(
-            errors > 0 && messages.iter().any(|(severity, _)| *severity == 3),
+            errors > 0 && messages.iter().any(|(severity, _, _)| *severity == 3),
             "breaking {file} went unnoticed: {messages:?}"
+        );
+    }
+}
+
+/// Installs the chart with Helm's library against a fake API server
+/// (release `trellis` in namespace `trellis`, Helm's release record in
+/// memory: the fake speaks JSON, and Helm's Secret driver protobuf) and
+/// returns every object Helm created, or Helm's error.
+fn helm_install(values: &Value) -> Option<Result<Vec<Value>, String>> {
+    const SCRIPT: &str = r#"
+import asyncio, json, sys
+import helm_sdkpy
+config = helm_sdkpy.Configuration(namespace=sys.argv[2], kubeconfig=sys.argv[1])
+try:
+    asyncio.run(helm_sdkpy.Install(config).run(
+        "trellis", sys.argv[3], values=json.loads(sys.argv[4]), wait=False, timeout=60))
+    print(json.dumps({"ok": True}))
+except helm_sdkpy.HelmError as e:
+    print(json.dumps({"error": str(e)}))
+"#;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let api = runtime.block_on(FakeApi::start());
+    let _in_runtime = runtime.enter();
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let out = helm_sdkpy(
+        SCRIPT,
+        &[
+            kubeconfig.to_str().unwrap(),
+            NAMESPACE,
+            chart().to_str().unwrap(),
+            &values.to_string(),
+        ],
+    )?;
+    let answer: Value = serde_json::from_slice(&out).expect("the install script's answer");
+    if let Some(error) = answer["error"].as_str() {
+        return Some(Err(error.to_string()));
+    }
+    let objects = RESOURCES
+        .iter()
+        .filter(|r| !r.create_only)
+        .flat_map(|r| api.objects(&r.api_version(), r.kind))
+        // The fake's own (default, kube-system, ...) and the release's.
+        .filter(|o| o["kind"] != "Namespace")
+        .collect();
+    Some(Ok(objects))
+}
+
+/// A helm-sdkpy script, with Helm's release record kept in memory.
+fn helm_sdkpy(script: &str, args: &[&str]) -> Option<Vec<u8>> {
+    let (package, install) = HELM_SDKPY;
+    // Read by Helm's Go runtime at start, so set for the process.
+    trellis_tests::python_with_env(package, install, script, args, &[("HELM_DRIVER", "memory")])
+}
+
+/// `meshctl install` for `values` (a values file) and the CA in `ca`.
+fn meshctl_install(values: &Value, ca: &TestCa) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("values.yaml");
+    std::fs::write(&file, values.to_string()).unwrap();
+    let args = meshctl::install::InstallArgs::new(
+        vec![file],
+        vec![],
+        Some(ca.dir.path().to_path_buf()),
+        NAMESPACE,
+    );
+    let yaml = meshctl::install::render(&args).expect("meshctl install renders");
+    serde_saphyr::from_multiple(&yaml).expect("meshctl install prints YAML")
+}
+
+/// An object as the chart means it: without what the API server adds and
+/// Helm's own labels and annotations, keyed by kind, namespace and name.
+fn normalized(objects: Vec<Value>) -> BTreeMap<String, Value> {
+    objects
+        .into_iter()
+        .map(|mut object| {
+            let metadata = object["metadata"].as_object_mut().expect("metadata");
+            for key in [
+                "resourceVersion",
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "managedFields",
+            ] {
+                metadata.remove(key);
+            }
+            for (field, prefix) in [
+                ("annotations", "meta.helm.sh/"),
+                ("labels", "app.kubernetes.io/managed-by"),
+            ] {
+                if let Some(map) = metadata.get_mut(field).and_then(Value::as_object_mut) {
+                    map.retain(|key, _| !key.starts_with(prefix));
+                    if map.is_empty() {
+                        metadata.remove(field);
+                    }
+                }
+            }
+            let key = format!(
+                "{} {}/{}",
+                object["kind"].as_str().unwrap_or(""),
+                object["metadata"]["namespace"].as_str().unwrap_or(""),
+                object["metadata"]["name"].as_str().unwrap_or("")
+            );
+            (key, object)
+        })
+        .collect()
+}
+
+fn assert_meshctl_install_equals_helm(overrides: &Value) {
+    let ca = TestCa::new();
+    let values = merged(&[overrides, &ca.values()]);
+    let Some(helm) = helm_install(&values) else {
+        return;
+    };
+    let helm = normalized(helm.expect("helm install"));
+    // meshctl also prints the namespace, which Helm's release namespace is.
+    let mut meshctl = normalized(meshctl_install(overrides, &ca));
+    let namespace = meshctl.remove(&format!("Namespace /{NAMESPACE}"));
+    assert!(
+        namespace.is_some(),
+        "meshctl install prints no Namespace {NAMESPACE}"
+    );
+    let helm_keys: Vec<&String> = helm.keys().collect();
+    let meshctl_keys: Vec<&String> = meshctl.keys().collect();
+    assert_eq!(
+        helm_keys, meshctl_keys,
+        "Helm and meshctl install make different objects"
+    );
+    for (key, object) in &helm {
+        let mut differences = Vec::new();
+        differ(object, &meshctl[key], String::new(), &mut differences);
+        assert!(
+            differences.is_empty(),
+            "{key}: Helm made, meshctl install prints:\n{}",
+            differences.join("\n")
+        );
+    }
+}
+
+/// Where `a` and `b` differ: `path: a != b` for each leaf.
+fn differ(a: &Value, b: &Value, path: String, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for key in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
+                let (a, b) = (
+                    x.get(key).unwrap_or(&Value::Null),
+                    y.get(key).unwrap_or(&Value::Null),
+                );
+                differ(a, b, format!("{path}.{key}"), out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (a, b)) in x.iter().zip(y).enumerate() {
+                differ(a, b, format!("{path}[{i}]"), out);
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: {a} != {b}")),
+        _ => {}
+    }
+}
+
+#[test]
+fn meshctl_install_prints_what_helm_installs_with_default_values() {
+    assert_meshctl_install_equals_helm(&json!({}));
+}
+
+#[test]
+fn meshctl_install_prints_what_helm_installs_with_every_optional_feature_on() {
+    let overrides = merged(&[
+        &everything_on(),
+        &json!({
+            "trustDomain": "mesh.example.org",
+            "controller": {"replicas": 3, "image": {"tag": "v9"}, "resources": {"requests": {"cpu": 1}}},
+            "proxy": {"uid": 4321, "inboundMode": "strict", "image": {"repository": "example.org/proxy", "pullPolicy": "Always"}},
+            "webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 10},
+        }),
+    ]);
+    assert_meshctl_install_equals_helm(&overrides);
+}
+
+#[test]
+fn the_values_schema_rejects_wrong_types() {
+    let ca = TestCa::new();
+    for wrong in [
+        json!({"controller": {"replicas": "two"}}),
+        json!({"webhook": {"timeoutSeconds": true}}),
+        json!({"proxy": {"inboundMode": "sometimes"}}),
+        json!({"controller": {"replicaCount": 2}}),
+    ] {
+        let Some(installed) = helm_install(&merged(&[&ca.values(), &wrong])) else {
+            return;
+        };
+        let error = installed
+            .err()
+            .unwrap_or_else(|| panic!("Helm installed {wrong}"));
+        assert!(
+            error.contains("schema"),
+            "{wrong}: not a schema error: {error}"
+        );
+        // meshctl install refuses the same values.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("values.yaml");
+        std::fs::write(&file, wrong.to_string()).unwrap();
+        let args = meshctl::install::InstallArgs::new(vec![file], vec![], None, NAMESPACE);
+        let refused = meshctl::install::render(&args).err();
+        assert!(
+            refused
+                .as_ref()
+                .is_some_and(|e| e.to_string().contains("the values are wrong")),
+            "meshctl install took {wrong}: {refused:?}"
         );
     }
 }

@@ -275,7 +275,7 @@ impl Render<'_> {
                     "selector": {"matchLabels": selector},
                     "template": {
                         "metadata": {
-                            "labels": self.labels("controller"),
+                            "labels": selector,
                             "annotations": {"checksum/inject-config": sha256_hex(&self.inject_config())},
                         },
                         "spec": {

@@ -121,9 +121,14 @@ pub static RESOURCES: &[Resource] = &[
         .short(&["deploy"])
         .in_all()
         .with_status(),
-    resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
-        .short(&["pdb"])
-        .with_status(),
+    resource(
+        "policy",
+        "v1",
+        "poddisruptionbudgets",
+        "PodDisruptionBudget",
+    )
+    .short(&["pdb"])
+    .with_status(),
     resource(RBAC, "v1", "clusterroles", "ClusterRole").cluster_scoped(),
     resource(RBAC, "v1", "clusterrolebindings", "ClusterRoleBinding").cluster_scoped(),
     resource(RBAC, "v1", "roles", "Role"),
