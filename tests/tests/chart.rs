@@ -429,3 +429,308 @@ fn the_values_schema_rejects_wrong_types() {
         );
     }
 }
+
+/// `1.29.0` and the newest version `kubernetes-validate` knows.
+fn validator_versions() -> Option<[String; 2]> {
+    let out = trellis_tests::python_with(
+        "kubernetes-validate",
+        "pip install kubernetes-validate",
+        "import kubernetes_validate.utils as u; print(' '.join(u.all_versions()))",
+        &[],
+    )?;
+    let newest = String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .max_by_key(|v| {
+            v.split('.')
+                .map(|p| p.parse::<u32>().unwrap_or(0))
+                .collect::<Vec<_>>()
+        })
+        .expect("kubernetes-validate knows some version")
+        .to_string();
+    Some(["1.29.0".to_string(), newest])
+}
+
+fn is_monitoring(object: &Value) -> bool {
+    object["apiVersion"] == "monitoring.coreos.com/v1"
+}
+
+#[test]
+fn every_rendered_object_passes_strict_validation() {
+    let Some(versions) = validator_versions() else {
+        return;
+    };
+    let ca = TestCa::new();
+    let objects = meshctl_install(&everything_on(), &ca);
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = objects
+        .iter()
+        .filter(|o| !is_monitoring(o))
+        .enumerate()
+        .map(|(i, object)| {
+            let file = dir.path().join(format!("{i:02}.yaml"));
+            std::fs::write(&file, object.to_string()).unwrap();
+            file
+        })
+        .collect();
+    assert!(files.len() >= 20, "only {} objects", files.len());
+    let out = std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .args(versions.iter().flat_map(|v| ["-k", v.as_str()]))
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate runs");
+    let report = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert!(
+        out.status.success() && passed == files.len() * versions.len(),
+        "kubernetes-validate --strict for {versions:?}: {passed} of {} passed:\n{report}",
+        files.len() * versions.len()
+    );
+}
+
+/// The validator has no schemas for the Prometheus Operator's kinds, so the
+/// PodMonitor and ServiceMonitor are checked against the fields of
+/// monitoring.coreos.com/v1 they use (the operator's API reference), with
+/// no other field allowed: a misspelt field fails here.
+#[test]
+fn the_monitors_use_only_prometheus_operator_fields() {
+    let ca = TestCa::new();
+    let monitors: Vec<Value> = meshctl_install(&everything_on(), &ca)
+        .into_iter()
+        .filter(is_monitoring)
+        .collect();
+    assert_eq!(monitors.len(), 2, "PodMonitor and ServiceMonitor");
+    let strings = json!({"type": "array", "items": {"type": "string"}});
+    let closed = |properties: Value, required: &[&str]| json!({"type": "object", "additionalProperties": false, "properties": properties, "required": required});
+    let metadata = json!({"type": "object", "required": ["name", "namespace"]});
+    let relabeling = closed(
+        json!({"sourceLabels": strings, "regex": {"type": "string"},
+               "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep"]}}),
+        &["action"],
+    );
+    let endpoint = |extra: Value| {
+        let mut properties = json!({
+            "path": {"type": "string"},
+            "interval": {"type": "string", "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+            "relabelings": {"type": "array", "items": relabeling},
+        });
+        merge(&mut properties, &extra);
+        closed(properties, &[])
+    };
+    let selector = json!({"type": "object"});
+    let schemas = json!({
+        "PodMonitor": closed(json!({
+            "apiVersion": {}, "kind": {}, "metadata": metadata,
+            "spec": closed(json!({
+                "namespaceSelector": closed(json!({"any": {"type": "boolean"}, "matchNames": strings}), &[]),
+                "selector": selector,
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": endpoint(json!({"port": {"type": "string"}}))},
+            }), &["selector", "podMetricsEndpoints"]),
+        }), &["spec"]),
+        "ServiceMonitor": closed(json!({
+            "apiVersion": {}, "kind": {}, "metadata": metadata,
+            "spec": closed(json!({
+                "selector": selector,
+                "endpoints": {"type": "array", "minItems": 1, "items": endpoint(json!({"port": {"type": "string"}}))},
+            }), &["selector", "endpoints"]),
+        }), &["spec"]),
+    });
+    let cases: Vec<Value> = monitors
+        .iter()
+        .map(|m| json!([schemas[m["kind"].as_str().unwrap()], m]))
+        .collect();
+    let Some(errors) = json_schema_errors(&cases) else {
+        return;
+    };
+    assert!(errors.iter().all(Vec::is_empty), "{errors:#?}");
+}
+
+/// Validates each `[schema, document]` with Python's jsonschema (Draft 4,
+/// the JSON Schema that OpenAPI v3 schemas are a subset of): the errors of
+/// each.
+fn json_schema_errors(cases: &[Value]) -> Option<Vec<Vec<String>>> {
+    const SCRIPT: &str = r#"
+import json, sys
+import jsonschema
+cases = json.loads(sys.argv[1])
+print(json.dumps([
+    [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft4Validator(schema).iter_errors(doc)]
+    for schema, doc in cases
+]))
+"#;
+    let out = trellis_tests::python_with(
+        "jsonschema",
+        "pip install jsonschema",
+        SCRIPT,
+        &[&Value::from(cases.to_vec()).to_string()],
+    )?;
+    Some(serde_json::from_slice(&out).expect("the validator's answer"))
+}
+
+/// The CRDs of the chart, by kind.
+fn crds() -> BTreeMap<String, Value> {
+    let ca = TestCa::new();
+    meshctl_install(&json!({}), &ca)
+        .into_iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .map(|crd| {
+            (
+                crd["spec"]["names"]["kind"].as_str().unwrap().to_string(),
+                crd,
+            )
+        })
+        .collect()
+}
+
+/// Why `schema` (at `path`) is not structural, in the sense of
+/// apiextensions.k8s.io/v1: every node has a type (objects their
+/// properties, arrays their items), and none uses the keywords a
+/// structural schema forbids.
+fn structural_errors(schema: &Value, path: &str, out: &mut Vec<String>) {
+    const FORBIDDEN: &[&str] = &[
+        "$ref",
+        "definitions",
+        "dependencies",
+        "additionalItems",
+        "patternProperties",
+        "id",
+        "$schema",
+        "allOf",
+        "anyOf",
+        "oneOf",
+        "not",
+    ];
+    let Some(node) = schema.as_object() else {
+        out.push(format!("{path}: not a schema object"));
+        return;
+    };
+    for keyword in FORBIDDEN {
+        if node.contains_key(*keyword) {
+            out.push(format!("{path}: `{keyword}` is not allowed"));
+        }
+    }
+    if node.get("uniqueItems") == Some(&json!(true)) {
+        out.push(format!("{path}: uniqueItems: true is not allowed"));
+    }
+    if node.get("additionalProperties") == Some(&json!(false)) {
+        out.push(format!(
+            "{path}: additionalProperties: false is not allowed"
+        ));
+    }
+    if node.contains_key("properties") && node.contains_key("additionalProperties") {
+        out.push(format!(
+            "{path}: properties and additionalProperties together"
+        ));
+    }
+    let open = node.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true))
+        || node.get("x-kubernetes-int-or-string") == Some(&json!(true));
+    match node.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            for (name, property) in node
+                .get("properties")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                structural_errors(property, &format!("{path}.{name}"), out);
+            }
+            if let Some(additional) = node.get("additionalProperties").filter(|a| a.is_object()) {
+                structural_errors(additional, &format!("{path}[*]"), out);
+            }
+        }
+        Some("array") => match node.get("items") {
+            Some(items) => structural_errors(items, &format!("{path}[]"), out),
+            None => out.push(format!("{path}: an array without items")),
+        },
+        Some("string" | "integer" | "number" | "boolean") => {}
+        Some(other) => out.push(format!("{path}: unknown type {other}")),
+        None if open => {}
+        None => out.push(format!("{path}: no type")),
+    }
+}
+
+#[test]
+fn the_crd_schemas_are_structural() {
+    let crds = crds();
+    assert_eq!(
+        crds.keys().collect::<Vec<_>>(),
+        ["HTTPFault", "ResiliencePolicy"]
+    );
+    for (kind, crd) in &crds {
+        for version in crd["spec"]["versions"].as_array().unwrap() {
+            let schema = &version["schema"]["openAPIV3Schema"];
+            let mut errors = Vec::new();
+            structural_errors(schema, kind, &mut errors);
+            // At the root, metadata may only restrict name and generateName.
+            let metadata = schema["properties"]["metadata"].as_object().unwrap();
+            if metadata.keys().any(|k| k != "type") {
+                errors.push(format!("{kind}.metadata: more than a type"));
+            }
+            assert!(errors.is_empty(), "{kind} {}: {errors:#?}", version["name"]);
+        }
+    }
+    // The checker catches what it should.
+    let mut errors = Vec::new();
+    let broken = json!({"type": "object", "properties": {
+        "a": {"description": "no type"},
+        "b": {"type": "array"},
+        "c": {"type": "object", "additionalProperties": false},
+        "d": {"type": "string", "anyOf": [{"pattern": "x"}]},
+    }});
+    structural_errors(&broken, "broken", &mut errors);
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+}
+
+#[test]
+fn the_crd_schemas_accept_the_examples_and_refuse_wrong_types() {
+    let crds = crds();
+    let schema =
+        |kind: &str| crds[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local");
+    let mut good = Vec::new();
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let documents: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+        good.extend(
+            documents
+                .into_iter()
+                .filter(|d| crds.contains_key(d["kind"].as_str().unwrap_or(""))),
+        );
+    }
+    let kinds: std::collections::BTreeSet<&str> =
+        good.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        ["HTTPFault", "ResiliencePolicy"]
+    );
+    let fault = |spec: Value| json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "HTTPFault", "metadata": {"name": "f"}, "spec": spec});
+    let policy = |spec: Value| json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "ResiliencePolicy", "metadata": {"name": "p"}, "spec": spec});
+    let bad = [
+        fault(json!({"abort": {"httpStatus": 503, "percent": "lots"}})),
+        fault(json!({"abort": {"httpStatus": 700, "percent": 5}})),
+        fault(json!({"delay": {"fixedDelay": "soon", "percent": 5}})),
+        fault(json!({"delay": {"percent": 5}})),
+        policy(json!({"circuitBreaker": {"maxRequests": -1}})),
+        policy(json!({"outlierDetection": {"consecutiveFailures": "five"}})),
+        policy(json!({"targetRefs": [{"kind": "Service"}]})),
+    ];
+    let cases: Vec<Value> = good
+        .iter()
+        .chain(&bad)
+        .map(|d| json!([schema(d["kind"].as_str().unwrap()), d]))
+        .collect();
+    let Some(errors) = json_schema_errors(&cases) else {
+        return;
+    };
+    let (good_errors, bad_errors) = errors.split_at(good.len());
+    assert!(
+        good_errors.iter().all(Vec::is_empty),
+        "examples refused: {good_errors:#?}"
+    );
+    for (document, errors) in bad.iter().zip(bad_errors) {
+        assert!(!errors.is_empty(), "accepted {document}");
+    }
+}
