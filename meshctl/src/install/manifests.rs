@@ -33,7 +33,7 @@ const DASHBOARDS: [(&str, &str); 4] = [
 ];
 
 /// Helm's release name for the same objects.
-pub const RELEASE: &str = "trellis";
+const RELEASE: &str = "trellis";
 const CONTROLLER: &str = "trellis-controller";
 const ISSUER_SECRET: &str = "trellis-identity-issuer";
 const TRUST_ROOTS: &str = "trellis-identity-trust-roots";

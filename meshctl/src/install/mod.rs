@@ -8,9 +8,9 @@ pub mod values;
 
 use std::path::{Path, PathBuf};
 
-use trellis_control_plane::identity::{self, Ca, IssuerMaterial};
+use trellis_control_plane::identity::{self, Ca, IssuerMaterial, PemText};
 
-pub use manifests::{objects, RELEASE};
+pub use manifests::objects;
 pub use values::{Values, ValuesError};
 
 #[derive(clap::Args)]
@@ -35,16 +35,17 @@ pub struct InstallArgs {
 pub enum InstallError {
     #[error(transparent)]
     Values(#[from] ValuesError),
-    #[error("the mesh CA: {0}")]
-    Ca(#[from] identity::CaError),
-    #[error("cannot make a scratch directory for the new CA: {0}")]
-    Scratch(std::io::Error),
+    // Not a `source`: the CA's errors already print theirs.
+    #[error("the mesh CA: {0} (--ca-dir takes a local-mode state directory with bundle.crt, issuer.crt and issuer.key; without it and the identity values a new CA is made)")]
+    Ca(identity::CaError),
+    #[error("cannot make a scratch directory for the new CA")]
+    Scratch(#[source] std::io::Error),
     #[error("--ca-dir and identity.trustRoots both name the CA; pass one")]
     TwoCas,
     #[error("missing value {0}")]
     Missing(&'static str),
-    #[error("cannot write YAML: {0}")]
-    Yaml(String),
+    #[error("cannot write the manifests as YAML")]
+    Yaml(#[source] serde_saphyr::SerializeError),
 }
 
 pub fn run(args: InstallArgs) -> anyhow::Result<bool> {
@@ -91,16 +92,14 @@ fn fill_ca(values: &mut Values, ca_dir: Option<&Path>) -> Result<(), InstallErro
         }
         (None, false) => {
             scratch = tempfile::tempdir().map_err(InstallError::Scratch)?;
-            Ca::load_or_create(scratch.path(), &values.trust_domain)?;
+            Ca::load_or_create(scratch.path(), &values.trust_domain).map_err(InstallError::Ca)?;
             Some(scratch.path())
         }
         (None, true) => None,
     };
     let identity = &mut values.identity;
     if let Some(dir) = dir {
-        let material = IssuerMaterial::from_dir(dir)?;
-        // Checked as the controller will check it.
-        Ca::new(&values.trust_domain, material.clone())?;
+        let material = IssuerMaterial::from_dir(dir).map_err(InstallError::Ca)?;
         identity.trust_roots = material.bundle.text;
         if !identity.issuer.external {
             identity.issuer.certificate = material.cert.text;
@@ -115,9 +114,22 @@ fn fill_ca(values: &mut Values, ca_dir: Option<&Path>) -> Result<(), InstallErro
             "identity.issuer.key (the issuer's private key PEM)",
         ));
     }
+    if !identity.issuer.external {
+        // Checked as the controller will check it, before it is installed.
+        let pem = |origin: &str, text: &String| PemText {
+            origin: origin.to_string(),
+            text: text.clone(),
+        };
+        let material = IssuerMaterial {
+            cert: pem("identity.issuer.certificate", &identity.issuer.certificate),
+            key: pem("identity.issuer.key", &identity.issuer.key),
+            bundle: pem("identity.trustRoots", &identity.trust_roots),
+        };
+        Ca::new(&values.trust_domain, material).map_err(InstallError::Ca)?;
+    }
     Ok(())
 }
 
 fn to_yaml(objects: &[serde_json::Value]) -> Result<String, InstallError> {
-    serde_saphyr::to_string_multiple(objects).map_err(|e| InstallError::Yaml(e.to_string()))
+    serde_saphyr::to_string_multiple(objects).map_err(InstallError::Yaml)
 }

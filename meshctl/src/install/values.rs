@@ -15,19 +15,22 @@ pub const DEFAULTS: &str = include_str!("../../../charts/trellis/values.yaml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValuesError {
-    #[error("cannot read the values file {path}: {source}")]
+    #[error("cannot read the values file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{origin} is not YAML: {message}")]
-    Yaml { origin: String, message: String },
+    #[error("{origin} is not YAML")]
+    Yaml {
+        origin: String,
+        source: Box<serde_saphyr::Error>,
+    },
     #[error("--set {0:?} is not key=value (e.g. --set controller.replicas=3)")]
     Set(String),
     #[error("--set {0:?}: {1} is not a map of values")]
     SetPath(String, String),
-    #[error("the values are wrong: {0} (see charts/trellis/values.yaml for every key)")]
-    Invalid(String),
+    #[error("the values are wrong (charts/trellis/values.yaml has every key, values.schema.json their types)")]
+    Invalid(#[source] serde_json::Error),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,13 +159,13 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Values, ValuesError> {
     for set in sets {
         apply_set(&mut values, set)?;
     }
-    serde_json::from_value(values).map_err(|e| ValuesError::Invalid(e.to_string()))
+    serde_json::from_value(values).map_err(ValuesError::Invalid)
 }
 
 fn parse(text: &str, origin: &str) -> Result<Value, ValuesError> {
-    let value: Value = serde_saphyr::from_str(text).map_err(|e| ValuesError::Yaml {
+    let value: Value = serde_saphyr::from_str(text).map_err(|source| ValuesError::Yaml {
         origin: origin.to_string(),
-        message: e.to_string(),
+        source: Box::new(source),
     })?;
     Ok(if value.is_null() {
         Value::Object(Default::default())
