@@ -11,10 +11,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use meshctl::install::values::merge;
 use serde_json::{json, Value};
 use trellis_control_plane::identity::Ca;
 use trellis_tests::fake_api::resources::RESOURCES;
-use trellis_tests::fake_api::FakeApi;
+use trellis_tests::fake_api::{FakeApi, Kubectl};
 use trellis_tests::TRUST_DOMAIN;
 
 const NAMESPACE: &str = "trellis";
@@ -61,22 +62,10 @@ fn everything_on() -> Value {
     }})
 }
 
-/// Helm's merge of `overlay` into `base`: maps key by key.
-fn merge(base: &mut Value, overlay: &Value) {
-    match (base, overlay) {
-        (Value::Object(base), Value::Object(overlay)) => {
-            for (key, value) in overlay {
-                merge(base.entry(key.clone()).or_insert(Value::Null), value);
-            }
-        }
-        (base, overlay) => *base = overlay.clone(),
-    }
-}
-
 fn merged(parts: &[&Value]) -> Value {
     let mut values = json!({});
     for part in parts {
-        merge(&mut values, part);
+        merge(&mut values, (*part).clone());
     }
     values
 }
@@ -85,7 +74,7 @@ fn merged(parts: &[&Value]) -> Value {
 fn chart_values(overrides: &Value) -> Value {
     let text = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
     let mut values: Value = serde_saphyr::from_str(&text).unwrap();
-    merge(&mut values, overrides);
+    merge(&mut values, overrides.clone());
     values
 }
 
@@ -520,7 +509,7 @@ fn the_monitors_use_only_prometheus_operator_fields() {
             "interval": {"type": "string", "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
             "relabelings": {"type": "array", "items": relabeling},
         });
-        merge(&mut properties, &extra);
+        merge(&mut properties, extra);
         closed(properties, &[])
     };
     let selector = json!({"type": "object"});
@@ -736,4 +725,80 @@ fn the_crd_schemas_accept_the_examples_and_refuse_wrong_types() {
     for (document, errors) in bad.iter().zip(bad_errors) {
         assert!(!errors.is_empty(), "accepted {document}");
     }
+}
+
+/// What `meshctl install | kubectl apply -f -` does, against the fake API
+/// server: every object lands, and the new CA it made is one the
+/// controller accepts, with the webhook trusting its roots.
+#[tokio::test(flavor = "multi_thread")]
+async fn meshctl_install_output_applies_with_kubectl() {
+    use base64::Engine as _;
+    let api = FakeApi::start().await;
+    let Some(kubectl) = Kubectl::new(&api) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, everything_on().to_string()).unwrap();
+    let args = meshctl::install::InstallArgs::new(vec![values], vec![], None, NAMESPACE);
+    let manifests = meshctl::install::render(&args).expect("meshctl install renders");
+    let file = kubectl.write("trellis.yaml", &manifests);
+    kubectl.run(&["apply", "-f", &file]).await;
+
+    let printed: Vec<Value> = serde_saphyr::from_multiple(&manifests).unwrap();
+    for object in &printed {
+        let (api_version, kind) = (
+            object["apiVersion"].as_str().unwrap(),
+            object["kind"].as_str().unwrap(),
+        );
+        let name = &object["metadata"]["name"];
+        assert!(
+            api.objects(api_version, kind)
+                .iter()
+                .any(|o| &o["metadata"]["name"] == name),
+            "kubectl apply did not create {kind} {name}"
+        );
+    }
+    let one = |api_version: &str, kind: &str, name: &str| {
+        api.objects(api_version, kind)
+            .into_iter()
+            .find(|o| o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    let roots = one("v1", "ConfigMap", "trellis-identity-trust-roots")["data"]["ca-bundle.crt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret = one("v1", "Secret", "trellis-identity-issuer");
+    let decode = |key: &str| {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(secret["data"][key].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(bytes).unwrap()
+    };
+    let pem = |origin: &str, text: String| trellis_control_plane::identity::PemText {
+        origin: origin.into(),
+        text,
+    };
+    let material = trellis_control_plane::identity::IssuerMaterial {
+        cert: pem("tls.crt", decode("tls.crt")),
+        key: pem("tls.key", decode("tls.key")),
+        bundle: pem("ca-bundle.crt", roots.clone()),
+    };
+    Ca::new(TRUST_DOMAIN, material).expect("the issuer chains to the roots");
+    let webhook = one(
+        "admissionregistration.k8s.io/v1",
+        "MutatingWebhookConfiguration",
+        "trellis-proxy-injector",
+    );
+    let ca_bundle = webhook["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(ca_bundle)
+            .unwrap(),
+        roots.as_bytes(),
+        "the webhook's caBundle is not the trust roots"
+    );
 }

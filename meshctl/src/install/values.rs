@@ -175,7 +175,7 @@ fn parse(text: &str, origin: &str) -> Result<Value, ValuesError> {
 }
 
 /// Helm's merge: maps merge key by key, anything else replaces.
-fn merge(base: &mut Value, overlay: Value) {
+pub fn merge(base: &mut Value, overlay: Value) {
     match (base, overlay) {
         (Value::Object(base), Value::Object(overlay)) => {
             for (key, value) in overlay {
