@@ -1,7 +1,7 @@
 //! `meshctl`: the Trellis command line.
 
 use clap::{Parser, Subcommand};
-use meshctl::{ca, demo, identity, internal, proxy, route, stat, token};
+use meshctl::{ca, demo, identity, install, internal, proxy, route, stat, token};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,9 @@ enum Command {
     /// Print the bootstrap token that proves a SPIFFE ID to the local-mode
     /// controller (for TRELLIS_TOKEN or TRELLIS_TOKEN_FILE).
     Token(token::TokenArgs),
+    /// Print the Helm chart's manifests (the mesh on a cluster), rendered
+    /// from its values, for `meshctl install | kubectl apply -f -`.
+    Install(install::InstallArgs),
     /// Processes the demo starts (controller, proxies, apps); not for direct use.
     #[command(hide = true, subcommand)]
     Internal(internal::Internal),
@@ -72,6 +75,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Route(command) => route::run(command),
         Command::Identity(args) => identity::run(args).await,
         Command::Ca(args) => ca::run(args),
+        Command::Install(args) => install::run(args),
         Command::Stat(args) => stat::stat(args).await,
         Command::Graph(args) => stat::graph(args).await,
         Command::Token(args) => token::run(args),

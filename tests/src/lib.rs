@@ -33,9 +33,21 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 /// is missing, mostly) the test skips, except under `CI=true`, where a
 /// missing capability fails it.
 pub fn python_with(package: &str, install: &str, script: &str, args: &[&str]) -> Option<Vec<u8>> {
+    python_with_env(package, install, script, args, &[])
+}
+
+/// [`python_with`], with environment variables set for the script.
+pub fn python_with_env(
+    package: &str,
+    install: &str,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Option<Vec<u8>> {
     let out = std::process::Command::new("python3")
         .args(["-c", script])
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("python3 runs");
     if out.status.success() {

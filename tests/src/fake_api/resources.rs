@@ -25,6 +25,7 @@ const ALL_VERBS: &[&str] = &[
 ];
 const GATEWAY: &str = "gateway.networking.k8s.io";
 const TRELLIS: &str = "trellis.dev";
+const MONITORING: &str = "monitoring.coreos.com";
 const RBAC: &str = "rbac.authorization.k8s.io";
 
 /// A namespaced resource with every verb; the methods below change that.
@@ -123,6 +124,19 @@ pub static RESOURCES: &[Resource] = &[
     )
     .cluster_scoped()
     .create_only(),
+    // What the Helm chart installs.
+    resource("apps", "v1", "deployments", "Deployment")
+        .short(&["deploy"])
+        .in_all()
+        .with_status(),
+    resource(
+        "policy",
+        "v1",
+        "poddisruptionbudgets",
+        "PodDisruptionBudget",
+    )
+    .short(&["pdb"])
+    .with_status(),
     resource(RBAC, "v1", "clusterroles", "ClusterRole").cluster_scoped(),
     resource(RBAC, "v1", "clusterrolebindings", "ClusterRoleBinding").cluster_scoped(),
     resource(RBAC, "v1", "roles", "Role"),
@@ -134,6 +148,17 @@ pub static RESOURCES: &[Resource] = &[
         "MutatingWebhookConfiguration",
     )
     .cluster_scoped(),
+    resource(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+    )
+    .cluster_scoped()
+    .short(&["crd", "crds"])
+    .with_status(),
+    resource(MONITORING, "v1", "podmonitors", "PodMonitor"),
+    resource(MONITORING, "v1", "servicemonitors", "ServiceMonitor"),
 ];
 
 impl Resource {
@@ -154,7 +179,7 @@ impl Resource {
     /// Served from a CustomResourceDefinition in a real cluster (so no
     /// strategic merge patch).
     pub fn custom(&self) -> bool {
-        matches!(self.group, TRELLIS | GATEWAY)
+        matches!(self.group, TRELLIS | GATEWAY | MONITORING)
     }
 
     pub fn by_path(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
