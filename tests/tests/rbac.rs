@@ -1,76 +1,123 @@
-//! The controller's API permissions (`control-plane::permissions`, which
-//! the chart's ClusterRole and Role are held equal to in `chart.rs`) are
-//! exactly what it uses: run as its service account against the fake API
-//! server with RBAC granting only those permissions, a mesh serving
-//! requests makes no call the RBAC refuses, and uses every permission
-//! listed.
+//! The chart's RBAC is exactly what the controller uses: run as its
+//! service account against the fake API server holding the chart's
+//! ClusterRole, Role and bindings (as `meshctl install` renders them, which
+//! `chart.rs` holds equal to Helm's), a mesh serving requests makes no call
+//! the RBAC refuses, and uses every grant. The same grants are
+//! `control-plane::permissions`, what `meshctl check` asks about.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use trellis_control_plane::permissions::{Scope, PERMISSIONS};
-use trellis_proto::{CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT};
+use trellis_proto::CONTROLLER_NAMESPACE;
 use trellis_tests::cluster_ca::{authenticate_as_controller, controller_user};
 use trellis_tests::fake_api::{Attributes, FakeApi};
 use trellis_tests::{eventually, HelloMesh};
 
-/// RBAC objects granting exactly `PERMISSIONS` to the controller's
-/// service account.
-fn rbac_objects() -> Vec<Value> {
-    let rules = |scope: Scope| -> Vec<Value> {
-        PERMISSIONS
-            .iter()
-            .filter(|p| p.scope == scope)
-            .map(|p| {
-                let mut rule =
-                    json!({"apiGroups": [p.group], "resources": [p.resource], "verbs": p.verbs});
-                if !p.names.is_empty() {
-                    rule["resourceNames"] = json!(p.names);
-                }
-                rule
-            })
-            .collect()
-    };
-    let subjects = json!([{"kind": "ServiceAccount", "name": CONTROLLER_SERVICE_ACCOUNT, "namespace": CONTROLLER_NAMESPACE}]);
-    let role_ref = |kind: &str| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": "trellis-controller"});
-    let rbac = "rbac.authorization.k8s.io/v1";
-    vec![
-        json!({"apiVersion": rbac, "kind": "ClusterRole", "metadata": {"name": "trellis-controller"},
-               "rules": rules(Scope::Cluster)}),
-        json!({"apiVersion": rbac, "kind": "ClusterRoleBinding", "metadata": {"name": "trellis-controller"},
-               "roleRef": role_ref("ClusterRole"), "subjects": subjects}),
-        json!({"apiVersion": rbac, "kind": "Role",
-               "metadata": {"name": "trellis-controller", "namespace": CONTROLLER_NAMESPACE},
-               "rules": rules(Scope::ControllerNamespace)}),
-        json!({"apiVersion": rbac, "kind": "RoleBinding",
-               "metadata": {"name": "trellis-controller", "namespace": CONTROLLER_NAMESPACE},
-               "roleRef": role_ref("Role"), "subjects": subjects}),
-    ]
+const RBAC_KINDS: [&str; 4] = ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
+
+/// The chart's RBAC objects, as `meshctl install` prints them.
+fn chart_rbac() -> Vec<Value> {
+    let args = meshctl::install::InstallArgs::new(vec![], vec![], None, CONTROLLER_NAMESPACE);
+    let yaml = meshctl::install::render(&args).expect("meshctl install renders");
+    let objects: Vec<Value> = serde_saphyr::from_multiple(&yaml).expect("YAML");
+    objects
+        .into_iter()
+        .filter(|o| RBAC_KINDS.contains(&o["kind"].as_str().unwrap_or_default()))
+        .collect()
 }
 
-/// Whether a call is one use of `verb` on `name` of the permission.
-fn uses(
-    call: &Attributes,
-    permission: &trellis_control_plane::permissions::Permission,
-    verb: &str,
-    name: Option<&str>,
-) -> bool {
-    call.group == permission.group
-        && call.resource == permission.resource
+/// One grant: (namespace or none, group, resource, verb, name or none).
+type Grant = (Option<String>, String, String, String, Option<String>);
+
+/// Every grant the chart's roles make to the controller.
+fn chart_grants(objects: &[Value]) -> BTreeSet<Grant> {
+    let mut grants = BTreeSet::new();
+    for role in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        let namespace = role["metadata"]["namespace"].as_str().map(str::to_string);
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            let list = |key: &str| -> Vec<Option<String>> {
+                match rule[key].as_array() {
+                    Some(items) if !items.is_empty() => items
+                        .iter()
+                        .map(|v| v.as_str().map(str::to_string))
+                        .collect(),
+                    _ => vec![None],
+                }
+            };
+            for group in list("apiGroups") {
+                for resource in list("resources") {
+                    for verb in list("verbs") {
+                        for name in list("resourceNames") {
+                            grants.insert((
+                                namespace.clone(),
+                                group.clone().unwrap_or_default(),
+                                resource.clone().unwrap_or_default(),
+                                verb.clone().unwrap_or_default(),
+                                name,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    grants
+}
+
+fn listed_grants() -> BTreeSet<Grant> {
+    let mut grants = BTreeSet::new();
+    for p in PERMISSIONS {
+        let namespace = match p.scope {
+            Scope::Cluster => None,
+            Scope::ControllerNamespace => Some(CONTROLLER_NAMESPACE.to_string()),
+        };
+        let names: Vec<Option<String>> = if p.names.is_empty() {
+            vec![None]
+        } else {
+            p.names.iter().map(|n| Some(n.to_string())).collect()
+        };
+        for verb in p.verbs {
+            for name in &names {
+                grants.insert((
+                    namespace.clone(),
+                    p.group.into(),
+                    p.resource.into(),
+                    verb.to_string(),
+                    name.clone(),
+                ));
+            }
+        }
+    }
+    grants
+}
+
+/// Whether a call is one use of the grant.
+fn uses(call: &Attributes, (namespace, group, resource, verb, name): &Grant) -> bool {
+    call.group == *group
+        && call.resource == *resource
         && call.subresource.is_none()
-        && call.verb == verb
-        && (permission.scope == Scope::Cluster
-            || call.namespace.as_deref() == Some(CONTROLLER_NAMESPACE))
-        && name.is_none_or(|name| call.name.as_deref() == Some(name))
+        && call.verb == *verb
+        && (namespace.is_none() || call.namespace == *namespace)
+        && (name.is_none() || call.name == *name)
+}
+
+#[test]
+fn the_chart_grants_what_the_permission_list_says() {
+    assert_eq!(chart_grants(&chart_rbac()), listed_grants());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_controller_uses_exactly_its_listed_permissions() {
+async fn the_controller_makes_only_calls_the_chart_grants_and_uses_every_grant() {
     let api = Arc::new(FakeApi::start().await);
     let mesh = HelloMesh::start_in_cluster_with(api.clone(), |config| {
         authenticate_as_controller(config, &api);
-        for object in rbac_objects() {
+        for object in chart_rbac() {
             api.apply(object);
         }
         // Renewed every second, so the test sees an update soon.
@@ -108,20 +155,10 @@ async fn the_controller_uses_exactly_its_listed_permissions() {
         refused.is_empty(),
         "calls the permissions do not grant: {refused:#?}"
     );
-    for permission in PERMISSIONS {
-        let names: Vec<Option<&str>> = if permission.names.is_empty() {
-            vec![None]
-        } else {
-            permission.names.iter().map(|n| Some(*n)).collect()
-        };
-        for verb in permission.verbs {
-            for name in &names {
-                assert!(
-                    calls.iter().any(|(call, _)| uses(call, permission, verb, *name)),
-                    "the controller never used {verb} {} {name:?} ({permission:?}); calls: {calls:#?}",
-                    permission.resource
-                );
-            }
-        }
+    for grant in chart_grants(&chart_rbac()) {
+        assert!(
+            calls.iter().any(|(call, _)| uses(call, &grant)),
+            "the chart grants {grant:?}, which the controller never used; its calls: {calls:#?}"
+        );
     }
 }
