@@ -93,3 +93,18 @@ pub const PERMISSIONS: &[Permission] = &[
         names: &[],
     },
 ];
+
+impl Permission {
+    /// Each verb on each named object (on any object when no names are
+    /// given): the single grants an access review asks about.
+    pub fn grants(&self) -> impl Iterator<Item = (&'static str, Option<&'static str>)> + '_ {
+        let names: Vec<Option<&'static str>> = if self.names.is_empty() {
+            vec![None]
+        } else {
+            self.names.iter().copied().map(Some).collect()
+        };
+        self.verbs
+            .iter()
+            .flat_map(move |verb| names.clone().into_iter().map(move |name| (*verb, name)))
+    }
+}

@@ -234,13 +234,7 @@ async fn controller_rbac(client: &Client, namespace: &str) -> Item {
             Scope::Cluster => None,
             Scope::ControllerNamespace => Some(namespace.to_string()),
         };
-        let names: Vec<Option<String>> = if permission.names.is_empty() {
-            vec![None]
-        } else {
-            permission.names.iter().map(|n| Some(n.to_string())).collect()
-        };
-        for verb in permission.verbs {
-            for object in &names {
+        for (verb, object) in permission.grants() {
                 let review = SubjectAccessReview {
                     spec: SubjectAccessReviewSpec {
                         user: Some(user.clone()),
@@ -254,7 +248,7 @@ async fn controller_rbac(client: &Client, namespace: &str) -> Item {
                             resource: Some(permission.resource.into()),
                             verb: Some(verb.to_string()),
                             namespace: scope.clone(),
-                            name: object.clone(),
+                            name: object.map(str::to_string),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -274,11 +268,10 @@ async fn controller_rbac(client: &Client, namespace: &str) -> Item {
                 };
                 if !allowed {
                     let group = if permission.group.is_empty() { "core" } else { permission.group };
-                    let object = object.as_deref().map(|n| format!(" {n}")).unwrap_or_default();
+                    let object = object.map(|n| format!(" {n}")).unwrap_or_default();
                     let place = scope.as_deref().map(|ns| format!(" in {ns}")).unwrap_or_default();
                     missing.push(format!("{verb} {}{object} ({group}){place}", permission.resource));
                 }
-            }
         }
     }
     if missing.is_empty() {
@@ -370,7 +363,7 @@ async fn webhook(client: &Client, namespace: &str) -> Item {
     let pods: Api<Pod> = Api::namespaced(client.clone(), probe_namespace);
     let probe: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"generateName": "trellis-check-", "annotations": {inject::INJECT_ANNOTATION: "enabled"}},
+        "metadata": {"generateName": "trellis-check-", "annotations": {inject::annotations::INJECT: "enabled"}},
         "spec": {"containers": [{"name": "probe", "image": "registry.k8s.io/pause:3.10"}]},
     }))
     .expect("a valid Pod");
@@ -379,7 +372,7 @@ async fn webhook(client: &Client, namespace: &str) -> Item {
         ..PostParams::default()
     };
     match pods.create(&params, &probe).await {
-        Ok(pod) if inject::has_proxy(&serde_json::to_value(&pod).unwrap_or_default()) => Item::pass(
+        Ok(pod) if has_proxy(&serde_json::to_value(&pod).unwrap_or_default()) => Item::pass(
             Section::Health,
             name,
             format!("a dry-run pod in {probe_namespace} came back with the sidecar; caBundle valid"),
@@ -488,12 +481,12 @@ async fn pods_injected(client: &Client, namespace: &str) -> Item {
         let labelled_at = label_time(ns);
         for pod in list {
             let value = serde_json::to_value(&pod).unwrap_or_default();
-            if inject::has_proxy(&value) {
+            if has_proxy(&value) {
                 meshed += 1;
                 continue;
             }
             let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            unmeshed.push(why_unmeshed(&ns_name, &pod, &value, created, labelled_at, webhook_since));
+            unmeshed.push(why_unmeshed(&ns_name, namespace, &pod, &value, created, labelled_at, webhook_since));
         }
     }
     let failing: Vec<&UnmeshedPod> = unmeshed.iter().filter(|p| !p.intended).collect();
@@ -514,6 +507,7 @@ async fn pods_injected(client: &Client, namespace: &str) -> Item {
 
 fn why_unmeshed(
     namespace: &str,
+    mesh_namespace: &str,
     pod: &Pod,
     value: &serde_json::Value,
     created: Option<Timestamp>,
@@ -522,9 +516,14 @@ fn why_unmeshed(
 ) -> UnmeshedPod {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let labels = BTreeMap::from([(inject::NAMESPACE_LABEL.to_string(), "enabled".to_string())]);
-    let (why, intended) = match inject::skip_reason(value, &labels) {
-        Some(reason) => (reason, true),
-        None => match (created, labelled_at, webhook_since) {
+    let placement = inject::Placement {
+        namespace,
+        labels: Some(&labels),
+        mesh_namespace,
+    };
+    let (why, intended) = match inject::select(value, Some(placement)) {
+        Err(invalid) => (format!("the webhook refuses its annotations: {invalid}"), false),
+        Ok(inject::Selection::Inject) => match (created, labelled_at, webhook_since) {
             (Some(created), Some(labelled), _) if created <= labelled => (
                 format!("created {created}, before the namespace was labelled ({labelled})"),
                 false,
@@ -538,6 +537,7 @@ fn why_unmeshed(
                 false,
             ),
         },
+        Ok(skipped) => (format!("not injected: {}", skipped.explain()), true),
     };
     UnmeshedPod {
         namespace: namespace.to_string(),
@@ -545,6 +545,10 @@ fn why_unmeshed(
         why,
         intended,
     }
+}
+
+fn has_proxy(pod: &serde_json::Value) -> bool {
+    inject::has_container(pod, inject::PROXY_CONTAINER)
 }
 
 /// When the injection label was last set, from the managers' records

@@ -77,21 +77,14 @@ fn listed_grants() -> BTreeSet<Grant> {
             Scope::Cluster => None,
             Scope::ControllerNamespace => Some(CONTROLLER_NAMESPACE.to_string()),
         };
-        let names: Vec<Option<String>> = if p.names.is_empty() {
-            vec![None]
-        } else {
-            p.names.iter().map(|n| Some(n.to_string())).collect()
-        };
-        for verb in p.verbs {
-            for name in &names {
-                grants.insert((
-                    namespace.clone(),
-                    p.group.into(),
-                    p.resource.into(),
-                    verb.to_string(),
-                    name.clone(),
-                ));
-            }
+        for (verb, name) in p.grants() {
+            grants.insert((
+                namespace.clone(),
+                p.group.into(),
+                p.resource.into(),
+                verb.into(),
+                name.map(str::to_string),
+            ));
         }
     }
     grants
