@@ -6,6 +6,7 @@ pub mod cli;
 pub mod controller;
 pub mod discovery;
 pub mod identity;
+pub mod inject;
 pub mod lease;
 pub mod metrics;
 pub mod model;
