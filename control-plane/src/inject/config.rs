@@ -225,8 +225,7 @@ mod tests {
             text.contains("proxyImg") && text.contains("inject.yaml"),
             "{text}"
         );
-        let error =
-            Config::from_yaml("resources: {limits: {memory: lots}}\n", "f").unwrap_err();
+        let error = Config::from_yaml("resources: {limits: {memory: lots}}\n", "f").unwrap_err();
         let text = error.to_string();
         assert!(
             text.contains("resources.limits.memory") && text.contains("\"lots\""),

@@ -23,8 +23,7 @@ pub use select::{has_container, select, Placement, Selection, NAMESPACE_LABEL};
 
 use sidecar::{Parts, Workload};
 
-/// The native sidecar's container name, by which a meshed pod is known.
-pub const PROXY_CONTAINER: &str = "trellis-proxy";
+pub use crate::model::PROXY_CONTAINER;
 /// The init container that installs the iptables rules.
 pub const INIT_CONTAINER: &str = "trellis-init";
 /// The projected service-account token (audience `trellis.dev`).
@@ -98,19 +97,23 @@ impl Injector {
         let injected_by = json!({ annotations::INJECTED_BY: VERSION });
 
         let mut operations = Vec::with_capacity(5);
-        operations.push(match (pod.get("metadata"), pod.pointer("/metadata/annotations")) {
-            (None | Some(Value::Null), _) => {
-                Operation::add("/metadata", json!({ "annotations": injected_by }))
-            }
-            (_, None | Some(Value::Null)) => Operation::add("/metadata/annotations", injected_by),
-            _ => Operation::add(
-                format!(
-                    "/metadata/annotations/{}",
-                    patch::escape(annotations::INJECTED_BY)
+        operations.push(
+            match (pod.get("metadata"), pod.pointer("/metadata/annotations")) {
+                (None | Some(Value::Null), _) => {
+                    Operation::add("/metadata", json!({ "annotations": injected_by }))
+                }
+                (_, None | Some(Value::Null)) => {
+                    Operation::add("/metadata/annotations", injected_by)
+                }
+                _ => Operation::add(
+                    format!(
+                        "/metadata/annotations/{}",
+                        patch::escape(annotations::INJECTED_BY)
+                    ),
+                    json!(VERSION),
                 ),
-                json!(VERSION),
-            ),
-        });
+            },
+        );
         // `add /spec/initContainers/0` fails on a pod without the array.
         if is_absent(pod.pointer("/spec/initContainers")) {
             operations.push(Operation::add("/spec/initContainers", json!([init, proxy])));
@@ -159,8 +162,7 @@ impl Injector {
         let service_account = text("/spec/serviceAccountName")
             .or_else(|| text("/spec/serviceAccount"))
             .unwrap_or("default");
-        let identity =
-            trellis_proto::SpiffeId::new(&self.trust_domain, namespace, service_account);
+        let identity = trellis_proto::SpiffeId::new(&self.trust_domain, namespace, service_account);
         Workload {
             identity: identity.to_string(),
             name: label(&["app.kubernetes.io/name", "app"])
@@ -212,9 +214,17 @@ fn check_shape(pod: &Value) -> Result<(), InjectError> {
         });
     }
     expect("metadata", pod.get("metadata"), false)?;
-    expect("metadata.annotations", pod.pointer("/metadata/annotations"), false)?;
+    expect(
+        "metadata.annotations",
+        pod.pointer("/metadata/annotations"),
+        false,
+    )?;
     expect("spec", pod.get("spec"), false)?;
-    expect("spec.initContainers", pod.pointer("/spec/initContainers"), true)?;
+    expect(
+        "spec.initContainers",
+        pod.pointer("/spec/initContainers"),
+        true,
+    )?;
     expect("spec.volumes", pod.pointer("/spec/volumes"), true)
 }
 

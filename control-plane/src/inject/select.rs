@@ -142,24 +142,36 @@ mod tests {
                 mesh_namespace: "trellis",
             })
         };
-        assert_eq!(select(&plain, at("shop", Some(&enabled))), Ok(Selection::Inject));
+        assert_eq!(
+            select(&plain, at("shop", Some(&enabled))),
+            Ok(Selection::Inject)
+        );
         assert_eq!(
             select(&plain, at("shop", Some(&none))),
             Ok(Selection::NamespaceNotLabelled)
         );
-        assert_eq!(select(&plain, at("shop", None)), Ok(Selection::NamespaceNotLabelled));
+        assert_eq!(
+            select(&plain, at("shop", None)),
+            Ok(Selection::NamespaceNotLabelled)
+        );
         assert_eq!(select(&plain, None), Ok(Selection::Inject), "offline");
         let opt_in = pod(
             json!({"trellis.dev/inject": "enabled"}),
             json!({"containers": []}),
         );
-        assert_eq!(select(&opt_in, at("shop", Some(&none))), Ok(Selection::Inject));
+        assert_eq!(
+            select(&opt_in, at("shop", Some(&none))),
+            Ok(Selection::Inject)
+        );
         assert_eq!(
             select(&opt_in, at("shop", Some(&disabled))),
             Ok(Selection::NamespaceNotLabelled)
         );
         let opt_out = pod(json!({"trellis.dev/inject": "disabled"}), json!({}));
-        assert_eq!(select(&opt_out, at("shop", Some(&enabled))), Ok(Selection::OptedOut));
+        assert_eq!(
+            select(&opt_out, at("shop", Some(&enabled))),
+            Ok(Selection::OptedOut)
+        );
         assert_eq!(select(&opt_out, None), Ok(Selection::OptedOut));
         assert_eq!(
             select(&opt_in, at("kube-system", Some(&enabled))),

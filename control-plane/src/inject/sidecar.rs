@@ -42,11 +42,17 @@ impl Parts {
             trellis_proto::CONTROLLER_SERVICE_ACCOUNT,
         );
         let static_env = [
-            ("TRELLIS_CONTROLLER", config.controller_address_in(mesh_namespace)),
+            (
+                "TRELLIS_CONTROLLER",
+                config.controller_address_in(mesh_namespace),
+            ),
             ("TRELLIS_CONTROLLER_IDENTITY", controller.to_string()),
             ("TRELLIS_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
             ("TRELLIS_INBOUND_LISTEN", format!("0.0.0.0:{INBOUND_PORT}")),
-            ("TRELLIS_OUTBOUND_LISTEN", format!("127.0.0.1:{OUTBOUND_PORT}")),
+            (
+                "TRELLIS_OUTBOUND_LISTEN",
+                format!("127.0.0.1:{OUTBOUND_PORT}"),
+            ),
             // Kubelet probes and Prometheus reach the admin port from outside.
             ("TRELLIS_ADMIN_LISTEN", format!("0.0.0.0:{ADMIN_PORT}")),
             ("RUST_LOG", config.log_level.clone()),
@@ -89,7 +95,10 @@ impl Parts {
         overrides: &Overrides,
     ) -> [Value; 2] {
         let config = &self.config;
-        let image = overrides.proxy_image.as_deref().unwrap_or(&config.proxy_image);
+        let image = overrides
+            .proxy_image
+            .as_deref()
+            .unwrap_or(&config.proxy_image);
         let resources = self.resources(overrides);
         let mut init_args = vec![
             json!("init"),
@@ -178,10 +187,8 @@ impl Parts {
     fn resources(&self, overrides: &Overrides) -> Value {
         let merge = |base: &std::collections::BTreeMap<String, String>,
                      over: &std::collections::BTreeMap<&'static str, String>| {
-            let mut map: Map<String, Value> = base
-                .iter()
-                .map(|(k, v)| (k.clone(), json!(v)))
-                .collect();
+            let mut map: Map<String, Value> =
+                base.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
             for (k, v) in over {
                 map.insert(k.to_string(), json!(v));
             }

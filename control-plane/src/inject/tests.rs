@@ -56,7 +56,10 @@ fn injection_prepends_init_and_native_sidecar_and_keeps_unknown_fields() {
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
     assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
-    assert_eq!(proxy["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        proxy["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
     let env = env_of(proxy);
     assert_eq!(
         env["TRELLIS_IDENTITY"],
@@ -86,7 +89,10 @@ fn injection_prepends_init_and_native_sidecar_and_keeps_unknown_fields() {
         token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
         "trellis.dev"
     );
-    assert_eq!(pod["metadata"]["annotations"][annotations::INJECTED_BY], VERSION);
+    assert_eq!(
+        pod["metadata"]["annotations"][annotations::INJECTED_BY],
+        VERSION
+    );
     assert_eq!(pod["metadata"]["annotations"]["note"], "kept");
     assert_eq!(pod["spec"]["containers"][0]["futureField"], json!({"x": 1}));
 }
@@ -138,7 +144,13 @@ fn annotations_override_the_configuration() {
     assert_eq!(env["TRELLIS_OPAQUE_PORTS"], "3306,5432");
     assert_eq!(
         init["args"],
-        json!(["init", "--proxy-uid", "2102", "--skip-outbound-cidrs", "169.254.169.254/32"])
+        json!([
+            "init",
+            "--proxy-uid",
+            "2102",
+            "--skip-outbound-cidrs",
+            "169.254.169.254/32"
+        ])
     );
 }
 
@@ -148,11 +160,17 @@ fn the_workload_falls_back_to_the_service_account() {
     injector().inject(&mut pod, "shop", BUNDLE).unwrap();
     let env = env_of(&pod["spec"]["initContainers"][1]);
     assert_eq!(env["TRELLIS_WORKLOAD"], "web");
-    assert_eq!(env["TRELLIS_IDENTITY"], "spiffe://cluster.local/ns/shop/sa/default");
+    assert_eq!(
+        env["TRELLIS_IDENTITY"],
+        "spiffe://cluster.local/ns/shop/sa/default"
+    );
     assert!(!env.contains_key("TRELLIS_VERSION"));
     let mut pod = json!({"spec": {"serviceAccountName": "api", "containers": []}});
     injector().inject(&mut pod, "shop", BUNDLE).unwrap();
-    assert_eq!(env_of(&pod["spec"]["initContainers"][1])["TRELLIS_WORKLOAD"], "api");
+    assert_eq!(
+        env_of(&pod["spec"]["initContainers"][1])["TRELLIS_WORKLOAD"],
+        "api"
+    );
 }
 
 #[test]
@@ -164,7 +182,9 @@ fn a_pod_of_another_shape_or_with_a_bad_annotation_is_an_error() {
         error.to_string(),
         "the pod cannot be read: spec.initContainers is a string, expected an array"
     );
-    let error = injector.inject(&mut json!({"metadata": {}}), "shop", BUNDLE).unwrap_err();
+    let error = injector
+        .inject(&mut json!({"metadata": {}}), "shop", BUNDLE)
+        .unwrap_err();
     assert!(error.to_string().contains("spec is missing"), "{error}");
     let mut pod = pod_with_annotation("trellis.dev/proxy-memory-limit", "1GB");
     let error = injector.inject(&mut pod, "shop", BUNDLE).unwrap_err();
