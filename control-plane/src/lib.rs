@@ -13,3 +13,4 @@ pub mod model;
 pub mod source;
 pub mod store;
 pub mod transport;
+pub mod webhook;
