@@ -23,8 +23,10 @@ use trellis_proto::SpiffeId;
 
 pub mod cluster_ca;
 pub mod fake_api;
+pub mod kube_validate;
 pub mod netns;
 pub mod tls;
+pub mod webhook;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
@@ -142,6 +144,8 @@ pub struct ControllerProcess {
     pub manifest_errors: tokio::sync::watch::Receiver<Vec<ManifestError>>,
     /// The controller's store, to compare with its source.
     pub store: Arc<trellis_control_plane::store::Store>,
+    /// The injection webhook's HTTPS address, if it serves one.
+    pub webhook_addr: Option<SocketAddr>,
     _isolated: Isolated,
 }
 
@@ -155,7 +159,7 @@ impl ControllerProcess {
                 .expect("controller runtime")
         };
         let start = async { Controller::start(config).await.expect("controller starts") };
-        let (isolated, (addr, admin_addr, manifest_errors, store)) = Isolated::start(
+        let (isolated, (addr, admin_addr, manifest_errors, store, webhook_addr)) = Isolated::start(
             runtime,
             start,
             |c: &Controller| {
@@ -164,6 +168,7 @@ impl ControllerProcess {
                     c.admin_addr,
                     c.manifest_errors.clone(),
                     c.store.clone(),
+                    c.webhook_addr,
                 )
             },
             Controller::shutdown,
@@ -173,6 +178,7 @@ impl ControllerProcess {
             addr,
             manifest_errors,
             store,
+            webhook_addr,
             _isolated: isolated,
         }
     }

@@ -150,6 +150,3 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response
 }
-
-#[cfg(test)]
-mod tests;
