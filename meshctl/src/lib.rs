@@ -6,6 +6,7 @@ pub mod ca;
 pub mod context;
 pub mod demo;
 pub mod identity;
+pub mod inject;
 pub mod internal;
 pub mod proxy;
 pub mod report;

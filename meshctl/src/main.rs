@@ -1,7 +1,7 @@
 //! `meshctl`: the Trellis command line.
 
 use clap::{Parser, Subcommand};
-use meshctl::{ca, demo, identity, internal, proxy, route, stat, token};
+use meshctl::{ca, demo, identity, inject, internal, proxy, route, stat, token};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +38,12 @@ enum Command {
     ///   meshctl proxy --name web --app 127.0.0.1:8080
     #[command(verbatim_doc_comment)]
     Proxy(proxy::ProxyArgs),
+    /// Add the Trellis proxy to the workloads of a manifest file (or take it
+    /// out with --uninject), offline, as the injection webhook would.
+    ///
+    /// Example: meshctl inject -f app.yaml --trust-bundle ca-bundle.crt | kubectl apply -f -
+    #[command(verbatim_doc_comment)]
+    Inject(inject::InjectArgs),
     /// Print the bootstrap token that proves a SPIFFE ID to the local-mode
     /// controller (for TRELLIS_TOKEN or TRELLIS_TOKEN_FILE).
     Token(token::TokenArgs),
@@ -75,6 +81,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Stat(args) => stat::stat(args).await,
         Command::Graph(args) => stat::graph(args).await,
         Command::Token(args) => token::run(args),
+        Command::Inject(args) => inject::run(args),
         Command::Internal(_) | Command::Proxy(_) => {
             unreachable!("main runs these on their own runtime")
         }
