@@ -116,7 +116,7 @@ fn quick_control_plane_benchmark_produces_all_figures() {
 #[test]
 fn the_webhook_benchmark_produces_its_figures() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_bench-webhook"))
-        .args(["--seconds", "1", "--clients", "20"])
+        .args(["--seconds", "1", "--clients", "20", "--rate", "200"])
         .output()
         .unwrap();
     assert!(

@@ -1,11 +1,12 @@
 //! The injection webhook under load: `--clients` (200) concurrent clients,
 //! each on its own TLS connection verified with the mesh's CA bundle and
 //! the Service's DNS name, sending AdmissionReviews of a pod in a labelled
-//! namespace to an in-process controller for `--seconds` (10). Prints the
-//! review latency p50 / p99 / max and reviews per second; the last line is
-//! the figures as JSON. Every answer must carry a patch.
+//! namespace to an in-process controller, for `--seconds` (10) paced at
+//! `--rate` (2,000) reviews/s in all, then as fast as answers come back.
+//! Prints reviews/s and the review latency p50 / p99 / max of each phase;
+//! the last line is the figures as JSON. Every answer must carry a patch.
 //!
-//! cargo run --release -p trellis-tests --bin bench-webhook -- [--seconds N] [--clients N]
+//! cargo run --release -p trellis-tests --bin bench-webhook -- [--seconds N] [--clients N] [--rate N]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ fn percentile(sorted: &[Duration], q: f64) -> f64 {
 async fn main() {
     let seconds = arg("--seconds", 10);
     let clients = arg("--clients", 200) as usize;
+    let rate = arg("--rate", 2000);
     let dir = tempfile::tempdir().expect("tempdir");
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests).expect("manifests");
@@ -64,14 +66,80 @@ async fn main() {
                 .expect("connect"),
         );
     }
+    // Paced: every client sends at an even share of `--rate`, as the API
+    // server does when pods are created; the latency a pod's creation sees.
+    let paced = run_phase(&mut connected, &body, seconds, Some(rate)).await;
+    // Saturated: every client sends its next review as soon as it has the
+    // answer; the throughput (latency is then queueing: clients / rate).
+    let saturated = run_phase(&mut connected, &body, seconds, None).await;
+    println!(
+        "webhook: {clients} concurrent clients over TLS, {} bytes per review, {seconds} s per phase",
+        body.len()
+    );
+    for (name, phase) in [("paced", &paced), ("saturated", &saturated)] {
+        println!(
+            "  {name:9}: {:.0} reviews/s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            phase.rate, phase.p50, phase.p99, phase.max
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "clients": clients,
+            "paced": paced.json(),
+            "saturated": saturated.json(),
+        })
+    );
+}
+
+struct Phase {
+    reviews: usize,
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Phase {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "reviews": self.reviews,
+            "reviews_per_second": self.rate,
+            "p50_ms": self.p50,
+            "p99_ms": self.p99,
+            "max_ms": self.max,
+        })
+    }
+}
+
+/// Every client sends reviews for `seconds`, each at `rate / clients` per
+/// second if paced, else back to back.
+async fn run_phase(
+    clients: &mut Vec<WebhookClient>,
+    body: &Arc<Vec<u8>>,
+    seconds: u64,
+    rate: Option<u64>,
+) -> Phase {
+    let n = clients.len();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
-    for mut client in connected {
+    for (i, mut client) in std::mem::take(clients).into_iter().enumerate() {
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
+            let mut pace = rate.map(|rate| {
+                let period = Duration::from_secs_f64(n as f64 / rate as f64);
+                // Spread the clients' sends evenly over one period.
+                let first = tokio::time::Instant::now() + period.mul_f64(i as f64 / n as f64);
+                let mut interval = tokio::time::interval_at(first, period);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                interval
+            });
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
+                if let Some(pace) = &mut pace {
+                    pace.tick().await;
+                }
                 let sent = Instant::now();
                 let (status, answer) = client
                     .post("/inject", body.as_ref().clone())
@@ -86,34 +154,22 @@ async fn main() {
                     String::from_utf8_lossy(&answer)
                 );
             }
-            latencies
+            (client, latencies)
         }));
     }
     let mut latencies = Vec::new();
     for task in tasks {
-        latencies.extend(task.await.expect("client"));
+        let (client, mine) = task.await.expect("client");
+        clients.push(client);
+        latencies.extend(mine);
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort();
-    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
-    let max = latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-    let rate = latencies.len() as f64 / elapsed;
-    println!(
-        "webhook: {clients} concurrent clients over TLS for {seconds} s, {} reviews, {} bytes each",
-        latencies.len(),
-        body.len()
-    );
-    println!("  latency p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms");
-    println!("  {rate:.0} reviews/s");
-    println!(
-        "{}",
-        serde_json::json!({
-            "clients": clients,
-            "reviews": latencies.len(),
-            "p50_ms": p50,
-            "p99_ms": p99,
-            "max_ms": max,
-            "reviews_per_second": rate,
-        })
-    );
+    Phase {
+        reviews: latencies.len(),
+        rate: latencies.len() as f64 / elapsed,
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        max: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+    }
 }
