@@ -47,6 +47,9 @@ pub enum InjectError {
         found: &'static str,
         expected: &'static str,
     },
+    /// The patch does not fit the pod (a shape [`check_shape`] let through).
+    #[error("the pod cannot be read: {0}")]
+    Patch(#[from] PatchError),
 }
 
 /// Injects proxies for one mesh: its namespace, trust domain and
@@ -141,11 +144,7 @@ impl Injector {
         trust_bundle: &str,
     ) -> Result<bool, InjectError> {
         let operations = self.patch(pod, namespace, trust_bundle)?;
-        patch::apply(pod, &operations).map_err(|_| InjectError::Shape {
-            field: "spec",
-            found: "of another shape",
-            expected: "a pod spec",
-        })?;
+        patch::apply(pod, &operations)?;
         Ok(!operations.is_empty())
     }
 

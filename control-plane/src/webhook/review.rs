@@ -166,9 +166,7 @@ impl Reviewer {
                         )
                     }
                     Err(InjectError::Annotation(e)) => denied(&e),
-                    Err(e @ InjectError::Shape { .. }) => {
-                        warn("pod", format!("{e}; the pod was not injected"))
-                    }
+                    Err(e) => warn("pod", format!("{e}; the pod was not injected")),
                 }
             }
             Ok(skip) => {
