@@ -63,16 +63,21 @@ impl Setup {
             .expect("the webhook's certificate is valid for its Service name")
     }
 
+    /// A TLS connection verified as the API server verifies it.
+    async fn tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.webhook).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(SERVICE_NAME).unwrap();
+        tokio_rustls::TlsConnector::from(client_config(&self.bundle))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
     /// Sends a request head declaring a body of `length` bytes, and no
     /// body; returns the status line of the answer.
     async fn declaring_length(&self, length: usize) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(self.webhook).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from(SERVICE_NAME).unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(client_config(&self.bundle))
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let mut tls = self.tls().await;
         let head = format!(
             "POST /inject HTTP/1.1\r\nhost: {SERVICE_NAME}\r\ncontent-length: {length}\r\n\r\n"
         );
@@ -376,4 +381,41 @@ async fn the_webhook_certificate_is_verified_for_its_service_name_only() {
         .err()
         .expect("another CA is refused");
     assert!(error.contains("invalid peer certificate"), "{error}");
+}
+
+#[tokio::test]
+async fn the_webhook_certificate_is_re_issued_when_the_issuer_rotates() {
+    let setup = Setup::start().await;
+    let served = || async {
+        let tls = setup.tls().await;
+        let chain: Vec<Vec<u8>> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .unwrap()
+            .iter()
+            .map(|c| c.to_vec())
+            .collect();
+        chain
+    };
+    let before = served().await;
+    let dir = setup.mesh.dir.path();
+    trellis_control_plane::identity::rotate_issuer(dir, Duration::from_secs(3600)).unwrap();
+    let issuer = std::fs::read_to_string(dir.join("issuer.crt")).unwrap();
+    let (_, issuer) = x509_parser::pem::parse_x509_pem(issuer.as_bytes()).unwrap();
+    let after = eventually(
+        Duration::from_secs(5),
+        "a certificate from the new issuer",
+        || async {
+            let chain = served().await;
+            (chain[1] == issuer.contents)
+                .then_some(chain)
+                .ok_or_else(|| "still the old issuer".to_string())
+        },
+    )
+    .await;
+    assert_ne!(
+        before[0], after[0],
+        "a new leaf, verified for the Service name"
+    );
 }
