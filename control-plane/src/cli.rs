@@ -157,3 +157,51 @@ pub fn init_tracing(default: &str) {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    async fn config(extra: &[&str]) -> Result<ControllerConfig, ArgsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().to_str().unwrap();
+        let mut argv = vec!["trellis-controller", "--state-dir", dir, "--manifests", dir];
+        argv.extend(extra);
+        Cli::parse_from(argv).args.into_config().await
+    }
+
+    #[tokio::test]
+    async fn the_webhook_flags_make_a_webhook_configuration() {
+        assert!(config(&[]).await.unwrap().webhook.is_none());
+        let config_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(config_file.path(), "proxyUid: 4321\n").unwrap();
+        let path = config_file.path().to_str().unwrap();
+        let config = config(&["--webhook-listen", "0.0.0.0:8443", "--inject-config", path])
+            .await
+            .unwrap();
+        let webhook = config.webhook.expect("a webhook");
+        assert_eq!(webhook.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(webhook.inject.proxy_uid, 4321);
+        assert_eq!(
+            webhook.dns_names("trellis"),
+            [
+                "trellis-webhook.trellis.svc.cluster.local",
+                "trellis-webhook.trellis.svc"
+            ]
+        );
+        let error = self::config(&["--inject-config", path]).await.unwrap_err();
+        assert!(error.to_string().contains("--webhook-listen"), "{error}");
+        std::fs::write(config_file.path(), "proxyUID: 1\n").unwrap();
+        let error = self::config(&["--webhook-listen", "0.0.0.0:8443", "--inject-config", path])
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("proxyUID"), "{error}");
+    }
+}
