@@ -419,3 +419,39 @@ async fn the_webhook_certificate_is_re_issued_when_the_issuer_rotates() {
         "a new leaf, verified for the Service name"
     );
 }
+
+#[tokio::test]
+async fn the_webhook_speaks_h2_too() {
+    // The API server may negotiate h2 with a webhook.
+    let setup = Setup::start().await;
+    let mut config = (*client_config(&setup.bundle)).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(setup.webhook).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(SERVICE_NAME).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let review = pod_review("h2", "shop", hello_pod("hello"), false);
+    let request = http::Request::post(format!("https://{SERVICE_NAME}/inject"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            review.to_string(),
+        )))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert!(patch_of(response_for(&answer, "h2")).is_some());
+}
