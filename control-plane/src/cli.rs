@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::controller::{ControllerConfig, Source};
+use crate::controller::{ControllerConfig, Source, WebhookConfig};
 use crate::transport::Plaintext;
 
 /// Where the controller reads the mesh's objects.
@@ -58,6 +58,22 @@ pub struct ControllerArgs {
     /// every third of it.
     #[arg(long, default_value = "15s", value_parser = crate::lease::parse_lease_duration, env = "TRELLIS_LEASE_DURATION")]
     pub lease_duration: Duration,
+    /// Serve the injection webhook (HTTPS, `POST /inject`) on this address;
+    /// without it there is no webhook.
+    #[arg(long, env = "TRELLIS_WEBHOOK_LISTEN")]
+    pub webhook_listen: Option<SocketAddr>,
+    /// The webhook's Service name: its certificate names
+    /// `<service>.<namespace>.svc` and `<service>.<namespace>.svc.cluster.local`.
+    #[arg(
+        long,
+        default_value = "trellis-webhook",
+        env = "TRELLIS_WEBHOOK_SERVICE"
+    )]
+    pub webhook_service: String,
+    /// YAML file of what injected proxies get (image, resources, ...); every
+    /// field is optional.
+    #[arg(long, env = "TRELLIS_INJECT_CONFIG")]
+    pub inject_config: Option<PathBuf>,
 }
 
 /// Why the flags do not make a controller.
@@ -74,6 +90,10 @@ pub enum ArgsError {
     NoSource,
     #[error("no Kubernetes configuration (in-cluster or kubeconfig): {0}")]
     Kubeconfig(#[from] kube::config::InferConfigError),
+    #[error(transparent)]
+    InjectConfig(#[from] crate::inject::ConfigError),
+    #[error("--inject-config is for the webhook; add --webhook-listen ADDR or drop it")]
+    InjectConfigWithoutWebhook,
 }
 
 impl ControllerArgs {
@@ -93,7 +113,23 @@ impl ControllerArgs {
             (SourceKind::Cluster, Some(_)) => return Err(ArgsError::ManifestsWithCluster),
             (SourceKind::Cluster, None) => Source::Cluster(Box::new(kube::Config::infer().await?)),
         };
+        let inject = match &self.inject_config {
+            Some(path) => crate::inject::Config::from_file(path)?,
+            None => crate::inject::Config::default(),
+        };
+        let webhook = match self.webhook_listen {
+            Some(listen) => Some(WebhookConfig {
+                listen,
+                service: self.webhook_service,
+                inject,
+            }),
+            None if self.inject_config.is_some() => {
+                return Err(ArgsError::InjectConfigWithoutWebhook)
+            }
+            None => None,
+        };
         Ok(ControllerConfig {
+            webhook,
             state_dir: self.state_dir,
             listen: self.listen,
             admin: self.admin,
@@ -120,4 +156,52 @@ pub fn init_tracing(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    async fn config(extra: &[&str]) -> Result<ControllerConfig, ArgsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().to_str().unwrap();
+        let mut argv = vec!["trellis-controller", "--state-dir", dir, "--manifests", dir];
+        argv.extend(extra);
+        Cli::parse_from(argv).args.into_config().await
+    }
+
+    #[tokio::test]
+    async fn the_webhook_flags_make_a_webhook_configuration() {
+        assert!(config(&[]).await.unwrap().webhook.is_none());
+        let config_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(config_file.path(), "proxyUid: 4321\n").unwrap();
+        let path = config_file.path().to_str().unwrap();
+        let config = config(&["--webhook-listen", "0.0.0.0:8443", "--inject-config", path])
+            .await
+            .unwrap();
+        let webhook = config.webhook.expect("a webhook");
+        assert_eq!(webhook.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(webhook.inject.proxy_uid, 4321);
+        assert_eq!(
+            webhook.dns_names("trellis"),
+            [
+                "trellis-webhook.trellis.svc.cluster.local",
+                "trellis-webhook.trellis.svc"
+            ]
+        );
+        let error = self::config(&["--inject-config", path]).await.unwrap_err();
+        assert!(error.to_string().contains("--webhook-listen"), "{error}");
+        std::fs::write(config_file.path(), "proxyUID: 1\n").unwrap();
+        let error = self::config(&["--webhook-listen", "0.0.0.0:8443", "--inject-config", path])
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("proxyUID"), "{error}");
+    }
 }

@@ -1,6 +1,7 @@
 //! The controller process as a library: load the manifests, open the CA,
 //! serve discovery and identity over gRPC (TLS with the controller's own
-//! certificate; plaintext from loopback in local mode).
+//! certificate; plaintext from loopback in local mode), and, if asked, the
+//! injection webhook over HTTPS.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,6 +64,27 @@ pub struct ControllerConfig {
     pub plaintext: Plaintext,
     /// How long the leader's Lease lasts unrenewed (cluster mode).
     pub lease_duration: Duration,
+    /// The injection webhook, if served.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// Where and as what the injection webhook is served.
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    pub listen: SocketAddr,
+    /// The webhook's Service in the controller's namespace: its serving
+    /// certificate names `<service>.<namespace>.svc` (and `.cluster.local`).
+    pub service: String,
+    /// What injected proxies get.
+    pub inject: crate::inject::Config,
+}
+
+impl WebhookConfig {
+    /// The DNS names the API server may dial the webhook by.
+    pub fn dns_names(&self, namespace: &str) -> Vec<String> {
+        let svc = format!("{}.{namespace}.svc", self.service);
+        vec![format!("{svc}.cluster.local"), svc]
+    }
 }
 
 impl ControllerConfig {
@@ -80,6 +102,7 @@ impl ControllerConfig {
             service_account: trellis_proto::CONTROLLER_SERVICE_ACCOUNT.into(),
             plaintext: Plaintext::Loopback,
             lease_duration: crate::lease::DEFAULT_LEASE_DURATION,
+            webhook: None,
         }
     }
 
@@ -129,6 +152,8 @@ pub enum ControllerError {
 pub struct Controller {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The webhook's HTTPS address, if served.
+    pub webhook_addr: Option<SocketAddr>,
     pub store: Arc<Store>,
     pub ca: Arc<Ca>,
     /// Local mode's bootstrap tokens (cluster mode uses TokenReview).
@@ -227,8 +252,12 @@ impl Controller {
             manifest_errors: manifest_errors.clone(),
         });
 
-        let (serving, renew_at) =
-            ServingCertificate::new(ca.clone(), config.identity(), config.leaf_lifetime)?;
+        let (serving, renew_at) = ServingCertificate::new(
+            ca.clone(),
+            config.identity(),
+            Vec::new(),
+            config.leaf_lifetime,
+        )?;
         let tls = serving.server_config()?;
         let identity = IdentityService::new(
             ca.clone(),
@@ -243,6 +272,12 @@ impl Controller {
         tasks.spawn(admin.serve(admin_listener));
         tasks.spawn(follow_issuer(ca.clone(), issuer.changes(), metrics.clone()));
         tasks.spawn(maintain_serving(ca.clone(), serving.clone(), renew_at));
+        let webhook_addr = match &config.webhook {
+            None => None,
+            Some(webhook) => {
+                Some(start_webhook(&config, webhook, &ca, &store, &metrics, &mut tasks).await?)
+            }
+        };
         let incoming = transport::incoming(listener, tls, config.plaintext, metrics.clone());
         tasks.spawn(async move {
             if let Err(e) = router.serve_with_incoming(incoming).await {
@@ -253,6 +288,7 @@ impl Controller {
         Ok(Self {
             addr,
             admin_addr,
+            webhook_addr,
             store,
             ca,
             tokens,
@@ -275,6 +311,47 @@ impl Controller {
         let Self { leadership, .. } = self;
         leadership.release().await;
     }
+}
+
+/// Binds the webhook's port and serves it with its own certificate, kept
+/// fresh like the gRPC one.
+async fn start_webhook(
+    config: &ControllerConfig,
+    webhook: &WebhookConfig,
+    ca: &Arc<Ca>,
+    store: &Arc<Store>,
+    metrics: &Arc<ControllerMetrics>,
+    tasks: &mut JoinSet<()>,
+) -> Result<SocketAddr, ControllerError> {
+    let listener =
+        TcpListener::bind(webhook.listen)
+            .await
+            .map_err(|source| ControllerError::Bind {
+                addr: webhook.listen,
+                source,
+            })?;
+    let addr = listener.local_addr().unwrap_or(webhook.listen);
+    let (serving, renew_at) = ServingCertificate::new(
+        ca.clone(),
+        config.identity(),
+        webhook.dns_names(&config.namespace),
+        config.leaf_lifetime,
+    )?;
+    let tls = serving.https_server_config()?;
+    let reviewer = Arc::new(crate::webhook::Reviewer {
+        injector: crate::inject::Injector::new(
+            webhook.inject.clone(),
+            &config.namespace,
+            &config.trust_domain,
+        ),
+        ca: ca.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
+    tasks.spawn(maintain_serving(ca.clone(), serving, renew_at));
+    tasks.spawn(crate::webhook::serve(reviewer, listener, tls));
+    tracing::info!(%addr, names = ?webhook.dns_names(&config.namespace), "injection webhook started");
+    Ok(addr)
 }
 
 /// Swaps in every new issuer and bundle the source reports, or refuses it

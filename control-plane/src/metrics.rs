@@ -27,6 +27,10 @@ pub struct ControllerMetrics {
     /// New issuers or bundles seen, by result: `applied`, or `rejected`
     /// (the previous issuer keeps signing).
     pub issuer_updates: IntCounterVec,
+    /// Admission reviews answered by the webhook, by result (`injected`,
+    /// `skipped`, `denied`, `invalid`) and reason (why skipped, denied or
+    /// invalid; empty for `injected`).
+    pub injections: IntCounterVec,
 }
 
 impl Default for ControllerMetrics {
@@ -92,6 +96,13 @@ impl ControllerMetrics {
                     ),
                     &["result"],
                 )?,
+                injections: IntCounterVec::new(
+                    Opts::new(
+                        "injections_total",
+                        "Admission reviews answered by the injection webhook, by result and reason",
+                    ),
+                    &["result", "reason"],
+                )?,
             };
             registry.register(Box::new(metrics.objects.clone()))?;
             registry.register(Box::new(metrics.watches.clone()))?;
@@ -103,6 +114,7 @@ impl ControllerMetrics {
             registry.register(Box::new(metrics.connections_refused.clone()))?;
             registry.register(Box::new(metrics.leader.clone()))?;
             registry.register(Box::new(metrics.issuer_updates.clone()))?;
+            registry.register(Box::new(metrics.injections.clone()))?;
             for reason in crate::identity::Refusal::REASONS {
                 metrics.certificates_refused.with_label_values(&[*reason]);
             }

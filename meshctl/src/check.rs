@@ -117,7 +117,10 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<bool> {
     let ok = items.iter().all(|item| item.ok);
     match args.output {
         crate::route::Format::Json => {
-            println!("{}", serde_json::to_string_pretty(&json!({"ok": ok, "checks": items}))?)
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"ok": ok, "checks": items}))?
+            )
         }
         crate::route::Format::Yaml => print!(
             "{}",
@@ -128,7 +131,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -208,7 +211,9 @@ async fn custom_resources(client: &Client) -> Item {
             "HTTPRoute (Gateway API), HTTPFault, ResiliencePolicy",
         );
     }
-    let gateway = missing.iter().any(|m| m.contains("gateway.networking.k8s.io"));
+    let gateway = missing
+        .iter()
+        .any(|m| m.contains("gateway.networking.k8s.io"));
     let fix = if gateway {
         "install the Gateway API CRDs (standard channel, v1.2 or newer), then the chart's: meshctl install | kubectl apply -f -"
     } else {
@@ -235,27 +240,27 @@ async fn controller_rbac(client: &Client, namespace: &str) -> Item {
             Scope::ControllerNamespace => Some(namespace.to_string()),
         };
         for (verb, object) in permission.grants() {
-                let review = SubjectAccessReview {
-                    spec: SubjectAccessReviewSpec {
-                        user: Some(user.clone()),
-                        groups: Some(vec![
-                            "system:serviceaccounts".into(),
-                            format!("system:serviceaccounts:{namespace}"),
-                            "system:authenticated".into(),
-                        ]),
-                        resource_attributes: Some(ResourceAttributes {
-                            group: Some(permission.group.into()),
-                            resource: Some(permission.resource.into()),
-                            verb: Some(verb.to_string()),
-                            namespace: scope.clone(),
-                            name: object.map(str::to_string),
-                            ..Default::default()
-                        }),
+            let review = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(user.clone()),
+                    groups: Some(vec![
+                        "system:serviceaccounts".into(),
+                        format!("system:serviceaccounts:{namespace}"),
+                        "system:authenticated".into(),
+                    ]),
+                    resource_attributes: Some(ResourceAttributes {
+                        group: Some(permission.group.into()),
+                        resource: Some(permission.resource.into()),
+                        verb: Some(verb.to_string()),
+                        namespace: scope.clone(),
+                        name: object.map(str::to_string),
                         ..Default::default()
-                    },
+                    }),
                     ..Default::default()
-                };
-                let allowed = match reviews.create(&PostParams::default(), &review).await {
+                },
+                ..Default::default()
+            };
+            let allowed = match reviews.create(&PostParams::default(), &review).await {
                     Ok(answer) => answer.status.is_some_and(|s| s.allowed),
                     Err(e) => {
                         return Item::fail(
@@ -266,16 +271,30 @@ async fn controller_rbac(client: &Client, namespace: &str) -> Item {
                         )
                     }
                 };
-                if !allowed {
-                    let group = if permission.group.is_empty() { "core" } else { permission.group };
-                    let object = object.map(|n| format!(" {n}")).unwrap_or_default();
-                    let place = scope.as_deref().map(|ns| format!(" in {ns}")).unwrap_or_default();
-                    missing.push(format!("{verb} {}{object} ({group}){place}", permission.resource));
-                }
+            if !allowed {
+                let group = if permission.group.is_empty() {
+                    "core"
+                } else {
+                    permission.group
+                };
+                let object = object.map(|n| format!(" {n}")).unwrap_or_default();
+                let place = scope
+                    .as_deref()
+                    .map(|ns| format!(" in {ns}"))
+                    .unwrap_or_default();
+                missing.push(format!(
+                    "{verb} {}{object} ({group}){place}",
+                    permission.resource
+                ));
+            }
         }
     }
     if missing.is_empty() {
-        Item::pass(Section::PreFlight, name, format!("{user} may do all it needs"))
+        Item::pass(
+            Section::PreFlight,
+            name,
+            format!("{user} may do all it needs"),
+        )
     } else {
         Item::fail(
             Section::PreFlight,
@@ -303,7 +322,14 @@ async fn controller_ready(client: &Client, namespace: &str) -> Item {
                 fix,
             )
         }
-        Err(e) => return Item::fail(Section::Health, name, format!("reading the Lease: {e}"), fix),
+        Err(e) => {
+            return Item::fail(
+                Section::Health,
+                name,
+                format!("reading the Lease: {e}"),
+                fix,
+            )
+        }
     };
     let spec = lease.spec.unwrap_or_default();
     let holder = spec.holder_identity.filter(|h| !h.is_empty());
@@ -321,7 +347,11 @@ async fn controller_ready(client: &Client, namespace: &str) -> Item {
         Some(holder) => Item::fail(
             Section::Health,
             name,
-            format!("the Lease names {holder}, but it was not renewed for {}s (it lasts {}s)", age.as_secs(), duration.as_secs()),
+            format!(
+                "the Lease names {holder}, but it was not renewed for {}s (it lasts {}s)",
+                age.as_secs(),
+                duration.as_secs()
+            ),
             fix,
         ),
         None => Item::fail(Section::Health, name, "no replica holds the Lease", fix),
@@ -353,7 +383,12 @@ async fn webhook(client: &Client, namespace: &str) -> Item {
         .first()
         .and_then(|w| w.client_config.ca_bundle.as_ref())
     else {
-        return Item::fail(Section::Health, name, "the webhook has no caBundle", reinstall);
+        return Item::fail(
+            Section::Health,
+            name,
+            "the webhook has no caBundle",
+            reinstall,
+        );
     };
     if let Err(why) = certificates_valid(&bundle.0) {
         return Item::fail(Section::Health, name, format!("caBundle: {why}"), reinstall);
@@ -424,11 +459,30 @@ async fn issuer(client: &Client, namespace: &str) -> Item {
     );
     let secret = match secrets.get_opt(ISSUER_SECRET).await {
         Ok(Some(secret)) => secret,
-        Ok(None) => return Item::fail(Section::Health, name, format!("no Secret {namespace}/{ISSUER_SECRET}"), fix),
-        Err(e) => return Item::fail(Section::Health, name, format!("reading {ISSUER_SECRET}: {e}"), fix),
+        Ok(None) => {
+            return Item::fail(
+                Section::Health,
+                name,
+                format!("no Secret {namespace}/{ISSUER_SECRET}"),
+                fix,
+            )
+        }
+        Err(e) => {
+            return Item::fail(
+                Section::Health,
+                name,
+                format!("reading {ISSUER_SECRET}: {e}"),
+                fix,
+            )
+        }
     };
     let Some(cert) = secret.data.as_ref().and_then(|d| d.get("tls.crt")) else {
-        return Item::fail(Section::Health, name, format!("{ISSUER_SECRET} has no tls.crt"), fix);
+        return Item::fail(
+            Section::Health,
+            name,
+            format!("{ISSUER_SECRET} has no tls.crt"),
+            fix,
+        );
     };
     let not_after = x509_parser::pem::Pem::iter_from_buffer(&cert.0)
         .next()
@@ -439,17 +493,32 @@ async fn issuer(client: &Client, namespace: &str) -> Item {
                 .map(|c| c.validity().not_after.timestamp())
         });
     let Some(not_after) = not_after else {
-        return Item::fail(Section::Health, name, format!("{ISSUER_SECRET}: tls.crt is not a PEM certificate"), fix);
+        return Item::fail(
+            Section::Health,
+            name,
+            format!("{ISSUER_SECRET}: tls.crt is not a PEM certificate"),
+            fix,
+        );
     };
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let left = not_after - now;
-    let until = Timestamp::from_second(not_after).map_or_else(|_| not_after.to_string(), |t| t.to_string());
+    let until =
+        Timestamp::from_second(not_after).map_or_else(|_| not_after.to_string(), |t| t.to_string());
     if left > ISSUER_MARGIN.as_secs() as i64 {
-        Item::pass(Section::Health, name, format!("expires {until} (in {} h)", left / 3600))
+        Item::pass(
+            Section::Health,
+            name,
+            format!("expires {until} (in {} h)", left / 3600),
+        )
     } else {
-        Item::fail(Section::Health, name, format!("expires {until} (in {} h)", left / 3600), fix)
+        Item::fail(
+            Section::Health,
+            name,
+            format!("expires {until} (in {} h)", left / 3600),
+            fix,
+        )
     }
 }
 
@@ -459,9 +528,19 @@ async fn pods_injected(client: &Client, namespace: &str) -> Item {
     let name = "Pods in labelled namespaces have a sidecar";
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let selector = format!("{}={}", inject::NAMESPACE_LABEL, "enabled");
-    let labelled = match namespaces.list(&ListParams::default().labels(&selector)).await {
+    let labelled = match namespaces
+        .list(&ListParams::default().labels(&selector))
+        .await
+    {
         Ok(list) => list.items,
-        Err(e) => return Item::fail(Section::Health, name, format!("listing namespaces: {e}"), "run meshctl check as a user who may list namespaces and pods"),
+        Err(e) => {
+            return Item::fail(
+                Section::Health,
+                name,
+                format!("listing namespaces: {e}"),
+                "run meshctl check as a user who may list namespaces and pods",
+            )
+        }
     };
     let webhook_since = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .get_opt(WEBHOOK_CONFIGURATION)
@@ -471,12 +550,22 @@ async fn pods_injected(client: &Client, namespace: &str) -> Item {
         .and_then(|c| c.metadata.creation_timestamp)
         .map(|t| t.0);
     let (mut meshed, mut unmeshed) = (0, Vec::new());
-    for ns in labelled.iter().filter(|ns| ns.metadata.name.as_deref() != Some(namespace)) {
+    for ns in labelled
+        .iter()
+        .filter(|ns| ns.metadata.name.as_deref() != Some(namespace))
+    {
         let ns_name = ns.metadata.name.clone().unwrap_or_default();
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns_name);
         let list = match pods.list(&ListParams::default()).await {
             Ok(list) => list.items,
-            Err(e) => return Item::fail(Section::Health, name, format!("listing pods in {ns_name}: {e}"), "run meshctl check as a user who may list pods"),
+            Err(e) => {
+                return Item::fail(
+                    Section::Health,
+                    name,
+                    format!("listing pods in {ns_name}: {e}"),
+                    "run meshctl check as a user who may list pods",
+                )
+            }
         };
         let labelled_at = label_time(ns);
         for pod in list {
@@ -486,7 +575,15 @@ async fn pods_injected(client: &Client, namespace: &str) -> Item {
                 continue;
             }
             let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            unmeshed.push(why_unmeshed(&ns_name, namespace, &pod, &value, created, labelled_at, webhook_since));
+            unmeshed.push(why_unmeshed(
+                &ns_name,
+                namespace,
+                &pod,
+                &value,
+                created,
+                labelled_at,
+                webhook_since,
+            ));
         }
     }
     let failing: Vec<&UnmeshedPod> = unmeshed.iter().filter(|p| !p.intended).collect();
@@ -579,7 +676,10 @@ fn age_of(time: Timestamp) -> Duration {
 /// and the unmeshed pods under theirs.
 pub fn render(items: &[Item]) -> String {
     let mut out = String::new();
-    for (section, title) in [(Section::PreFlight, "Pre-flight"), (Section::Health, "Health")] {
+    for (section, title) in [
+        (Section::PreFlight, "Pre-flight"),
+        (Section::Health, "Health"),
+    ] {
         let section_items: Vec<&Item> = items.iter().filter(|i| i.section == section).collect();
         if section_items.is_empty() {
             continue;
@@ -590,7 +690,10 @@ pub fn render(items: &[Item]) -> String {
             let mark = if item.ok { '✔' } else { '✖' };
             out.push_str(&format!("  {mark} {}: {}\n", item.name, item.detail));
             for pod in &item.pods {
-                out.push_str(&format!("      {}/{}: {}\n", pod.namespace, pod.name, pod.why));
+                out.push_str(&format!(
+                    "      {}/{}: {}\n",
+                    pod.namespace, pod.name, pod.why
+                ));
             }
             if let Some(fix) = &item.fix {
                 out.push_str(&format!("      fix: {fix}\n"));

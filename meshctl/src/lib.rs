@@ -3,9 +3,11 @@
 //! It is the one crate that depends on both the proxy and the control plane.
 
 pub mod ca;
+pub mod check;
 pub mod context;
 pub mod demo;
 pub mod identity;
+pub mod inject;
 pub mod install;
 pub mod internal;
 pub mod proxy;

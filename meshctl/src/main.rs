@@ -1,7 +1,7 @@
 //! `meshctl`: the Trellis command line.
 
 use clap::{Parser, Subcommand};
-use meshctl::{ca, demo, identity, install, internal, proxy, route, stat, token};
+use meshctl::{ca, check, demo, identity, inject, install, internal, proxy, route, stat, token};
 
 #[derive(Parser)]
 #[command(
@@ -38,12 +38,23 @@ enum Command {
     ///   meshctl proxy --name web --app 127.0.0.1:8080
     #[command(verbatim_doc_comment)]
     Proxy(proxy::ProxyArgs),
+    /// Add the Trellis proxy to the workloads of a manifest file (or take it
+    /// out with --uninject), offline, as the injection webhook would.
+    ///
+    /// Example: meshctl inject -f app.yaml --trust-bundle ca-bundle.crt | kubectl apply -f -
+    #[command(verbatim_doc_comment)]
+    Inject(inject::InjectArgs),
     /// Print the bootstrap token that proves a SPIFFE ID to the local-mode
     /// controller (for TRELLIS_TOKEN or TRELLIS_TOKEN_FILE).
     Token(token::TokenArgs),
     /// Print the Helm chart's manifests (the mesh on a cluster), rendered
     /// from its values, for `meshctl install | kubectl apply -f -`.
     Install(install::InstallArgs),
+    /// Is the cluster ready for the mesh, and is the mesh healthy: a
+    /// checklist (API, Kubernetes version, CRDs, the controller's RBAC, the
+    /// controller, the webhook, the issuer, pods without a sidecar) with a
+    /// fix for each failed item; exits non-zero if any failed.
+    Check(check::CheckArgs),
     /// Processes the demo starts (controller, proxies, apps); not for direct use.
     #[command(hide = true, subcommand)]
     Internal(internal::Internal),
@@ -76,9 +87,11 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Identity(args) => identity::run(args).await,
         Command::Ca(args) => ca::run(args),
         Command::Install(args) => install::run(args),
+        Command::Check(args) => check::run(args).await,
         Command::Stat(args) => stat::stat(args).await,
         Command::Graph(args) => stat::graph(args).await,
         Command::Token(args) => token::run(args),
+        Command::Inject(args) => inject::run(args),
         Command::Internal(_) | Command::Proxy(_) => {
             unreachable!("main runs these on their own runtime")
         }

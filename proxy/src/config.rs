@@ -68,11 +68,21 @@ pub struct ControllerAddress {
 /// How the proxy verifies the controller over TLS.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControllerTls {
-    /// The mesh's trust bundle (PEM), re-read at every connection so a
-    /// rotated bundle (an updated ConfigMap) needs no restart.
-    pub trust_bundle: PathBuf,
+    pub trust_bundle: TrustBundle,
     /// The SPIFFE ID the controller's certificate must name.
     pub identity: SpiffeId,
+}
+
+/// Where the mesh's trust bundle (PEM) comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrustBundle {
+    /// A file (`TRELLIS_CONTROLLER_TRUST`), re-read at every connection so a
+    /// rotated bundle (an updated ConfigMap) needs no restart.
+    File(PathBuf),
+    /// The PEM text itself (`TRELLIS_CONTROLLER_TRUST_PEM`), as the injector
+    /// sets it: a pod cannot mount a ConfigMap of the mesh's namespace. A
+    /// new root reaches such a proxy when its pod is restarted.
+    Inline(String),
 }
 
 #[derive(Clone, Debug)]
@@ -152,6 +162,7 @@ impl fmt::Display for ConfigError {
 
 pub const CONTROLLER: &str = "TRELLIS_CONTROLLER";
 pub const CONTROLLER_TRUST: &str = "TRELLIS_CONTROLLER_TRUST";
+pub const CONTROLLER_TRUST_PEM: &str = "TRELLIS_CONTROLLER_TRUST_PEM";
 pub const CONTROLLER_IDENTITY: &str = "TRELLIS_CONTROLLER_IDENTITY";
 pub const IDENTITY: &str = "TRELLIS_IDENTITY";
 pub const TOKEN: &str = "TRELLIS_TOKEN";
@@ -346,7 +357,20 @@ impl Reader<'_> {
                 Some((v.to_string(), secure, uri))
             },
         );
-        let trust = self.env.get(CONTROLLER_TRUST).map(PathBuf::from);
+        let trust = match (
+            self.env.get(CONTROLLER_TRUST),
+            self.env.get(CONTROLLER_TRUST_PEM),
+        ) {
+            (Some(_), Some(_)) => {
+                self.problems.push(format!(
+                    "both {CONTROLLER_TRUST} and {CONTROLLER_TRUST_PEM} are set; set exactly one (a PEM file, or the PEM text)"
+                ));
+                return None;
+            }
+            (Some(path), None) => Some(TrustBundle::File(PathBuf::from(path))),
+            (None, Some(pem)) => Some(TrustBundle::Inline(pem)),
+            (None, None) => None,
+        };
         let (url, secure, uri) = url?;
         if !secure {
             let host = uri.host().unwrap_or_default();
@@ -357,13 +381,13 @@ impl Reader<'_> {
                     .is_ok_and(|ip| ip.to_canonical().is_loopback());
             if !loopback {
                 self.problems.push(format!(
-                    "{CONTROLLER}={url:?}: plaintext to the controller is only allowed to a loopback address; use https:// and set {CONTROLLER_TRUST} to the mesh's trust bundle"
+                    "{CONTROLLER}={url:?}: plaintext to the controller is only allowed to a loopback address; use https:// and set {CONTROLLER_TRUST} (or {CONTROLLER_TRUST_PEM}) to the mesh's trust bundle"
                 ));
                 return None;
             }
             if trust.is_some() {
                 self.problems.push(format!(
-                    "{CONTROLLER_TRUST} is set but {CONTROLLER}={url:?} is plaintext; use https:// so the bundle is used"
+                    "a trust bundle ({CONTROLLER_TRUST} or {CONTROLLER_TRUST_PEM}) is set but {CONTROLLER}={url:?} is plaintext; use https:// so the bundle is used"
                 ));
                 return None;
             }
@@ -371,7 +395,7 @@ impl Reader<'_> {
         }
         let Some(trust_bundle) = trust else {
             self.problems.push(format!(
-                "{CONTROLLER}={url:?} is https:// but {CONTROLLER_TRUST} is not set; set it to the PEM file of the mesh's trust bundle (bundle.crt in the controller's state directory, or the mounted trust-bundle ConfigMap)"
+                "{CONTROLLER}={url:?} is https:// but {CONTROLLER_TRUST} is not set; set it to the PEM file of the mesh's trust bundle (bundle.crt in the controller's state directory, or the mounted trust-bundle ConfigMap), or set {CONTROLLER_TRUST_PEM} to the PEM text"
             ));
             return None;
         };
@@ -550,8 +574,17 @@ mod tests {
         .unwrap();
         assert_eq!(
             tls.trust_bundle,
-            PathBuf::from("/var/run/trellis/bundle.crt")
+            TrustBundle::File(PathBuf::from("/var/run/trellis/bundle.crt"))
         );
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let inline = with(&[
+            (CONTROLLER, "https://trellis-controller.trellis.svc:8090"),
+            (CONTROLLER_TRUST_PEM, pem),
+        ])
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(inline.trust_bundle, TrustBundle::Inline(pem.into()));
         assert_eq!(
             tls.identity.to_string(),
             "spiffe://mesh.example/ns/trellis/sa/trellis-controller",
@@ -606,6 +639,15 @@ mod tests {
             (CONTROLLER_TRUST, "/b.crt"),
         ]);
         assert!(text.contains("use https://"), "{text}");
+        let text = problem(&[
+            (CONTROLLER, "https://10.0.0.1:8090"),
+            (CONTROLLER_TRUST, "/b.crt"),
+            (CONTROLLER_TRUST_PEM, "pem"),
+        ]);
+        assert!(
+            text.contains("both") && text.contains(CONTROLLER_TRUST_PEM),
+            "{text}"
+        );
         let text = problem(&[(CONTROLLER, "grpc://10.0.0.1:8090")]);
         assert!(text.contains("an https:// URL"), "{text}");
     }

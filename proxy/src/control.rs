@@ -6,7 +6,7 @@
 //! request authenticates it.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +18,10 @@ use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use trellis_proto::SpiffeId;
 
-use crate::config::{ControllerAddress, ControllerTls, CONTROLLER_IDENTITY, CONTROLLER_TRUST};
+use crate::config::{
+    ControllerAddress, ControllerTls, TrustBundle, CONTROLLER_IDENTITY, CONTROLLER_TRUST,
+    CONTROLLER_TRUST_PEM,
+};
 use crate::tls::{handshake, server_auth_client, TlsError};
 
 /// How long connecting to the controller (TCP) may take.
@@ -32,9 +35,12 @@ pub enum ControllerError {
     /// The URL is not one tonic accepts.
     #[error("invalid controller URL {0:?}")]
     Url(String),
-    /// The trust bundle cannot be read or used.
+    /// The trust bundle file cannot be read or used.
     #[error("{CONTROLLER_TRUST}={path:?}: {reason}; point it at the mesh's trust bundle (PEM)")]
     Trust { path: PathBuf, reason: String },
+    /// The inline trust bundle cannot be used.
+    #[error("{CONTROLLER_TRUST_PEM}: {reason}; set it to the mesh's trust bundle (PEM text)")]
+    TrustPem { reason: String },
     /// The URL has no host or port to dial.
     #[error("the controller URL {0} has no host and port")]
     NoAuthority(Uri),
@@ -73,14 +79,23 @@ pub fn channel(address: &ControllerAddress) -> Result<Channel, ControllerError> 
     })
 }
 
-/// Reads the bundle now, so a rotated one applies to the next connection.
-fn client_config(path: &Path) -> Result<Arc<rustls::ClientConfig>, ControllerError> {
-    let trust = |reason: String| ControllerError::Trust {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let pem = std::fs::read(path).map_err(|e| trust(e.to_string()))?;
-    server_auth_client(&pem, ALPN_H2).map_err(|e| trust(e.to_string()))
+/// Reads a bundle file now, so a rotated one applies to the next connection.
+fn client_config(bundle: &TrustBundle) -> Result<Arc<rustls::ClientConfig>, ControllerError> {
+    match bundle {
+        TrustBundle::File(path) => {
+            let trust = |reason: String| ControllerError::Trust {
+                path: path.clone(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| trust(e.to_string()))?;
+            server_auth_client(&pem, ALPN_H2).map_err(|e| trust(e.to_string()))
+        }
+        TrustBundle::Inline(pem) => {
+            server_auth_client(pem.as_bytes(), ALPN_H2).map_err(|e| ControllerError::TrustPem {
+                reason: e.to_string(),
+            })
+        }
+    }
 }
 
 /// Dials the controller and opens TLS, for tonic.

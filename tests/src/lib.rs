@@ -23,8 +23,10 @@ use trellis_proto::SpiffeId;
 
 pub mod cluster_ca;
 pub mod fake_api;
+pub mod kube_validate;
 pub mod netns;
 pub mod tls;
+pub mod webhook;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
@@ -154,6 +156,8 @@ pub struct ControllerProcess {
     pub manifest_errors: tokio::sync::watch::Receiver<Vec<ManifestError>>,
     /// The controller's store, to compare with its source.
     pub store: Arc<trellis_control_plane::store::Store>,
+    /// The injection webhook's HTTPS address, if it serves one.
+    pub webhook_addr: Option<SocketAddr>,
     _isolated: Isolated,
 }
 
@@ -167,7 +171,7 @@ impl ControllerProcess {
                 .expect("controller runtime")
         };
         let start = async { Controller::start(config).await.expect("controller starts") };
-        let (isolated, (addr, admin_addr, manifest_errors, store)) = Isolated::start(
+        let (isolated, (addr, admin_addr, manifest_errors, store, webhook_addr)) = Isolated::start(
             runtime,
             start,
             |c: &Controller| {
@@ -176,6 +180,7 @@ impl ControllerProcess {
                     c.admin_addr,
                     c.manifest_errors.clone(),
                     c.store.clone(),
+                    c.webhook_addr,
                 )
             },
             Controller::shutdown,
@@ -185,6 +190,7 @@ impl ControllerProcess {
             addr,
             manifest_errors,
             store,
+            webhook_addr,
             _isolated: isolated,
         }
     }
@@ -303,6 +309,14 @@ impl Mesh {
 
     pub fn controller_addr(&self) -> SocketAddr {
         self.controller.as_ref().expect("controller running").addr
+    }
+
+    /// The controller's injection webhook, if it serves one.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.controller
+            .as_ref()
+            .expect("controller running")
+            .webhook_addr
     }
 
     /// A fresh pod IP in this mesh's block.

@@ -112,3 +112,32 @@ fn quick_control_plane_benchmark_produces_all_figures() {
         assert!(table.contains(figure), "{figure} missing from:\n{table}");
     }
 }
+
+#[test]
+fn the_webhook_benchmark_produces_its_figures() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_bench-webhook"))
+        .args(["--seconds", "1", "--clients", "20", "--rate", "200"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let figures: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(figures["clients"], 20, "{figures}");
+    for phase in ["paced", "saturated"] {
+        let figures = &figures[phase];
+        assert!(
+            figures["reviews"].as_u64().unwrap() > 20,
+            "{phase}: {figures}"
+        );
+        for figure in ["p50_ms", "p99_ms", "max_ms", "reviews_per_second"] {
+            assert!(
+                figures[figure].as_f64().unwrap() > 0.0,
+                "{phase} {figure}: {figures}"
+            );
+        }
+    }
+}

@@ -16,7 +16,7 @@ use trellis_control_plane::transport::Plaintext;
 use trellis_proto::identity::identity_client::IdentityClient;
 use trellis_proto::identity::{CertifyRequest, CertifyResponse};
 use trellis_proto::SpiffeId;
-use trellis_proxy::config::{ControllerAddress, ControllerTls};
+use trellis_proxy::config::{ControllerAddress, ControllerTls, TrustBundle};
 use trellis_tests::cluster_ca::{issuer_secret, publish_issuer, publish_roots};
 use trellis_tests::fake_api::FakeApi;
 use trellis_tests::{
@@ -143,7 +143,7 @@ async fn certify(
     let address = ControllerAddress {
         url: format!("https://{controller}"),
         tls: Some(ControllerTls {
-            trust_bundle: bundle.to_path_buf(),
+            trust_bundle: TrustBundle::File(bundle.to_path_buf()),
             identity: SpiffeId::default_controller(TRUST_DOMAIN),
         }),
     };

@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use trellis_control_plane::transport::Plaintext;
-use trellis_proxy::config::{CONTROLLER, CONTROLLER_IDENTITY, CONTROLLER_TRUST};
+use trellis_proxy::config::{
+    CONTROLLER, CONTROLLER_IDENTITY, CONTROLLER_TRUST, CONTROLLER_TRUST_PEM,
+};
 use trellis_tests::{eventually, metric, AppClient, Mesh};
 
 const CONTROLLER_REFUSED: &str = "trellis_controller_connections_refused_total";
@@ -80,6 +82,38 @@ async fn a_proxy_whose_bundle_is_another_ca_refuses_the_controller() {
     // The same proxy configuration with the right bundle gets a certificate.
     let ip = a.pod_ip();
     a.proxy(ip, "hello").await;
+}
+
+#[tokio::test]
+async fn a_proxy_given_the_bundle_inline_trusts_the_controller() {
+    // As the injector configures a sidecar: the PEM text in a variable.
+    let mut mesh = Mesh::start().await;
+    let bundle = mesh
+        .dir
+        .path()
+        .join(trellis_control_plane::identity::BUNDLE);
+    let pem = std::fs::read_to_string(&bundle).expect("the mesh's bundle");
+    let ip = mesh.pod_ip();
+    let proxy = mesh
+        .proxy_with(ip, "hello", |env| {
+            env.remove(CONTROLLER_TRUST);
+            env.insert(CONTROLLER_TRUST_PEM, pem);
+        })
+        .await;
+    assert!(proxy.identity.current().is_some(), "a certificate");
+
+    // Inline text that holds no certificate is a start error naming it.
+    let ip = mesh.pod_ip();
+    let config = mesh.proxy_config(ip, "hello", |env| {
+        env.remove(CONTROLLER_TRUST);
+        env.insert(CONTROLLER_TRUST_PEM, "not a PEM bundle".into());
+    });
+    let error = trellis_proxy::start(config)
+        .await
+        .err()
+        .expect("a bundle without certificates is refused")
+        .to_string();
+    assert!(error.contains(CONTROLLER_TRUST_PEM), "{error}");
 }
 
 #[tokio::test]

@@ -219,6 +219,12 @@ impl Ca {
         self.active.load().anchors_der.clone()
     }
 
+    /// The bundle of roots, PEM, as peers are given it (an injected
+    /// proxy's `TRELLIS_CONTROLLER_TRUST_PEM`, a webhook's caBundle).
+    pub fn bundle_pem(&self) -> String {
+        self.active.load().material.bundle.text.clone()
+    }
+
     pub fn issuer_not_after(&self) -> SystemTime {
         self.active.load().not_after
     }
@@ -263,24 +269,28 @@ impl Ca {
                 },
             });
         }
-        self.leaf(identity, &csr.public_key, lifetime)
+        self.leaf(identity, &[], &csr.public_key, lifetime)
     }
 
     /// A fresh key and a leaf for it, for the controller's own serving
-    /// certificate: the key never leaves the process, so no CSR is needed.
+    /// certificates: the key never leaves the process, so no CSR is needed.
+    /// `dns_names` are added as DNS SANs (the webhook's Service names, which
+    /// the API server verifies).
     pub fn issue(
         &self,
         identity: &SpiffeId,
+        dns_names: &[String],
         lifetime: Duration,
     ) -> Result<(SignedLeaf, KeyPair), CaError> {
         let key = KeyPair::generate()?;
-        Ok((self.leaf(identity, &key, lifetime)?, key))
+        Ok((self.leaf(identity, dns_names, &key, lifetime)?, key))
     }
 
-    /// Signs an X.509-SVID for `identity` over `public_key`.
+    /// Signs an X.509-SVID for `identity` (and `dns_names`) over `public_key`.
     fn leaf(
         &self,
         identity: &SpiffeId,
+        dns_names: &[String],
         public_key: &impl rcgen::PublicKeyData,
         lifetime: Duration,
     ) -> Result<SignedLeaf, CaError> {
@@ -298,6 +308,11 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(expected.as_str().try_into()?)];
+        for name in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.as_str().try_into()?));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![

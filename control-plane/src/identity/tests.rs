@@ -354,7 +354,8 @@ fn the_serving_certificate_names_the_controller_and_follows_the_issuer() {
     let ca = std::sync::Arc::new(Ca::load_or_create(dir.path(), "cluster.local").unwrap());
     let controller = SpiffeId::default_controller("cluster.local");
     let lifetime = Duration::from_secs(3600);
-    let (serving, renew_at) = ServingCertificate::new(ca.clone(), controller, lifetime).unwrap();
+    let (serving, renew_at) =
+        ServingCertificate::new(ca.clone(), controller, Vec::new(), lifetime).unwrap();
     let first = serving.chain_der();
     let (_, leaf) = x509_parser::parse_x509_certificate(&first[0]).unwrap();
     let san = leaf.subject_alternative_name().unwrap().unwrap();
@@ -381,4 +382,33 @@ fn the_serving_certificate_names_the_controller_and_follows_the_issuer() {
         .unwrap()
         .alpn_protocols
         .contains(&b"h2".to_vec()));
+}
+
+#[test]
+fn the_webhook_certificate_names_its_service_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = std::sync::Arc::new(Ca::load_or_create(dir.path(), "cluster.local").unwrap());
+    let names = vec![
+        "trellis-webhook.trellis.svc".to_string(),
+        "trellis-webhook.trellis.svc.cluster.local".to_string(),
+    ];
+    let controller = SpiffeId::default_controller("cluster.local");
+    let (serving, _) =
+        ServingCertificate::new(ca.clone(), controller, names, Duration::from_secs(60)).unwrap();
+    let chain = serving.chain_der();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        r#"[URI("spiffe://cluster.local/ns/trellis/sa/trellis-controller"), DNSName("trellis-webhook.trellis.svc"), DNSName("trellis-webhook.trellis.svc.cluster.local")]"#
+    );
+    let config = serving.https_server_config().unwrap();
+    assert_eq!(
+        config.alpn_protocols,
+        [b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
+    assert_eq!(
+        ca.bundle_pem(),
+        std::fs::read_to_string(dir.path().join("bundle.crt")).unwrap()
+    );
 }

@@ -213,6 +213,9 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
     #[serde(default)]
     pub containers: Vec<Container>,
+    /// Native sidecars (`restartPolicy: Always`) are init containers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<Container>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -230,7 +233,8 @@ pub struct Container {
     pub image: Option<String>,
 }
 
-/// The container name the injector gives the sidecar; a pod with it is meshed.
+/// The container name the injector gives the sidecar (a native sidecar, so
+/// an init container; a pod with it in either list is meshed).
 pub const PROXY_CONTAINER: &str = "trellis-proxy";
 /// Pod annotation naming the sidecar's inbound port.
 pub const INBOUND_PORT_ANNOTATION: &str = "trellis.dev/inbound-port";
@@ -242,6 +246,7 @@ impl Pod {
         self.spec
             .containers
             .iter()
+            .chain(&self.spec.init_containers)
             .any(|c| c.name == PROXY_CONTAINER)
     }
 
@@ -313,5 +318,23 @@ impl Object {
 impl fmt::Display for Object {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind(), self.key())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_is_meshed_with_the_proxy_in_containers_or_as_a_native_sidecar() {
+        let pod = |spec: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": spec}))
+                .unwrap()
+        };
+        let proxy = serde_json::json!([{"name": PROXY_CONTAINER}]);
+        let app = serde_json::json!([{"name": "app"}]);
+        assert!(pod(serde_json::json!({"containers": proxy})).is_meshed());
+        assert!(pod(serde_json::json!({"containers": app, "initContainers": proxy})).is_meshed());
+        assert!(!pod(serde_json::json!({"containers": app, "initContainers": app})).is_meshed());
     }
 }

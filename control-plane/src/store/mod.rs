@@ -128,6 +128,17 @@ impl Store {
         self.lock().routes_for(authority)
     }
 
+    /// The labels of namespace `name`, if the store holds it.
+    pub fn namespace_labels(
+        &self,
+        name: &str,
+    ) -> Option<std::collections::BTreeMap<String, String>> {
+        self.lock()
+            .namespaces
+            .get(&ObjectKey::cluster_scoped(name))
+            .map(|namespace| namespace.metadata.labels.clone())
+    }
+
     /// When the store's objects last changed.
     pub fn changed_at(&self) -> Option<Instant> {
         self.lock().changed_at
