@@ -154,7 +154,7 @@ pub async fn check(client: &Client, namespace: &str) -> Vec<Item> {
             items.push(Item::fail(
                 Section::PreFlight,
                 "Kubernetes API reachable",
-                format!("{e}"),
+                why(&e),
                 "check the kubeconfig's current context (kubectl config current-context) and that the API server answers",
             ));
             return items;
@@ -266,7 +266,7 @@ async fn controller_rbac(client: &Client, namespace: &str) -> Item {
                         return Item::fail(
                             Section::PreFlight,
                             name,
-                            format!("cannot ask the API server (SubjectAccessReview): {e}"),
+                            format!("cannot ask the API server (SubjectAccessReview): {}", why(&e)),
                             "run meshctl check as a user who may create subjectaccessreviews (cluster-admin)",
                         )
                     }
@@ -326,7 +326,7 @@ async fn controller_ready(client: &Client, namespace: &str) -> Item {
             return Item::fail(
                 Section::Health,
                 name,
-                format!("reading the Lease: {e}"),
+                format!("reading the Lease: {}", why(&e)),
                 fix,
             )
         }
@@ -376,7 +376,14 @@ async fn webhook(client: &Client, namespace: &str) -> Item {
                 reinstall,
             )
         }
-        Err(e) => return Item::fail(Section::Health, name, format!("reading it: {e}"), reinstall),
+        Err(e) => {
+            return Item::fail(
+                Section::Health,
+                name,
+                format!("reading it: {}", why(&e)),
+                reinstall,
+            )
+        }
     };
     let webhooks = configuration.webhooks.unwrap_or_default();
     let Some(bundle) = webhooks
@@ -421,7 +428,7 @@ async fn webhook(client: &Client, namespace: &str) -> Item {
         Err(e) => Item::fail(
             Section::Health,
             name,
-            format!("a dry-run pod in {probe_namespace} was refused: {e}"),
+            format!("a dry-run pod in {probe_namespace} was refused: {}", why(&e)),
             format!("is the controller serving the webhook (kubectl -n {namespace} get endpointslices -l kubernetes.io/service-name=trellis-webhook)? A certificate error means the caBundle is not the mesh's trust roots: {reinstall}"),
         ),
     }
@@ -471,7 +478,7 @@ async fn issuer(client: &Client, namespace: &str) -> Item {
             return Item::fail(
                 Section::Health,
                 name,
-                format!("reading {ISSUER_SECRET}: {e}"),
+                format!("reading {ISSUER_SECRET}: {}", why(&e)),
                 fix,
             )
         }
@@ -537,7 +544,7 @@ async fn pods_injected(client: &Client, namespace: &str) -> Item {
             return Item::fail(
                 Section::Health,
                 name,
-                format!("listing namespaces: {e}"),
+                format!("listing namespaces: {}", why(&e)),
                 "run meshctl check as a user who may list namespaces and pods",
             )
         }
@@ -562,7 +569,7 @@ async fn pods_injected(client: &Client, namespace: &str) -> Item {
                 return Item::fail(
                     Section::Health,
                     name,
-                    format!("listing pods in {ns_name}: {e}"),
+                    format!("listing pods in {ns_name}: {}", why(&e)),
                     "run meshctl check as a user who may list pods",
                 )
             }
@@ -641,6 +648,14 @@ fn why_unmeshed(
         name,
         why,
         intended,
+    }
+}
+
+/// What the API server said (its Status message), else what failed.
+fn why(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
     }
 }
 

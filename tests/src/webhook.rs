@@ -19,13 +19,27 @@ pub const SERVICE_NAME: &str = "trellis-webhook.trellis.svc";
 /// One HTTP/1.1 connection to the webhook.
 pub struct WebhookClient {
     sender: SendRequest<Full<Bytes>>,
+    /// The name the certificate was verified for, sent as `Host`.
+    host: String,
 }
 
 /// A TLS client configuration trusting `ca_bundle` (PEM) only.
 pub fn client_config(ca_bundle: &str) -> Arc<rustls::ClientConfig> {
+    try_client_config(ca_bundle.as_bytes()).expect("a PEM bundle of CA certificates")
+}
+
+/// Like [`client_config`], saying what is wrong with a bad bundle (as the
+/// API server does with a webhook's caBundle).
+pub fn try_client_config(ca_bundle: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {
-        roots.add(cert.expect("a PEM certificate")).expect("a root");
+    for cert in CertificateDer::pem_slice_iter(ca_bundle) {
+        let cert = cert.map_err(|e| format!("the CA bundle is not PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("the CA bundle has an unusable certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("x509: certificate signed by unknown authority (no CA certificate)".into());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -34,7 +48,7 @@ pub fn client_config(ca_bundle: &str) -> Arc<rustls::ClientConfig> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
+    Ok(Arc::new(config))
 }
 
 impl WebhookClient {
@@ -57,13 +71,16 @@ impl WebhookClient {
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
-        Ok(Self { sender })
+        Ok(Self {
+            sender,
+            host: server_name.to_string(),
+        })
     }
 
     /// POSTs `body` to `path`: the status and the body of the answer.
     pub async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<(u16, Bytes), String> {
         let request = http::Request::post(path)
-            .header(http::header::HOST, SERVICE_NAME)
+            .header(http::header::HOST, &self.host)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;

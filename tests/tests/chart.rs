@@ -422,33 +422,13 @@ fn the_values_schema_rejects_wrong_types() {
     }
 }
 
-/// `1.29.0` and the newest version `kubernetes-validate` knows.
-fn validator_versions() -> Option<[String; 2]> {
-    let out = trellis_tests::python_with(
-        "kubernetes-validate",
-        "pip install kubernetes-validate",
-        "import kubernetes_validate.utils as u; print(' '.join(u.all_versions()))",
-        &[],
-    )?;
-    let newest = String::from_utf8_lossy(&out)
-        .split_whitespace()
-        .max_by_key(|v| {
-            v.split('.')
-                .map(|p| p.parse::<u32>().unwrap_or(0))
-                .collect::<Vec<_>>()
-        })
-        .expect("kubernetes-validate knows some version")
-        .to_string();
-    Some(["1.29.0".to_string(), newest])
-}
-
 fn is_monitoring(object: &Value) -> bool {
     object["apiVersion"] == "monitoring.coreos.com/v1"
 }
 
 #[test]
 fn every_rendered_object_passes_strict_validation() {
-    let Some(versions) = validator_versions() else {
+    let Some(versions) = trellis_tests::kube_validate::versions() else {
         return;
     };
     let ca = TestCa::new();

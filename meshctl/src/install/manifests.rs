@@ -440,12 +440,22 @@ impl Render<'_> {
     }
 }
 
-/// `value` as the chart's `toJson` writes it: through a Value, so map keys
-/// come sorted, as Go writes them.
+/// `value` as the chart's `toJson` writes it: map keys sorted, as Go
+/// writes them (the workspace's serde_json keeps insertion order).
 fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
-    serde_json::to_value(value)
-        .and_then(|value| serde_json::to_string(&value))
-        .expect("values serialize")
+    fn sorted(value: Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+            }
+            Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+            other => other,
+        }
+    }
+    let value = serde_json::to_value(value).expect("values serialize");
+    serde_json::to_string(&sorted(value)).expect("values serialize")
 }
 
 fn base64(text: &str) -> String {

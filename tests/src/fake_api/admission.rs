@@ -16,15 +16,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 
 use super::rbac::User;
 use super::resources::Resource;
@@ -215,53 +210,12 @@ async fn post(
     let pem = base64::engine::general_purpose::STANDARD
         .decode(ca_bundle)
         .map_err(|e| format!("caBundle is not base64: {e}"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("caBundle is not PEM: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("caBundle has an unusable certificate: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err("x509: certificate signed by unknown authority (empty caBundle)".into());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("dial tcp {addr}: {e}"))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
+    let config = crate::webhook::try_client_config(&pem)?;
+    let mut client = crate::webhook::WebhookClient::connect(addr, config, server_name).await?;
     let body = serde_json::to_vec(review).expect("JSON values serialize");
-    let request = http::Request::post(format!("{path}?timeout={}s", timeout.as_secs()))
-        .header(http::header::HOST, server_name)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("a valid request");
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if !status.is_success() {
+    let path = format!("{path}?timeout={}s", timeout.as_secs());
+    let (status, bytes) = client.post(&path, body).await?;
+    if status != 200 {
         return Err(format!(
             "the server answered {status}: {}",
             String::from_utf8_lossy(&bytes)
