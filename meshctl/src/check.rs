@@ -310,26 +310,17 @@ async fn controller_ready(client: &Client, namespace: &str) -> Item {
     let name = "Controller ready";
     let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let fix = format!(
-        "look at the controller: kubectl -n {namespace} get pods -l app.kubernetes.io/name=trellis-controller; kubectl -n {namespace} logs deploy/trellis-controller"
+        "look at the controller: kubectl -n {namespace} get pods -l app.kubernetes.io/name=trellis,app.kubernetes.io/component=controller; kubectl -n {namespace} logs deploy/trellis-controller"
     );
-    let lease = match leases.get_opt(LEASE_NAME).await {
-        Ok(Some(lease)) => lease,
-        Ok(None) => {
-            return Item::fail(
-                Section::Health,
-                name,
-                format!("no Lease {namespace}/{LEASE_NAME}: no controller has started"),
-                fix,
-            )
-        }
-        Err(e) => {
-            return Item::fail(
-                Section::Health,
-                name,
-                format!("reading the Lease: {}", why(&e)),
-                fix,
-            )
-        }
+    let lease = match get(
+        &leases,
+        LEASE_NAME,
+        &format!("Lease {namespace}/{LEASE_NAME} (no replica has started)"),
+    )
+    .await
+    {
+        Ok(object) => object,
+        Err(why) => return Item::fail(Section::Health, name, why, fix),
     };
     let spec = lease.spec.unwrap_or_default();
     let holder = spec.holder_identity.filter(|h| !h.is_empty());
@@ -366,24 +357,15 @@ async fn webhook(client: &Client, namespace: &str) -> Item {
     let name = "Injection webhook";
     let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let reinstall = "meshctl install | kubectl apply -f - (or helm upgrade) writes it with the mesh's trust roots as caBundle";
-    let configuration = match configurations.get_opt(WEBHOOK_CONFIGURATION).await {
-        Ok(Some(configuration)) => configuration,
-        Ok(None) => {
-            return Item::fail(
-                Section::Health,
-                name,
-                format!("no MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION}"),
-                reinstall,
-            )
-        }
-        Err(e) => {
-            return Item::fail(
-                Section::Health,
-                name,
-                format!("reading it: {}", why(&e)),
-                reinstall,
-            )
-        }
+    let configuration = match get(
+        &configurations,
+        WEBHOOK_CONFIGURATION,
+        &format!("MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION}"),
+    )
+    .await
+    {
+        Ok(object) => object,
+        Err(why) => return Item::fail(Section::Health, name, why, reinstall),
     };
     let webhooks = configuration.webhooks.unwrap_or_default();
     let Some(bundle) = webhooks
@@ -464,24 +446,15 @@ async fn issuer(client: &Client, namespace: &str) -> Item {
     let fix = format!(
         "rotate the issuer: sign a new one with the root and replace the Secret {namespace}/{ISSUER_SECRET} (kubectl -n {namespace} create secret tls {ISSUER_SECRET} --cert=issuer.crt --key=issuer.key --dry-run=client -o yaml | kubectl apply -f -)"
     );
-    let secret = match secrets.get_opt(ISSUER_SECRET).await {
-        Ok(Some(secret)) => secret,
-        Ok(None) => {
-            return Item::fail(
-                Section::Health,
-                name,
-                format!("no Secret {namespace}/{ISSUER_SECRET}"),
-                fix,
-            )
-        }
-        Err(e) => {
-            return Item::fail(
-                Section::Health,
-                name,
-                format!("reading {ISSUER_SECRET}: {}", why(&e)),
-                fix,
-            )
-        }
+    let secret = match get(
+        &secrets,
+        ISSUER_SECRET,
+        &format!("Secret {namespace}/{ISSUER_SECRET}"),
+    )
+    .await
+    {
+        Ok(object) => object,
+        Err(why) => return Item::fail(Section::Health, name, why, fix),
     };
     let Some(cert) = secret.data.as_ref().and_then(|d| d.get("tls.crt")) else {
         return Item::fail(
@@ -648,6 +621,19 @@ fn why_unmeshed(
         name,
         why,
         intended,
+    }
+}
+
+/// `name` from `api`, or what to say: that there is no `what`, or why it
+/// cannot be read.
+async fn get<K>(api: &Api<K>, name: &str, what: &str) -> Result<K, String>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get_opt(name).await {
+        Ok(Some(object)) => Ok(object),
+        Ok(None) => Err(format!("no {what}")),
+        Err(e) => Err(format!("reading {what}: {}", why(&e))),
     }
 }
 

@@ -88,10 +88,10 @@ pub async fn handle(
         Err(refused) => refused,
     };
     let line = format!(
-        "{} {} {} -> {}",
-        call.as_ref().map_or("-", |c| c.user.as_str()),
+        "{} {} ({}) -> {}",
         parts.method,
         parts.uri,
+        call.as_ref().map_or("-", |c| c.user.as_str()),
         answer.response.status().as_u16()
     );
     let mut log = shared.requests.lock().expect("request log lock");
