@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use trellis_proto::SpiffeId;
@@ -22,7 +23,7 @@ use crate::config::{
     ControllerAddress, ControllerTls, TrustBundle, CONTROLLER_IDENTITY, CONTROLLER_TRUST,
     CONTROLLER_TRUST_PEM,
 };
-use crate::tls::{handshake, server_auth_client, TlsError};
+use crate::tls::{handshake, server_auth_client, TlsConfigs, TlsError};
 
 /// How long connecting to the controller (TCP) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,21 +67,36 @@ pub enum ControllerError {
 /// A lazy channel to the controller: nothing is dialled until the first call.
 /// Fails at once if the trust bundle cannot be used, so a bad mount is a
 /// start error rather than a retry loop.
-pub fn channel(address: &ControllerAddress) -> Result<Channel, ControllerError> {
+///
+/// Besides the bundle it was given, a connection trusts the anchors the
+/// proxy's current certificate came with (`certificates`): the bundle the
+/// controller hands out, which holds a new root from its `add_root` on. So
+/// a proxy whose bundle is fixed at start (`TRELLIS_CONTROLLER_TRUST_PEM`,
+/// as injected) still trusts the controller after the root rotates.
+pub fn channel(
+    address: &ControllerAddress,
+    certificates: watch::Receiver<Option<Arc<TlsConfigs>>>,
+) -> Result<Channel, ControllerError> {
     let endpoint = Endpoint::from_shared(address.url.clone())
         .map_err(|_| ControllerError::Url(address.url.clone()))?
         .connect_timeout(CONNECT_TIMEOUT);
     Ok(match &address.tls {
         None => endpoint.connect_lazy(),
         Some(tls) => {
-            client_config(&tls.trust_bundle)?;
-            endpoint.connect_with_connector_lazy(Connector(Arc::new(tls.clone())))
+            client_config(&tls.trust_bundle, &[])?;
+            endpoint.connect_with_connector_lazy(Connector {
+                tls: Arc::new(tls.clone()),
+                certificates,
+            })
         }
     })
 }
 
 /// Reads a bundle file now, so a rotated one applies to the next connection.
-fn client_config(bundle: &TrustBundle) -> Result<Arc<rustls::ClientConfig>, ControllerError> {
+fn client_config(
+    bundle: &TrustBundle,
+    learned: &[Vec<u8>],
+) -> Result<Arc<rustls::ClientConfig>, ControllerError> {
     match bundle {
         TrustBundle::File(path) => {
             let trust = |reason: String| ControllerError::Trust {
@@ -88,11 +104,13 @@ fn client_config(bundle: &TrustBundle) -> Result<Arc<rustls::ClientConfig>, Cont
                 reason,
             };
             let pem = std::fs::read(path).map_err(|e| trust(e.to_string()))?;
-            server_auth_client(&pem, ALPN_H2).map_err(|e| trust(e.to_string()))
+            server_auth_client(&pem, learned, ALPN_H2).map_err(|e| trust(e.to_string()))
         }
         TrustBundle::Inline(pem) => {
-            server_auth_client(pem.as_bytes(), ALPN_H2).map_err(|e| ControllerError::TrustPem {
-                reason: e.to_string(),
+            server_auth_client(pem.as_bytes(), learned, ALPN_H2).map_err(|e| {
+                ControllerError::TrustPem {
+                    reason: e.to_string(),
+                }
             })
         }
     }
@@ -100,7 +118,10 @@ fn client_config(bundle: &TrustBundle) -> Result<Arc<rustls::ClientConfig>, Cont
 
 /// Dials the controller and opens TLS, for tonic.
 #[derive(Clone)]
-struct Connector(Arc<ControllerTls>);
+struct Connector {
+    tls: Arc<ControllerTls>,
+    certificates: watch::Receiver<Option<Arc<TlsConfigs>>>,
+}
 
 type Connecting =
     Pin<Box<dyn Future<Output = Result<TokioIo<TlsStream<TcpStream>>, ControllerError>> + Send>>;
@@ -115,9 +136,15 @@ impl tonic::codegen::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.0.clone();
+        let tls = self.tls.clone();
+        let learned = self
+            .certificates
+            .borrow()
+            .as_ref()
+            .map(|c| c.trust_anchors_der.clone())
+            .unwrap_or_default();
         Box::pin(async move {
-            let result = connect(&tls, uri).await;
+            let result = connect(&tls, &learned, uri).await;
             if let Err(e) = &result {
                 // tonic reports only "transport error"; the cause is here.
                 tracing::warn!(error = %e, "cannot reach the controller");
@@ -127,7 +154,11 @@ impl tonic::codegen::Service<Uri> for Connector {
     }
 }
 
-async fn connect(tls: &ControllerTls, uri: Uri) -> Result<TlsStream<TcpStream>, ControllerError> {
+async fn connect(
+    tls: &ControllerTls,
+    learned: &[Vec<u8>],
+    uri: Uri,
+) -> Result<TlsStream<TcpStream>, ControllerError> {
     let authority = uri
         .authority()
         .ok_or_else(|| ControllerError::NoAuthority(uri.clone()))?;
@@ -137,7 +168,7 @@ async fn connect(tls: &ControllerTls, uri: Uri) -> Result<TlsStream<TcpStream>, 
         .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(443);
     let addr = authority.to_string();
-    let config = client_config(&tls.trust_bundle)?;
+    let config = client_config(&tls.trust_bundle, learned)?;
     let tcp =
         TcpStream::connect((host, port))
             .await

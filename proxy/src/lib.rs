@@ -168,8 +168,8 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     let admin_listener = bind("admin", config.admin_listen).await?;
     let addr = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
 
-    let channel = control::channel(&config.controller)?;
     let identity = IdentityManager::new(config.identity.clone());
+    let channel = control::channel(&config.controller, identity.subscribe())?;
     let workload = metrics::Workload {
         name: if config.workload.is_empty() {
             config.identity.service_account.clone()

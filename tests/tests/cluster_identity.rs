@@ -147,7 +147,9 @@ async fn certify(
             identity: SpiffeId::default_controller(TRUST_DOMAIN),
         }),
     };
-    let channel = trellis_proxy::control::channel(&address).expect("a channel");
+    // No certificate yet: the bundle alone is trusted.
+    let (_, no_certificate) = tokio::sync::watch::channel(None);
+    let channel = trellis_proxy::control::channel(&address, no_certificate).expect("a channel");
     let csr_for = csr_for.parse().expect("a SPIFFE ID");
     let (_, csr_der) = trellis_proxy::tls::generate_csr(&csr_for).expect("a CSR");
     let request = CertifyRequest {

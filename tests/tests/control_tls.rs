@@ -278,3 +278,67 @@ async fn the_controller_re_issues_its_certificate_when_the_issuer_rotates() {
     let ip = mesh.pod_ip();
     mesh.proxy(ip, "hello").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_given_the_bundle_inline_follows_a_root_rotation_without_a_restart() {
+    use trellis_control_plane::controller::ControllerConfig;
+    use trellis_control_plane::identity;
+    // Short leaves, so the proxy renews (and learns the bundle) quickly.
+    let tune = |config: &mut ControllerConfig| config.leaf_lifetime = Duration::from_secs(2);
+    let mut mesh = Mesh::start_with(tune).await;
+    let dir = mesh.dir.path().to_path_buf();
+    // As injected: the bundle of the day the pod started, inline.
+    let pem = std::fs::read_to_string(dir.join(identity::BUNDLE)).expect("the bundle");
+    let ip = mesh.pod_ip();
+    let proxy = mesh
+        .proxy_with(ip, "hello", |env| {
+            env.remove(CONTROLLER_TRUST);
+            env.insert(CONTROLLER_TRUST_PEM, pem);
+        })
+        .await;
+    let anchors = |proxy: &trellis_proxy::Proxy| {
+        proxy
+            .identity
+            .current()
+            .map_or(0, |c| c.trust_anchors_der.len())
+    };
+    assert_eq!(anchors(&proxy), 1);
+
+    // A new root joins the bundle; the proxy's next certificate brings it.
+    identity::add_root(&dir).expect("add a root");
+    eventually(
+        Duration::from_secs(10),
+        "the proxy learns the new root",
+        || {
+            let n = anchors(&proxy);
+            async move { (n == 2).then_some(()).ok_or(format!("{n} anchors")) }
+        },
+    )
+    .await;
+    // The new root signs, the controller re-issues its certificate from it
+    // and restarts: a fresh connection meets a certificate the inline
+    // bundle does not know.
+    identity::activate_next_root(&dir).expect("activate the new root");
+    let old = mesh.controller.take().expect("the controller");
+    let (listen, admin) = (old.addr, old.admin_addr);
+    old.stop();
+    let mut config = ControllerConfig::local(&dir, listen.ip());
+    tune(&mut config);
+    (config.listen, config.admin) = (listen, admin);
+    mesh.controller = Some(trellis_tests::ControllerProcess::start(config));
+
+    let before = proxy.identity.current().expect("a certificate").not_after;
+    eventually(
+        Duration::from_secs(15),
+        "the proxy renews from the restarted controller",
+        || {
+            let renewed = proxy
+                .identity
+                .current()
+                .is_some_and(|c| c.not_after > before + Duration::from_secs(1));
+            let why = proxy.identity.last_error().map(|e| e.to_string());
+            async move { renewed.then_some(()).ok_or(format!("last error: {why:?}")) }
+        },
+    )
+    .await;
+}

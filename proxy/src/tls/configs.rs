@@ -37,6 +37,10 @@ pub struct TlsConfigs {
     pub not_after: SystemTime,
     /// Our leaf certificate, DER.
     pub leaf_der: Vec<u8>,
+    /// The mesh's trust anchors this certificate came with, DER: peers are
+    /// verified against them, and so is the controller on a reconnect
+    /// (`control`), so a proxy follows a root rotation without a restart.
+    pub trust_anchors_der: Vec<Vec<u8>>,
 }
 
 impl TlsConfigs {
@@ -68,7 +72,7 @@ impl TlsConfigs {
             .into_iter()
             .min()
             .ok_or(TlsError::EmptyChain)?;
-        let roots = Arc::new(root_store(trust_anchors_der)?);
+        let roots = Arc::new(root_store(trust_anchors_der.clone())?);
 
         // Explicit provider: nothing here depends on a process-wide default.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -112,6 +116,7 @@ impl TlsConfigs {
             identity,
             not_after,
             leaf_der,
+            trust_anchors_der,
         })
     }
 
@@ -186,17 +191,28 @@ pub async fn handshake(
 
 /// A client configuration that authenticates the server only (no client
 /// certificate: the controller's identity call, which a proxy makes before
-/// it has one), verifying X.509-SVIDs against the roots in `bundle_pem`,
-/// offering `alpn`.
-pub fn server_auth_client(bundle_pem: &[u8], alpn: &[u8]) -> Result<Arc<ClientConfig>, TlsError> {
+/// it has one), verifying X.509-SVIDs against the roots in `bundle_pem` and
+/// `more_anchors_der`, offering `alpn`.
+pub fn server_auth_client(
+    bundle_pem: &[u8],
+    more_anchors_der: &[Vec<u8>],
+    alpn: &[u8],
+) -> Result<Arc<ClientConfig>, TlsError> {
     use rustls::pki_types::pem::PemObject;
-    let anchors = CertificateDer::pem_slice_iter(bundle_pem)
+    let mut anchors = CertificateDer::pem_slice_iter(bundle_pem)
         .map(|cert| cert.map(|c| c.to_vec()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Bundle(e.to_string()))?;
     if anchors.is_empty() {
         return Err(TlsError::Bundle("it holds no certificate".into()));
     }
+    anchors.extend(
+        more_anchors_der
+            .iter()
+            .filter(|der| !anchors.contains(der))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     let roots = Arc::new(root_store(anchors)?);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
