@@ -62,6 +62,10 @@ pub enum ProxyError {
     /// A request or response body stalled with no data for too long.
     #[error("the {0} body sent no data for {1:?}")]
     BodyIdle(&'static str, Duration),
+    /// Plaintext sent to the inbound port itself: only a redirected
+    /// connection's original destination may be a plaintext client's target.
+    #[error("plaintext clients cannot choose the application port: dial the application's port (redirected to this proxy), or call through the mesh with mTLS")]
+    PlaintextTarget,
 }
 
 impl ProxyError {
@@ -72,6 +76,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoAuthority | ProxyError::NoTarget => StatusCode::BAD_REQUEST,
+            ProxyError::PlaintextTarget => StatusCode::FORBIDDEN,
             ProxyError::UnknownService(_)
             | ProxyError::NoEndpoints(_)
             | ProxyError::DiscoveryTimeout(..)
@@ -110,6 +115,7 @@ impl ProxyError {
             ProxyError::Overloaded(..) | ProxyError::RouteOverloaded(..) => "overloaded",
             ProxyError::AllEjected(..) => "unavailable",
             ProxyError::BodyIdle(..) => "body-idle",
+            ProxyError::PlaintextTarget => "plaintext-target",
         }
     }
 
