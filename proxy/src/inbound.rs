@@ -26,7 +26,7 @@ use crate::config::InboundMode;
 use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::errors::{respond, ProxyError};
-use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
+use crate::http::{boxed, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::server::{self, Peer, ServeError, Server};
@@ -329,6 +329,7 @@ impl Inbound {
         client: Option<&SpiffeId>,
         port: Option<u16>,
     ) -> Result<Response<Body>, ProxyError> {
+        refuse_at_edge(&request)?;
         let (mut parts, body) = request.into_parts();
         let in_band = parts
             .headers
