@@ -72,6 +72,11 @@ pub enum ProxyError {
     /// connection's original destination may be a plaintext client's target.
     #[error("plaintext clients cannot choose the application port: dial the application's port (redirected to this proxy), or call through the mesh with mTLS")]
     PlaintextTarget,
+    /// CONNECT is not tunnelled yet.
+    #[error(
+        "CONNECT is not supported yet by this proxy; send requests to the destination directly"
+    )]
+    ConnectUnsupported,
 }
 
 impl ProxyError {
@@ -85,6 +90,7 @@ impl ProxyError {
             | ProxyError::NoTarget
             | ProxyError::ClientBody(_)
             | ProxyError::DuplicateHost => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectUnsupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::PlaintextTarget => StatusCode::FORBIDDEN,
             ProxyError::UnknownService(_)
             | ProxyError::NoEndpoints(_)
@@ -126,6 +132,7 @@ impl ProxyError {
             ProxyError::BodyIdle(..) => "body-idle",
             ProxyError::ClientBody(_) => "client-body",
             ProxyError::DuplicateHost => "duplicate-host",
+            ProxyError::ConnectUnsupported => "connect-unsupported",
             ProxyError::PlaintextTarget => "plaintext-target",
         }
     }

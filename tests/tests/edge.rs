@@ -1,5 +1,6 @@
 //! What the proxy's HTTP/1 edge refuses as the client's mistake: several
-//! Host headers (400) and a malformed chunked body (the client's 400, not the destination's 502).
+//! Host headers (400), CONNECT (501 until it is tunnelled), and a malformed
+//! chunked body (the client's 400, not the destination's 502).
 
 use std::time::Duration;
 
@@ -58,4 +59,22 @@ async fn a_malformed_chunked_body_is_the_clients_400_not_the_destinations_failur
             .await
             .expect("the destination still serves");
     }
+}
+
+#[tokio::test]
+async fn connect_is_refused_until_it_is_tunnelled() {
+    let mesh = HelloMesh::start_with_apps(workbench_app).await;
+    let authority = mesh.authority();
+    let outbound = mesh.client.outbound_addr;
+    let answer = exchange(
+        outbound,
+        &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(
+        answer.contains("trellis-proxy-error: connect-unsupported"),
+        "{answer}"
+    );
+    assert!(answer.contains("CONNECT is not supported yet"), "{answer}");
 }
