@@ -40,7 +40,7 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "cluster.local", env = "TRELLIS_TRUST_DOMAIN")]
     pub trust_domain: String,
     /// Lifetime of workload certificates, e.g. 24h or 30s.
-    #[arg(long, default_value = "24h", value_parser = trellis_common::duration::parse)]
+    #[arg(long, default_value = "24h", value_parser = crate::identity::parse_leaf_lifetime)]
     pub leaf_lifetime: Duration,
     /// The controller's namespace: with the service account, the SPIFFE ID
     /// its serving certificate names (proxies' TRELLIS_CONTROLLER_IDENTITY).

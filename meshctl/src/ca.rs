@@ -21,7 +21,7 @@ pub struct CaArgs {
 enum Step {
     /// Sign a new issuer with the current root (no trust change needed).
     RotateIssuer {
-        #[arg(long, default_value = "8760h", value_parser = trellis_common::duration::parse)]
+        #[arg(long, default_value = "8760h", value_parser = identity::parse_issuer_lifetime)]
         lifetime: Duration,
     },
     /// Root rotation, step 1: add a new root to the trust bundle.

@@ -224,23 +224,13 @@ impl Config {
                 _ => None,
             },
         );
-        let request_timeout = r.optional(
-            REQUEST_TIMEOUT,
-            "10s",
-            "a duration like 10s or 500ms",
-            parse_duration,
-        );
+        let request_timeout = r.timeout(REQUEST_TIMEOUT, "10s");
         let metrics = r.optional(METRICS, "on", "on or off", |v| match v {
             "on" => Some(true),
             "off" => Some(false),
             _ => None,
         });
-        let discovery_timeout = r.optional(
-            DISCOVERY_TIMEOUT,
-            "5s",
-            "a duration like 5s",
-            parse_duration,
-        );
+        let discovery_timeout = r.timeout(DISCOVERY_TIMEOUT, "5s");
         let opaque_ports = r.optional(
             OPAQUE_PORTS,
             DEFAULT_OPAQUE_PORTS,
@@ -508,6 +498,24 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(2));
         assert_eq!(c.max_header_bytes, 1 << 20);
         assert_eq!(c.idle_authority_timeout, MAX_TIMEOUT);
+    }
+
+    #[test]
+    fn absurd_request_and_discovery_timeouts_are_reported_by_name() {
+        let mut e = env(&[
+            (CONTROLLER, "http://127.0.0.1:8090"),
+            (IDENTITY, "spiffe://cluster.local/ns/default/sa/hello"),
+            (TOKEN, "t"),
+        ]);
+        e.insert(REQUEST_TIMEOUT, "99999999999999999999".into());
+        e.insert(DISCOVERY_TIMEOUT, "9999999999999h".into());
+        let err = Config::from_strings(&e).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 2, "{text}");
+        for name in [REQUEST_TIMEOUT, DISCOVERY_TIMEOUT] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(text.contains("1ms to 24h"), "{text}");
     }
 
     #[test]

@@ -62,6 +62,21 @@ pub enum ProxyError {
     /// A request or response body stalled with no data for too long.
     #[error("the {0} body sent no data for {1:?}")]
     BodyIdle(&'static str, Duration),
+    /// The client's request body was malformed or cut short.
+    #[error("the request body is malformed or was cut short: {0}")]
+    ClientBody(String),
+    /// More than one Host header (RFC 9112 §3.2: answered with 400).
+    #[error("the request has more than one Host header; send exactly one")]
+    DuplicateHost,
+    /// Plaintext sent to the inbound port itself: only a redirected
+    /// connection's original destination may be a plaintext client's target.
+    #[error("plaintext clients cannot choose the application port: dial the application's port (redirected to this proxy), or call through the mesh with mTLS")]
+    PlaintextTarget,
+    /// CONNECT is not tunnelled yet.
+    #[error(
+        "CONNECT is not supported yet by this proxy; send requests to the destination directly"
+    )]
+    ConnectUnsupported,
 }
 
 impl ProxyError {
@@ -71,7 +86,12 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoAuthority | ProxyError::NoTarget => StatusCode::BAD_REQUEST,
+            ProxyError::NoAuthority
+            | ProxyError::NoTarget
+            | ProxyError::ClientBody(_)
+            | ProxyError::DuplicateHost => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::PlaintextTarget => StatusCode::FORBIDDEN,
             ProxyError::UnknownService(_)
             | ProxyError::NoEndpoints(_)
             | ProxyError::DiscoveryTimeout(..)
@@ -110,6 +130,10 @@ impl ProxyError {
             ProxyError::Overloaded(..) | ProxyError::RouteOverloaded(..) => "overloaded",
             ProxyError::AllEjected(..) => "unavailable",
             ProxyError::BodyIdle(..) => "body-idle",
+            ProxyError::ClientBody(_) => "client-body",
+            ProxyError::DuplicateHost => "duplicate-host",
+            ProxyError::ConnectUnsupported => "connect-unsupported",
+            ProxyError::PlaintextTarget => "plaintext-target",
         }
     }
 

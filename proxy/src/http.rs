@@ -56,3 +56,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(header::TE);
     }
 }
+
+/// What the proxy refuses in any request head before routing it: several
+/// `Host` headers (RFC 9112 §3.2 asks for a 400; they would be routed by one
+/// and forwarded with both), and CONNECT, which is not tunnelled yet.
+pub fn refuse_at_edge<B>(request: &http::Request<B>) -> Result<(), crate::errors::ProxyError> {
+    use crate::errors::ProxyError;
+    if request.method() == http::Method::CONNECT {
+        return Err(ProxyError::ConnectUnsupported);
+    }
+    if request.headers().get_all(header::HOST).iter().count() > 1 {
+        return Err(ProxyError::DuplicateHost);
+    }
+    Ok(())
+}

@@ -1,6 +1,13 @@
 //! Inbound: mesh → application. Accepts mTLS from other proxies, learns the
 //! target port in-band, and forwards to the local application in the HTTP
 //! version it speaks, telling it the verified client identity.
+//!
+//! Who chooses the application port: a plaintext client (PERMISSIVE mode)
+//! reaches only the port it dialled, the original destination iptables
+//! redirected; its `trellis-dst-port` is ignored, and plaintext sent to the
+//! inbound port itself (no original destination) is refused with 403, so no
+//! outsider can reach a loopback-only port. A peer proxy proven by mTLS names
+//! the port in-band.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,7 +26,7 @@ use crate::config::InboundMode;
 use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::errors::{respond, ProxyError};
-use crate::http::{boxed, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
+use crate::http::{boxed, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::server::{self, Peer, ServeError, Server};
@@ -322,12 +329,17 @@ impl Inbound {
         client: Option<&SpiffeId>,
         port: Option<u16>,
     ) -> Result<Response<Body>, ProxyError> {
+        refuse_at_edge(&request)?;
         let (mut parts, body) = request.into_parts();
         let in_band = parts
             .headers
             .remove(DST_PORT)
             .and_then(|v| v.to_str().ok()?.parse().ok());
-        let port: u16 = port.or(in_band).ok_or(ProxyError::NoTarget)?;
+        let port: u16 = match (port, client) {
+            (Some(original), _) => original,
+            (None, Some(_)) => in_band.ok_or(ProxyError::NoTarget)?,
+            (None, None) => return Err(ProxyError::PlaintextTarget),
+        };
         let http1 = match parts.headers.remove(ORIG_PROTO) {
             Some(proto) => proto.as_bytes() != b"HTTP/2",
             None => parts.version != Version::HTTP_2,

@@ -26,7 +26,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::discovery::{Discovery, RoutesState};
 use crate::errors::{respond, ProxyError};
-use crate::http::{boxed, Body};
+use crate::http::{boxed, refuse_at_edge, Body};
 use crate::identity::IdentityManager;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::route::{self, CompiledRoutes};
@@ -128,6 +128,7 @@ impl Outbound {
         authority: Option<&str>,
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, ProxyError> {
+        refuse_at_edge(&request)?;
         let authority = match authority {
             Some(authority) => authority.to_string(),
             None => authority_of(&request)?,
@@ -159,7 +160,8 @@ impl Outbound {
         let retry = rule
             .and_then(|r| r.retry.as_ref())
             .filter(|_| retryable(&parts, &body));
-        let (body, sent) = Timed::request(boxed(body), self.body_idle_timeout);
+        let (body, sent, client_failure) = Timed::request(boxed(body), self.body_idle_timeout);
+        parts.extensions.insert(client_failure);
         let work = async {
             if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
                 if route::fires(fault.delay_percent) {

@@ -5,8 +5,6 @@
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,12 +21,14 @@ fn free_port() -> u16 {
 struct Sidecar {
     child: Child,
     inbound: SocketAddr,
+    outbound: SocketAddr,
     admin: SocketAddr,
 }
 
 impl Sidecar {
-    /// Starts the binary, PERMISSIVE (so plaintext to the inbound port is
-    /// served with the in-band target port), and waits for `/live`.
+    /// Starts the binary and waits for `/live`. Discovery never answers, so
+    /// a request to the outbound listener is in flight for the discovery
+    /// timeout (2 s) and then answered 503.
     async fn start() -> Self {
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -47,6 +47,7 @@ impl Sidecar {
             .env("TRELLIS_INBOUND_LISTEN", inbound.to_string())
             .env("TRELLIS_ADMIN_LISTEN", admin.to_string())
             .env("TRELLIS_DRAIN_TIMEOUT", "10s")
+            .env("TRELLIS_DISCOVERY_TIMEOUT", "2s")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -56,6 +57,7 @@ impl Sidecar {
         let sidecar = Self {
             child,
             inbound,
+            outbound,
             admin,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -158,39 +160,18 @@ async fn post_shutdown_from_loopback_drains_and_exits_0() {
 
 #[tokio::test]
 async fn sigterm_lets_a_slow_request_finish_and_refuses_new_connections() {
-    // The application: answers after 2 s, counting requests that reached it.
-    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("app");
-    let app_port = app.local_addr().expect("app addr").port();
-    let arrived = Arc::new(AtomicUsize::new(0));
-    let counter = arrived.clone();
-    tokio::spawn(trellis_common::serve::serve(app, move |_request| {
-        let counter = counter.clone();
-        async move {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            http::Response::new(Full::new(Bytes::from_static(b"slow answer\n")))
-        }
-    }));
     let mut sidecar = Sidecar::start().await;
-    let inbound = sidecar.inbound;
+    let (inbound, outbound) = (sidecar.inbound, sidecar.outbound);
+    // In flight for the discovery timeout, then the proxy's own answer.
     let slow = tokio::spawn(async move {
         let req = http::Request::get("/slow")
-            .header("host", "app.default.svc.cluster.local")
-            .header("trellis-dst-port", app_port.to_string())
+            .header("host", "app.default.svc.cluster.local:80")
             .body(Full::new(Bytes::new()))
             .expect("request");
-        request(inbound, req).await
+        request(outbound, req).await
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while arrived.load(Ordering::SeqCst) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the request never reached the app"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!slow.is_finished(), "the request is in flight");
 
     let signalled = Instant::now();
     sidecar.terminate();
@@ -217,11 +198,11 @@ async fn sigterm_lets_a_slow_request_finish_and_refuses_new_connections() {
         "exited with the request in flight"
     );
 
-    let answer = slow.await.expect("slow task").expect("the slow request");
-    assert_eq!(answer, (200, "slow answer\n".to_string()));
+    let (status, body) = slow.await.expect("slow task").expect("the slow request");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("discovery did not answer"), "{body}");
     let status = sidecar.exited_within(Duration::from_secs(3)).await;
     assert!(status.success(), "exit status after the drain: {status}");
-    assert_eq!(arrived.load(Ordering::SeqCst), 1);
     eprintln!(
         "listener refused {refused_after:?} after SIGTERM; exited {:?} after it",
         signalled.elapsed()

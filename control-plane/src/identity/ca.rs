@@ -34,6 +34,39 @@ pub const BUNDLE: &str = "bundle.crt";
 
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const ISSUER_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest leaf lifetime: a leaf never outlives its issuer, and a bound
+/// keeps every validity computed from it representable.
+pub const MAX_LEAF_LIFETIME: Duration = ISSUER_LIFETIME;
+
+/// A certificate lifetime the CA can sign: above zero and within what its
+/// signer lives (so every validity computed from it is representable).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LifetimeError {
+    #[error(transparent)]
+    Unreadable(#[from] trellis_common::duration::InvalidDuration),
+    #[error("{lifetime:?} is out of range; use a lifetime above 0s and at most {}h (its signer's lifetime), e.g. 24h", .max.as_secs() / 3600)]
+    OutOfRange { lifetime: Duration, max: Duration },
+}
+
+/// Parses `--leaf-lifetime`: a duration (`24h`, `30s`) of at most
+/// [`MAX_LEAF_LIFETIME`].
+pub fn parse_leaf_lifetime(s: &str) -> Result<Duration, LifetimeError> {
+    parse_lifetime(s, MAX_LEAF_LIFETIME)
+}
+
+/// Parses an issuer's lifetime (`meshctl ca rotate-issuer --lifetime`): at
+/// most the root's.
+pub fn parse_issuer_lifetime(s: &str) -> Result<Duration, LifetimeError> {
+    parse_lifetime(s, ROOT_LIFETIME)
+}
+
+fn parse_lifetime(s: &str, max: Duration) -> Result<Duration, LifetimeError> {
+    let lifetime = trellis_common::duration::parse(s)?;
+    if lifetime.is_zero() || lifetime > max {
+        return Err(LifetimeError::OutOfRange { lifetime, max });
+    }
+    Ok(lifetime)
+}
 /// Leaves start a little in the past, so peers with a slow clock accept them.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
@@ -304,7 +337,10 @@ impl Ca {
         let expected = identity.to_string();
         let active = self.active.load();
         let now = SystemTime::now();
-        let not_after = (now + lifetime).min(active.not_after);
+        // Past the issuer (or past what a SystemTime holds) is the issuer's end.
+        let not_after = now
+            .checked_add(lifetime)
+            .map_or(active.not_after, |end| end.min(active.not_after));
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(expected.as_str().try_into()?)];

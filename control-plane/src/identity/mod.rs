@@ -15,8 +15,9 @@ mod tokens;
 pub use authenticator::{Authenticator, Refusal};
 
 pub use ca::{
-    activate_next_root, add_root, retire_old_roots, rotate_issuer, Ca, CaError, IssuerMaterial,
-    PemText, SignedLeaf, BUNDLE,
+    activate_next_root, add_root, parse_issuer_lifetime, parse_leaf_lifetime, retire_old_roots,
+    rotate_issuer, Ca, CaError, IssuerMaterial, LifetimeError, PemText, SignedLeaf, BUNDLE,
+    MAX_LEAF_LIFETIME,
 };
 pub use issuer_source::{
     ClusterIssuer, IssuerChanges, IssuerError, IssuerSource, BUNDLE_KEY, ISSUER_SECRET,

@@ -62,7 +62,7 @@ pub struct DemoArgs {
     #[arg(long, value_name = "FILE")]
     prometheus_config: Option<PathBuf>,
     /// Lifetime of the workload certificates.
-    #[arg(long, default_value = "24h", value_parser = trellis_common::duration::parse)]
+    #[arg(long, default_value = "24h", value_parser = trellis_control_plane::identity::parse_leaf_lifetime)]
     leaf_lifetime: Duration,
 }
 

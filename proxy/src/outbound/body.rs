@@ -2,10 +2,13 @@
 //! for the idle timeout fails (so a stalled upload or download cannot hold
 //! a request for ever), and a request body says when it has been sent, which
 //! is when the request timeout starts: an upload takes as long as it takes
-//! while data flows.
+//! while data flows. A request body that the client itself broke (a
+//! malformed chunk, a connection cut mid-body) is recorded, so the failure
+//! is the client's, not the destination's.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +29,24 @@ pub struct Timed {
     sleep: Option<Pin<Box<Sleep>>>,
     /// Told when the body has ended (or is dropped before it does).
     ended: Option<oneshot::Sender<()>>,
+    /// Request bodies: where the client's own failure is recorded.
+    client_failure: Option<ClientBodyFailure>,
+}
+
+/// Why the client's request body failed, once it has: carried in the
+/// request's extensions so whoever sends it can tell a broken request from
+/// a failing destination.
+#[derive(Clone, Debug, Default)]
+pub struct ClientBodyFailure(Arc<OnceLock<String>>);
+
+impl ClientBodyFailure {
+    pub fn reason(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    fn record(&self, error: &BoxError) {
+        let _ = self.0.set(error.to_string());
+    }
 }
 
 /// Resolves when a request body has been sent whole (at once for a
@@ -44,10 +65,12 @@ impl Future for Sent {
 }
 
 impl Timed {
-    /// A request body with its idle timeout, and when it was sent.
-    pub fn request(inner: Body, idle: Duration) -> (Body, Sent) {
+    /// A request body with its idle timeout, when it was sent, and where
+    /// a failure of the client's own body is recorded.
+    pub fn request(inner: Body, idle: Duration) -> (Body, Sent, ClientBodyFailure) {
+        let failure = ClientBodyFailure::default();
         if inner.is_end_stream() {
-            return (inner, Sent(None));
+            return (inner, Sent(None), failure);
         }
         let (tx, rx) = oneshot::channel();
         let body = Self {
@@ -56,8 +79,9 @@ impl Timed {
             idle,
             sleep: None,
             ended: Some(tx),
+            client_failure: Some(failure.clone()),
         };
-        (Body::new(body), Sent(Some(rx)))
+        (Body::new(body), Sent(Some(rx)), failure)
     }
 
     /// A response body with its idle timeout.
@@ -71,6 +95,7 @@ impl Timed {
             idle,
             sleep: None,
             ended: None,
+            client_failure: None,
         })
     }
 
@@ -101,6 +126,9 @@ impl hyper::body::Body for Timed {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(other) => {
+                if let (Some(Err(error)), Some(failure)) = (&other, &this.client_failure) {
+                    failure.record(error);
+                }
                 this.end();
                 Poll::Ready(other)
             }
@@ -146,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_keeps_sending_lives_and_says_when_it_was_sent() {
         let (tx, body) = streamed();
-        let (mut body, mut sent) = Timed::request(body, Duration::from_millis(300));
+        let (mut body, mut sent, _) = Timed::request(body, Duration::from_millis(300));
         tokio::spawn(async move {
             for _ in 0..5 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -181,7 +209,8 @@ mod tests {
 
     #[test]
     fn a_request_without_a_body_is_sent_at_once() {
-        let (body, sent) = Timed::request(crate::http::full(Bytes::new()), Duration::from_secs(1));
+        let (body, sent, _) =
+            Timed::request(crate::http::full(Bytes::new()), Duration::from_secs(1));
         assert!(body.is_end_stream());
         assert!(sent.0.is_none());
     }

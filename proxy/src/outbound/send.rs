@@ -6,6 +6,7 @@
 
 use http::{Request, Response, Uri, Version};
 
+use super::body::ClientBodyFailure;
 use super::endpoint::{Attempt, EndpointHandle};
 use super::target::Endpoints;
 use super::{Outbound, CONNECT_ATTEMPTS};
@@ -53,8 +54,17 @@ impl Outbound {
             let replay =
                 hyper::body::Body::is_end_stream(request.body()).then(|| head_of(&request));
             let idempotent = request.method().is_idempotent();
+            let client_failure = request.extensions().get::<ClientBodyFailure>().cloned();
             let mut attempt = endpoint.start();
-            match self.send(&endpoint, authority, request, &mut attempt).await {
+            let result = self.send(&endpoint, authority, request, &mut attempt).await;
+            // The client broke its own body: its 400, and the endpoint's
+            // attempt is abandoned, not failed (no outlier detection).
+            if let Some(reason) = client_failure.as_ref().and_then(|f| f.reason()) {
+                if result.is_err() {
+                    return Err(ProxyError::ClientBody(reason.to_string()));
+                }
+            }
+            match result {
                 Ok(response) if unreached(&response) && tried.len() + 1 < CONNECT_ATTEMPTS => {
                     self.failed(endpoints, attempt, Failure::Connect);
                     tried.push(endpoint.key());
