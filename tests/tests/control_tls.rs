@@ -84,22 +84,27 @@ async fn a_proxy_whose_bundle_is_another_ca_refuses_the_controller() {
     a.proxy(ip, "hello").await;
 }
 
-#[tokio::test]
-async fn a_proxy_given_the_bundle_inline_trusts_the_controller() {
-    // As the injector configures a sidecar: the PEM text in a variable.
-    let mut mesh = Mesh::start().await;
+/// A proxy given the mesh's current bundle as PEM text in a variable, as
+/// the injector configures a sidecar.
+async fn proxy_with_inline_bundle(mesh: &mut Mesh) -> trellis_proxy::Proxy {
     let bundle = mesh
         .dir
         .path()
         .join(trellis_control_plane::identity::BUNDLE);
     let pem = std::fs::read_to_string(&bundle).expect("the mesh's bundle");
     let ip = mesh.pod_ip();
-    let proxy = mesh
-        .proxy_with(ip, "hello", |env| {
-            env.remove(CONTROLLER_TRUST);
-            env.insert(CONTROLLER_TRUST_PEM, pem);
-        })
-        .await;
+    mesh.proxy_with(ip, "hello", |env| {
+        env.remove(CONTROLLER_TRUST);
+        env.insert(CONTROLLER_TRUST_PEM, pem);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_proxy_given_the_bundle_inline_trusts_the_controller() {
+    // As the injector configures a sidecar: the PEM text in a variable.
+    let mut mesh = Mesh::start().await;
+    let proxy = proxy_with_inline_bundle(&mut mesh).await;
     assert!(proxy.identity.current().is_some(), "a certificate");
 
     // Inline text that holds no certificate is a start error naming it.
@@ -288,14 +293,7 @@ async fn a_proxy_given_the_bundle_inline_follows_a_root_rotation_without_a_resta
     let mut mesh = Mesh::start_with(tune).await;
     let dir = mesh.dir.path().to_path_buf();
     // As injected: the bundle of the day the pod started, inline.
-    let pem = std::fs::read_to_string(dir.join(identity::BUNDLE)).expect("the bundle");
-    let ip = mesh.pod_ip();
-    let proxy = mesh
-        .proxy_with(ip, "hello", |env| {
-            env.remove(CONTROLLER_TRUST);
-            env.insert(CONTROLLER_TRUST_PEM, pem);
-        })
-        .await;
+    let proxy = proxy_with_inline_bundle(&mut mesh).await;
     let anchors = |proxy: &trellis_proxy::Proxy| {
         proxy
             .identity

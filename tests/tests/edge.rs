@@ -17,6 +17,15 @@ async fn exchange(outbound: std::net::SocketAddr, raw: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// The sidecar refused the request itself: this status, this error name.
+fn assert_refused(answer: &str, status: u16, error: &str) {
+    assert!(
+        answer.starts_with(&format!("HTTP/1.1 {status}"))
+            && answer.contains(&format!("trellis-proxy-error: {error}")),
+        "expected {status} {error}: {answer}"
+    );
+}
+
 #[tokio::test]
 async fn duplicate_host_headers_are_a_400() {
     let mesh = HelloMesh::start_with_apps(workbench_app).await;
@@ -27,11 +36,7 @@ async fn duplicate_host_headers_are_a_400() {
         &format!("GET / HTTP/1.1\r\nHost: {authority}\r\nHost: elsewhere.example\r\nConnection: close\r\n\r\n"),
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert!(
-        answer.contains("trellis-proxy-error: duplicate-host"),
-        "{answer}"
-    );
+    assert_refused(&answer, 400, "duplicate-host");
 }
 
 #[tokio::test]
@@ -45,11 +50,7 @@ async fn a_malformed_chunked_body_is_the_clients_400_not_the_destinations_failur
             &format!("POST /upload HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\nZZ\r\n"),
         )
         .await;
-        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-        assert!(
-            answer.contains("trellis-proxy-error: client-body"),
-            "{answer}"
-        );
+        assert_refused(&answer, 400, "client-body");
     }
     // Not the destination's failure: it was not ejected, and serves.
     let client = AppClient::http1(outbound);
@@ -71,10 +72,6 @@ async fn connect_is_refused_until_it_is_tunnelled() {
         &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
-    assert!(
-        answer.contains("trellis-proxy-error: connect-unsupported"),
-        "{answer}"
-    );
+    assert_refused(&answer, 501, "connect-unsupported");
     assert!(answer.contains("CONNECT is not supported yet"), "{answer}");
 }
