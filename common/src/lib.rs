@@ -4,5 +4,6 @@
 //! of durations in flags and environment variables.
 
 pub mod duration;
+pub mod exposition;
 pub mod metrics;
 pub mod serve;

@@ -58,6 +58,11 @@ pub struct ControllerArgs {
     /// every third of it.
     #[arg(long, default_value = "15s", value_parser = crate::lease::parse_lease_duration, env = "TRELLIS_LEASE_DURATION")]
     pub lease_duration: Duration,
+    /// Rollout gates read metrics from this Prometheus (its base URL, e.g.
+    /// http://prometheus.monitoring:9090); without it, from every meshed
+    /// pod's proxy `/metrics` directly.
+    #[arg(long, env = "TRELLIS_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
     /// Serve the injection webhook (HTTPS, `POST /inject`) on this address;
     /// without it there is no webhook.
     #[arg(long, env = "TRELLIS_WEBHOOK_LISTEN")]
@@ -130,6 +135,7 @@ impl ControllerArgs {
         };
         Ok(ControllerConfig {
             webhook,
+            prometheus: self.prometheus_url,
             state_dir: self.state_dir,
             listen: self.listen,
             admin: self.admin,

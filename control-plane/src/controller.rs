@@ -20,6 +20,10 @@ use crate::identity::{
 };
 use crate::lease::{Leadership, LeaseConfig};
 use crate::metrics::ControllerMetrics;
+use crate::rollout::cluster::ClusterApi;
+use crate::rollout::local::LocalApi;
+use crate::rollout::measure::Metrics;
+use crate::rollout::{RolloutApi, RolloutController};
 use crate::source::cluster::ClusterSource;
 use crate::source::local::LocalSource;
 use crate::source::manifest::ManifestError;
@@ -66,6 +70,9 @@ pub struct ControllerConfig {
     pub lease_duration: Duration,
     /// The injection webhook, if served.
     pub webhook: Option<WebhookConfig>,
+    /// Where rollout gates read metrics: this Prometheus (its base URL),
+    /// or, when `None`, every meshed pod's `/metrics` directly.
+    pub prometheus: Option<String>,
 }
 
 /// Where and as what the injection webhook is served.
@@ -103,6 +110,7 @@ impl ControllerConfig {
             plaintext: Plaintext::Loopback,
             lease_duration: crate::lease::DEFAULT_LEASE_DURATION,
             webhook: None,
+            prometheus: None,
         }
     }
 
@@ -208,6 +216,19 @@ impl Controller {
             }
         };
 
+        // Rollouts write their routes and statuses where the objects come from.
+        let rollout_api = match (&config.source, &client) {
+            (Source::Cluster(_), Some(client)) => RolloutApi::Cluster(ClusterApi {
+                client: client.clone(),
+            }),
+            (source, _) => RolloutApi::Local(LocalApi {
+                manifests: match source {
+                    Source::Manifests(dir) => dir.clone(),
+                    Source::Cluster(_) => PathBuf::new(),
+                },
+            }),
+        };
+
         // Local mode: the CA's files and bootstrap tokens in the state
         // directory. Cluster mode: a Secret and a ConfigMap, and TokenReview.
         let (issuer, tokens, authenticator) = match client {
@@ -229,6 +250,7 @@ impl Controller {
             }
         };
         let ca = Arc::new(issuer.open(&config.trust_domain).await?);
+
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -269,6 +291,20 @@ impl Controller {
             .add_service(DiscoveryService::new(store.clone(), metrics.clone()).into_server())
             .add_service(identity.into_server());
 
+        let gate_metrics = match &config.prometheus {
+            Some(url) => Metrics::prometheus(url),
+            None => Metrics::proxies(),
+        };
+        tasks.spawn(
+            RolloutController::new(
+                store.clone(),
+                rollout_api,
+                gate_metrics,
+                leadership.is_leader(),
+                metrics.rollouts.clone(),
+            )
+            .run(),
+        );
         tasks.spawn(admin.serve(admin_listener));
         tasks.spawn(follow_issuer(ca.clone(), issuer.changes(), metrics.clone()));
         tasks.spawn(maintain_serving(ca.clone(), serving.clone(), renew_at));

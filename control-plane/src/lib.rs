@@ -1,5 +1,5 @@
 //! The Trellis control plane: the object store and its sources, endpoint
-//! discovery and the workload CA.
+//! discovery, the workload CA, the injection webhook and rollouts.
 
 pub mod admin;
 pub mod cli;
@@ -11,6 +11,7 @@ pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod permissions;
+pub mod rollout;
 pub mod source;
 pub mod store;
 pub mod transport;

@@ -31,6 +31,7 @@ pub struct ControllerMetrics {
     /// `skipped`, `denied`, `invalid`) and reason (why skipped, denied or
     /// invalid; empty for `injected`).
     pub injections: IntCounterVec,
+    pub rollouts: std::sync::Arc<RolloutMetrics>,
 }
 
 impl Default for ControllerMetrics {
@@ -103,6 +104,7 @@ impl ControllerMetrics {
                     ),
                     &["result", "reason"],
                 )?,
+                rollouts: std::sync::Arc::new(RolloutMetrics::register(&registry)?),
             };
             registry.register(Box::new(metrics.objects.clone()))?;
             registry.register(Box::new(metrics.watches.clone()))?;
@@ -150,6 +152,7 @@ impl ControllerMetrics {
             ("HTTPRoute", counts.http_routes),
             ("HTTPFault", counts.http_faults),
             ("ResiliencePolicy", counts.resilience_policies),
+            ("Rollout", counts.rollouts),
         ] {
             self.objects.with_label_values(&[kind]).set(n as i64);
         }
@@ -158,5 +161,150 @@ impl ControllerMetrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Where each rollout is, for dashboards: step, phase, the canary's weight,
+/// and each gate's threshold and last value in the units the canary
+/// dashboard plots (success as a ratio, latency in seconds).
+pub struct RolloutMetrics {
+    step: IntGaugeVec,
+    weight: IntGaugeVec,
+    phase: IntGaugeVec,
+    threshold: prometheus::GaugeVec,
+    value: prometheus::GaugeVec,
+    /// Each rollout's Service label, to remove its series when it is gone.
+    services: std::sync::Mutex<std::collections::HashMap<crate::model::ObjectKey, String>>,
+}
+
+const ROLLOUT_LABELS: &[&str] = &["namespace", "rollout", "service"];
+const GATE_LABELS: &[&str] = &["namespace", "rollout", "service", "gate"];
+
+impl RolloutMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        let float =
+            |name: &str, help: &str| prometheus::GaugeVec::new(Opts::new(name, help), GATE_LABELS);
+        let metrics = Self {
+            step: gauge(
+                "rollout_step",
+                "The rollout's current step, from 1",
+                ROLLOUT_LABELS,
+            )?,
+            weight: gauge(
+                "rollout_canary_weight_percent",
+                "The canary's share of the Service's traffic",
+                ROLLOUT_LABELS,
+            )?,
+            phase: gauge(
+                "rollout_phase",
+                "1 for the rollout's current phase, 0 for the others",
+                &["namespace", "rollout", "service", "phase"],
+            )?,
+            threshold: float(
+                "rollout_gate_threshold",
+                "Each gate's threshold: success-rate as a ratio, p99 in seconds",
+            )?,
+            value: float(
+                "rollout_gate_value",
+                "Each gate's value in the last window, in the threshold's unit",
+            )?,
+            services: Default::default(),
+        };
+        registry.register(Box::new(metrics.step.clone()))?;
+        registry.register(Box::new(metrics.weight.clone()))?;
+        registry.register(Box::new(metrics.phase.clone()))?;
+        registry.register(Box::new(metrics.threshold.clone()))?;
+        registry.register(Box::new(metrics.value.clone()))?;
+        Ok(metrics)
+    }
+
+    pub fn record(
+        &self,
+        rollout: &crate::model::Rollout,
+        plan: Option<&crate::rollout::plan::Plan>,
+        status: &crate::model::RolloutStatus,
+    ) {
+        let key = rollout.metadata.key();
+        let known = self
+            .services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        if known.as_deref() != Some(rollout.spec.service.as_str()) {
+            self.forget(&key);
+            self.services
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), rollout.spec.service.clone());
+        }
+        let labels = [
+            key.namespace.as_str(),
+            key.name.as_str(),
+            rollout.spec.service.as_str(),
+        ];
+        self.step
+            .with_label_values(&labels)
+            .set(i64::from(status.step) + 1);
+        self.weight
+            .with_label_values(&labels)
+            .set(i64::from(status.canary_weight));
+        for phase in crate::model::Phase::ALL {
+            let [ns, name, service] = labels;
+            self.phase
+                .with_label_values(&[ns, name, service, phase.as_str()])
+                .set(i64::from(phase == status.phase));
+        }
+        let Some(plan) = plan else { return };
+        let [ns, name, service] = labels;
+        let gates = [
+            ("success-rate", plan.gates.success_rate.map(|r| r / 100.0)),
+            ("p99", plan.gates.max_p99.map(|d| d.as_secs_f64())),
+        ];
+        for (gate, threshold) in gates {
+            let labels = [ns, name, service, gate];
+            match threshold {
+                Some(t) => self.threshold.with_label_values(&labels).set(t),
+                None => drop(self.threshold.remove_label_values(&labels)),
+            }
+            let value = status
+                .gates
+                .iter()
+                .find(|g| g.name == gate)
+                .and_then(|g| g.value);
+            match value {
+                Some(v) if gate == "success-rate" => {
+                    self.value.with_label_values(&labels).set(v / 100.0)
+                }
+                Some(v) => self.value.with_label_values(&labels).set(v / 1000.0),
+                None => drop(self.value.remove_label_values(&labels)),
+            }
+        }
+    }
+
+    /// Drops the series of a rollout that is gone.
+    pub fn forget(&self, key: &crate::model::ObjectKey) {
+        let service = self
+            .services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        let Some(service) = service else { return };
+        let labels = [key.namespace.as_str(), key.name.as_str(), service.as_str()];
+        let _ = self.step.remove_label_values(&labels);
+        let _ = self.weight.remove_label_values(&labels);
+        for phase in crate::model::Phase::ALL {
+            let _ =
+                self.phase
+                    .remove_label_values(&[labels[0], labels[1], labels[2], phase.as_str()]);
+        }
+        for gate in ["success-rate", "p99"] {
+            let gate_labels = [labels[0], labels[1], labels[2], gate];
+            let _ = self.threshold.remove_label_values(&gate_labels);
+            let _ = self.value.remove_label_values(&gate_labels);
+        }
     }
 }

@@ -6,12 +6,8 @@ use std::time::Duration;
 
 use crate::context::{self, Context};
 use crate::stats::{self, Sample};
-use anyhow::{bail, Context as _};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use anyhow::Context as _;
+use trellis_common::exposition::HttpGet;
 
 use crate::route::render_table;
 
@@ -51,26 +47,9 @@ pub struct GraphArgs {
     output: GraphFormat,
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
-
-async fn get(client: &HttpClient, url: &str) -> anyhow::Result<String> {
-    let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
-    let response = client
-        .get(uri)
-        .await
-        .with_context(|| format!("fetching {url}"))?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    let text = String::from_utf8_lossy(&body).into_owned();
-    if !status.is_success() {
-        bail!("{url}: {status}: {}", text.trim());
-    }
-    Ok(text)
-}
-
 /// Samples at the start and the end of the window.
 async fn measure(source: &Source) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let client = HttpGet::default();
     if let Some(prometheus) = &source.prometheus {
         return Ok((
             Vec::new(),
@@ -89,9 +68,11 @@ async fn measure(source: &Source) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> 
     let scrape = || async {
         let mut all = Vec::new();
         for admin in &admins {
-            let text = get(&client, &format!("{}/metrics", admin.trim_end_matches('/'))).await?;
+            let samples = client
+                .scrape(&format!("{}/metrics", admin.trim_end_matches('/')))
+                .await?;
             // Replicas have the same labels: keep them apart by instance.
-            all.extend(stats::parse(&text).into_iter().map(|mut s| {
+            all.extend(samples.into_iter().map(|mut s| {
                 s.labels.insert("instance".into(), admin.clone());
                 s
             }));
@@ -106,55 +87,20 @@ async fn measure(source: &Source) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> 
 /// The window's increase of every series the computations need, as
 /// Prometheus has it.
 async fn from_prometheus(
-    client: &HttpClient,
+    client: &HttpGet,
     url: &str,
     window: Duration,
 ) -> anyhow::Result<Vec<Sample>> {
     let range = format!("{}s", window.as_secs().max(1));
     let queries = [
-        format!("sum by (direction, src_namespace, src_workload, dst_namespace, dst_service, dst_backend, dst_version, classification, tls) (increase(trellis_requests_total[{range}]))"),
-        format!("sum by (direction, dst_namespace, dst_service, dst_version, le) (increase(trellis_response_latency_seconds_bucket[{range}]))"),
-    ];
-    let names = [
-        "trellis_requests_total",
-        "trellis_response_latency_seconds_bucket",
+        (format!("sum by (direction, src_namespace, src_workload, dst_namespace, dst_service, dst_backend, dst_version, classification, tls) (increase(trellis_requests_total[{range}]))"),
+         "trellis_requests_total"),
+        (format!("sum by (direction, dst_namespace, dst_service, dst_version, le) (increase(trellis_response_latency_seconds_bucket[{range}]))"),
+         "trellis_response_latency_seconds_bucket"),
     ];
     let mut samples = Vec::new();
-    for (query, name) in queries.iter().zip(names) {
-        let encoded: String = query
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        let body = get(
-            client,
-            &format!("{}/api/v1/query?query={encoded}", url.trim_end_matches('/')),
-        )
-        .await?;
-        let json: serde_json::Value =
-            serde_json::from_str(&body).context("Prometheus answered no JSON")?;
-        for result in json["data"]["result"].as_array().into_iter().flatten() {
-            let labels = result["metric"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                .collect();
-            let value = result["value"][1]
-                .as_str()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0);
-            samples.push(Sample {
-                name: name.to_string(),
-                labels,
-                value,
-            });
-        }
+    for (query, name) in queries {
+        samples.extend(client.query(url, &query, name).await?);
     }
     Ok(samples)
 }

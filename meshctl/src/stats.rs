@@ -7,62 +7,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// One series of the Prometheus text exposition.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
-}
-
-/// Parses the text exposition format (comments skipped).
-pub fn parse(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(parse_line)
-        .collect()
-}
-
-fn parse_line(line: &str) -> Option<Sample> {
-    let (series, value) = line.trim().rsplit_once(' ')?;
-    let value = value.parse().ok()?;
-    let Some((name, rest)) = series.split_once('{') else {
-        return Some(Sample {
-            name: series.to_string(),
-            labels: BTreeMap::new(),
-            value,
-        });
-    };
-    let mut labels = BTreeMap::new();
-    let mut rest = rest.strip_suffix('}')?;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        // Values escape `"` and `\` with a backslash.
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, escaped)) = chars.next() {
-                        value.push(if escaped == 'n' { '\n' } else { escaped });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        labels.insert(key.trim_start_matches(',').to_string(), value);
-        rest = &after[end..];
-    }
-    Some(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
-}
+use trellis_common::exposition::{deltas, histogram_quantile, sum};
+pub use trellis_common::exposition::{parse, Sample};
 
 /// Golden metrics of one Service version over a window.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -87,20 +33,6 @@ pub struct Edge {
     pub success_rate: f64,
 }
 
-/// What grew between two scrapes, per series.
-fn deltas(before: &[Sample], after: &[Sample]) -> Vec<Sample> {
-    let key = |s: &Sample| (s.name.clone(), s.labels.clone());
-    let old: BTreeMap<_, f64> = before.iter().map(|s| (key(s), s.value)).collect();
-    after
-        .iter()
-        .map(|s| Sample {
-            value: s.value - old.get(&key(s)).copied().unwrap_or(0.0),
-            ..s.clone()
-        })
-        .filter(|s| s.value > 0.0)
-        .collect()
-}
-
 /// Per Service and version, as their servers' proxies saw it (inbound).
 pub fn services(before: &[Sample], after: &[Sample], window: Duration) -> Vec<ServiceStats> {
     let grown = deltas(before, after);
@@ -123,17 +55,25 @@ pub fn services(before: &[Sample], after: &[Sample], window: Duration) -> Vec<Se
     groups
         .into_iter()
         .filter_map(|((namespace, service, version), samples)| {
-            let total = sum(&samples, "trellis_requests_total", |_| true);
+            let total = sum(samples.iter().copied(), "trellis_requests_total", |_| true);
             if total == 0.0 {
                 return None;
             }
-            let ok = sum(&samples, "trellis_requests_total", |s| {
+            let ok = sum(samples.iter().copied(), "trellis_requests_total", |s| {
                 s.labels.get("classification").map(String::as_str) == Some("success")
             });
-            let tls = sum(&samples, "trellis_requests_total", |s| {
+            let tls = sum(samples.iter().copied(), "trellis_requests_total", |s| {
                 s.labels.get("tls").map(String::as_str) == Some("true")
             });
-            let quantile = |q| histogram_quantile(q, &samples) * 1000.0;
+            let quantile = |q| {
+                histogram_quantile(
+                    q,
+                    "trellis_response_latency_seconds_bucket",
+                    samples.iter().copied(),
+                )
+                .unwrap_or(0.0)
+                    * 1000.0
+            };
             Some(ServiceStats {
                 namespace,
                 service,
@@ -179,59 +119,6 @@ pub fn graph(before: &[Sample], after: &[Sample], window: Duration) -> Vec<Edge>
         .collect()
 }
 
-fn sum(samples: &[&Sample], name: &str, keep: impl Fn(&Sample) -> bool) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name && keep(s))
-        .map(|s| s.value)
-        .sum()
-}
-
-/// The `q` quantile from cumulative `_bucket` counts, interpolating within
-/// the bucket as Prometheus' `histogram_quantile` does.
-fn histogram_quantile(q: f64, samples: &[&Sample]) -> f64 {
-    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for s in samples
-        .iter()
-        .filter(|s| s.name == "trellis_response_latency_seconds_bucket")
-    {
-        let Some(le) = s.labels.get("le") else {
-            continue;
-        };
-        let bound = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            le.parse().unwrap_or(f64::INFINITY)
-        };
-        buckets.entry(bound.to_bits()).or_insert((bound, 0.0)).1 += s.value;
-    }
-    let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let Some(&(_, total)) = sorted.last() else {
-        return 0.0;
-    };
-    if total == 0.0 {
-        return 0.0;
-    }
-    let rank = q * total;
-    let (mut lower, mut below) = (0.0, 0.0);
-    for (bound, count) in sorted {
-        if count >= rank {
-            if bound.is_infinite() {
-                return lower;
-            }
-            let within = count - below;
-            return if within == 0.0 {
-                bound
-            } else {
-                lower + (bound - lower) * (rank - below) / within
-            };
-        }
-        (lower, below) = (bound, count);
-    }
-    lower
-}
-
 /// The graph in Graphviz DOT.
 pub fn dot(edges: &[Edge]) -> String {
     let mut out = String::from("digraph mesh {\n  rankdir=LR;\n  node [shape=box];\n");
@@ -262,14 +149,6 @@ trellis_response_latency_seconds_bucket{direction="inbound",dst_namespace="defau
 trellis_response_latency_seconds_bucket{direction="inbound",dst_namespace="default",dst_service="hello",dst_version="v1",le="+Inf"} 100
 trellis_requests_total{direction="outbound",src_namespace="default",src_workload="frontend",dst_namespace="default",dst_backend="hello",classification="success"} 40
 "#;
-
-    #[test]
-    fn parses_labels_with_escapes() {
-        let s = parse_line(r#"m{a="x\"y",b="z"} 1.5"#).unwrap();
-        assert_eq!(s.labels["a"], "x\"y");
-        assert_eq!(s.labels["b"], "z");
-        assert_eq!(s.value, 1.5);
-    }
 
     #[test]
     fn golden_metrics_from_two_scrapes() {

@@ -10,7 +10,7 @@ use super::{INIT_CONTAINER, PROXY_CONTAINER, TOKEN_VOLUME, XTABLES_VOLUME};
 use crate::identity::AUDIENCE;
 
 /// The proxy's admin port: probes, metrics.
-const ADMIN_PORT: u16 = 4191;
+const ADMIN_PORT: u16 = crate::model::DEFAULT_ADMIN_PORT;
 const INBOUND_PORT: u16 = 4143;
 const OUTBOUND_PORT: u16 = 4140;
 const TOKEN_DIR: &str = "/var/run/secrets/trellis.dev/serviceaccount";

@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 mod httproute;
 mod resilience;
+mod rollout;
 pub use httproute::*;
 pub use resilience::*;
+pub use rollout::*;
 
 /// `namespace/name` of an object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -65,6 +67,9 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Set by the API server; a Rollout's run is tied to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     /// RFC 3339; orders routes of equal precedence (oldest first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
@@ -240,6 +245,11 @@ pub const PROXY_CONTAINER: &str = "trellis-proxy";
 pub const INBOUND_PORT_ANNOTATION: &str = "trellis.dev/inbound-port";
 /// The inbound port when the annotation is absent.
 pub const DEFAULT_INBOUND_PORT: u16 = 4143;
+/// Pod annotation naming the sidecar's admin port (its `/metrics`), which
+/// the local-mode controller scrapes for rollout gates.
+pub const ADMIN_PORT_ANNOTATION: &str = "trellis.dev/admin-port";
+/// The admin port when the annotation is absent (the injected sidecar's).
+pub const DEFAULT_ADMIN_PORT: u16 = 4191;
 
 impl Pod {
     pub fn is_meshed(&self) -> bool {
@@ -264,6 +274,14 @@ impl Pod {
             .and_then(|p| p.parse().ok())
             .unwrap_or(DEFAULT_INBOUND_PORT)
     }
+
+    pub fn admin_port(&self) -> u16 {
+        self.metadata
+            .annotations
+            .get(ADMIN_PORT_ANNOTATION)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(DEFAULT_ADMIN_PORT)
+    }
 }
 
 /// Any object the store knows, tagged by kind.
@@ -276,11 +294,12 @@ pub enum Object {
     HttpRoute(HttpRoute),
     HttpFault(HttpFault),
     ResiliencePolicy(ResiliencePolicy),
+    Rollout(Box<Rollout>),
 }
 
 impl Object {
     /// Every kind the mesh reads, as [`Object::kind`] names them.
-    pub const KINDS: [&'static str; 7] = [
+    pub const KINDS: [&'static str; 8] = [
         "Namespace",
         "Service",
         "EndpointSlice",
@@ -288,6 +307,7 @@ impl Object {
         "HTTPRoute",
         "HTTPFault",
         "ResiliencePolicy",
+        "Rollout",
     ];
 
     pub fn kind(&self) -> &'static str {
@@ -299,6 +319,7 @@ impl Object {
             Object::HttpRoute(_) => "HTTPRoute",
             Object::HttpFault(_) => "HTTPFault",
             Object::ResiliencePolicy(_) => "ResiliencePolicy",
+            Object::Rollout(_) => "Rollout",
         }
     }
 
@@ -311,6 +332,7 @@ impl Object {
             Object::HttpRoute(o) => o.metadata.key(),
             Object::HttpFault(o) => o.metadata.key(),
             Object::ResiliencePolicy(o) => o.metadata.key(),
+            Object::Rollout(o) => o.metadata.key(),
         }
     }
 }

@@ -100,6 +100,7 @@ pub fn validate(object: &Object) -> Result<(), FieldErrors> {
         Object::HttpRoute(r) => metadata(&mut checks, &r.metadata, Format::Dns1123Subdomain),
         Object::HttpFault(f) => metadata(&mut checks, &f.metadata, Format::Dns1123Subdomain),
         Object::ResiliencePolicy(p) => metadata(&mut checks, &p.metadata, Format::Dns1123Subdomain),
+        Object::Rollout(r) => metadata(&mut checks, &r.metadata, Format::Dns1123Subdomain),
     }
     if checks.0.is_empty() {
         Ok(())

@@ -78,7 +78,7 @@ impl ClusterSource {
         watchers.spawn(kinds.follow(Api::<HttpRoute>::all(client.clone())));
         // Trellis' own kinds: their JSON goes to the same reader as the
         // manifests' (the model types are the schema).
-        for kind in ["HTTPFault", "ResiliencePolicy"] {
+        for kind in ["HTTPFault", "ResiliencePolicy", "Rollout"] {
             let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
                 crate::model::TRELLIS_GROUP,
                 "v1alpha1",

@@ -21,7 +21,7 @@ use trellis_proto::discovery::Routes;
 
 use crate::model::{
     EndpointSlice, HttpFault, HttpRoute, Namespace, Object, ObjectKey, Pod, ResiliencePolicy,
-    Service,
+    Rollout, Service,
 };
 pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
 pub use routes::parse_gateway_duration;
@@ -47,8 +47,11 @@ pub(crate) struct State {
     pub(crate) routes: HashMap<ObjectKey, HttpRoute>,
     pub(crate) faults: HashMap<ObjectKey, HttpFault>,
     pub(crate) policies: HashMap<ObjectKey, ResiliencePolicy>,
+    pub(crate) rollouts: HashMap<ObjectKey, Rollout>,
     /// When the objects last changed, for push-latency metrics.
     changed_at: Option<Instant>,
+    /// Bumped at every change, for consumers that re-read the store (rollouts).
+    changes: Option<watch::Sender<u64>>,
     watches: HashMap<String, Watched<Resolution>>,
     route_watches: HashMap<String, Watched<Arc<Routes>>>,
 }
@@ -63,6 +66,7 @@ pub struct Counts {
     pub http_routes: usize,
     pub http_faults: usize,
     pub resilience_policies: usize,
+    pub rollouts: usize,
     pub watches: usize,
 }
 
@@ -139,6 +143,65 @@ impl Store {
             .map(|namespace| namespace.metadata.labels.clone())
     }
 
+    /// Changes whenever the store's objects change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.lock()
+            .changes
+            .get_or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    pub fn rollouts(&self) -> Vec<Rollout> {
+        let mut rollouts: Vec<Rollout> = self.lock().rollouts.values().cloned().collect();
+        rollouts.sort_by_key(|r| r.metadata.key());
+        rollouts
+    }
+
+    pub fn rollout(&self, key: &ObjectKey) -> Option<Rollout> {
+        self.lock().rollouts.get(key).cloned()
+    }
+
+    pub fn service(&self, key: &ObjectKey) -> Option<Service> {
+        self.lock().services.get(key).cloned()
+    }
+
+    pub fn route(&self, key: &ObjectKey) -> Option<HttpRoute> {
+        self.lock().routes.get(key).cloned()
+    }
+
+    /// The HTTPRoutes whose parent is Service `service`.
+    pub fn routes_of(&self, service: &ObjectKey) -> Vec<HttpRoute> {
+        let state = self.lock();
+        let mut routes: Vec<HttpRoute> = state
+            .routes
+            .values()
+            .filter(|r| {
+                let namespace = r.metadata.key().namespace;
+                r.spec.parent_refs.iter().any(|p| {
+                    p.is_service()
+                        && p.name == service.name
+                        && p.namespace.as_deref().unwrap_or(&namespace) == service.namespace
+                })
+            })
+            .cloned()
+            .collect();
+        routes.sort_by_key(|r| r.metadata.key());
+        routes
+    }
+
+    /// Every meshed pod that has an IP.
+    pub fn meshed_pods(&self) -> Vec<Pod> {
+        let mut pods: Vec<Pod> = self
+            .lock()
+            .pods
+            .values()
+            .filter(|p| p.is_meshed() && p.status.as_ref().is_some_and(|s| s.pod_ip.is_some()))
+            .cloned()
+            .collect();
+        pods.sort_by_key(|p| p.metadata.key());
+        pods
+    }
+
     /// When the store's objects last changed.
     pub fn changed_at(&self) -> Option<Instant> {
         self.lock().changed_at
@@ -166,6 +229,13 @@ impl Store {
                     .cloned()
                     .map(Object::ResiliencePolicy),
             )
+            .chain(
+                state
+                    .rollouts
+                    .values()
+                    .cloned()
+                    .map(|r| Object::Rollout(Box::new(r))),
+            )
             .collect();
         objects.sort_by_key(|o| (o.kind(), o.key()));
         objects
@@ -181,6 +251,7 @@ impl Store {
             http_routes: state.routes.len(),
             http_faults: state.faults.len(),
             resilience_policies: state.policies.len(),
+            rollouts: state.rollouts.len(),
             watches: state.watches.len() + state.route_watches.len(),
         }
     }
@@ -197,6 +268,7 @@ impl State {
             Object::HttpRoute(o) => drop(self.routes.insert(key, o)),
             Object::HttpFault(o) => drop(self.faults.insert(key, o)),
             Object::ResiliencePolicy(o) => drop(self.policies.insert(key, o)),
+            Object::Rollout(o) => drop(self.rollouts.insert(key, *o)),
         }
     }
 
@@ -210,6 +282,7 @@ impl State {
             "HTTPRoute" => self.routes.remove(key).is_some(),
             "HTTPFault" => self.faults.remove(key).is_some(),
             "ResiliencePolicy" => self.policies.remove(key).is_some(),
+            "Rollout" => self.rollouts.remove(key).is_some(),
             _ => false,
         }
     }
@@ -223,6 +296,7 @@ impl State {
             "HTTPRoute" => self.routes.clear(),
             "HTTPFault" => self.faults.clear(),
             "ResiliencePolicy" => self.policies.clear(),
+            "Rollout" => self.rollouts.clear(),
             _ => {}
         }
     }
@@ -231,6 +305,9 @@ impl State {
     /// changed. (Watches nobody holds are already gone: see `watches`.)
     fn notify(&mut self) {
         self.changed_at = Some(Instant::now());
+        if let Some(changes) = &self.changes {
+            changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
         for (authority, watched) in &self.watches {
             publish(&watched.sender, self.resolve(authority));
         }

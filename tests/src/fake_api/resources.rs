@@ -112,6 +112,7 @@ pub static RESOURCES: &[Resource] = &[
         "ResiliencePolicy",
     )
     .with_status(),
+    resource(TRELLIS, "v1alpha1", "rollouts", "Rollout").with_status(),
     resource("coordination.k8s.io", "v1", "leases", "Lease"),
     resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview")
         .cluster_scoped()
