@@ -282,20 +282,24 @@ impl Status<'_> {
                 s.inconclusive_windows += 1;
                 let n = s.inconclusive_windows;
                 let why = why.unwrap_or(summary);
-                if n >= self.plan.inconclusive_limit && s.phase != Phase::Paused {
-                    let reason = if self.metrics_down(&why) {
-                        "MetricsUnavailable"
-                    } else {
-                        "Inconclusive"
-                    };
-                    self.pause(
-                        reason,
-                        format!(
-                            "paused after {n} inconclusive windows: {why}; \
-                             it continues by itself when a window passes"
-                        ),
-                    );
-                } else if s.phase != Phase::Paused {
+                let reason = if why.starts_with(super::measure::UNAVAILABLE) {
+                    "MetricsUnavailable"
+                } else {
+                    "Inconclusive"
+                };
+                let paused = s.phase == Phase::Paused;
+                let message = format!(
+                    "paused after {n} inconclusive windows: {why}; \
+                     it continues by itself when a window passes"
+                );
+                if paused {
+                    // Already paused for lack of data: say why now, once.
+                    if !self.paused_by("PausedByUser") {
+                        self.set_condition("Progressing", false, reason, &message);
+                    }
+                } else if n >= self.plan.inconclusive_limit {
+                    self.pause(reason, message);
+                } else {
                     self.decide(
                         "WindowInconclusive",
                         format!("window inconclusive ({n}): {why}"),
@@ -314,10 +318,6 @@ impl Status<'_> {
                 }
             }
         }
-    }
-
-    fn metrics_down(&self, why: &str) -> bool {
-        why.starts_with(super::measure::UNAVAILABLE)
     }
 
     fn may_end_stage(&self) -> bool {

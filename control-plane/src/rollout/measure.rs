@@ -21,6 +21,9 @@ use crate::store::Store;
 /// reason `MetricsUnavailable` on it).
 pub const UNAVAILABLE: &str = "metrics unavailable";
 
+/// How long one proxy's `/metrics` may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
 const REQUESTS: &str = "trellis_requests_total";
 const LATENCY: &str = "trellis_response_latency_seconds_bucket";
 
@@ -114,9 +117,8 @@ async fn scrape(http: &HttpGet, rollout: &Rollout, store: &Store) -> Result<Vec<
     if pods.is_empty() {
         return Err(format!("{UNAVAILABLE}: no meshed pod with an IP to scrape"));
     }
-    let mut all = Vec::new();
-    let mut failures = Vec::new();
-    for pod in &pods {
+    // All at once, each bounded: one slow proxy must not hold the decision.
+    let scrapes = pods.iter().map(|pod| async move {
         let ip = pod
             .status
             .as_ref()
@@ -127,15 +129,26 @@ async fn scrape(http: &HttpGet, rollout: &Rollout, store: &Store) -> Result<Vec<
             _ => ip.to_string(),
         };
         let url = format!("http://{host}:{}/metrics", pod.admin_port());
-        match http.scrape(&url).await {
-            Ok(samples) => all.extend(samples.into_iter().filter(|s| of_rollout(s, rollout)).map(
-                |mut s| {
-                    s.labels
-                        .insert("pod".into(), pod.metadata.key().to_string());
-                    s
-                },
-            )),
-            Err(e) => failures.push(e.to_string()),
+        match tokio::time::timeout(SCRAPE_TIMEOUT, http.scrape(&url)).await {
+            Ok(Ok(samples)) => Ok((pod.metadata.key().to_string(), samples)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("{url}: no answer within {SCRAPE_TIMEOUT:?}")),
+        }
+    });
+    let mut all = Vec::new();
+    let mut failures = Vec::new();
+    for scraped in futures_util::future::join_all(scrapes).await {
+        match scraped {
+            Ok((pod, samples)) => all.extend(
+                samples
+                    .into_iter()
+                    .filter(|s| of_rollout(s, rollout))
+                    .map(|mut s| {
+                        s.labels.insert("pod".into(), pod.clone());
+                        s
+                    }),
+            ),
+            Err(e) => failures.push(e),
         }
     }
     if failures.len() == pods.len() {

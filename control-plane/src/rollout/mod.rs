@@ -218,16 +218,28 @@ impl RolloutController {
         if !self.save(rollout, &previous, status.clone()).await {
             return;
         }
+        self.gauges.record(rollout, Some(&plan), &status);
+        self.apply_route(rollout, &plan, &status, now).await;
+        // The baseline last: the route change must not wait for a scrape.
         if self.windows.get(&key) != Some(&status.window_started_at) {
             self.metrics.start_window(rollout, &self.store).await;
-            self.windows
-                .insert(key.clone(), status.window_started_at.clone());
+            self.windows.insert(key, status.window_started_at.clone());
         }
-        self.gauges.record(rollout, Some(&plan), &status);
+    }
+
+    /// Makes the route say what `status` says, if it does not already.
+    async fn apply_route(
+        &mut self,
+        rollout: &Rollout,
+        plan: &Plan,
+        status: &RolloutStatus,
+        now: Timestamp,
+    ) {
+        let key = rollout.metadata.key();
         let existing = self
             .store
             .route(&ObjectKey::new(&key.namespace, rollout.route_name()));
-        let desired = route::desired(rollout, &plan, &status, existing.as_ref());
+        let desired = route::desired(rollout, plan, status, existing.as_ref());
         if existing
             .as_ref()
             .is_some_and(|r| route::matches(r, &desired))
@@ -237,8 +249,8 @@ impl RolloutController {
         if let Err(e) = self.api.apply_route(rollout, &desired).await {
             tracing::warn!(rollout = %key, error = %e, "cannot write the rollout's route; retrying");
             if let WriteError::SharedFile { .. } = e {
-                let refused = engine::refuse(&status, "RouteConflict", &e.to_string(), now);
-                self.save(rollout, &status, refused).await;
+                let refused = engine::refuse(status, "RouteConflict", &e.to_string(), now);
+                self.save(rollout, status, refused).await;
             }
         }
     }
