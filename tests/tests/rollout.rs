@@ -270,9 +270,6 @@ async fn a_canary_failing_a_fifth_of_its_requests_is_rolled_back_within_one_wind
     )
     .await;
     assert_eq!(done.phase, Phase::RolledBack, "{done:#?}");
-    // Windows are aligned to the step's start, and proxies take a moment to
-    // apply the route: the window in which the canary first gets traffic
-    // may end too soon to count; the next one is whole.
     let rolled_back = at(&done.history.last().unwrap().time);
     let answers_so_far = traffic.answers.lock().unwrap().clone();
     let first_canary = answers_so_far
@@ -282,7 +279,7 @@ async fn a_canary_failing_a_fifth_of_its_requests_is_rolled_back_within_one_wind
         .expect("the canary got traffic");
     let took = rolled_back.duration_since(first_canary).unwrap_or_default();
     assert!(
-        took <= 2 * interval + Duration::from_millis(500),
+        took <= interval + Duration::from_millis(500),
         "rolled back {took:?} after the canary got traffic (a window is {interval:?}): {:#?}",
         done.history
     );
@@ -308,9 +305,8 @@ async fn a_canary_failing_a_fifth_of_its_requests_is_rolled_back_within_one_wind
         condition.message
     );
 
-    // Proxies apply a route change within a second or two, even on a
-    // machine busy with other tests.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Proxies apply a route change within a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let from = SystemTime::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let answers = traffic.stop().await;
@@ -499,10 +495,13 @@ async fn a_restarted_controller_resumes_at_the_same_step_without_touching_the_we
     })
     .await;
 
-    // A crash; the new controller need not serve the proxies (they keep
-    // their routes), only carry the rollout on from its files.
-    let ip = mesh.controller.take().expect("the controller").addr.ip();
-    let config = trellis_control_plane::controller::ControllerConfig::local(mesh.dir.path(), ip);
+    // A crash, then a new controller on the same ports.
+    let old = mesh.controller.take().expect("the controller");
+    let (listen, admin) = (old.addr, old.admin_addr);
+    old.kill();
+    let mut config =
+        trellis_control_plane::controller::ControllerConfig::local(mesh.dir.path(), listen.ip());
+    (config.listen, config.admin) = (listen, admin);
     mesh.controller = Some(ControllerProcess::start(config));
     tokio::time::sleep(Duration::from_secs(3)).await;
 
