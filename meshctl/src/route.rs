@@ -136,6 +136,7 @@ fn set(args: SetArgs) -> anyhow::Result<bool> {
             dir.display()
         );
     }
+    refuse_if_rolling_out(&all, &service)?;
     let everything: Vec<&Object> = all.iter().chain(&objects).collect();
     if let Err(e) = manifest::validate(&file, &objects, &everything) {
         bail!("refusing to write the route: {}", e.reason);
@@ -224,6 +225,22 @@ fn delete(target: &Target) -> anyhow::Result<bool> {
         Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
     }
     Ok(true)
+}
+
+/// A rollout owns its Service's traffic: a second route would fight it.
+fn refuse_if_rolling_out(all: &[Object], service: &ObjectKey) -> anyhow::Result<()> {
+    let managed = all.iter().find_map(|o| match o {
+        Object::HttpRoute(r) if attaches_to(r, service) => r.metadata.annotations.get(ROLLOUT_ANNOTATION),
+        _ => None,
+    });
+    if let Some(rollout) = managed {
+        bail!(
+            "the traffic of {service} is managed by rollout {}/{rollout}; \
+             use `meshctl rollout promote|abort {rollout}` instead, or delete the rollout first",
+            service.namespace
+        );
+    }
+    Ok(())
 }
 
 fn attaches_to(route: &HttpRoute, service: &ObjectKey) -> bool {

@@ -217,3 +217,28 @@ fn nonsense_is_refused_with_a_message_and_changes_nothing() {
         "a refused command writes nothing"
     );
 }
+
+#[test]
+fn set_refuses_a_service_whose_traffic_a_rollout_manages() {
+    let dir = demo_dir();
+    let managed = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: hello
+  namespace: default
+  annotations: {trellis.dev/rollout: hello}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: hello, port: 8080}]
+  rules: [{backendRefs: [{name: hello-v1, port: 8080}]}]
+";
+    std::fs::write(dir.path().join("rollout-default-hello-route.yaml"), managed).unwrap();
+    let before = files(dir.path());
+    let out = meshctl(dir.path(), &["route", "set", "hello", "--backend", "hello-v2=100"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("managed by rollout default/hello"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(files(dir.path()), before, "nothing was written");
+}
