@@ -230,7 +230,9 @@ fn delete(target: &Target) -> anyhow::Result<bool> {
 /// A rollout owns its Service's traffic: a second route would fight it.
 fn refuse_if_rolling_out(all: &[Object], service: &ObjectKey) -> anyhow::Result<()> {
     let managed = all.iter().find_map(|o| match o {
-        Object::HttpRoute(r) if attaches_to(r, service) => r.metadata.annotations.get(ROLLOUT_ANNOTATION),
+        Object::HttpRoute(r) if attaches_to(r, service) => {
+            r.metadata.annotations.get(ROLLOUT_ANNOTATION)
+        }
         _ => None,
     });
     if let Some(rollout) = managed {
@@ -244,12 +246,9 @@ fn refuse_if_rolling_out(all: &[Object], service: &ObjectKey) -> anyhow::Result<
 }
 
 fn attaches_to(route: &HttpRoute, service: &ObjectKey) -> bool {
-    let ns = route.metadata.key().namespace;
-    route.spec.parent_refs.iter().any(|p| {
-        p.is_service()
-            && p.name == service.name
-            && p.namespace.as_deref().unwrap_or(&ns) == service.namespace
-    })
+    route
+        .service_parents()
+        .any(|(parent, _)| parent == *service)
 }
 
 fn to_yaml(object: &Object) -> anyhow::Result<String> {

@@ -233,7 +233,10 @@ spec:
 ";
     std::fs::write(dir.path().join("rollout-default-hello-route.yaml"), managed).unwrap();
     let before = files(dir.path());
-    let out = meshctl(dir.path(), &["route", "set", "hello", "--backend", "hello-v2=100"]);
+    let out = meshctl(
+        dir.path(),
+        &["route", "set", "hello", "--backend", "hello-v2=100"],
+    );
     assert!(!out.status.success());
     assert!(
         text(&out).contains("managed by rollout default/hello"),

@@ -24,6 +24,22 @@ pub struct HttpRoute {
     pub spec: HttpRouteSpec,
 }
 
+impl HttpRoute {
+    /// The Services among the route's parents, each with its port if the
+    /// parentRef names one (a parentRef without a namespace is the route's).
+    pub fn service_parents(&self) -> impl Iterator<Item = (super::ObjectKey, Option<u16>)> + '_ {
+        let own = self.metadata.key().namespace;
+        self.spec
+            .parent_refs
+            .iter()
+            .filter(|p| p.is_service())
+            .map(move |p| {
+                let namespace = p.namespace.as_deref().unwrap_or(&own);
+                (super::ObjectKey::new(namespace, &p.name), p.port)
+            })
+    }
+}
+
 fn gateway_api_version() -> String {
     GATEWAY_API_VERSION.into()
 }

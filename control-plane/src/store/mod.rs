@@ -175,14 +175,7 @@ impl Store {
         let mut routes: Vec<HttpRoute> = state
             .routes
             .values()
-            .filter(|r| {
-                let namespace = r.metadata.key().namespace;
-                r.spec.parent_refs.iter().any(|p| {
-                    p.is_service()
-                        && p.name == service.name
-                        && p.namespace.as_deref().unwrap_or(&namespace) == service.namespace
-                })
-            })
+            .filter(|r| r.service_parents().any(|(parent, _)| parent == *service))
             .cloned()
             .collect();
         routes.sort_by_key(|r| r.metadata.key());

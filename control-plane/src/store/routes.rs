@@ -68,13 +68,9 @@ impl State {
             .routes
             .values()
             .filter(|route| {
-                let route_ns = route.metadata.key().namespace;
-                route.spec.parent_refs.iter().any(|p| {
-                    p.is_service()
-                        && p.name == service.name
-                        && p.namespace.as_deref().unwrap_or(&route_ns) == service.namespace
-                        && p.port.is_none_or(|p| p == port)
-                })
+                route
+                    .service_parents()
+                    .any(|(parent, p)| parent == service && p.is_none_or(|p| p == port))
             })
             .collect();
         attached.sort_by_key(|r| r.metadata.key());
