@@ -71,11 +71,18 @@ async fn wait_for(
     .await
 }
 
+/// Every how many requests v2 fails (0: never). Each test is a process of
+/// its own (nextest), so each has its own.
+static FAIL_EVERY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn canary_fails_every(n: u64) {
+    FAIL_EVERY.store(n, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// A HelloMesh whose v2 fails every `fail_every`-th request (0: never),
 /// with the frontend's pod in the manifests.
 async fn start(fail_every: u64) -> HelloMesh {
-    static FAIL_EVERY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    FAIL_EVERY.store(fail_every, std::sync::atomic::Ordering::SeqCst);
+    canary_fails_every(fail_every);
     let mesh = HelloMesh::start_with_apps(|listener: TcpListener, version: &str| {
         let fail: fn(u64) -> bool = if version == "v2" {
             |hit| {
@@ -322,6 +329,56 @@ async fn a_canary_failing_a_fifth_of_its_requests_is_rolled_back_within_one_wind
         "after the rollback: {after:?} {late:?}"
     );
     assert!(after["v1"] > 100, "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_three_failures_allowed_two_failed_windows_then_a_good_one_do_not_roll_back() {
+    let mesh = start(0).await;
+    let traffic = Traffic::start(&mesh, 4, &[]);
+    mesh.write_manifest(
+        "rollout.yaml",
+        &rollout_yaml(
+            "  steps: [{weight: 50, pause: {}}, {weight: 100}]
+  analysis:
+    interval: 1s
+    minRequests: 20
+    successRate: 90
+    rollback: {consecutiveFailures: 3}
+",
+        ),
+    );
+    let within = Duration::from_secs(15);
+    wait_for(&mesh, within, "a passing window", |s| s.passed_windows >= 1).await;
+    // Half the canary's requests fail for two windows, then none.
+    canary_fails_every(2);
+    wait_for(&mesh, within, "two failed windows", |s| {
+        s.consecutive_failures == 2
+    })
+    .await;
+    canary_fails_every(0);
+    let recovered = wait_for(&mesh, within, "a good window after them", |s| {
+        s.consecutive_failures == 0 && s.total_failures == 2
+    })
+    .await;
+    assert_eq!(
+        (recovered.phase, recovered.canary_weight),
+        (Phase::Progressing, 50)
+    );
+
+    canary_fails_every(2);
+    let done = wait_for(&mesh, within, "three failed windows in a row", |s| {
+        s.phase.is_final()
+    })
+    .await;
+    traffic.stop().await;
+    assert_eq!(done.phase, Phase::RolledBack, "{done:#?}");
+    assert_eq!((done.consecutive_failures, done.total_failures), (3, 5));
+    let last = done.history.last().unwrap();
+    assert!(
+        last.message.contains("3 failed window(s) in a row"),
+        "{}",
+        last.message
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
