@@ -229,7 +229,7 @@ impl Render<'_> {
         let probe = |path: &str, period: u32| json!({"httpGet": {"path": path, "port": "admin"}, "periodSeconds": period});
         let mut startup = probe("/ready", 2);
         startup["failureThreshold"] = json!(60);
-        let args = [
+        let mut args = vec![
             "--source=cluster".to_string(),
             format!("--namespace={}", self.namespace),
             format!("--service-account={CONTROLLER}"),
@@ -240,6 +240,9 @@ impl Render<'_> {
             "--state-dir=/var/run/trellis".into(),
             format!("--trust-domain={}", self.values.trust_domain),
         ];
+        if !controller.prometheus_url.is_empty() {
+            args.push(format!("--prometheus-url={}", controller.prometheus_url));
+        }
         let container = json!({
             "name": "controller",
             "image": self.chart.image(&controller.image),

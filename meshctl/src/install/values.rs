@@ -50,6 +50,8 @@ pub struct Controller {
     pub replicas: u32,
     pub image: Image,
     pub log_level: String,
+    /// Where rollout gates read metrics; empty: the proxies directly.
+    pub prometheus_url: String,
     pub resources: Resources,
 }
 
