@@ -44,6 +44,17 @@ impl Prometheus {
     /// Starts `binary` with its data in `dir`, scraping each job's targets'
     /// `/metrics` every second, and waits until it is ready.
     pub async fn start(binary: &Path, dir: &Path, jobs: &[(&str, Vec<SocketAddr>)]) -> Self {
+        Self::start_at(binary, dir, free_addr(), jobs).await
+    }
+
+    /// Like `start`, listening on `addr` (from [`free_addr`]), for a client
+    /// that must be told the URL before the targets exist.
+    pub async fn start_at(
+        binary: &Path,
+        dir: &Path,
+        addr: SocketAddr,
+        jobs: &[(&str, Vec<SocketAddr>)],
+    ) -> Self {
         let mut config = String::from(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
         );
@@ -56,11 +67,6 @@ impl Prometheus {
         }
         let config_file = dir.join("prometheus.yml");
         std::fs::write(&config_file, config).expect("write prometheus.yml");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = dir.join("prometheus.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = tokio::process::Command::new(binary)
@@ -107,11 +113,6 @@ impl Prometheus {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    /// Its HTTP API's base URL (what the controller's `--prometheus-url` takes).
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
     /// `/api/v1/query`: Ok(result array) when the status is success.
     pub async fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
         let path = format!("/api/v1/query?query={}", encode(expr));
@@ -148,6 +149,18 @@ impl Prometheus {
         )
         .await
     }
+}
+
+/// A loopback address with a port free now, for Prometheus to listen on.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// The URL of a Prometheus at `addr`.
+pub fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
 }
 
 /// Whether a query result has a sample with a number (not NaN) in it.
