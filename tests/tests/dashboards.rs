@@ -358,25 +358,23 @@ async fn every_dashboard_query_returns_data_from_a_live_mesh() {
             + &fault("f", "{abort: {httpStatus: 503, percent: 5}}")),
     );
     let admin = mesh.client.admin_addr;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    eventually(Duration::from_secs(15), "the route applies", || async {
         burst(&mesh.http1(), &mesh.authority(), 40, 4).await;
         let metrics = AppClient::http1(admin)
             .get(&admin.to_string(), "/metrics")
             .await
             .map(|a| a.text())
             .unwrap_or_default();
-        if metrics.contains("dst_backend=\"hello-v2\"")
+        let applied = metrics.contains("dst_backend=\"hello-v2\"")
             && metrics.contains("trellis_fault_injections_total{")
-            && metrics.contains("trellis_retries_total{")
-        {
-            break;
+            && metrics.contains("trellis_retries_total{");
+        if applied {
+            Ok(())
+        } else {
+            Err(metrics)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the route did not apply within 15 s:\n{metrics}"
-        );
-    }
+    })
+    .await;
 
     // Steady traffic for as long as Prometheus is queried, and, until a
     // rollout takes the route over, a route that changes its weights every
