@@ -21,7 +21,8 @@ pub enum Scope {
 pub struct Permission {
     /// API group, `""` for core.
     pub group: &'static str,
-    /// Plural resource name.
+    /// Plural resource name, `/subresource` after it for a subresource (as
+    /// RBAC rules write it: `rollouts/status`).
     pub resource: &'static str,
     pub verbs: &'static [&'static str],
     pub scope: Scope,
@@ -53,6 +54,24 @@ pub const PERMISSIONS: &[Permission] = &[
     watched("gateway.networking.k8s.io", "httproutes"),
     watched("trellis.dev", "httpfaults"),
     watched("trellis.dev", "resiliencepolicies"),
+    watched("trellis.dev", "rollouts"),
+    // Rollouts (`rollout::cluster`): each one's status by merge patch of
+    // its subresource, and its HTTPRoute by server-side apply, which is a
+    // `patch` and, when the route does not exist yet, a `create`.
+    Permission {
+        group: "trellis.dev",
+        resource: "rollouts/status",
+        verbs: &["patch"],
+        scope: Scope::Cluster,
+        names: &[],
+    },
+    Permission {
+        group: "gateway.networking.k8s.io",
+        resource: "httproutes",
+        verbs: &["create", "patch"],
+        scope: Scope::Cluster,
+        names: &[],
+    },
     // Proxies' tokens (`identity::token_review`).
     Permission {
         group: "authentication.k8s.io",

@@ -1214,3 +1214,6 @@ pub fn cpu_time() -> Duration {
     };
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
+
+/// A real Prometheus for the dashboards' and the rollouts' tests.
+pub mod prometheus;

@@ -506,7 +506,7 @@ fn the_monitors_use_only_prometheus_operator_fields() {
             "apiVersion": {}, "kind": {}, "metadata": metadata,
             "spec": closed(json!({
                 "selector": selector,
-                "endpoints": {"type": "array", "minItems": 1, "items": endpoint(json!({"port": {"type": "string"}}))},
+                "endpoints": {"type": "array", "minItems": 1, "items": endpoint(json!({"port": {"type": "string"}, "honorLabels": {"type": "boolean"}}))},
             }), &["selector", "endpoints"]),
         }), &["spec"]),
     });
@@ -522,22 +522,26 @@ fn the_monitors_use_only_prometheus_operator_fields() {
 
 /// Validates each `[schema, document]` with Python's jsonschema (Draft 4,
 /// the JSON Schema that OpenAPI v3 schemas are a subset of): the errors of
-/// each.
+/// each. The cases go in a file: a CRD's schema, once per case, outgrows
+/// what one command-line argument may hold.
 fn json_schema_errors(cases: &[Value]) -> Option<Vec<Vec<String>>> {
     const SCRIPT: &str = r#"
 import json, sys
 import jsonschema
-cases = json.loads(sys.argv[1])
+with open(sys.argv[1]) as f:
+    cases = json.load(f)
 print(json.dumps([
     [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft4Validator(schema).iter_errors(doc)]
     for schema, doc in cases
 ]))
 "#;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), Value::from(cases.to_vec()).to_string()).unwrap();
     let out = trellis_tests::python_with(
         "jsonschema",
         "pip install jsonschema",
         SCRIPT,
-        &[&Value::from(cases.to_vec()).to_string()],
+        &[file.path().to_str().expect("a UTF-8 path")],
     )?;
     Some(serde_json::from_slice(&out).expect("the validator's answer"))
 }
@@ -629,7 +633,7 @@ fn the_crd_schemas_are_structural() {
     let crds = crds();
     assert_eq!(
         crds.keys().collect::<Vec<_>>(),
-        ["HTTPFault", "ResiliencePolicy"]
+        ["HTTPFault", "ResiliencePolicy", "Rollout"]
     );
     for (kind, crd) in &crds {
         for version in crd["spec"]["versions"].as_array().unwrap() {
@@ -781,4 +785,244 @@ async fn meshctl_install_output_applies_with_kubectl() {
         roots.as_bytes(),
         "the webhook's caBundle is not the trust roots"
     );
+}
+
+/// Where `document` has a field that `schema` does not declare: what the
+/// API server prunes, or refuses with strict field validation (kubectl's
+/// default). Only nodes that list their properties are closed.
+fn unknown_fields(schema: &Value, document: &Value, path: &str, out: &mut Vec<String>) {
+    if schema["x-kubernetes-preserve-unknown-fields"] == json!(true) {
+        return;
+    }
+    match document {
+        Value::Object(fields) => {
+            let Some(properties) = schema["properties"].as_object() else {
+                return;
+            };
+            for (name, value) in fields {
+                match properties.get(name) {
+                    Some(property) => {
+                        unknown_fields(property, value, &format!("{path}.{name}"), out)
+                    }
+                    None => out.push(format!("{path}.{name}: unknown field")),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                unknown_fields(&schema["items"], item, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The properties `schema` declares that `document` leaves out (arrays by
+/// their first item): with a document that sets everything the model has,
+/// what the schema has and the model does not.
+fn absent_fields(schema: &Value, document: &Value, path: &str, out: &mut Vec<String>) {
+    if let Some(properties) = schema["properties"].as_object() {
+        for (name, property) in properties {
+            let here = format!("{path}.{name}");
+            match document.get(name) {
+                Some(value) => absent_fields(property, value, &here, out),
+                None => out.push(here),
+            }
+        }
+    }
+    if let (Some(items), Some(first)) = (schema.get("items"), document.get(0)) {
+        absent_fields(items, first, &format!("{path}[]"), out);
+    }
+}
+
+/// A Rollout with every field of `control-plane/src/model/rollout.rs` set,
+/// spec and status, in the model's own serialization.
+fn full_rollout() -> Value {
+    json!({
+        "apiVersion": "trellis.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "hello", "namespace": "default"},
+        "spec": {
+            "service": "hello",
+            "port": 8080,
+            "backends": {"stable": "hello-v1", "canary": "hello-v2"},
+            "route": "hello",
+            "abTest": {
+                "match": {
+                    "headers": [{"name": "x-cohort", "value": "beta"}],
+                    "cookies": [{"name": "cohort", "value": "beta"}],
+                    "queryParams": [{"name": "cohort", "value": "beta"}],
+                },
+                "windows": 2,
+            },
+            "steps": [{"weight": 10, "pause": {"duration": "5m"}}, {"weight": 50}, {"weight": 90, "pause": {}}],
+            "analysis": {
+                "interval": "30s",
+                "minRequests": 50,
+                "successRate": 99.5,
+                "maxP99": "200ms",
+                "rollback": {"consecutiveFailures": 3, "totalFailures": 5},
+                "inconclusiveLimit": 4,
+            },
+            "paused": true,
+            "promote": 1,
+            "abort": true,
+        },
+        "status": {
+            "phase": "Progressing",
+            "run": "uid/2026-01-01T00:00:00Z/hello:hello-v1>hello-v2",
+            "step": 1,
+            "steps": 4,
+            "canaryWeight": 10,
+            "cohort": true,
+            "stepStartedAt": "2026-01-01T00:00:00.000Z",
+            "windowStartedAt": "2026-01-01T00:00:30.000Z",
+            "nextDecisionAt": "2026-01-01T00:01:00.000Z",
+            "passedWindows": 1,
+            "consecutiveFailures": 1,
+            "totalFailures": 2,
+            "inconclusiveWindows": 1,
+            "gates": [{"name": "success-rate", "threshold": ">= 99.5%", "value": 99.9, "unit": "%", "verdict": "Pass"}],
+            "canary": {"requests": 120.0, "successRate": 99.9, "p99Ms": 12.5},
+            "stable": {"requests": 1080.0, "successRate": 100.0, "p99Ms": 10.5},
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "the spec can be carried out", "lastTransitionTime": "2026-01-01T00:00:00.000Z"}],
+            "history": [{"time": "2026-01-01T00:00:30.000Z", "step": 1, "canaryWeight": 10, "reason": "GatesPassed", "message": "every gate passed"}],
+        },
+    })
+}
+
+#[test]
+fn the_rollout_schema_declares_exactly_the_models_fields() {
+    let crd = &crds()["Rollout"];
+    let version = &crd["spec"]["versions"][0];
+    let schema = &version["schema"]["openAPIV3Schema"];
+    let full = full_rollout();
+    // The model reads and writes back every field of the document: nothing
+    // in it is unknown to the model (its spec refuses unknown fields, and a
+    // status field it lacked would be dropped).
+    let model: trellis_control_plane::model::Rollout =
+        serde_json::from_value(full.clone()).expect("the model reads the full Rollout");
+    let written = serde_json::to_value(&model).unwrap();
+    for part in ["spec", "status"] {
+        assert_eq!(written[part], full[part], "the model changed the {part}");
+    }
+    // The schema declares every one of them, and nothing else (header
+    // matches' `type` is Exact, which the model leaves out when writing).
+    let mut unknown = Vec::new();
+    unknown_fields(schema, &full, "Rollout", &mut unknown);
+    assert!(unknown.is_empty(), "fields the schema lacks: {unknown:#?}");
+    let mut absent = Vec::new();
+    absent_fields(schema, &full, "Rollout", &mut absent);
+    absent.retain(|path| !path.ends_with("[].type"));
+    assert!(absent.is_empty(), "fields the model lacks: {absent:#?}");
+
+    assert_eq!(version["subresources"], json!({"status": {}}));
+    let columns: Vec<(&str, &str)> = version["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["jsonPath"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("Service", ".spec.service"),
+            ("Canary", ".spec.backends.canary"),
+            ("Phase", ".status.phase"),
+            ("Step", ".status.step"),
+            ("Weight", ".status.canaryWeight"),
+            ("Age", ".metadata.creationTimestamp"),
+        ]
+    );
+}
+
+#[test]
+fn the_rollout_schema_accepts_rollouts_and_refuses_out_of_range_and_unknown_fields() {
+    let crds = crds();
+    let schema = &crds["Rollout"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let rollout = |spec: Value| json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "hello"}, "spec": spec});
+    let canary = || {
+        json!({
+            "service": "hello",
+            "backends": {"stable": "hello-v1", "canary": "hello-v2"},
+            "steps": [{"weight": 10, "pause": {"duration": "30s"}}, {"weight": 50, "pause": {}}, {"weight": 100}],
+            "analysis": {"interval": "30s", "successRate": 99, "maxP99": "200ms"},
+        })
+    };
+    let with = |path: &[&str], value: Value| {
+        let mut spec = canary();
+        let mut node = &mut spec;
+        for key in &path[..path.len() - 1] {
+            node = match key.parse::<usize>() {
+                Ok(i) => &mut node[i],
+                Err(_) => &mut node[*key],
+            };
+        }
+        node[path[path.len() - 1]] = value;
+        rollout(spec)
+    };
+    let ab = json!({
+        "service": "hello",
+        "backends": {"stable": "hello-v1", "canary": "hello-v2"},
+        "abTest": {"match": {"headers": [{"type": "Exact", "name": "x-cohort", "value": "beta"}]}, "windows": 3},
+        "analysis": {"interval": "1m", "maxP99": "150ms", "rollback": {"consecutiveFailures": 3}},
+    });
+    let good = [rollout(canary()), rollout(ab), full_rollout()];
+    let bad = [
+        // Out of range.
+        with(&["steps", "0", "weight"], json!(150)),
+        with(&["steps", "0", "weight"], json!(0)),
+        with(&["analysis", "successRate"], json!(0)),
+        with(&["analysis", "successRate"], json!(101)),
+        with(&["analysis", "minRequests"], json!(0)),
+        with(&["analysis", "rollback"], json!({"consecutiveFailures": 0})),
+        with(&["port"], json!(70000)),
+        // Wrong types and shapes.
+        with(&["analysis", "interval"], json!("soon")),
+        with(&["analysis", "maxP99"], json!(200)),
+        with(&["steps", "1", "pause", "duration"], json!("5 minutes")),
+        with(&["backends"], json!({"stable": "hello-v1"})),
+        with(
+            &["abTest"],
+            json!({"match": {"headers": [{"type": "RegularExpression", "name": "x", "value": ".*"}]}, "windows": 1}),
+        ),
+        with(&["abTest"], json!({"match": {}, "windows": 0})),
+        rollout(json!({"service": "hello", "backends": {"stable": "a", "canary": "b"}})),
+        // Unknown (misspelt) fields.
+        with(&["analysis", "sucessRate"], json!(99)),
+        with(&["strategy"], json!("canary")),
+        with(&["steps", "0", "setWeight"], json!(10)),
+    ];
+    let mut unknown: Vec<Vec<String>> = Vec::new();
+    for document in good.iter().chain(&bad) {
+        let mut errors = Vec::new();
+        unknown_fields(schema, document, "Rollout", &mut errors);
+        unknown.push(errors);
+    }
+    let cases: Vec<Value> = good
+        .iter()
+        .chain(&bad)
+        .map(|d| json!([schema, d]))
+        .collect();
+    let Some(errors) = json_schema_errors(&cases) else {
+        return;
+    };
+    for (document, (errors, unknown)) in good.iter().zip(errors.iter().zip(&unknown)) {
+        assert!(
+            errors.is_empty() && unknown.is_empty(),
+            "refused {document}: {errors:?} {unknown:?}"
+        );
+    }
+    let bad_results = errors.iter().zip(&unknown).skip(good.len());
+    for (document, (errors, unknown)) in bad.iter().zip(bad_results) {
+        assert!(
+            !errors.is_empty() || !unknown.is_empty(),
+            "accepted {document}"
+        );
+    }
+    // A misspelt field is unknown to the model too, not quietly ignored.
+    for document in &bad[bad.len() - 3..] {
+        let read =
+            serde_json::from_value::<trellis_control_plane::model::Rollout>(document.clone());
+        assert!(read.is_err(), "the model read {document}");
+    }
 }

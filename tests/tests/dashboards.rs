@@ -1,19 +1,19 @@
 //! The Grafana dashboards in `charts/trellis/dashboards/`: well formed, and
 //! every query of every panel returns data from a real Prometheus scraping a
-//! running mesh (proxies and controller).
+//! running mesh (proxies and controller) with a rollout in progress.
 //!
 //! The Prometheus test needs the `prometheus` binary (Debian package
 //! `prometheus`; `PROMETHEUS=/path` overrides). Without it the test skips,
 //! except under `CI=true`, where that is a failure.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use trellis_tests::prometheus::{self, has_number, Prometheus};
 use trellis_tests::*;
 
 const UIDS: [&str; 4] = [
@@ -308,151 +308,32 @@ fn dashboards_are_well_formed() {
 // ---------------------------------------------------------------------------
 // Against a real Prometheus.
 
-fn prometheus_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("PROMETHEUS") {
-        return Some(PathBuf::from(path));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join("prometheus"))
-        .find(|p| p.is_file())
-}
-
-struct Prometheus {
-    // Killed when dropped.
-    _child: tokio::process::Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Prometheus {
-    async fn start(binary: &Path, dir: &Path, jobs: &[(&str, Vec<SocketAddr>)]) -> Self {
-        let mut config = String::from(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
-        );
-        for (job, targets) in jobs {
-            let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
-            config += &format!(
-                "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
-                targets.join(", ")
-            );
-        }
-        let config_file = dir.join("prometheus.yml");
-        std::fs::write(&config_file, config).expect("write prometheus.yml");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let log = dir.join("prometheus.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = tokio::process::Command::new(binary)
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(log_file.try_clone().expect("log file"))
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        let mut this = Self {
-            _child: child,
-            addr,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = this._child.try_wait() {
-                panic!("prometheus exited ({status}):\n{}", this.log_tail());
-            }
-            let ready = http_get(addr, "/-/ready").await;
-            if ready.is_ok_and(|a| a.status == 200) {
-                return this;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus not ready within 30 s:\n{}",
-                this.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// `/api/v1/query`: Ok(result array) when the status is success.
-    async fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let path = format!("/api/v1/query?query={}", encode(expr));
-        let answer = http_get(self.addr, &path).await?;
-        let body: Value = serde_json::from_slice(&answer.body)
-            .map_err(|e| format!("HTTP {}: {e}: {}", answer.status, answer.text()))?;
-        if body["status"] != "success" {
-            return Err(format!(
-                "HTTP {}: {} {}",
-                answer.status, body["errorType"], body["error"]
-            ));
-        }
-        Ok(body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
-    }
-}
-
-/// A GET with a `Host` header (Prometheus, written in Go, requires one).
-async fn http_get(addr: SocketAddr, path: &str) -> Result<Answer, String> {
-    let host = addr.to_string();
-    AppClient::http1(addr)
-        .get_with(&host, path, &[("host", &host)])
-        .await
-}
-
-/// Percent-encodes a query parameter value.
-fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Whether a result has a sample with a number (not NaN) in it.
-fn has_number(result: &[Value]) -> bool {
-    result.iter().any(|series| {
-        series["value"][1]
-            .as_str()
-            .and_then(|v| v.parse::<f64>().ok())
-            .is_some_and(|v| !v.is_nan())
-    })
-}
-
 fn fault(name: &str, spec: &str) -> String {
     format!("---\napiVersion: trellis.dev/v1alpha1\nkind: HTTPFault\nmetadata: {{name: {name}}}\nspec: {spec}\n")
 }
+
+/// A rollout of `hello` to `hello-v2` that stays at its first step: gates
+/// the weaker canary passes (one failure in eight), then a manual pause.
+const ROLLOUT: &str = "apiVersion: trellis.dev/v1alpha1
+kind: Rollout
+metadata: {name: hello}
+spec:
+  service: hello
+  backends: {stable: hello-v1, canary: hello-v2}
+  steps: [{weight: 50, pause: {}}, {weight: 100}]
+  analysis:
+    interval: 2s
+    minRequests: 1
+    successRate: 50
+    maxP99: 1s
+    rollback: {consecutiveFailures: 100}
+";
 
 const FAULT_FILTER: &str = "      filters: [{type: ExtensionRef, extensionRef: {group: trellis.dev, kind: HTTPFault, name: f}}]\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_returns_data_from_a_live_mesh() {
-    let Some(binary) = prometheus_binary() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and no `prometheus` binary (install the Debian package `prometheus`)");
-        }
-        eprintln!("SKIPPED: no `prometheus` binary on PATH (Debian package `prometheus`)");
+    let Some(binary) = prometheus::binary() else {
         return;
     };
     let dashboards = load();
@@ -477,29 +358,29 @@ async fn every_dashboard_query_returns_data_from_a_live_mesh() {
             + &fault("f", "{abort: {httpStatus: 503, percent: 5}}")),
     );
     let admin = mesh.client.admin_addr;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    eventually(Duration::from_secs(15), "the route applies", || async {
         burst(&mesh.http1(), &mesh.authority(), 40, 4).await;
         let metrics = AppClient::http1(admin)
             .get(&admin.to_string(), "/metrics")
             .await
             .map(|a| a.text())
             .unwrap_or_default();
-        if metrics.contains("dst_backend=\"hello-v2\"")
+        let applied = metrics.contains("dst_backend=\"hello-v2\"")
             && metrics.contains("trellis_fault_injections_total{")
-            && metrics.contains("trellis_retries_total{")
-        {
-            break;
+            && metrics.contains("trellis_retries_total{");
+        if applied {
+            Ok(())
+        } else {
+            Err(metrics)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the route did not apply within 15 s:\n{metrics}"
-        );
-    }
+    })
+    .await;
 
-    // Steady traffic for as long as Prometheus is queried, and a route that
-    // changes its weights every second, so the controller keeps pushing.
+    // Steady traffic for as long as Prometheus is queried, and, until a
+    // rollout takes the route over, a route that changes its weights every
+    // second, so the controller keeps pushing.
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_changes = Arc::new(AtomicBool::new(false));
     let traffic = {
         let (client, authority, stop) = (mesh.http1(), mesh.authority(), stop.clone());
         tokio::spawn(async move {
@@ -515,7 +396,7 @@ async fn every_dashboard_query_returns_data_from_a_live_mesh() {
             split_route(mesh.port, 40, 60, &extra) + &fault,
             split_route(mesh.port, 50, 50, &extra) + &fault,
         ];
-        let (path, stop) = (mesh.manifests().join("route.yaml"), stop.clone());
+        let (path, stop) = (mesh.manifests().join("route.yaml"), stop_changes.clone());
         tokio::spawn(async move {
             for routes in routes.iter().cycle() {
                 if stop.load(Ordering::Relaxed) {
@@ -548,22 +429,23 @@ async fn every_dashboard_query_returns_data_from_a_live_mesh() {
         "count_over_time(trellis_requests_total{direction=\"outbound\",dst_backend=\"hello-v2\"}[1m]) >= 3",
         "count_over_time(trellis_controller_watches[1m]) >= 3",
     ];
-    let deadline = Instant::now() + Duration::from_secs(60);
     for expr in ready {
-        loop {
-            let result = prometheus.query(expr).await;
-            if result.as_ref().is_ok_and(|r| !r.is_empty()) {
-                break;
-            }
-            if Instant::now() > deadline {
-                let up = prometheus.query("up").await;
-                panic!(
-                    "Prometheus has no data for {expr}: {result:?}\nup: {up:?}\nlog:\n{}",
-                    prometheus.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        prometheus.until_result(expr, Duration::from_secs(60)).await;
+    }
+
+    // A rollout of hello-v2 takes the route over (the hand-written one goes)
+    // and holds its first step, 50%, until promoted: the rollout row and
+    // the gates' threshold lines have series while the mesh serves.
+    stop_changes.store(true, Ordering::Relaxed);
+    changes.await.expect("route changes");
+    std::fs::remove_file(mesh.manifests().join("route.yaml")).expect("remove route.yaml");
+    mesh.write_manifest("rollout-default-hello.yaml", ROLLOUT);
+    for expr in [
+        "trellis_controller_rollout_canary_weight_percent{service=\"hello\"} == 50",
+        "trellis_controller_rollout_gate_threshold{service=\"hello\",gate=\"p99\"}",
+        "count_over_time(trellis_requests_total{direction=\"outbound\",dst_backend=\"hello-v2\"}[1m]) >= 3",
+    ] {
+        prometheus.until_result(expr, Duration::from_secs(30)).await;
     }
 
     // Every query of every panel: success and a number. A series that only
@@ -604,7 +486,6 @@ async fn every_dashboard_query_returns_data_from_a_live_mesh() {
     }
     stop.store(true, Ordering::Relaxed);
     traffic.await.expect("traffic");
-    changes.await.expect("route changes");
     let report: Vec<String> = failures
         .iter()
         .map(|((file, title, query), problem)| {

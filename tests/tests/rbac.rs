@@ -2,7 +2,8 @@
 //! service account against the fake API server holding the chart's
 //! ClusterRole, Role and bindings (as `meshctl install` renders them, which
 //! `chart.rs` holds equal to Helm's), a mesh serving requests makes no call
-//! the RBAC refuses, and uses every grant. The same grants are
+//! the RBAC refuses, and uses every grant (a rollout runs, so its status
+//! and its route are written too). The same grants are
 //! `control-plane::permissions`, what `meshctl check` asks about.
 
 use std::collections::BTreeSet;
@@ -90,11 +91,15 @@ fn listed_grants() -> BTreeSet<Grant> {
     grants
 }
 
-/// Whether a call is one use of the grant.
+/// Whether a call is one use of the grant (a subresource's grant names it
+/// as RBAC rules do: `rollouts/status`).
 fn uses(call: &Attributes, (namespace, group, resource, verb, name): &Grant) -> bool {
+    let called = match &call.subresource {
+        Some(sub) => format!("{}/{sub}", call.resource),
+        None => call.resource.clone(),
+    };
     call.group == *group
-        && call.resource == *resource
-        && call.subresource.is_none()
+        && called == *resource
         && call.verb == *verb
         && (namespace.is_none() || call.namespace == *namespace)
         && (name.is_none() || call.name == *name)
@@ -122,18 +127,27 @@ async fn the_controller_makes_only_calls_the_chart_grants_and_uses_every_grant()
         .get(&mesh.authority(), "/")
         .await
         .expect("a request through two sidecars");
+    // A rollout: its status written, its route created and then applied.
+    api.apply(rollout());
 
     let user = controller_user();
     let calls = eventually(
         Duration::from_secs(10),
-        "the controller renews its Lease",
+        "the controller renews its Lease and writes the rollout's status and route",
         || {
             let calls = api.calls_by(&user);
-            let renewed = calls
-                .iter()
-                .any(|(call, _)| call.resource == "leases" && call.verb == "update");
+            let made = |resource: &str, subresource: Option<&str>, verb: &str| {
+                calls.iter().any(|(call, _)| {
+                    call.resource == resource
+                        && call.subresource.as_deref() == subresource
+                        && call.verb == verb
+                })
+            };
+            let done = made("leases", None, "update")
+                && made("rollouts", Some("status"), "patch")
+                && made("httproutes", None, "create");
             async move {
-                if renewed {
+                if done {
                     Ok(calls)
                 } else {
                     Err(format!("calls so far: {calls:#?}"))
@@ -154,4 +168,19 @@ async fn the_controller_makes_only_calls_the_chart_grants_and_uses_every_grant()
             "the chart grants {grant:?}, which the controller never used; its calls: {calls:#?}"
         );
     }
+}
+
+/// A rollout of `hello` from `hello-v1` to `hello-v2` that holds its first
+/// step until promoted.
+fn rollout() -> Value {
+    serde_json::json!({
+        "apiVersion": "trellis.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "hello", "namespace": "default"},
+        "spec": {
+            "service": "hello",
+            "backends": {"stable": "hello-v1", "canary": "hello-v2"},
+            "steps": [{"weight": 50, "pause": {}}],
+            "analysis": {"interval": "10s", "successRate": 99},
+        },
+    })
 }

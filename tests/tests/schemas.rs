@@ -4,10 +4,10 @@
 //! tool knows, and the local source agrees with it on a broken object.
 //!
 //! The tool has schemas for built-in kinds only: for HTTPRoute (a Gateway
-//! API CRD) and Trellis' HTTPFault and ResiliencePolicy it can only say that
-//! it has none, so for those the test asserts exactly that warning and
-//! nothing else. Without the tool the test skips, except under `CI=true`,
-//! where it fails.
+//! API CRD) and Trellis' HTTPFault, ResiliencePolicy and Rollout it can
+//! only say that it has none, so for those the test asserts exactly that
+//! warning and nothing else. Without the tool the test skips, except under
+//! `CI=true`, where it fails.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -19,10 +19,11 @@ use trellis_control_plane::source::manifest;
 const OLDEST: (u32, u32) = (1, 25);
 
 /// Kinds the tool has no schema for, with their apiVersions.
-const CUSTOM_KINDS: [(&str, &str); 3] = [
+const CUSTOM_KINDS: [(&str, &str); 4] = [
     ("HTTPRoute", "gateway.networking.k8s.io/v1"),
     ("HTTPFault", "trellis.dev/v1alpha1"),
     ("ResiliencePolicy", "trellis.dev/v1alpha1"),
+    ("Rollout", "trellis.dev/v1alpha1"),
 ];
 
 /// Writes every manifest the demo writes into `dir` (the one place that

@@ -28,7 +28,13 @@ impl ClusterApi {
         status: &RolloutStatus,
     ) -> Result<(), WriteError> {
         let key = rollout.metadata.key();
-        let old = serde_json::to_value(previous).unwrap_or(Value::Null);
+        // Until the object has a status, `previous` is the default one, and
+        // a diff against it would leave out every field still at its
+        // default (phase Progressing, step 0): write the whole status.
+        let old = match &rollout.status {
+            Some(_) => serde_json::to_value(previous).unwrap_or(Value::Null),
+            None => Value::Null,
+        };
         let new = serde_json::to_value(status).unwrap_or(Value::Null);
         let patch = serde_json::json!({"status": merge_patch(&old, &new)});
         self.api(&key.namespace, TRELLIS_GROUP, "v1alpha1", "Rollout")

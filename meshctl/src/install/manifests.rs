@@ -8,9 +8,10 @@ use serde_json::{json, Value};
 use super::values::{Image, Values};
 
 const CHART: &str = include_str!("../../../charts/trellis/Chart.yaml");
-const CRDS: [&str; 2] = [
+const CRDS: [&str; 3] = [
     include_str!("../../../charts/trellis/files/crds/httpfaults.trellis.dev.yaml"),
     include_str!("../../../charts/trellis/files/crds/resiliencepolicies.trellis.dev.yaml"),
+    include_str!("../../../charts/trellis/files/crds/rollouts.trellis.dev.yaml"),
 ];
 /// `(name, JSON)` of each dashboard, in the order Helm's `Files.Glob` gives.
 const DASHBOARDS: [(&str, &str); 4] = [
@@ -195,7 +196,9 @@ impl Render<'_> {
                     rule(&[""], &["namespaces", "services", "pods"], &list_watch),
                     rule(&["discovery.k8s.io"], &["endpointslices"], &list_watch),
                     rule(&["gateway.networking.k8s.io"], &["httproutes"], &list_watch),
-                    rule(&["trellis.dev"], &["httpfaults", "resiliencepolicies"], &list_watch),
+                    rule(&["trellis.dev"], &["httpfaults", "resiliencepolicies", "rollouts"], &list_watch),
+                    rule(&["trellis.dev"], &["rollouts/status"], &["patch"]),
+                    rule(&["gateway.networking.k8s.io"], &["httproutes"], &["create", "patch"]),
                     rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
                 ],
             }),
@@ -410,7 +413,9 @@ impl Render<'_> {
                 "metadata": metadata,
                 "spec": {
                     "selector": {"matchLabels": self.controller_selector()},
-                    "endpoints": [{"port": "admin", "path": "/metrics", "interval": services.interval}],
+                    // The rollout metrics' own `namespace` label (the
+                    // rollout's) wins over the target's (the controller's).
+                    "endpoints": [{"port": "admin", "path": "/metrics", "interval": services.interval, "honorLabels": true}],
                 },
             }));
         }

@@ -71,11 +71,11 @@ pub async fn handle(
         body,
         warnings: Vec::new(),
     };
-    let (answer, call) = match admit(&shared, &parts.method, parts.uri.path(), &query, request)
+    let (answer, calls) = match admit(&shared, &parts.method, parts.uri.path(), &query, request)
         .await
     {
         Ok(mut request) => {
-            let (answer, call) = route(&shared, &parts.method, parts.uri.path(), &query, &request);
+            let (answer, calls) = route(&shared, &parts.method, parts.uri.path(), &query, &request);
             let mut answer = answer;
             for warning in request.warnings.drain(..) {
                 let value = format!("299 - {:?}", warning);
@@ -83,20 +83,20 @@ pub async fn handle(
                     answer.response.headers_mut().append(header::WARNING, value);
                 }
             }
-            (answer, call)
+            (answer, calls)
         }
-        Err(refused) => refused,
+        Err((answer, call)) => (answer, call.into_iter().collect()),
     };
     let line = format!(
         "{} {} ({}) -> {}",
         parts.method,
         parts.uri,
-        call.as_ref().map_or("-", |c| c.user.as_str()),
+        calls.first().map_or("-", |c| c.user.as_str()),
         answer.response.status().as_u16()
     );
     let mut log = shared.requests.lock().expect("request log lock");
     log.record(answer.verb, answer.resource, line);
-    if let Some(call) = call {
+    for call in calls {
         log.record_call(call, answer.response.status().as_u16());
     }
     drop(log);
@@ -298,13 +298,15 @@ fn parse_query(query: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// The answer to a request, and the calls it made as RBAC names them (two
+/// for a server-side apply that creates its object).
 fn route(
     shared: &Shared,
     method: &Method,
     path: &str,
     query: &HashMap<String, String>,
     request: &ClientRequest,
-) -> (Answer, Option<Call>) {
+) -> (Answer, Vec<Call>) {
     let discovery = |response| Answer {
         verb: "discovery",
         resource: "",
@@ -312,7 +314,7 @@ fn route(
     };
     if method == Method::GET {
         if let Some(document) = discovery_document(shared, path) {
-            return (discovery(json_response(200, &document)), None);
+            return (discovery(json_response(200, &document)), Vec::new());
         }
     }
     let target = match parse_target(path) {
@@ -320,14 +322,23 @@ fn route(
         None => {
             return (
                 discovery(error_response(&ApiError::path_not_found(path))),
-                None,
+                Vec::new(),
             )
         }
     };
     let resource = target.resource;
     let verb = verb_of(method, &target, query);
-    let call = Call::new(&request.user, attributes(verb, &target, query));
-    let result = if let Err(error) = authorize(shared, &request.user, &call.attributes) {
+    let mut calls = vec![Call::new(&request.user, attributes(verb, &target, query))];
+    if verb == "patch" && applies_to_nothing(shared, &target, request) {
+        calls.push(Call::new(
+            &request.user,
+            attributes("create", &target, query),
+        ));
+    }
+    let refused = calls
+        .iter()
+        .find_map(|call| authorize(shared, &request.user, &call.attributes).err());
+    let result = if let Some(error) = refused {
         Err(error)
     } else if resource.create_only {
         match (verb, resource.kind) {
@@ -346,7 +357,25 @@ fn route(
         resource: resource.plural,
         response: result.unwrap_or_else(|error| error_response(&error)),
     };
-    (answer, Some(call))
+    (answer, calls)
+}
+
+/// Whether a request is a server-side apply of an object that does not
+/// exist: it creates it, so the API server also authorizes `create` (for
+/// that name), as `k8s.io/apiserver` `handlers/patch.go` does.
+fn applies_to_nothing(shared: &Shared, target: &Target, request: &ClientRequest) -> bool {
+    let media_type = request.content_type.split(';').next().unwrap_or("").trim();
+    let Some(name) = &target.name else {
+        return false;
+    };
+    media_type == "application/apply-patch+yaml"
+        && target.part == Part::Main
+        && shared
+            .store
+            .lock()
+            .expect("store lock")
+            .get(target.resource, target.namespace.as_deref(), name)
+            .is_err()
 }
 
 fn discovery_document(shared: &Shared, path: &str) -> Option<Value> {
