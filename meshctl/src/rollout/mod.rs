@@ -178,6 +178,14 @@ fn find(dir: &Path, key: &ObjectKey) -> anyhow::Result<Found> {
         })
 }
 
+/// The rollout `key` in `dir` and the status of its current run, if the
+/// controller has written one (`None` when there is no such rollout).
+pub fn read(dir: &Path, key: &ObjectKey) -> Option<(Rollout, Option<RolloutStatus>)> {
+    let found = find(dir, key).ok()?;
+    let status = current_status(dir, &found.rollout);
+    Some((found.rollout, status))
+}
+
 /// The status the controller wrote for this run of `rollout`, if it has
 /// picked it up: a status of an earlier run (before a new `start`) is
 /// none. A spec the controller refuses keeps the run it refused, so an

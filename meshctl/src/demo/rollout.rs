@@ -1,0 +1,283 @@
+//! `--scenario rollout` and `rollout-bad`: while traffic runs on hello-v1
+//! only (an HTTPRoute sends it all there), `meshctl rollout start` rolls
+//! `hello` out to hello-v2, adopting that route; the controller moves the
+//! weights behind a success-rate gate it reads from the proxies' metrics.
+//! A healthy hello-v2 is promoted step by step; one that fails 20% of its
+//! requests is rolled back after its first window. The summary tells what
+//! the controller decided and when, from the rollout's status, and where
+//! the traffic went after the rollout ended.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use k8s_openapi::jiff::Timestamp;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use trellis_control_plane::model::{GateStatus, ObjectKey, Phase, RolloutStatus};
+
+use super::manifests::NAMESPACE;
+use super::scenario::Scenario;
+use crate::report::Sample;
+use crate::rollout::StartArgs;
+
+/// The rollout the scenarios start, as a user types it (`meshctl rollout
+/// start …`; the demo's context supplies the manifest directory).
+pub const START: [&str; 15] = [
+    "hello",
+    "--stable",
+    "hello-v1",
+    "--canary",
+    "hello-v2",
+    "--steps",
+    "20,50,100",
+    "--interval",
+    "3s",
+    "--min-success",
+    "99%",
+    "--min-requests",
+    "10",
+    "--route",
+    "hello",
+];
+
+/// The rollout's name (`start` names it after its Service).
+const NAME: &str = "hello";
+/// Traffic runs on hello-v1 alone this long before the rollout starts, so
+/// the summary shows the mesh before it too.
+pub const START_AFTER: Duration = Duration::from_secs(3);
+/// Proxies apply a route change within this; traffic after the rollout
+/// ended is counted from then.
+const SETTLE: Duration = Duration::from_secs(1);
+/// How often the demo reads the rollout's status (the controller ticks
+/// every 200 ms).
+const POLL: Duration = Duration::from_millis(250);
+
+/// The share of requests the hello-v2 app fails in `scenario`.
+pub fn canary_fail_percent(scenario: Scenario) -> Option<u32> {
+    (scenario == Scenario::RolloutBad).then_some(20)
+}
+
+/// How the rollout of `scenario` must end for the demo to pass.
+pub fn expected(scenario: Scenario) -> Option<Phase> {
+    match scenario {
+        Scenario::Rollout => Some(Phase::Promoted),
+        Scenario::RolloutBad => Some(Phase::RolledBack),
+        Scenario::Steady | Scenario::Chaos => None,
+    }
+}
+
+/// `meshctl rollout start …` as the user would type it.
+pub fn command_line() -> String {
+    format!("meshctl rollout start {}", START.join(" "))
+}
+
+#[derive(clap::Parser)]
+#[command(name = "meshctl rollout start")]
+struct StartLine {
+    #[command(flatten)]
+    args: StartArgs,
+}
+
+/// Starts the rollout `START_AFTER` into the traffic that began at
+/// `started`, prints each decision as the controller records it, and sends
+/// when it ended (from `started`) on `ended`.
+pub async fn follow(manifests: PathBuf, started: Instant, ended: mpsc::UnboundedSender<Duration>) {
+    tokio::time::sleep_until((started + START_AFTER).into()).await;
+    let wall_start = Timestamp::now() - START_AFTER;
+    let line = StartLine::try_parse_from(
+        std::iter::once("meshctl rollout start")
+            .chain(START)
+            .chain(["--manifests", &manifests.to_string_lossy()]),
+    );
+    let started_rollout = line
+        .map_err(anyhow::Error::from)
+        .and_then(|line| crate::rollout::start::start(&line.args));
+    match started_rollout {
+        Ok(_) => eprintln!(
+            "\r[{:>5.1}s] rollout: {}",
+            started.elapsed().as_secs_f64(),
+            command_line()
+        ),
+        Err(e) => {
+            eprintln!("\rrollout: cannot start it: {e:#}");
+            return;
+        }
+    }
+    let key = ObjectKey::new(NAMESPACE, NAME);
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(POLL).await;
+        let Some(status) = status(&manifests, &key) else {
+            continue;
+        };
+        for decision in status.history.iter().skip(seen) {
+            eprintln!(
+                "\r[{:>5.1}s] rollout: step {} canary {}%: {}: {}",
+                seconds_since(wall_start, &decision.time).unwrap_or_default(),
+                decision.step + 1,
+                decision.canary_weight,
+                decision.reason,
+                decision.message
+            );
+        }
+        seen = status.history.len();
+        if status.phase.is_final() {
+            let _ = ended.send(started.elapsed());
+            return;
+        }
+    }
+}
+
+/// The status of the demo's rollout run, once the controller wrote it.
+fn status(manifests: &Path, key: &ObjectKey) -> Option<RolloutStatus> {
+    crate::rollout::read(manifests, key).and_then(|(_, status)| status)
+}
+
+fn seconds_since(start: Timestamp, time: &str) -> Option<f64> {
+    let time: Timestamp = time.parse().ok()?;
+    Some(time.duration_since(start).as_secs_f64())
+}
+
+/// What happened to the traffic once the rollout ended.
+#[derive(Default)]
+pub struct After {
+    /// From when (from the start of traffic) requests are counted.
+    since: Option<Duration>,
+    traffic: Traffic,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Traffic {
+    pub requests: u64,
+    pub failed: u64,
+    pub by_version: BTreeMap<String, u64>,
+}
+
+impl After {
+    /// The rollout ended `at` after traffic started.
+    pub fn ended(&mut self, at: Duration) {
+        self.since = Some(at + SETTLE);
+    }
+
+    pub fn observe(&mut self, sample: &Sample) {
+        if self.since.is_none_or(|since| sample.sent < since) {
+            return;
+        }
+        self.traffic.requests += 1;
+        match &sample.answer {
+            Ok((version, _)) => *self.traffic.by_version.entry(version.clone()).or_default() += 1,
+            Err(_) => self.traffic.failed += 1,
+        }
+    }
+}
+
+/// The rollout, in the demo's summary.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub rollout: String,
+    pub command: String,
+    pub expected: Phase,
+    /// Where the rollout was when the demo ended (`null`: never started).
+    pub phase: Option<Phase>,
+    /// Whether it ended as `expected`.
+    pub outcome_reached: bool,
+    /// The controller's decisions, oldest first, with seconds from the
+    /// start of traffic.
+    pub decisions: Vec<Decision>,
+    /// The gates of the last window judged.
+    pub gates: Vec<GateStatus>,
+    /// Requests sent from a second after the rollout ended (`null` if it
+    /// did not end).
+    pub after_end: Option<Traffic>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Decision {
+    pub at_s: f64,
+    pub time: String,
+    /// 1-based, as `meshctl rollout status` shows it.
+    pub step: u32,
+    pub canary_weight: u32,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The summary of `scenario`'s rollout, read from its status in `manifests`;
+/// traffic started at `started` (wall clock).
+pub fn summary(
+    scenario: Scenario,
+    manifests: &Path,
+    traffic_started: Timestamp,
+    after: &After,
+) -> anyhow::Result<Summary> {
+    let expected = expected(scenario).context("not a rollout scenario")?;
+    let key = ObjectKey::new(NAMESPACE, NAME);
+    let status = status(manifests, &key);
+    let phase = status.as_ref().map(|s| s.phase);
+    let decisions = status
+        .iter()
+        .flat_map(|s| &s.history)
+        .map(|d| Decision {
+            at_s: seconds_since(traffic_started, &d.time).unwrap_or_default(),
+            time: d.time.clone(),
+            step: d.step + 1,
+            canary_weight: d.canary_weight,
+            reason: d.reason.clone(),
+            message: d.message.clone(),
+        })
+        .collect();
+    Ok(Summary {
+        rollout: key.to_string(),
+        command: command_line(),
+        expected,
+        phase,
+        outcome_reached: phase == Some(expected),
+        decisions,
+        gates: status.map(|s| s.gates).unwrap_or_default(),
+        after_end: after.since.map(|_| after.traffic.clone()),
+    })
+}
+
+impl Summary {
+    /// The summary's rollout lines, aligned with the demo's table.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<22}{}: {} (expected {})\n",
+            "rollout",
+            self.rollout,
+            self.phase.map_or("never started".into(), |p| p.to_string()),
+            self.expected
+        );
+        for d in &self.decisions {
+            out.push_str(&format!(
+                "{:<22}step {} canary {:>3}%  {}: {}\n",
+                format!("  {:>5.1}s", d.at_s),
+                d.step,
+                d.canary_weight,
+                d.reason,
+                d.message
+            ));
+        }
+        if let Some(after) = &self.after_end {
+            let versions: Vec<String> = after
+                .by_version
+                .iter()
+                .map(|(v, n)| {
+                    let share = *n as f64 * 100.0 / after.requests.max(1) as f64;
+                    format!("hello {v} {n} ({share:.1}%)")
+                })
+                .collect();
+            out.push_str(&format!(
+                "{:<22}{} requests: {}; {} failed\n",
+                "after it ended",
+                after.requests,
+                versions.join(", "),
+                after.failed
+            ));
+        }
+        out
+    }
+}
