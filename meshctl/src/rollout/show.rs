@@ -311,7 +311,7 @@ fn golden_row(name: &str, role: &str, golden: &Golden) -> Vec<String> {
     vec![
         name.into(),
         role.into(),
-        format!("{:.0}", golden.requests),
+        format!("{:.0}", golden.requests.round().max(0.0) + 0.0),
         golden
             .success_rate
             .map_or("-".into(), |r| format!("{r:.2}%")),
