@@ -356,3 +356,149 @@ fn start_promote_abort_against_a_real_controller() {
         "{rollout}"
     );
 }
+
+/// The rules proxies get for `hello`: each rule's match headers and its
+/// backends with their shares.
+fn hello_rules(dir: &Path) -> Vec<(Vec<String>, Vec<(String, u32)>)> {
+    let store = trellis_control_plane::store::Store::new("cluster.local");
+    let mut source = trellis_control_plane::source::local::LocalSource::new(dir, store.clone());
+    source.reload().unwrap();
+    store
+        .routes(manifests::HELLO_AUTHORITY)
+        .rules
+        .iter()
+        .map(|rule| {
+            let headers = rule
+                .r#match
+                .iter()
+                .flat_map(|m| &m.headers)
+                .map(|h| format!("{}={}", h.name, h.value))
+                .collect();
+            let total: u32 = rule.backends.iter().map(|b| b.weight).sum();
+            let backends = rule
+                .backends
+                .iter()
+                .map(|b| (b.name.clone(), b.weight * 100 / total.max(1)))
+                .collect();
+            (headers, backends)
+        })
+        .collect()
+}
+
+#[test]
+fn an_ab_cohort_goes_first_promote_ends_it_and_watch_exits_0() {
+    let dir = demo_dir();
+    let state = tempfile::tempdir().unwrap();
+    let _controller = Controller::start(dir.path(), state.path());
+    let out = meshctl(
+        dir.path(),
+        &start_args(&["--steps", "100", "--ab-header", "x-beta=yes", "--manual"]),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let yaml = std::fs::read_to_string(dir.path().join("rollout-default-hello.yaml")).unwrap();
+    assert!(yaml.contains("pause: {}"), "--manual: {yaml}");
+    let rollout = wait_for(dir.path(), "Progressing", 0);
+    assert_eq!(rollout["status"]["cohort"], true, "{rollout}");
+    assert_eq!(rollout["status"]["canaryWeight"], 0, "{rollout}");
+    let cohort_first = vec![
+        (
+            vec!["x-beta=yes".to_string()],
+            vec![("hello-v2".to_string(), 100)],
+        ),
+        (vec![], vec![("hello-v1".to_string(), 100)]),
+    ];
+    eventually("the cohort, and only it, goes to the canary", || {
+        let rules = hello_rules(dir.path());
+        match rules == cohort_first {
+            true => Ok(()),
+            false => Err(format!("{rules:?}")),
+        }
+    });
+
+    // Pausing holds the step; resuming carries on.
+    let out = meshctl(dir.path(), &["rollout", "pause", "hello"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let paused = wait_for(dir.path(), "Paused", 0);
+    assert_eq!(
+        paused["status"]["history"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["reason"],
+        "PausedByUser",
+        "{paused}"
+    );
+    let out = meshctl(dir.path(), &["rollout", "resume", "hello"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for(dir.path(), "Progressing", 0);
+
+    let out = meshctl(dir.path(), &["rollout", "promote", "hello"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let rollout = wait_for(dir.path(), "Progressing", 1);
+    assert_eq!(rollout["status"]["canaryWeight"], 100, "{rollout}");
+
+    // `--watch` follows it to the end: promoted, exit 0.
+    let watch = std::thread::spawn({
+        let dir = dir.path().to_path_buf();
+        move || meshctl(&dir, &["rollout", "status", "hello", "--watch"])
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let out = meshctl(dir.path(), &["rollout", "promote", "hello"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let watch = watch.join().unwrap();
+    assert!(watch.status.success(), "{}", text(&watch));
+    let shown = String::from_utf8_lossy(&watch.stdout);
+    assert!(
+        shown.contains("step 2/2 canary 100%") && shown.contains("promoted: canary 100%"),
+        "a block per change, the last one promoted:\n{shown}"
+    );
+    eventually("everything goes to the canary, no cohort rule", || {
+        let rules = hello_rules(dir.path());
+        match rules == [(vec![], vec![("hello-v2".to_string(), 100)])] {
+            true => Ok(()),
+            false => Err(format!("{rules:?}")),
+        }
+    });
+}
+
+#[test]
+fn a_rollout_the_controller_refuses_is_invalid_and_watch_says_why() {
+    let dir = demo_dir();
+    let state = tempfile::tempdir().unwrap();
+    // Written by hand, so no `start` checked it.
+    std::fs::write(
+        dir.path().join("mine.yaml"),
+        "apiVersion: trellis.dev/v1alpha1
+kind: Rollout
+metadata: {name: hello, namespace: default}
+spec:
+  service: hello
+  backends: {stable: hello-v1, canary: hello-v9}
+  steps: [{weight: 50}]
+  analysis: {interval: 10m, successRate: 99}
+",
+    )
+    .unwrap();
+    let _controller = Controller::start(dir.path(), state.path());
+    let watch = meshctl(dir.path(), &["rollout", "status", "hello", "--watch"]);
+    assert_eq!(watch.status.code(), Some(1), "{}", text(&watch));
+    assert!(
+        String::from_utf8_lossy(&watch.stderr).contains("no Service default/hello-v9"),
+        "{}",
+        text(&watch)
+    );
+    let rollout = status_json(dir.path(), "hello");
+    assert_eq!(rollout["status"]["phase"], "Invalid", "{rollout}");
+    assert!(hello_rules(dir.path()).is_empty(), "traffic is untouched");
+    // meshctl leaves a file of the user's, shared or not, to the user.
+    let start = meshctl(dir.path(), &start_args(&[]));
+    assert!(!start.status.success());
+    assert!(
+        text(&start).contains("is defined in") && text(&start).contains("mine.yaml"),
+        "{}",
+        text(&start)
+    );
+    let promote = meshctl(dir.path(), &["rollout", "promote", "hello"]);
+    assert!(!promote.status.success());
+    assert!(text(&promote).contains("is invalid"), "{}", text(&promote));
+}

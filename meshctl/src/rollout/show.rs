@@ -144,6 +144,7 @@ pub fn render(rollout: &Rollout, status: Option<&RolloutStatus>, now: Timestamp)
             "Phase     Pending: the controller has not picked up this run yet \
              (is it running on this manifest directory?)\n",
         );
+        out.push_str(&steps(rollout, None));
         return out;
     };
     let progressing = status.conditions.iter().find(|c| c.kind == "Progressing");
@@ -153,7 +154,7 @@ pub fn render(rollout: &Rollout, status: Option<&RolloutStatus>, now: Timestamp)
         progressing.map_or_else(String::new, |c| format!(" ({}: {})", c.reason, c.message))
     ));
     out.push_str(&format!("Progress  {}\n", progress_bar(status)));
-    out.push_str(&steps(rollout, status));
+    out.push_str(&steps(rollout, Some(status)));
 
     let analysis = &spec.analysis;
     out.push_str(&format!(
@@ -257,8 +258,8 @@ pub fn progress_bar(status: &RolloutStatus) -> String {
     }
 }
 
-/// Each stage with its weight and hold, and which one is current.
-fn steps(rollout: &Rollout, status: &RolloutStatus) -> String {
+/// Each stage with its weight and hold, and (given a status) which one is current.
+fn steps(rollout: &Rollout, status: Option<&RolloutStatus>) -> String {
     let Ok(plan) = Plan::new(rollout, 0) else {
         return String::new();
     };
@@ -275,14 +276,16 @@ fn steps(rollout: &Rollout, status: &RolloutStatus) -> String {
             Hold::AtLeast(d) => format!("at least {:.0}s", d.as_secs_f64()),
             Hold::UntilPromoted => "until `meshctl rollout promote`".into(),
         };
-        let current = index as u32 == status.step;
-        let mark = match status.phase {
-            Phase::Promoted => "done",
-            _ if (index as u32) < status.step => "done",
-            Phase::RolledBack | Phase::Aborted if current => "stopped here",
-            _ if current => "<- now",
-            _ => "",
-        };
+        let mark = status.map_or("", |status| {
+            let current = index as u32 == status.step;
+            match status.phase {
+                Phase::Promoted => "done",
+                _ if (index as u32) < status.step => "done",
+                Phase::RolledBack | Phase::Aborted if current => "stopped here",
+                _ if current => "<- now",
+                _ => "",
+            }
+        });
         let line = format!("  {}. {what:<24} {hold:<32} {mark}", index + 1);
         out.push_str(line.trim_end());
         out.push('\n');

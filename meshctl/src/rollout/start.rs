@@ -344,3 +344,78 @@ fn hint(invalid: &Invalid) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Line {
+        #[command(flatten)]
+        args: StartArgs,
+    }
+
+    fn built(flags: &[&str]) -> anyhow::Result<Rollout> {
+        let line = Line::try_parse_from(
+            ["start", "hello", "--stable", "v1", "--canary", "v2"]
+                .iter()
+                .chain(flags),
+        )?;
+        build(&line.args, "2026-01-02T03:04:05Z".parse().unwrap())
+    }
+
+    #[test]
+    fn flags_left_out_get_the_defaults_a_manifest_gets() {
+        let rollout = built(&["--steps", "10,50", "--min-success", "99.5%"]).unwrap();
+        let analysis = &rollout.spec.analysis;
+        assert_eq!(analysis.success_rate, Some(99.5));
+        assert_eq!(analysis.min_requests, 20);
+        assert_eq!(analysis.inconclusive_limit, 3);
+        assert_eq!(analysis.rollback.consecutive_failures, 1);
+        assert_eq!(analysis.interval, "30s");
+        assert!(rollout.spec.steps.iter().all(|s| s.pause.is_none()));
+        assert_eq!(rollout.metadata.name, "hello");
+        assert_eq!(
+            rollout.metadata.annotations[STARTED_AT_ANNOTATION],
+            "2026-01-02T03:04:05Z"
+        );
+    }
+
+    #[test]
+    fn pauses_and_cohorts_come_from_their_flags() {
+        let manual = built(&["--steps", "10,50", "--manual"]).unwrap();
+        assert!(manual
+            .spec
+            .steps
+            .iter()
+            .all(|s| s.pause == Some(Pause { duration: None })));
+        let timed = built(&["--steps", "10", "--pause", "5m"]).unwrap();
+        assert_eq!(
+            timed.spec.steps[0].pause,
+            Some(Pause {
+                duration: Some("5m".into())
+            })
+        );
+        assert!(
+            built(&["--pause", "5m", "--manual"]).is_err(),
+            "one or the other"
+        );
+        let ab = built(&[
+            "--ab-cookie",
+            "beta=1",
+            "--ab-query",
+            "c=t",
+            "--ab-windows",
+            "2",
+        ])
+        .unwrap()
+        .spec
+        .ab_test
+        .unwrap();
+        assert_eq!(ab.windows, 2);
+        assert_eq!(ab.cohort.cookies[0].name, "beta");
+        assert_eq!(ab.cohort.query_params[0].value, "t");
+        assert!(built(&["--ab-header", "x-beta"]).is_err());
+    }
+}
