@@ -124,31 +124,15 @@ fn wait_for(dir: &Path, phase: &str, step: u64) -> serde_json::Value {
     })
 }
 
-/// The backends and weights proxies get for the `hello` Service, as the
-/// controller's own loader reads the manifest directory.
-fn hello_split(dir: &Path) -> Vec<(String, u32)> {
-    let store = trellis_control_plane::store::Store::new("cluster.local");
-    let mut source = trellis_control_plane::source::local::LocalSource::new(dir, store.clone());
-    source.reload().unwrap();
-    assert!(
-        source.errors().borrow().is_empty(),
-        "{:?}",
-        source.errors().borrow()
-    );
-    let routes = store.routes(manifests::HELLO_AUTHORITY);
-    let total: u32 = routes
-        .rules
-        .last()
-        .map_or(0, |r| r.backends.iter().map(|b| b.weight).sum());
-    routes
-        .rules
-        .last()
-        .map(|rule| {
-            rule.backends
-                .iter()
-                .map(|b| (b.name.clone(), b.weight * 100 / total.max(1)))
-                .collect()
-        })
+/// Backends with their share of a rule's traffic, percent.
+type Split = Vec<(String, u32)>;
+
+/// The backends and shares proxies get for the `hello` Service's requests
+/// that match no A/B rule.
+fn hello_split(dir: &Path) -> Split {
+    hello_rules(dir)
+        .pop()
+        .map(|(_, split)| split)
         .unwrap_or_default()
 }
 
@@ -357,12 +341,18 @@ fn start_promote_abort_against_a_real_controller() {
     );
 }
 
-/// The rules proxies get for `hello`: each rule's match headers and its
-/// backends with their shares.
-fn hello_rules(dir: &Path) -> Vec<(Vec<String>, Vec<(String, u32)>)> {
+/// The rules proxies get for `hello`, in order, as the controller's own
+/// loader reads the manifest directory: each rule's match headers and its
+/// split.
+fn hello_rules(dir: &Path) -> Vec<(Vec<String>, Split)> {
     let store = trellis_control_plane::store::Store::new("cluster.local");
     let mut source = trellis_control_plane::source::local::LocalSource::new(dir, store.clone());
     source.reload().unwrap();
+    assert!(
+        source.errors().borrow().is_empty(),
+        "{:?}",
+        source.errors().borrow()
+    );
     store
         .routes(manifests::HELLO_AUTHORITY)
         .rules
