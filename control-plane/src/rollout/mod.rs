@@ -32,6 +32,9 @@ use plan::Plan;
 
 /// How often rollouts are looked at (gate windows end on these ticks).
 const TICK: Duration = Duration::from_millis(200);
+/// How long a written route may take to be read back before it is
+/// written again.
+const REWRITE_AFTER: Duration = Duration::from_secs(5);
 
 /// Annotation `meshctl rollout start` sets: a new value starts a new run
 /// of an existing rollout.
@@ -122,6 +125,8 @@ pub struct RolloutController {
     written: HashMap<ObjectKey, RolloutStatus>,
     /// The window start each rollout's metrics baseline was taken at.
     windows: HashMap<ObjectKey, Option<String>>,
+    /// The route last written per rollout, and when.
+    routes: HashMap<ObjectKey, (crate::model::HttpRoute, std::time::Instant)>,
 }
 
 impl RolloutController {
@@ -140,6 +145,7 @@ impl RolloutController {
             gauges,
             written: HashMap::new(),
             windows: HashMap::new(),
+            routes: HashMap::new(),
         }
     }
 
@@ -147,16 +153,20 @@ impl RolloutController {
         let mut changes = self.store.changes();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A sole controller's leadership never changes (its sender is gone).
+        let mut leader = self.leader.clone();
+        let mut elected = leader.has_changed().is_ok();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = changes.changed() => {}
-                _ = self.leader.changed() => {}
+                changed = leader.changed(), if elected => elected = changed.is_ok(),
             }
             if !*self.leader.borrow() {
                 // A follower forgets: when it leads, it reads the statuses anew.
                 self.written.clear();
                 self.windows.clear();
+                self.routes.clear();
                 continue;
             }
             let rollouts = self.store.rollouts();
@@ -173,6 +183,7 @@ impl RolloutController {
             {
                 self.written.remove(&gone);
                 self.windows.remove(&gone);
+                self.routes.remove(&gone);
                 self.metrics.forget(&gone);
                 self.gauges.forget(&gone);
             }
@@ -234,7 +245,19 @@ impl RolloutController {
         {
             return;
         }
-        if let Err(e) = self.api.apply_route(rollout, &desired).await {
+        // Written, and not yet read back: give the source a moment before
+        // writing again (then it is drift, and is put right).
+        if let Some((written, at)) = self.routes.get(&key) {
+            if *written == desired && at.elapsed() < REWRITE_AFTER {
+                return;
+            }
+        }
+        let result = self.api.apply_route(rollout, &desired).await;
+        if result.is_ok() {
+            self.routes
+                .insert(key.clone(), (desired, std::time::Instant::now()));
+        }
+        if let Err(e) = result {
             tracing::warn!(rollout = %key, error = %e, "cannot write the rollout's route; retrying");
             if let WriteError::SharedFile { .. } = e {
                 let refused = engine::refuse(&status, "RouteConflict", &e.to_string(), now);
