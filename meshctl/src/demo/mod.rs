@@ -451,8 +451,14 @@ async fn drive(
         tokio::spawn(scenario::chaos(sidecar, app, schedule, started, chaos_tx))
     });
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
-    let rolling = rollout::expected(args.scenario)
-        .map(|_| tokio::spawn(rollout::follow(manifests.to_path_buf(), started, ended_tx)));
+    let rolling = rollout::expected(args.scenario).map(|_| {
+        tokio::spawn(rollout::follow(
+            manifests.to_path_buf(),
+            started,
+            traffic_started,
+            ended_tx,
+        ))
+    });
     let mut after = rollout::After::default();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rps)));
     // Open loop: ticks missed while the machine was busy are sent at once,

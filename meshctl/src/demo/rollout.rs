@@ -82,11 +82,15 @@ struct StartLine {
 }
 
 /// Starts the rollout `START_AFTER` into the traffic that began at
-/// `started`, prints each decision as the controller records it, and sends
-/// when it ended (from `started`) on `ended`.
-pub async fn follow(manifests: PathBuf, started: Instant, ended: mpsc::UnboundedSender<Duration>) {
+/// `started` (`wall_start` by the clock), prints each decision as the
+/// controller records it, and sends when it ended (from `started`) on `ended`.
+pub async fn follow(
+    manifests: PathBuf,
+    started: Instant,
+    wall_start: Timestamp,
+    ended: mpsc::UnboundedSender<Duration>,
+) {
     tokio::time::sleep_until((started + START_AFTER).into()).await;
-    let wall_start = Timestamp::now() - START_AFTER;
     let line = StartLine::try_parse_from(
         std::iter::once("meshctl rollout start")
             .chain(START)
@@ -107,13 +111,18 @@ pub async fn follow(manifests: PathBuf, started: Instant, ended: mpsc::Unbounded
         }
     }
     let key = ObjectKey::new(NAMESPACE, NAME);
-    let mut seen = 0;
+    // The history keeps the last decisions only: new ones are the later ones.
+    let mut printed: Option<Timestamp> = None;
     loop {
         tokio::time::sleep(POLL).await;
         let Some(status) = status(&manifests, &key) else {
             continue;
         };
-        for decision in status.history.iter().skip(seen) {
+        let new = status.history.iter().filter(|d| {
+            let time = d.time.parse::<Timestamp>().ok();
+            printed.is_none_or(|last| time.is_some_and(|t| t > last))
+        });
+        for decision in new {
             eprintln!(
                 "\r[{:>5.1}s] rollout: step {} canary {}%: {}: {}",
                 seconds_since(wall_start, &decision.time).unwrap_or_default(),
@@ -123,7 +132,11 @@ pub async fn follow(manifests: PathBuf, started: Instant, ended: mpsc::Unbounded
                 decision.message
             );
         }
-        seen = status.history.len();
+        printed = status
+            .history
+            .last()
+            .and_then(|d| d.time.parse().ok())
+            .or(printed);
         if status.phase.is_final() {
             let _ = ended.send(started.elapsed());
             return;

@@ -41,7 +41,8 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<bool> {
             if args.watch && tty {
                 // Clear the screen and home the cursor: redraw in place.
                 print!("\x1b[2J\x1b[H");
-            } else if args.watch && shown.is_some() {
+            } else if args.watch && shown.is_some() && args.output != Format::Json {
+                // A YAML document separator; JSON objects follow each other.
                 println!("---");
             }
             print!("{text}");
