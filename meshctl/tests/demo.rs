@@ -433,6 +433,19 @@ fn rollout_promotes_a_healthy_canary_step_by_step() {
     for pair in decisions.windows(2) {
         assert!(pair[1].0 - pair[0].0 >= 2.9, "{pair:?}: {summary}");
     }
+    // Each step's weight is what the demo's requests saw.
+    for decision in summary["rollout"]["decisions"].as_array().unwrap() {
+        let traffic = &decision["traffic"];
+        let requests = traffic["requests"].as_u64().unwrap();
+        let v2 = traffic["by_version"]["v2"].as_u64().unwrap_or(0);
+        let share = 100.0 * v2 as f64 / requests.max(1) as f64;
+        let weight = decision["canary_weight"].as_f64().unwrap();
+        assert!(requests >= 100, "{decision}");
+        assert!(
+            (share - weight).abs() <= 10.0,
+            "{share:.1}% to v2: {decision}"
+        );
+    }
     let after = &summary["rollout"]["after_end"];
     assert_eq!(
         after["by_version"]["v1"],

@@ -450,16 +450,14 @@ async fn drive(
         let schedule = Schedule::for_duration(duration);
         tokio::spawn(scenario::chaos(sidecar, app, schedule, started, chaos_tx))
     });
-    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
     let rolling = rollout::expected(args.scenario).map(|_| {
         tokio::spawn(rollout::follow(
             manifests.to_path_buf(),
             started,
             traffic_started,
-            ended_tx,
         ))
     });
-    let mut after = rollout::After::default();
+    let mut timeline = rollout::Timeline::default();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rps)));
     // Open loop: ticks missed while the machine was busy are sent at once,
     // so the rate over any window stays what was asked.
@@ -490,11 +488,10 @@ async fn drive(
                 });
             }
             Some(sample) = rx.recv() => {
-                after.observe(&sample);
+                timeline.observe(&sample);
                 report.add(sample);
             }
             Some(event) = chaos_rx.recv(), if chaos.is_some() => report.chaos(event),
-            Some(at) = ended_rx.recv(), if rolling.is_some() => after.ended(at),
             _ = progress.tick() => {
                 eprint!("\r{}   ", report.progress(started.elapsed()));
             }
@@ -511,7 +508,7 @@ async fn drive(
     drop(tx);
     let drain = async {
         while let Some(sample) = rx.recv().await {
-            after.observe(&sample);
+            timeline.observe(&sample);
             report.add(sample);
         }
     };
@@ -531,7 +528,7 @@ async fn drive(
             args.scenario,
             manifests,
             traffic_started,
-            &after,
+            &timeline,
         )?),
         None => None,
     };

@@ -5,7 +5,7 @@
 //! A healthy hello-v2 is promoted step by step; one that fails 20% of its
 //! requests is rolled back after its first window. The summary tells what
 //! the controller decided and when, from the rollout's status, and where
-//! the traffic went after the rollout ended.
+//! the traffic went after each decision (as the demo's requests saw it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,6 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
-use tokio::sync::mpsc;
 use trellis_control_plane::model::{GateStatus, ObjectKey, Phase, RolloutStatus};
 
 use super::manifests::NAMESPACE;
@@ -48,9 +47,9 @@ const NAME: &str = "hello";
 /// Traffic runs on hello-v1 alone this long before the rollout starts, so
 /// the summary shows the mesh before it too.
 pub const START_AFTER: Duration = Duration::from_secs(3);
-/// Proxies apply a route change within this; traffic after the rollout
-/// ended is counted from then.
-const SETTLE: Duration = Duration::from_secs(1);
+/// Proxies apply a route change within this: the traffic after a decision
+/// is counted from then.
+const SETTLE: Duration = Duration::from_millis(500);
 /// How often the demo reads the rollout's status (the controller ticks
 /// every 200 ms).
 const POLL: Duration = Duration::from_millis(250);
@@ -82,14 +81,9 @@ struct StartLine {
 }
 
 /// Starts the rollout `START_AFTER` into the traffic that began at
-/// `started` (`wall_start` by the clock), prints each decision as the
-/// controller records it, and sends when it ended (from `started`) on `ended`.
-pub async fn follow(
-    manifests: PathBuf,
-    started: Instant,
-    wall_start: Timestamp,
-    ended: mpsc::UnboundedSender<Duration>,
-) {
+/// `started` (`wall_start` by the clock), and prints each decision as the
+/// controller records it, until the rollout ends.
+pub async fn follow(manifests: PathBuf, started: Instant, wall_start: Timestamp) {
     tokio::time::sleep_until((started + START_AFTER).into()).await;
     let line = StartLine::try_parse_from(
         std::iter::once("meshctl rollout start")
@@ -138,7 +132,6 @@ pub async fn follow(
             .and_then(|d| d.time.parse().ok())
             .or(printed);
         if status.phase.is_final() {
-            let _ = ended.send(started.elapsed());
             return;
         }
     }
@@ -154,36 +147,64 @@ fn seconds_since(start: Timestamp, time: &str) -> Option<f64> {
     Some(time.duration_since(start).as_secs_f64())
 }
 
-/// What happened to the traffic once the rollout ended.
+/// When each of the demo's requests was sent, and which version answered.
 #[derive(Default)]
-pub struct After {
-    /// From when (from the start of traffic) requests are counted.
-    since: Option<Duration>,
-    traffic: Traffic,
+pub struct Timeline {
+    /// (sent, from the start of traffic; the version, `None` if it failed).
+    samples: Vec<(Duration, Option<String>)>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+impl Timeline {
+    pub fn observe(&mut self, sample: &Sample) {
+        let version = sample.answer.as_ref().ok().map(|(v, _)| v.clone());
+        self.samples.push((sample.sent, version));
+    }
+
+    /// The requests sent from `from` until `until` (seconds from the start).
+    fn between(&self, from: f64, until: f64) -> Traffic {
+        let mut traffic = Traffic::default();
+        for (sent, version) in &self.samples {
+            let sent = sent.as_secs_f64();
+            if sent < from || sent >= until {
+                continue;
+            }
+            traffic.requests += 1;
+            match version {
+                Some(v) => *traffic.by_version.entry(v.clone()).or_default() += 1,
+                None => traffic.failed += 1,
+            }
+        }
+        traffic
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Traffic {
     pub requests: u64,
     pub failed: u64,
+    /// Successful requests by the version that answered.
     pub by_version: BTreeMap<String, u64>,
 }
 
-impl After {
-    /// The rollout ended `at` after traffic started.
-    pub fn ended(&mut self, at: Duration) {
-        self.since = Some(at + SETTLE);
-    }
-
-    pub fn observe(&mut self, sample: &Sample) {
-        if self.since.is_none_or(|since| sample.sent < since) {
-            return;
-        }
-        self.traffic.requests += 1;
-        match &sample.answer {
-            Ok((version, _)) => *self.traffic.by_version.entry(version.clone()).or_default() += 1,
-            Err(_) => self.traffic.failed += 1,
-        }
+impl Traffic {
+    fn describe(&self) -> String {
+        let versions: Vec<String> = self
+            .by_version
+            .iter()
+            .map(|(v, n)| {
+                let share = *n as f64 * 100.0 / self.requests.max(1) as f64;
+                format!("{v} {share:.1}%")
+            })
+            .collect();
+        format!(
+            "{} requests: {}{}",
+            self.requests,
+            versions.join(", "),
+            match self.failed {
+                0 => String::new(),
+                n => format!(", {n} failed"),
+            }
+        )
     }
 }
 
@@ -202,8 +223,8 @@ pub struct Summary {
     pub decisions: Vec<Decision>,
     /// The gates of the last window judged.
     pub gates: Vec<GateStatus>,
-    /// Requests sent from a second after the rollout ended (`null` if it
-    /// did not end).
+    /// The requests sent once the rollout ended (from half a second after
+    /// its last decision; `null` if it did not end).
     pub after_end: Option<Traffic>,
 }
 
@@ -216,32 +237,49 @@ pub struct Decision {
     pub canary_weight: u32,
     pub reason: String,
     pub message: String,
+    /// The requests sent from half a second after this decision (the
+    /// proxies have its route) until the next one, or the end of traffic.
+    pub traffic: Traffic,
 }
 
-/// The summary of `scenario`'s rollout, read from its status in `manifests`;
-/// traffic started at `started` (wall clock).
+/// The summary of `scenario`'s rollout, read from its status in
+/// `manifests`; traffic started at `traffic_started` (wall clock) and ran
+/// as `timeline` saw it.
 pub fn summary(
     scenario: Scenario,
     manifests: &Path,
     traffic_started: Timestamp,
-    after: &After,
+    timeline: &Timeline,
 ) -> anyhow::Result<Summary> {
     let expected = expected(scenario).context("not a rollout scenario")?;
     let key = ObjectKey::new(NAMESPACE, NAME);
     let status = status(manifests, &key);
     let phase = status.as_ref().map(|s| s.phase);
-    let decisions = status
+    let history: Vec<_> = status.iter().flat_map(|s| &s.history).collect();
+    let times: Vec<f64> = history
         .iter()
-        .flat_map(|s| &s.history)
-        .map(|d| Decision {
-            at_s: seconds_since(traffic_started, &d.time).unwrap_or_default(),
-            time: d.time.clone(),
-            step: d.step + 1,
-            canary_weight: d.canary_weight,
-            reason: d.reason.clone(),
-            message: d.message.clone(),
+        .map(|d| seconds_since(traffic_started, &d.time).unwrap_or_default())
+        .collect();
+    let decisions: Vec<Decision> = history
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let until = times.get(i + 1).copied().unwrap_or(f64::INFINITY);
+            Decision {
+                at_s: times[i],
+                time: d.time.clone(),
+                step: d.step + 1,
+                canary_weight: d.canary_weight,
+                reason: d.reason.clone(),
+                message: d.message.clone(),
+                traffic: timeline.between(times[i] + SETTLE.as_secs_f64(), until),
+            }
         })
         .collect();
+    let after_end = decisions
+        .last()
+        .filter(|_| phase.is_some_and(Phase::is_final))
+        .map(|d| d.traffic.clone());
     Ok(Summary {
         rollout: key.to_string(),
         command: command_line(),
@@ -250,7 +288,7 @@ pub fn summary(
         outcome_reached: phase == Some(expected),
         decisions,
         gates: status.map(|s| s.gates).unwrap_or_default(),
-        after_end: after.since.map(|_| after.traffic.clone()),
+        after_end,
     })
 }
 
@@ -273,23 +311,7 @@ impl Summary {
                 d.reason,
                 d.message
             ));
-        }
-        if let Some(after) = &self.after_end {
-            let versions: Vec<String> = after
-                .by_version
-                .iter()
-                .map(|(v, n)| {
-                    let share = *n as f64 * 100.0 / after.requests.max(1) as f64;
-                    format!("hello {v} {n} ({share:.1}%)")
-                })
-                .collect();
-            out.push_str(&format!(
-                "{:<22}{} requests: {}; {} failed\n",
-                "after it ended",
-                after.requests,
-                versions.join(", "),
-                after.failed
-            ));
+            out.push_str(&format!("{:<22}  then {}\n", "", d.traffic.describe()));
         }
         out
     }
