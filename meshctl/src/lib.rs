@@ -12,6 +12,7 @@ pub mod install;
 pub mod internal;
 pub mod proxy;
 pub mod report;
+pub mod rollout;
 pub mod route;
 pub mod stat;
 pub mod stats;

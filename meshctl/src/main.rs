@@ -1,7 +1,9 @@
 //! `meshctl`: the Trellis command line.
 
 use clap::{Parser, Subcommand};
-use meshctl::{ca, check, demo, identity, inject, install, internal, proxy, route, stat, token};
+use meshctl::{
+    ca, check, demo, identity, inject, install, internal, proxy, rollout, route, stat, token,
+};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +33,15 @@ enum Command {
     /// retries and fault injection (Gateway API HTTPRoute).
     #[command(subcommand)]
     Route(route::RouteCommand),
+    /// Roll a Service out to a canary step by step behind health gates
+    /// (success rate, p99 latency), rolling back on its own when they fail.
+    ///
+    /// Example:
+    ///   meshctl rollout start hello --stable hello-v1 --canary hello-v2 --steps 10,50,100 \
+    ///     --interval 30s --min-success 99% --max-p99 200ms
+    ///   meshctl rollout status hello --watch
+    #[command(subcommand, verbatim_doc_comment)]
+    Rollout(rollout::RolloutCommand),
     /// Put an app of yours behind a sidecar in the running demo's mesh: its
     /// identity, token and manifests are taken care of (Ctrl-C removes them).
     ///
@@ -84,6 +95,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Demo(args) => demo::run(args).await,
         Command::Route(command) => route::run(command),
+        Command::Rollout(command) => rollout::run(command).await,
         Command::Identity(args) => identity::run(args).await,
         Command::Ca(args) => ca::run(args),
         Command::Install(args) => install::run(args),

@@ -336,3 +336,143 @@ fn proxy_keys_never_touch_the_disk() {
         "{stdout}"
     );
 }
+
+/// The rollout's decisions in a rollout scenario's summary, as
+/// (seconds from the start of traffic, reason, canary weight).
+fn decisions(summary: &serde_json::Value) -> Vec<(f64, String, u64)> {
+    summary["rollout"]["decisions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rollout decisions: {summary}"))
+        .iter()
+        .map(|d| {
+            (
+                d["at_s"].as_f64().unwrap(),
+                d["reason"].as_str().unwrap().to_string(),
+                d["canary_weight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The goal: a canary failing 20% of its requests is rolled back
+/// within one gate window of getting traffic, and gets none afterwards.
+#[test]
+fn rollout_bad_is_rolled_back_and_the_json_says_so() {
+    let state = tempfile::tempdir().unwrap();
+    let (status, summary, stderr) = demo_json(
+        state.path(),
+        &["--scenario", "rollout-bad", "--duration", "40"],
+    );
+    assert!(status.success(), "{summary}\nstderr:\n{stderr}");
+    assert_eq!(summary["scenario"], "rollout-bad", "{summary}");
+    let rollout = &summary["rollout"];
+    assert_eq!(rollout["phase"], "RolledBack", "{summary}");
+    assert_eq!(rollout["outcome_reached"], true, "{summary}");
+    let decisions = decisions(&summary);
+    let reasons: Vec<&str> = decisions.iter().map(|(_, r, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["Started", "GateFailed"], "{summary}");
+    let (started, _, first_weight) = &decisions[0];
+    let (rolled_back, _, weight) = &decisions[1];
+    assert_eq!((*first_weight, *weight), (20, 0), "{summary}");
+    // One 3 s window after the canary first got traffic (and a tick).
+    assert!(
+        rolled_back - started <= 3.5,
+        "rolled back {:.1} s after the start: {summary}",
+        rolled_back - started
+    );
+    // The status names the failed gate and its value.
+    let gate = &rollout["gates"][0];
+    assert_eq!(gate["name"], "success-rate", "{summary}");
+    assert_eq!(gate["verdict"], "Fail", "{summary}");
+    let value = gate["value"].as_f64().unwrap();
+    assert!((70.0..90.0).contains(&value), "about 80%: {summary}");
+    // Afterwards hello-v2 gets nothing, and nothing fails.
+    let after = &rollout["after_end"];
+    assert!(after["requests"].as_u64().unwrap() >= 1000, "{summary}");
+    assert_eq!(
+        after["by_version"]["v2"],
+        serde_json::Value::Null,
+        "{summary}"
+    );
+    assert_eq!(after["failed"], 0, "{summary}");
+    assert!(
+        summary["failures"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|why| why.contains("on purpose")),
+        "only hello-v2's own failures: {summary}"
+    );
+    let left = processes_mentioning(state.path());
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+#[test]
+fn rollout_promotes_a_healthy_canary_step_by_step() {
+    let state = tempfile::tempdir().unwrap();
+    let (status, summary, stderr) =
+        demo_json(state.path(), &["--scenario", "rollout", "--duration", "25"]);
+    assert!(status.success(), "{summary}\nstderr:\n{stderr}");
+    assert_eq!(summary["rollout"]["phase"], "Promoted", "{summary}");
+    let decisions = decisions(&summary);
+    let steps: Vec<(&str, u64)> = decisions
+        .iter()
+        .map(|(_, reason, weight)| (reason.as_str(), *weight))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("Started", 20),
+            ("StepPassed", 50),
+            ("StepPassed", 100),
+            ("Promoted", 100)
+        ],
+        "{summary}"
+    );
+    // No step ends before its 3 s window.
+    for pair in decisions.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= 2.9, "{pair:?}: {summary}");
+    }
+    // Each step's weight is what the demo's requests saw.
+    for decision in summary["rollout"]["decisions"].as_array().unwrap() {
+        let traffic = &decision["traffic"];
+        let requests = traffic["requests"].as_u64().unwrap();
+        let v2 = traffic["by_version"]["v2"].as_u64().unwrap_or(0);
+        let share = 100.0 * v2 as f64 / requests.max(1) as f64;
+        let weight = decision["canary_weight"].as_f64().unwrap();
+        assert!(requests >= 100, "{decision}");
+        assert!(
+            (share - weight).abs() <= 10.0,
+            "{share:.1}% to v2: {decision}"
+        );
+    }
+    let after = &summary["rollout"]["after_end"];
+    assert_eq!(
+        after["by_version"]["v1"],
+        serde_json::Value::Null,
+        "{summary}"
+    );
+    assert!(
+        after["by_version"]["v2"].as_u64().unwrap() >= 500,
+        "{summary}"
+    );
+    let requests = summary["requests"].as_u64().unwrap();
+    assert!(
+        summary["succeeded"].as_u64().unwrap() as f64 >= 0.99 * requests as f64,
+        "{summary}"
+    );
+}
+
+/// Exit status 0 means the outcome happened: a run too short for the
+/// rollback fails.
+#[test]
+fn a_rollout_scenario_that_does_not_reach_its_outcome_fails() {
+    let state = tempfile::tempdir().unwrap();
+    let (status, summary, stderr) = demo_json(
+        state.path(),
+        &["--scenario", "rollout-bad", "--duration", "4"],
+    );
+    assert!(!status.success(), "{summary}\nstderr:\n{stderr}");
+    assert_eq!(summary["rollout"]["outcome_reached"], false, "{summary}");
+    assert_ne!(summary["rollout"]["phase"], "RolledBack", "{summary}");
+}

@@ -3,6 +3,7 @@
 //! the Kubernetes "accessing applications" example).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -34,12 +35,47 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 use trellis_common::serve::serve;
 
-/// `hello`: answers every request with a JSON greeting naming its version.
+/// Makes `hello` fail this percentage of its requests (a whole number,
+/// 0-100; `--scenario rollout-bad` sets it for hello-v2).
+pub const FAIL_PERCENT_ENV: &str = "TRELLIS_DEMO_FAIL_PERCENT";
+
+/// The share of requests `hello` fails on purpose, from [`FAIL_PERCENT_ENV`].
+fn fail_percent() -> u64 {
+    match std::env::var(FAIL_PERCENT_ENV) {
+        Err(_) => 0,
+        Ok(value) => match value.parse::<u64>() {
+            Ok(percent) if percent <= 100 => percent,
+            // Only the demo sets it; a bad value is its bug, shown in the log.
+            _ => panic!("{FAIL_PERCENT_ENV}={value:?}: expected a whole percentage, 0 to 100"),
+        },
+    }
+}
+
+/// Whether request number `n` (from 0) is one of the `percent` in a
+/// hundred that fail: spread evenly, so every window sees its share.
+fn fails(n: u64, percent: u64) -> bool {
+    (n + 1) * percent / 100 > n * percent / 100
+}
+
+/// `hello`: answers every request with a JSON greeting naming its version,
+/// except the share [`FAIL_PERCENT_ENV`] asks to fail (500).
 pub async fn hello(listener: TcpListener, version: String, pod: String) {
     let greeting = Arc::new((version, pod));
+    let percent = fail_percent();
+    let served = Arc::new(AtomicU64::new(0));
     serve(listener, move |request: Request<Incoming>| {
         let greeting = greeting.clone();
+        let served = served.clone();
         async move {
+            if fails(served.fetch_add(1, Ordering::Relaxed), percent) {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "{} failed this request on purpose ({FAIL_PERCENT_ENV}={percent})\n",
+                        greeting.1
+                    ),
+                );
+            }
             let client_identity = request
                 .headers()
                 .get(trellis_proto::headers::CLIENT_ID)
@@ -103,4 +139,18 @@ pub async fn frontend(listener: TcpListener, backend: String, proxy: SocketAddr)
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fails;
+
+    #[test]
+    fn a_failure_share_is_spread_evenly() {
+        let failed: Vec<u64> = (0..20).filter(|&n| fails(n, 20)).collect();
+        assert_eq!(failed, [4, 9, 14, 19]);
+        assert_eq!((0..1000).filter(|&n| fails(n, 7)).count(), 70);
+        assert!(!(0..1000).any(|n| fails(n, 0)));
+        assert!((0..1000).all(|n| fails(n, 100)));
+    }
 }

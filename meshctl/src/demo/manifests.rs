@@ -164,6 +164,35 @@ pub fn render(pods: &[DemoPod]) -> String {
     docs.join("---\n")
 }
 
+/// An HTTPRoute sending all of `service`'s traffic to the `backend`
+/// Service (on [`APP_PORT`]), as `meshctl route set SERVICE --backend
+/// BACKEND=100` writes it.
+pub fn route_all_to(service: &str, backend: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: {service}
+  namespace: {NAMESPACE}
+spec:
+  parentRefs:
+    - group: \"\"
+      kind: Service
+      name: {service}
+  rules:
+    - backendRefs:
+        - name: {backend}
+          port: {APP_PORT}
+          weight: 1
+"
+    )
+}
+
+/// The file `meshctl route set SERVICE` writes the route of `service` to.
+pub fn route_file(service: &str) -> String {
+    format!("route-{NAMESPACE}-{service}.yaml")
+}
+
 /// An application of the user's that `meshctl proxy` meshes: a Service
 /// `name` on `port`, one endpoint (its sidecar, at `pod_ip`) and its Pod.
 #[derive(Clone, Debug)]
@@ -230,6 +259,23 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn the_route_to_one_backend_sends_it_everything() {
+        let pods = pods([127, 0, 9]);
+        let mut objects =
+            manifest::parse(std::path::Path::new("demo.yaml"), &render(&pods)).unwrap();
+        let file = std::path::PathBuf::from(route_file("hello"));
+        let route = manifest::parse(&file, &route_all_to("hello", "hello-v1")).unwrap();
+        let all: Vec<_> = objects.iter().chain(&route).collect();
+        manifest::validate(&file, &route, &all).unwrap();
+        objects.extend(route);
+        let store = Store::new("cluster.local");
+        store.replace_all(objects);
+        let rules = store.routes(HELLO_AUTHORITY).rules;
+        let backends: Vec<_> = rules[0].backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(backends, ["hello-v1"]);
     }
 
     #[test]

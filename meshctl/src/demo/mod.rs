@@ -4,6 +4,7 @@
 
 pub mod apps;
 pub mod manifests;
+pub mod rollout;
 pub mod scenario;
 mod supervise;
 
@@ -39,12 +40,18 @@ pub enum Output {
 pub struct DemoArgs {
     /// Run this many seconds, print the summary and stop (exit status 0 only
     /// if at least 99% of requests succeeded; under `chaos`, if the run
-    /// completed). Without it: until Ctrl-C.
+    /// completed; under `rollout`, if the rollout was promoted, and under
+    /// `rollout-bad`, if it was rolled back). Without it: until Ctrl-C.
     #[arg(long, value_name = "SECONDS")]
     duration: Option<u64>,
     /// `chaos`: while traffic runs, stop (SIGTERM) and crash (SIGKILL) the
     /// `hello-v2` pod's sidecar and app every 5–8 s; the demo restarts them
     /// and the summary lists each disruption, restarts and failed requests.
+    /// `rollout`: all traffic starts on hello-v1, then `meshctl rollout
+    /// start` moves it to hello-v2 (20%, 50%, 100%) behind a 99% success
+    /// gate; `rollout-bad`: the same with a hello-v2 failing 20% of its
+    /// requests, which the rollout rolls back. Their summary lists the
+    /// rollout's decisions and when they happened.
     #[arg(long, value_enum, default_value = "steady")]
     scenario: Scenario,
     /// `json` makes the last line on stdout one JSON object.
@@ -96,6 +103,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let pods = manifests::pods(base);
     std::fs::write(manifests_dir.join("demo.yaml"), manifests::render(&pods))
         .context("writing the demo manifests")?;
+    if rollout::expected(args.scenario).is_some() {
+        // A rollout splits the Service by backend: before it, everything
+        // goes to the stable one (and the rollout adopts this route).
+        std::fs::write(
+            manifests_dir.join(manifests::route_file("hello")),
+            manifests::route_all_to("hello", "hello-v1"),
+        )
+        .context("writing the route of hello")?;
+    }
 
     let say = |line: String| match args.output {
         Output::Table => println!("{line}"),
@@ -116,7 +132,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         let tokens = BootstrapTokens::load_or_create(&state_dir).context("opening the bootstrap tokens")?;
         let mut processes = Vec::new();
         for pod in &pods {
-            processes.push(start_pod(&mut children, pod, controller, &tokens, &state_dir)?);
+            let fail = rollout::canary_fail_percent(args.scenario).filter(|_| pod.name == "hello-v2");
+            let app_env: Vec<(&str, String)> =
+                fail.map(|p| (apps::FAIL_PERCENT_ENV, p.to_string())).into_iter().collect();
+            processes.push(start_pod(&mut children, pod, &app_env, controller, &tokens, &state_dir)?);
         }
         for (pod, (_, proxy)) in pods.iter().zip(&processes) {
             let hint = || format!("{} restarts; see {}", proxy.status().restarts, proxy.log().display());
@@ -146,11 +165,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
                 .with_context(|| format!("writing {}", file.display()))?;
             say(format!("  prometheus  scrape config written to {}", file.display()));
         }
-        say("Try, in another terminal: meshctl route set hello --backend hello-v1=50 --backend hello-v2=50".into());
+        match rollout::expected(args.scenario) {
+            Some(_) => say(format!(
+                "In {:.0} s the demo runs `{}`; follow it in another terminal: meshctl rollout status hello --watch",
+                rollout::START_AFTER.as_secs_f64(),
+                rollout::command_line()
+            )),
+            None => say("Try, in another terminal: meshctl route set hello --backend hello-v1=50 --backend hello-v2=50".into()),
+        }
         let frontend = SocketAddr::from((pods[0].ip, APP_PORT));
         let hello_identity = SpiffeId::new(TRUST_DOMAIN, manifests::NAMESPACE, "hello").to_string();
         let chaos = match args.scenario {
-            Scenario::Steady => None,
+            Scenario::Steady | Scenario::Rollout | Scenario::RolloutBad => None,
             Scenario::Chaos => {
                 let (pod, (app, proxy)) = pods.iter().zip(&processes)
                     .find(|(pod, _)| pod.name == CHAOS_POD)
@@ -158,7 +184,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
                 Some(chaos_targets(pod, app, proxy)?)
             }
         };
-        drive(&args, frontend, &hello_identity, chaos, &children).await
+        drive(&args, frontend, &hello_identity, chaos, &manifests_dir, &children).await
     }
     .await;
     children.stop().await;
@@ -213,10 +239,11 @@ async fn free_loopback_block() -> anyhow::Result<[u8; 3]> {
     bail!("found no free loopback block 127.x.y.0/24 for the demo; is 127.0.0.0/8 routed to lo?")
 }
 
-/// Starts the pod's app and sidecar; returns them in that order.
+/// Starts the pod's app (with `app_env`) and sidecar; returns them in that order.
 fn start_pod(
     children: &mut Supervisor,
     pod: &DemoPod,
+    app_env: &[(&'static str, String)],
     controller: SocketAddr,
     tokens: &BootstrapTokens,
     state_dir: &Path,
@@ -239,7 +266,7 @@ fn start_pod(
         )?,
         _ => children.start(
             pod.name,
-            &[],
+            app_env,
             &[
                 "hello",
                 "--listen",
@@ -398,13 +425,15 @@ pub async fn wait_ready(
 }
 
 /// Sends requests to the frontend at a fixed rate until the duration ends
-/// or Ctrl-C, disrupting the `chaos` targets (sidecar, app) if given, then
-/// prints the summary. Whether the run passed: see `DemoArgs::duration`.
+/// or Ctrl-C, disrupting the `chaos` targets (sidecar, app) if given, or
+/// rolling hello out (a rollout scenario, in `manifests`), then prints the
+/// summary. Whether the run passed: see `DemoArgs::duration`.
 async fn drive(
     args: &DemoArgs,
     frontend: SocketAddr,
     server_identity: &str,
     chaos: Option<(Target, Target)>,
+    manifests: &Path,
     children: &Supervisor,
 ) -> anyhow::Result<bool> {
     let client: Client<HttpConnector, Empty<Bytes>> =
@@ -413,6 +442,7 @@ async fn drive(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let in_flight = Arc::new(Semaphore::new(256));
     let started = Instant::now();
+    let traffic_started = k8s_openapi::jiff::Timestamp::now();
     let duration = args.duration.map(Duration::from_secs);
     let end = duration.map(|d| started + d);
     let (chaos_tx, mut chaos_rx) = mpsc::unbounded_channel();
@@ -420,6 +450,14 @@ async fn drive(
         let schedule = Schedule::for_duration(duration);
         tokio::spawn(scenario::chaos(sidecar, app, schedule, started, chaos_tx))
     });
+    let rolling = rollout::expected(args.scenario).map(|_| {
+        tokio::spawn(rollout::follow(
+            manifests.to_path_buf(),
+            started,
+            traffic_started,
+        ))
+    });
+    let mut timeline = rollout::Timeline::default();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rps)));
     // Open loop: ticks missed while the machine was busy are sent at once,
     // so the rate over any window stays what was asked.
@@ -449,7 +487,10 @@ async fn drive(
                     drop(permit);
                 });
             }
-            Some(sample) = rx.recv() => report.add(sample),
+            Some(sample) = rx.recv() => {
+                timeline.observe(&sample);
+                report.add(sample);
+            }
             Some(event) = chaos_rx.recv(), if chaos.is_some() => report.chaos(event),
             _ = progress.tick() => {
                 eprint!("\r{}   ", report.progress(started.elapsed()));
@@ -460,11 +501,15 @@ async fn drive(
     if let Some(chaos) = chaos {
         chaos.abort();
     }
+    if let Some(rolling) = &rolling {
+        rolling.abort();
+    }
     // Let the last requests finish.
     drop(tx);
     let drain = async {
         while let Some(sample) = rx.recv().await {
-            report.add(sample)
+            timeline.observe(&sample);
+            report.add(sample);
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
@@ -478,15 +523,40 @@ async fn drive(
         started.elapsed(),
         children.restarts(),
     );
+    let rolled = match rollout::expected(args.scenario) {
+        Some(_) => Some(rollout::summary(
+            args.scenario,
+            manifests,
+            traffic_started,
+            &timeline,
+        )?),
+        None => None,
+    };
     match args.output {
-        Output::Table => print!("\n{}", summary.table()),
-        Output::Json => println!("{}", serde_json::to_string(&summary)?),
+        Output::Table => {
+            print!("\n{}", summary.table());
+            if let Some(rolled) = &rolled {
+                print!("{}", rolled.table());
+            }
+        }
+        Output::Json => {
+            let mut json = serde_json::to_value(&summary)?;
+            if let (Some(rolled), Some(object)) = (&rolled, json.as_object_mut()) {
+                object.insert("rollout".into(), serde_json::to_value(rolled)?);
+            }
+            println!("{}", serde_json::to_string(&json)?);
+        }
     }
-    // Chaos is meant to fail requests until the mesh rides it out: the run
-    // itself is the result, and `failed` says how well the mesh did.
     Ok(match args.scenario {
         Scenario::Steady => args.duration.is_none() || summary.success_rate >= 0.99,
+        // Chaos is meant to fail requests until the mesh rides it out: the
+        // run itself is the result, and `failed` says how well the mesh did.
         Scenario::Chaos => true,
+        // A rollout's result is how it ended (rollout-bad fails requests
+        // on purpose until it is rolled back).
+        Scenario::Rollout | Scenario::RolloutBad => {
+            args.duration.is_none() || rolled.is_some_and(|r| r.outcome_reached)
+        }
     })
 }
 

@@ -1,6 +1,8 @@
 //! `--scenario`: what happens to the mesh while the demo's traffic runs.
 //! `chaos` disrupts the `hello-v2` pod again and again, the ways a pod goes
 //! away in Kubernetes, and lets the supervisor restart what it stopped.
+//! `rollout` and `rollout-bad` roll `hello` out to `hello-v2` (see
+//! `demo::rollout`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,13 +19,19 @@ use tokio::sync::mpsc;
 use super::supervise::Process;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Scenario {
     /// Traffic only.
     #[default]
     Steady,
     /// Traffic while a `hello` pod is stopped and crashed repeatedly.
     Chaos,
+    /// A rollout of `hello` from hello-v1 to a healthy hello-v2, promoted
+    /// step by step (20%, 50%, 100%) as its gates pass.
+    Rollout,
+    /// The same rollout of a hello-v2 that fails 20% of its requests: the
+    /// success-rate gate fails and the rollout rolls back on its own.
+    RolloutBad,
 }
 
 impl Scenario {
@@ -31,6 +39,8 @@ impl Scenario {
         match self {
             Scenario::Steady => "steady",
             Scenario::Chaos => "chaos",
+            Scenario::Rollout => "rollout",
+            Scenario::RolloutBad => "rollout-bad",
         }
     }
 }
