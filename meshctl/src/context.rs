@@ -52,6 +52,22 @@ pub enum NoDemo {
     Old(PathBuf),
 }
 
+/// The manifest directory to work on: `given`, or the running demo's.
+pub fn manifests_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    if let Some(dir) = given {
+        return Ok(dir.to_path_buf());
+    }
+    let path = self::path();
+    match Context::load(&path).with_context(|| format!("reading {}", path.display()))? {
+        Some(context) => Ok(context.manifests),
+        None => anyhow::bail!(
+            "no mesh to talk to: pass --manifests DIR (the controller's manifest directory), \
+             or start `meshctl demo` first"
+        ),
+    }
+}
+
 impl Context {
     pub fn load(path: &Path) -> std::io::Result<Option<Self>> {
         match std::fs::read(path) {

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::context::{self, Context};
+use crate::context;
 use anyhow::{bail, Context as _};
 use trellis_control_plane::model::*;
 use trellis_control_plane::source::local::parse_dir;
@@ -90,17 +90,7 @@ pub fn run(command: RouteCommand) -> anyhow::Result<bool> {
 }
 
 fn manifests_dir(target: &Target) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = &target.manifests {
-        return Ok(dir.clone());
-    }
-    let path = context::path();
-    match Context::load(&path).with_context(|| format!("reading {}", path.display()))? {
-        Some(context) => Ok(context.manifests),
-        None => bail!(
-            "no mesh to talk to: pass --manifests DIR (the controller's manifest directory), \
-             or start `meshctl demo` first"
-        ),
-    }
+    context::manifests_dir(target.manifests.as_deref())
 }
 
 /// The file `route set` owns for a Service.

@@ -56,10 +56,13 @@ impl TestCa {
 
 /// Every optional feature on.
 fn everything_on() -> Value {
-    json!({"monitoring": {
-        "podMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "prometheus"}},
-        "serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
-    }})
+    json!({
+        "controller": {"prometheusUrl": "http://prometheus-operated.monitoring:9090"},
+        "monitoring": {
+            "podMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "prometheus"}},
+            "serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
+        },
+    })
 }
 
 fn merged(parts: &[&Value]) -> Value {

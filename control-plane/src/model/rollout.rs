@@ -121,7 +121,7 @@ pub struct NameValue {
 
 /// The gates, evaluated over each window on the canary's requests as its
 /// clients' proxies saw them.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Analysis {
     /// One gate window (Gateway API duration, e.g. `30s`).
@@ -141,6 +141,20 @@ pub struct Analysis {
     /// a condition saying why.
     #[serde(default = "default_inconclusive_limit")]
     pub inconclusive_limit: u32,
+}
+
+/// What a manifest gets for the fields it leaves out.
+impl Default for Analysis {
+    fn default() -> Self {
+        Self {
+            interval: String::new(),
+            min_requests: default_min_requests(),
+            success_rate: None,
+            max_p99: None,
+            rollback: RollbackPolicy::default(),
+            inconclusive_limit: default_inconclusive_limit(),
+        }
+    }
 }
 
 fn default_min_requests() -> u32 {

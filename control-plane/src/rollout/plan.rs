@@ -172,40 +172,6 @@ impl Plan {
             &analysis.interval,
             MIN_INTERVAL,
         )?;
-        let gates = Gates {
-            min_requests: analysis.min_requests,
-            success_rate: analysis.success_rate,
-            max_p99: analysis
-                .max_p99
-                .as_deref()
-                .map(|v| duration("spec.analysis.maxP99".into(), v, Duration::from_millis(1)))
-                .transpose()?,
-        };
-        if gates.success_rate.is_none() && gates.max_p99.is_none() {
-            return Err(Invalid::NoGates);
-        }
-        if let Some(rate) = gates.success_rate {
-            if !(rate > 0.0 && rate <= 100.0) {
-                return Err(Invalid::SuccessRate(rate));
-            }
-        }
-        for (field, value) in [
-            ("minRequests", analysis.min_requests),
-            (
-                "rollback.consecutiveFailures",
-                analysis.rollback.consecutive_failures,
-            ),
-            (
-                "rollback.totalFailures",
-                analysis.rollback.total_failures.unwrap_or(1),
-            ),
-            ("inconclusiveLimit", analysis.inconclusive_limit),
-        ] {
-            if value == 0 {
-                return Err(Invalid::Zero { field });
-            }
-        }
-
         let mut stages = Vec::new();
         let mut cohort = None;
         if let Some(ab) = &spec.ab_test {
@@ -256,6 +222,40 @@ impl Plan {
         if stages.is_empty() {
             return Err(Invalid::NoStages);
         }
+        let gates = Gates {
+            min_requests: analysis.min_requests,
+            success_rate: analysis.success_rate,
+            max_p99: analysis
+                .max_p99
+                .as_deref()
+                .map(|v| duration("spec.analysis.maxP99".into(), v, Duration::from_millis(1)))
+                .transpose()?,
+        };
+        if gates.success_rate.is_none() && gates.max_p99.is_none() {
+            return Err(Invalid::NoGates);
+        }
+        if let Some(rate) = gates.success_rate {
+            if !(rate > 0.0 && rate <= 100.0) {
+                return Err(Invalid::SuccessRate(rate));
+            }
+        }
+        for (field, value) in [
+            ("minRequests", analysis.min_requests),
+            (
+                "rollback.consecutiveFailures",
+                analysis.rollback.consecutive_failures,
+            ),
+            (
+                "rollback.totalFailures",
+                analysis.rollback.total_failures.unwrap_or(1),
+            ),
+            ("inconclusiveLimit", analysis.inconclusive_limit),
+        ] {
+            if value == 0 {
+                return Err(Invalid::Zero { field });
+            }
+        }
+
         Ok(Self {
             stages,
             interval,

@@ -18,6 +18,7 @@ const CUSTOM_RESOURCES: &[(&str, &str)] = &[
     ("gateway.networking.k8s.io/v1", "httproutes"),
     ("trellis.dev/v1alpha1", "httpfaults"),
     ("trellis.dev/v1alpha1", "resiliencepolicies"),
+    ("trellis.dev/v1alpha1", "rollouts"),
 ];
 
 pub(super) fn kubernetes_version(major: &str, minor: &str) -> Item {
@@ -53,7 +54,7 @@ pub(super) async fn custom_resources(client: &Client) -> Item {
         return Item::pass(
             Section::PreFlight,
             name,
-            "HTTPRoute (Gateway API), HTTPFault, ResiliencePolicy",
+            "HTTPRoute (Gateway API), HTTPFault, ResiliencePolicy, Rollout",
         );
     }
     let gateway = missing

@@ -12,13 +12,13 @@ pub mod start;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use k8s_openapi::jiff::Timestamp;
 use trellis_control_plane::model::{Object, ObjectKey, Phase, Rollout, RolloutStatus};
 use trellis_control_plane::rollout::{self as controller, local, STARTED_AT_ANNOTATION};
 use trellis_control_plane::source::local::parse_dir;
 
-use crate::context::{self, Context};
+use crate::context::manifests_dir;
 pub use start::StartArgs;
 
 #[derive(clap::Subcommand)]
@@ -118,20 +118,6 @@ impl Place {
     /// The manifest directory: `--manifests`, or the running demo's.
     fn dir(&self) -> anyhow::Result<PathBuf> {
         manifests_dir(self.manifests.as_deref())
-    }
-}
-
-fn manifests_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = given {
-        return Ok(dir.to_path_buf());
-    }
-    let path = context::path();
-    match Context::load(&path).with_context(|| format!("reading {}", path.display()))? {
-        Some(context) => Ok(context.manifests),
-        None => bail!(
-            "no mesh to talk to: pass --manifests DIR (the controller's manifest directory), \
-             or start `meshctl demo` first"
-        ),
     }
 }
 

@@ -10,9 +10,8 @@ use trellis_control_plane::model::{
 };
 use trellis_control_plane::rollout::plan::{Hold, Plan};
 
-use super::{
-    current_status, find, manifests_dir, rollouts_in, started_at, Format, ListArgs, StatusArgs,
-};
+use super::{current_status, find, rollouts_in, started_at, Format, ListArgs, StatusArgs};
+use crate::context::manifests_dir;
 use crate::route::render_table;
 
 /// How often `--watch` looks at the status (the controller ticks every 200 ms).

@@ -205,7 +205,7 @@ pub fn build(args: &StartArgs, now: Timestamp) -> anyhow::Result<Rollout> {
         interval: args.interval.clone(),
         success_rate,
         max_p99: args.max_p99.clone(),
-        ..manifest_defaults()?
+        ..Analysis::default()
     };
     if let Some(n) = args.min_requests {
         analysis.min_requests = n;
@@ -248,12 +248,6 @@ pub fn build(args: &StartArgs, now: Timestamp) -> anyhow::Result<Rollout> {
         },
         status: None,
     })
-}
-
-/// The analysis a manifest gets for the fields it leaves out (the model's
-/// serde defaults, which `Default` does not have).
-fn manifest_defaults() -> anyhow::Result<Analysis> {
-    serde_json::from_str(r#"{"interval":""}"#).context("the model's analysis defaults")
 }
 
 fn ab_test(args: &StartArgs) -> anyhow::Result<Option<AbTest>> {
