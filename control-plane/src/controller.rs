@@ -186,7 +186,8 @@ impl Controller {
         let store = Store::new(&config.trust_domain);
         let mut tasks = JoinSet::new();
         let metrics = Arc::new(ControllerMetrics::new());
-        let (manifest_errors, leadership, client) = match &config.source {
+        // Rollouts write their routes and statuses where the objects come from.
+        let (manifest_errors, leadership, client, rollout_api) = match &config.source {
             Source::Manifests(dir) => {
                 let mut source = LocalSource::new(dir, store.clone());
                 // Load once before serving, so the first answers are complete.
@@ -198,7 +199,10 @@ impl Controller {
                     })?;
                 let errors = source.errors();
                 tasks.spawn(source.run());
-                (errors, Leadership::sole(&metrics.leader), None)
+                let api = RolloutApi::Local(LocalApi {
+                    manifests: dir.clone(),
+                });
+                (errors, Leadership::sole(&metrics.leader), None, api)
             }
             Source::Cluster(kube_config) => {
                 let client = kube::Client::try_from(kube_config.as_ref().clone())?;
@@ -212,21 +216,11 @@ impl Controller {
                 // Only a replica with the whole store may lead.
                 let lease = LeaseConfig::new(&config.namespace, config.lease_duration);
                 let leadership = Leadership::elect(client.clone(), lease, metrics.leader.clone());
-                (watch::channel(Vec::new()).1, leadership, Some(client))
+                let api = RolloutApi::Cluster(ClusterApi {
+                    client: client.clone(),
+                });
+                (watch::channel(Vec::new()).1, leadership, Some(client), api)
             }
-        };
-
-        // Rollouts write their routes and statuses where the objects come from.
-        let rollout_api = match (&config.source, &client) {
-            (Source::Cluster(_), Some(client)) => RolloutApi::Cluster(ClusterApi {
-                client: client.clone(),
-            }),
-            (source, _) => RolloutApi::Local(LocalApi {
-                manifests: match source {
-                    Source::Manifests(dir) => dir.clone(),
-                    Source::Cluster(_) => PathBuf::new(),
-                },
-            }),
         };
 
         // Local mode: the CA's files and bootstrap tokens in the state

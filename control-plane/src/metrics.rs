@@ -228,18 +228,14 @@ impl RolloutMetrics {
         status: &crate::model::RolloutStatus,
     ) {
         let key = rollout.metadata.key();
-        let known = self
+        let before = self
             .services
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
-        if known.as_deref() != Some(rollout.spec.service.as_str()) {
-            self.forget(&key);
-            self.services
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone(), rollout.spec.service.clone());
+            .insert(key.clone(), rollout.spec.service.clone());
+        // A rollout moved to another Service leaves no series behind.
+        if let Some(old) = before.filter(|old| *old != rollout.spec.service) {
+            self.remove_series(&key, &old);
         }
         let labels = [
             key.namespace.as_str(),
@@ -292,8 +288,13 @@ impl RolloutMetrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
-        let Some(service) = service else { return };
-        let labels = [key.namespace.as_str(), key.name.as_str(), service.as_str()];
+        if let Some(service) = service {
+            self.remove_series(key, &service);
+        }
+    }
+
+    fn remove_series(&self, key: &crate::model::ObjectKey, service: &str) {
+        let labels = [key.namespace.as_str(), key.name.as_str(), service];
         let _ = self.step.remove_label_values(&labels);
         let _ = self.weight.remove_label_values(&labels);
         for phase in crate::model::Phase::ALL {

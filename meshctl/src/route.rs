@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::context;
 use anyhow::{bail, Context as _};
 use trellis_control_plane::model::*;
-use trellis_control_plane::source::local::parse_dir;
+use trellis_control_plane::source::local::{parse_dir, write_atomically};
 use trellis_control_plane::source::manifest;
 use trellis_control_plane::store::Store;
 use trellis_proto::discovery::route_match::PathKind;
@@ -138,9 +138,8 @@ fn set(args: SetArgs) -> anyhow::Result<bool> {
         .join("---\n");
     let unchanged = std::fs::read_to_string(&file).is_ok_and(|current| current == yaml);
     if !unchanged {
-        let tmp = file.with_extension("yaml.tmp~");
-        std::fs::write(&tmp, &yaml).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+        write_atomically(&file, yaml.as_bytes())
+            .with_context(|| format!("writing {}", file.display()))?;
     }
     match args.target.output {
         Format::Yaml => print!("{yaml}"),

@@ -4,11 +4,15 @@
 //! Needs nginx (Debian `nginx-light`); without it the nginx test skips,
 //! except under `CI=true`, where it fails.
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use support::eventually;
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/default/sa/frontend";
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
@@ -17,19 +21,6 @@ fn meshctl(context: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_meshctl"));
     command.env("TRELLIS_CONTEXT", context).stdin(Stdio::null());
     command
-}
-
-/// Polls `check` every 100 ms until it gives a value; fails after 30 s
-/// with `what` and the last thing `check` saw.
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() > deadline => panic!("{what} within 30 s; last: {last}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 /// A child process stopped (`signal`, then killed after 15 s) when dropped,

@@ -1,42 +1,15 @@
 //! `meshctl rollout` as a user runs it: the real binary against a manifest
 //! directory, carried out by a real controller process.
 
+mod support;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use meshctl::demo::manifests;
-
-fn meshctl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(args)
-        .arg("--manifests")
-        .arg(dir)
-        .env("TRELLIS_CONTEXT", dir.join("no-context.json"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// A manifest directory with the demo's Services.
-fn demo_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("demo.yaml"),
-        manifests::render(&manifests::pods([127, 0, 9])),
-    )
-    .unwrap();
-    dir
-}
+use support::{demo_dir, eventually, meshctl_in as meshctl, text};
 
 /// Every file below `dir` with its contents (the status directory too).
 fn files(dir: &Path) -> Vec<(String, String)> {
@@ -54,20 +27,6 @@ fn files(dir: &Path) -> Vec<(String, String)> {
     }
     out.sort();
     out
-}
-
-/// Polls `check` every 100 ms until it gives a value; fails after 30 s
-/// with `what` and the last thing `check` saw (as in proxy_cli.rs: these
-/// tests cannot use the trellis-tests harness, which depends on meshctl).
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() > deadline => panic!("{what} within 30 s; last: {last}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 /// The controller the demo runs, on a free loopback address, serving `dir`;

@@ -1,38 +1,11 @@
 //! `meshctl route` as a user runs it against a manifest directory.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use meshctl::demo::manifests;
-
-fn meshctl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(args)
-        .arg("--manifests")
-        .arg(dir)
-        .env("TRELLIS_CONTEXT", dir.join("no-context.json"))
-        .output()
-        .unwrap()
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// A manifest directory with the demo's Services.
-fn demo_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("demo.yaml"),
-        manifests::render(&manifests::pods([127, 0, 9])),
-    )
-    .unwrap();
-    dir
-}
+use support::{demo_dir, meshctl_in as meshctl, text};
 
 fn files(dir: &Path) -> Vec<(String, String)> {
     let mut files: Vec<_> = std::fs::read_dir(dir)

@@ -441,9 +441,8 @@ pub fn controller_env(addr: SocketAddr, state_dir: &Path) -> [(&'static str, Str
 }
 
 pub fn write_atomically(path: &Path, contents: &str) {
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, contents).expect("write manifest");
-    std::fs::rename(&tmp, path).expect("rename manifest");
+    trellis_control_plane::source::local::write_atomically(path, contents.as_bytes())
+        .expect("write manifest");
 }
 
 /// Starts the demo's `hello` app on `ip` (port chosen by the OS).

@@ -391,38 +391,11 @@ impl Status<'_> {
     }
 
     fn set_condition(&mut self, kind: &str, status: bool, reason: &str, message: &str) {
-        let status = if status { "True" } else { "False" };
-        let now = stamp(self.now);
-        match self.status.conditions.iter_mut().find(|c| c.kind == kind) {
-            Some(c) => {
-                if c.status != status {
-                    c.last_transition_time = now;
-                }
-                c.status = status.into();
-                c.reason = reason.into();
-                c.message = message.into();
-            }
-            None => self.status.conditions.push(Condition {
-                kind: kind.into(),
-                status: status.into(),
-                reason: reason.into(),
-                message: message.into(),
-                last_transition_time: now,
-            }),
-        }
+        set_condition(&mut self.status, self.now, kind, status, reason, message);
     }
 
     fn decide(&mut self, reason: &str, message: String) {
-        tracing::info!(reason, %message, step = self.status.step + 1, weight = self.status.canary_weight, "rollout decision");
-        self.status.history.push(Decision {
-            time: stamp(self.now),
-            step: self.status.step,
-            canary_weight: self.status.canary_weight,
-            reason: reason.into(),
-            message,
-        });
-        let excess = self.status.history.len().saturating_sub(HISTORY);
-        self.status.history.drain(..excess);
+        decide(&mut self.status, self.now, reason, message);
     }
 
     fn finish(mut self) -> RolloutStatus {
@@ -452,32 +425,55 @@ pub fn refuse(
         status.phase = Phase::Invalid;
         status.next_decision_at = None;
     }
-    let mut s = Status {
-        status,
-        plan: &EMPTY_PLAN,
-        now,
-    };
-    s.set_condition("Accepted", false, reason, message);
+    set_condition(&mut status, now, "Accepted", false, reason, message);
     if changed {
-        s.decide(reason, message.to_string());
+        decide(&mut status, now, reason, message.to_string());
     }
-    s.status
+    status
 }
 
-static EMPTY_PLAN: Plan = Plan {
-    stages: Vec::new(),
-    interval: Duration::ZERO,
-    gates: super::plan::Gates {
-        min_requests: 0,
-        success_rate: None,
-        max_p99: None,
-    },
-    consecutive_failures: 1,
-    total_failures: None,
-    inconclusive_limit: 1,
-    port: 0,
-    cohort: None,
-};
+fn set_condition(
+    status: &mut RolloutStatus,
+    now: Timestamp,
+    kind: &str,
+    value: bool,
+    reason: &str,
+    message: &str,
+) {
+    let value = if value { "True" } else { "False" };
+    let now = stamp(now);
+    match status.conditions.iter_mut().find(|c| c.kind == kind) {
+        Some(c) => {
+            if c.status != value {
+                c.last_transition_time = now;
+            }
+            c.status = value.into();
+            c.reason = reason.into();
+            c.message = message.into();
+        }
+        None => status.conditions.push(Condition {
+            kind: kind.into(),
+            status: value.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: now,
+        }),
+    }
+}
+
+/// Records a decision in the status's bounded history.
+fn decide(status: &mut RolloutStatus, now: Timestamp, reason: &str, message: String) {
+    tracing::info!(reason, %message, step = status.step + 1, weight = status.canary_weight, "rollout decision");
+    status.history.push(Decision {
+        time: stamp(now),
+        step: status.step,
+        canary_weight: status.canary_weight,
+        reason: reason.into(),
+        message,
+    });
+    let excess = status.history.len().saturating_sub(HISTORY);
+    status.history.drain(..excess);
+}
 
 fn cohort_note(cohort: bool) -> &'static str {
     if cohort {

@@ -33,20 +33,11 @@ pub fn read_status(manifests: &Path, key: &ObjectKey) -> Option<RolloutStatus> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Writes `contents` to `path` so readers see the old or the new file, never half.
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), WriteError> {
-    let io = |source| WriteError::Io {
+    crate::source::local::write_atomically(path, contents).map_err(|source| WriteError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    // Hidden, so the manifest source never reads a half-written file.
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, contents).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 pub struct LocalApi {

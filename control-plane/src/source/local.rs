@@ -140,6 +140,19 @@ pub fn parse_dir(dir: &Path) -> std::io::Result<Vec<(PathBuf, Parsed)>> {
         .collect())
 }
 
+/// Writes a file of a manifest directory so its readers (this source,
+/// `meshctl`) see the old contents or the new, never half: through a hidden
+/// temporary file, which the source does not read.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// `*.yaml`, `*.yml` and `*.json` files directly in `dir`, hidden files and
 /// editors' temporary files excluded.
 fn read_manifests(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, String>> {

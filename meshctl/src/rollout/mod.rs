@@ -202,16 +202,11 @@ fn started_at(rollout: &Rollout) -> Option<Timestamp> {
         .ok()
 }
 
-/// Writes `contents` to `path` so the controller reads the old file or the
-/// new one, never half of one (the temporary file is hidden from it).
+/// Writes a rollout's file so the controller reads the old file or the new
+/// one, never half of one.
 fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("a manifest file needs a name")?;
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    trellis_control_plane::source::local::write_atomically(path, contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The rollout as the YAML file meshctl writes.
