@@ -293,3 +293,87 @@ async fn ten_thousand_idle_connections_are_held_in_bounded_memory_and_returned()
         "no growth across floods: after the first {after}, after the second {after_again} KiB"
     );
 }
+
+/// An HTTP/2 (prior knowledge) connection to the outbound listener, raw.
+async fn raw_h2(
+    outbound: std::net::SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(outbound).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    (client, tokio::spawn(connection))
+}
+
+#[tokio::test]
+async fn http2_streams_are_capped_and_a_rapid_reset_flood_gets_goaway_while_others_are_served() {
+    let mesh = HelloMesh::start_with_proxy_env(vec![(
+        trellis_proxy::config::MAX_CONCURRENT_STREAMS,
+        "8".into(),
+    )])
+    .await;
+    let outbound = mesh.client.outbound_addr;
+    let authority = mesh.authority();
+    let request = || {
+        http::Request::get(format!("http://{authority}/"))
+            .body(())
+            .unwrap()
+    };
+
+    let (client, _connection) = raw_h2(outbound).await;
+    let mut client = client.ready().await.expect("ready");
+    // The sidecar's SETTINGS have come once a first answer has.
+    let (response, _) = client.send_request(request(), true).expect("send");
+    assert_eq!(response.await.expect("response").status(), 200);
+    assert_eq!(
+        client.current_max_send_streams(),
+        8,
+        "the sidecar announces TRELLIS_MAX_CONCURRENT_STREAMS"
+    );
+
+    // HEADERS then RST_STREAM, as fast as the client can: the sidecar ends
+    // the connection (GOAWAY) long before a thousand.
+    let (flooder, flooding) = raw_h2(outbound).await;
+    let mut flooder = flooder;
+    let mut sent = 0;
+    for _ in 0..1_000 {
+        match flooder.clone().ready().await {
+            Ok(ready) => flooder = ready,
+            Err(_) => break,
+        }
+        let Ok((_, mut stream)) = flooder.send_request(request(), true) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), flooding)
+        .await
+        .expect("the flooding connection ends")
+        .expect("join");
+    assert!(
+        sent < 1_000 || ended.is_err(),
+        "sent {sent}, connection ended with {ended:?}"
+    );
+    let error = ended.expect_err("the sidecar closed the flooding connection with an error");
+    println!("rapid reset: {sent} streams opened and reset before the sidecar ended the connection: {error}");
+    assert!(
+        error.is_go_away()
+            || error.is_io()
+            || error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "{error}"
+    );
+
+    // The well-behaved connection, and new clients, are served.
+    let (response, _) = client.send_request(request(), true).expect("send");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    mesh.http1()
+        .version(&authority)
+        .await
+        .expect("a new client is served");
+}
