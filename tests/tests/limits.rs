@@ -1,8 +1,9 @@
 //! The proxy's limits against hostile or merely numerous clients: the
 //! connection limit refuses what is over it and serves the rest, garbage
 //! and half-open TLS on the inbound port are closed and counted by reason,
-//! and 10,000 idle connections are held in bounded memory, which is
-//! returned when they close. nextest runs each test in its own process,
+//! HTTP/2 streams are capped and a rapid-reset flood is cut off, and
+//! 10,000 idle connections are held in bounded memory, which the next
+//! 10,000 reuse once they close. nextest runs each test in its own process,
 //! which the resource limits and measurements below rely on.
 
 use std::io::{BufRead, BufReader};
@@ -181,21 +182,9 @@ sys.stdin.read()
     child
 }
 
-/// Raises this process's open-file limit to its hard limit.
-fn raise_fd_limit() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let raised = Rlimit {
-        current: limit.maximum,
-        maximum: limit.maximum,
-    };
-    setrlimit(Resource::Nofile, raised).expect("raise RLIMIT_NOFILE");
-    limit.maximum.unwrap_or(u64::MAX)
-}
-
 /// One thread, as a sidecar runs by default (TRELLIS_WORKER_THREADS=1).
 #[tokio::test]
-async fn ten_thousand_idle_connections_are_held_in_bounded_memory_and_returned() {
+async fn ten_thousand_idle_connections_are_held_in_bounded_memory_reused_after_they_close() {
     const CONNECTIONS: usize = 10_000;
     let fds = raise_fd_limit();
     assert!(

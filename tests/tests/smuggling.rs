@@ -6,12 +6,10 @@
 //! allows, and the sidecar forwards CRLF.)
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use trellis_tests::*;
 
 /// A backend that records the path of every request it gets (reading each
@@ -31,14 +29,6 @@ fn recording_app(seen: Arc<Mutex<Vec<String>>>) -> impl FnMut(TcpListener, &str)
             },
         ));
     }
-}
-
-async fn exchange(outbound: std::net::SocketAddr, raw: &str) -> String {
-    let mut tcp = TcpStream::connect(outbound).await.unwrap();
-    tcp.write_all(raw.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
@@ -71,7 +61,7 @@ async fn ambiguous_framing_never_lets_a_second_request_reach_the_app() {
     ];
     for (what, raw) in attempts {
         seen.lock().unwrap().clear();
-        let answer = exchange(mesh.client.outbound_addr, &raw).await;
+        let answer = exchange_raw(mesh.client.outbound_addr, &raw).await;
         let status = answer.get(9..12).unwrap_or("none").to_string();
         let paths = seen.lock().unwrap().clone();
         println!("{what}: {status}, the app saw {paths:?}");
