@@ -41,7 +41,8 @@ impl Admin {
     /// listeners' drain, so the kubelet sees `/ready` fail meanwhile.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch) {
         let metrics = self.metrics.listeners.clone();
-        crate::listen::accept(listener, "admin", Some(metrics), watch, |tcp, peer, mut watch| {
+        let max_connections = self.server.max_connections;
+        crate::listen::accept(listener, "admin", Some(metrics), max_connections, watch, |tcp, peer, mut watch| {
             let admin = self.clone();
             async move {
                 let _ = tcp.set_nodelay(true);

@@ -134,12 +134,38 @@ pub struct Config {
     pub idle_authority_timeout: Duration,
     /// How long a request or response body may go without a byte.
     pub body_idle_timeout: Duration,
+    /// Connections each listener holds at most; beyond it a new connection
+    /// is accepted and closed at once (and counted), the others still served.
+    pub max_connections: usize,
+    /// Streams a client may have open at once on one HTTP/2 connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS, RFC 9113 §6.5.2).
+    pub max_concurrent_streams: u32,
+    /// Inbound TLS handshakes in progress at once; more wait for a turn
+    /// (within the handshake timeout), so a handshake flood costs bounded CPU.
+    pub max_tls_handshakes: usize,
+    /// Request body bytes one connection may have received but not yet
+    /// forwarded: the HTTP/2 connection and stream windows, the HTTP/1
+    /// read buffer. Bodies stream; this bounds what sits in the proxy.
+    pub max_body_in_flight: u32,
 }
 
 /// The smallest `TRELLIS_MAX_HEADER_BYTES`: hyper's minimum read buffer.
 pub const MIN_HEADER_BYTES: u32 = 8 * 1024;
 /// The largest `TRELLIS_MAX_HEADER_BYTES` (Envoy's default is 60 KiB).
 pub const MAX_HEADER_BYTES_CEILING: u32 = 1024 * 1024;
+/// The default `TRELLIS_MAX_CONNECTIONS`, per listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// The default `TRELLIS_MAX_CONCURRENT_STREAMS` (what RFC 9113 §6.5.2
+/// recommends as the least a server allows).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// The default `TRELLIS_MAX_TLS_HANDSHAKES`.
+pub const DEFAULT_MAX_TLS_HANDSHAKES: usize = 64;
+/// The default `TRELLIS_MAX_BODY_IN_FLIGHT`: 1 MiB.
+pub const DEFAULT_MAX_BODY_IN_FLIGHT: u32 = 1024 * 1024;
+/// The smallest `TRELLIS_MAX_BODY_IN_FLIGHT`: HTTP/2's initial window.
+pub const MIN_BODY_IN_FLIGHT: u32 = 65_535;
+/// The largest `TRELLIS_MAX_BODY_IN_FLIGHT`: 64 MiB.
+pub const MAX_BODY_IN_FLIGHT_CEILING: u32 = 64 * 1024 * 1024;
 /// The longest timeout any `TRELLIS_*_TIMEOUT` may have.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -186,6 +212,10 @@ pub const HANDSHAKE_TIMEOUT: &str = "TRELLIS_HANDSHAKE_TIMEOUT";
 pub const MAX_HEADER_BYTES: &str = "TRELLIS_MAX_HEADER_BYTES";
 pub const IDLE_AUTHORITY_TIMEOUT: &str = "TRELLIS_IDLE_AUTHORITY_TIMEOUT";
 pub const BODY_IDLE_TIMEOUT: &str = "TRELLIS_BODY_IDLE_TIMEOUT";
+pub const MAX_CONNECTIONS: &str = "TRELLIS_MAX_CONNECTIONS";
+pub const MAX_CONCURRENT_STREAMS: &str = "TRELLIS_MAX_CONCURRENT_STREAMS";
+pub const MAX_TLS_HANDSHAKES: &str = "TRELLIS_MAX_TLS_HANDSHAKES";
+pub const MAX_BODY_IN_FLIGHT: &str = "TRELLIS_MAX_BODY_IN_FLIGHT";
 
 impl Config {
     pub fn from_strings(env: &dyn Strings) -> Result<Self, ConfigError> {
@@ -262,6 +292,20 @@ impl Config {
                     .filter(|n| (MIN_HEADER_BYTES..=MAX_HEADER_BYTES_CEILING).contains(n))
             },
         );
+        let max_connections = r.count(MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, 1, 1_000_000);
+        let max_concurrent_streams = r.count(
+            MAX_CONCURRENT_STREAMS,
+            DEFAULT_MAX_CONCURRENT_STREAMS,
+            1,
+            10_000,
+        );
+        let max_tls_handshakes = r.count(MAX_TLS_HANDSHAKES, DEFAULT_MAX_TLS_HANDSHAKES, 1, 10_000);
+        let max_body_in_flight = r.count(
+            MAX_BODY_IN_FLIGHT,
+            DEFAULT_MAX_BODY_IN_FLIGHT,
+            MIN_BODY_IN_FLIGHT,
+            MAX_BODY_IN_FLIGHT_CEILING,
+        );
         let config = (|| {
             Some(Config {
                 controller: controller?,
@@ -286,6 +330,10 @@ impl Config {
                 max_header_bytes: max_header_bytes?,
                 idle_authority_timeout: idle_authority_timeout?,
                 body_idle_timeout: body_idle_timeout?,
+                max_connections: max_connections?,
+                max_concurrent_streams: max_concurrent_streams?,
+                max_tls_handshakes: max_tls_handshakes?,
+                max_body_in_flight: max_body_in_flight?,
             })
         })();
         match config {
@@ -420,6 +468,19 @@ impl Reader<'_> {
         )
     }
 
+    /// A whole number from `min` to `max`, `default` when unset.
+    fn count<T>(&mut self, name: &str, default: T, min: T, max: T) -> Option<T>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        self.optional(
+            name,
+            &default.to_string(),
+            &format!("a whole number from {min} to {max}"),
+            |v| v.parse::<T>().ok().filter(|n| *n >= min && *n <= max),
+        )
+    }
+
     fn parse<T>(
         &mut self,
         name: &str,
@@ -472,6 +533,54 @@ mod tests {
         assert_eq!(c.max_header_bytes, 65536);
         assert_eq!(c.idle_authority_timeout, Duration::from_secs(300));
         assert_eq!(c.body_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_connections, 20_000);
+        assert_eq!(c.max_concurrent_streams, 100);
+        assert_eq!(c.max_tls_handshakes, 64);
+        assert_eq!(c.max_body_in_flight, 1 << 20);
+    }
+
+    #[test]
+    fn limits_are_whole_numbers_in_range_reported_with_the_others() {
+        let mut e = env(&[
+            (CONTROLLER, "http://127.0.0.1:8090"),
+            (IDENTITY, "spiffe://cluster.local/ns/default/sa/hello"),
+            (TOKEN, "t"),
+        ]);
+        e.insert(MAX_CONNECTIONS, "0".into());
+        e.insert(MAX_CONCURRENT_STREAMS, "lots".into());
+        e.insert(MAX_TLS_HANDSHAKES, "-1".into());
+        e.insert(MAX_BODY_IN_FLIGHT, "1024".into());
+        e.insert(IDLE_TIMEOUT, "never".into());
+        let err = Config::from_strings(&e).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 5, "{text}");
+        for name in [
+            MAX_CONNECTIONS,
+            MAX_CONCURRENT_STREAMS,
+            MAX_TLS_HANDSHAKES,
+            MAX_BODY_IN_FLIGHT,
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(
+            text.contains("a whole number from 65535 to 67108864"),
+            "{text}"
+        );
+        e.insert(MAX_CONNECTIONS, "10".into());
+        e.insert(MAX_CONCURRENT_STREAMS, "8".into());
+        e.insert(MAX_TLS_HANDSHAKES, "2".into());
+        e.insert(MAX_BODY_IN_FLIGHT, "65535".into());
+        e.remove(IDLE_TIMEOUT);
+        let c = Config::from_strings(&e).unwrap();
+        assert_eq!(
+            (
+                c.max_connections,
+                c.max_concurrent_streams,
+                c.max_tls_handshakes,
+                c.max_body_in_flight
+            ),
+            (10, 8, 2, 65535)
+        );
     }
 
     #[test]

@@ -184,6 +184,29 @@ async fn follow<M, T, Open, Fut, NewApply, Apply>(
     }
 }
 
+/// The endpoints of an update that can be dialled: one whose address is no
+/// IP or whose port is out of range would otherwise be dialled as
+/// `0.0.0.0:0` and fail every request sent to it. The others are dropped,
+/// with one warning per update.
+fn usable(endpoints: Vec<Endpoint>) -> impl Iterator<Item = Endpoint> {
+    let (good, bad): (Vec<Endpoint>, Vec<Endpoint>) = endpoints.into_iter().partition(|e| {
+        e.ip.parse::<std::net::IpAddr>().is_ok() && (1..=u32::from(u16::MAX)).contains(&e.port)
+    });
+    if !bad.is_empty() {
+        let examples: Vec<String> = bad
+            .iter()
+            .take(3)
+            .map(|e| format!("{:?}:{}", e.ip, e.port))
+            .collect();
+        tracing::warn!(
+            dropped = bad.len(),
+            examples = %examples.join(", "),
+            "discovery sent endpoints with an unusable address; ignoring them (check the Service's EndpointSlices)"
+        );
+    }
+    good.into_iter()
+}
+
 const OPEN: &str = "open";
 const RECONNECTING: &str = "reconnecting";
 
@@ -230,13 +253,9 @@ fn apply(state: &mut ServiceEndpoints, kind: Option<Kind>) -> Option<Resolved> {
     match kind? {
         Kind::Snapshot(snapshot) => {
             state.service = snapshot.service;
-            *endpoints = snapshot
-                .endpoints
-                .into_iter()
-                .map(|e| (key(&e), e))
-                .collect();
+            *endpoints = usable(snapshot.endpoints).map(|e| (key(&e), e)).collect();
         }
-        Kind::Add(add) => endpoints.extend(add.endpoints.into_iter().map(|e| (key(&e), e))),
+        Kind::Add(add) => endpoints.extend(usable(add.endpoints).map(|e| (key(&e), e))),
         Kind::Remove(removed) => {
             for address in removed.addresses {
                 endpoints.remove(&address);
@@ -250,4 +269,45 @@ fn apply(state: &mut ServiceEndpoints, kind: Option<Kind>) -> Option<Resolved> {
         }
     }
     Some(Resolved::Endpoints(Arc::new(state.clone())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::discovery::{Endpoints, Snapshot};
+
+    fn endpoint(ip: &str, port: u32) -> Endpoint {
+        Endpoint {
+            ip: ip.into(),
+            port,
+            ..Endpoint::default()
+        }
+    }
+
+    #[test]
+    fn endpoints_with_unusable_addresses_are_dropped() {
+        let mut state = ServiceEndpoints::default();
+        let snapshot = Kind::Snapshot(Snapshot {
+            endpoints: vec![
+                endpoint("10.0.0.1", 8080),
+                endpoint("not-an-ip", 8080),
+                endpoint("10.0.0.2", 0),
+                endpoint("10.0.0.3", 70_000),
+            ],
+            ..Snapshot::default()
+        });
+        let Some(Resolved::Endpoints(resolved)) = apply(&mut state, Some(snapshot)) else {
+            panic!("a snapshot resolves");
+        };
+        let keys: Vec<&String> = resolved.endpoints.keys().collect();
+        assert_eq!(keys, ["10.0.0.1:8080"]);
+        let add = Kind::Add(Endpoints {
+            endpoints: vec![endpoint("", 80), endpoint("fd00::1", 80)],
+        });
+        let Some(Resolved::Endpoints(resolved)) = apply(&mut state, Some(add)) else {
+            panic!("an addition resolves");
+        };
+        let keys: Vec<&String> = resolved.endpoints.keys().collect();
+        assert_eq!(keys, ["10.0.0.1:8080", "fd00::1:80"]);
+    }
 }

@@ -34,7 +34,12 @@ pub enum ProxyError {
     /// The mTLS handshake with the endpoint's proxy failed, or it presented
     /// another identity than the one discovery named.
     #[error("mTLS with {endpoint} failed: {reason}")]
-    Tls { endpoint: String, reason: String },
+    Tls {
+        endpoint: String,
+        reason: String,
+        /// What failed, for `trellis_tls_handshake_failures_total`.
+        cause: crate::tls::FailureReason,
+    },
     /// The upstream failed after the request was sent.
     #[error("upstream {endpoint} failed: {reason}")]
     Upstream { endpoint: String, reason: String },

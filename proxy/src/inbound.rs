@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use trellis_proto::SpiffeId;
 
@@ -28,13 +29,24 @@ use crate::drain::Watch;
 use crate::errors::{respond, ProxyError};
 use crate::http::{boxed, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
+use crate::listen::ThrottledByKind;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::server::{self, Peer, ServeError, Server};
 use crate::socket::{self, Counted};
-use crate::tls;
+use crate::tls::{self, FailureReason};
 
 /// An accepted connection, counted in the metrics.
 type Accepted = Counted<TcpStream>;
+
+/// How long connecting to the application may take, for HTTP and tunnels:
+/// it is on the same host, so a connect that does not finish in this is a
+/// full accept queue or a dead address, not a slow network.
+pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// At most one "refused or failed" line per kind of refusal per this
+/// period, with the count of the lines suppressed: a scan or a flood of
+/// garbage must not flood the log.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why an inbound connection was refused or ended early.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +73,10 @@ pub enum InboundError {
         app: SocketAddr,
         source: std::io::Error,
     },
+    /// The application did not accept the connection in time (its accept
+    /// queue is full, or nothing answers at that address).
+    #[error("connecting to the application at {app}: no answer within {after:?}; is the application overloaded or not listening on that port?")]
+    AppConnectTimeout { app: SocketAddr, after: Duration },
     #[error("tunnel to the application at {app}: {source}")]
     Tunnel {
         app: SocketAddr,
@@ -68,6 +84,28 @@ pub enum InboundError {
     },
     #[error(transparent)]
     Serve(#[from] ServeError),
+}
+
+impl InboundError {
+    /// The kind of refusal, which the log is rate-limited by.
+    fn kind(&self) -> &'static str {
+        match self {
+            InboundError::Strict(_) => "strict",
+            InboundError::NoCertificate => "no_own_certificate",
+            InboundError::Tls(e) => FailureReason::of_io(e).label(),
+            InboundError::NoClientCertificate => FailureReason::NoCertificate.label(),
+            InboundError::NoSpiffeId => FailureReason::BadCertificate.label(),
+            InboundError::Alpn => FailureReason::Alpn.label(),
+            InboundError::TargetPort(_) => "target_port",
+            InboundError::AppConnect { .. } | InboundError::AppConnectTimeout { .. } => {
+                "app_connect"
+            }
+            InboundError::Tunnel { .. } => "tunnel",
+            InboundError::Serve(ServeError::Handshake(_)) => FailureReason::Timeout.label(),
+            InboundError::Serve(ServeError::HeaderRead(_)) => "header_read",
+            InboundError::Serve(_) => "http",
+        }
+    }
 }
 
 /// The inbound side of one proxy.
@@ -81,6 +119,9 @@ pub struct Inbound {
     app_h1: Client<HttpConnector, Body>,
     app_h2: Client<HttpConnector, Body>,
     server: Server,
+    /// Turns for TLS handshakes (`TRELLIS_MAX_TLS_HANDSHAKES`).
+    handshakes: Semaphore,
+    refusals: ThrottledByKind,
 }
 
 impl Inbound {
@@ -90,11 +131,12 @@ impl Inbound {
         app_ip: IpAddr,
         mode: InboundMode,
         opaque_ports: Vec<u16>,
+        max_tls_handshakes: usize,
         server: Server,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
         // The application gets what the client's edge accepted (requests
         // within the limit); its responses are held to the same limit, so
         // every response fits the connection between sidecars.
@@ -113,6 +155,8 @@ impl Inbound {
                 .http2_max_header_list_size(limit)
                 .build(connector),
             server,
+            handshakes: Semaphore::new(max_tls_handshakes),
+            refusals: ThrottledByKind::every(REFUSAL_LOG_EVERY),
         })
     }
 
@@ -123,18 +167,26 @@ impl Inbound {
             listener,
             "inbound",
             Some(metrics),
+            self.server.max_connections,
             watch,
             |tcp, peer, watch| {
                 let inbound = self.clone();
                 let tcp = Counted::new(tcp, "inbound", self.metrics.clone());
                 async move {
-                    if let Err(error) = inbound.serve_connection(tcp, peer, watch).await {
-                        tracing::info!(%peer, %error, "inbound connection refused or failed");
+                    if let Err(error) = inbound.clone().serve_connection(tcp, peer, watch).await {
+                        inbound.log_refusal(peer, &error);
                     }
                 }
             },
         )
         .await
+    }
+
+    fn log_refusal(&self, peer: SocketAddr, error: &InboundError) {
+        let kind = error.kind();
+        if let Some(suppressed) = self.refusals.allow(kind) {
+            tracing::info!(%peer, %error, kind, suppressed, "inbound connection refused or failed");
+        }
     }
 
     /// Peer proxies dial the inbound port itself; a connection iptables
@@ -164,15 +216,23 @@ impl Inbound {
         // refuse rather than serve an expired one.
         let tls = self.identity.current().ok_or(InboundError::NoCertificate)?;
         let acceptor = TlsAcceptor::from(tls.server.clone());
-        let accepted = self.server.handshake(acceptor.accept(tcp)).await;
+        // Waiting for a turn counts against the handshake timeout.
+        let accepted = self
+            .server
+            .handshake(async {
+                let _turn = self.handshakes.acquire().await;
+                acceptor.accept(tcp).await
+            })
+            .await;
         let stream = match accepted {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                self.metrics.tls_failure("inbound");
+                self.metrics
+                    .tls_failure("inbound", FailureReason::of_io(&e));
                 return Err(InboundError::Tls(e));
             }
             Err(timeout) => {
-                self.metrics.tls_failure("inbound");
+                self.metrics.tls_failure("inbound", FailureReason::Timeout);
                 return Err(timeout.into());
             }
         };
@@ -183,11 +243,15 @@ impl Inbound {
         let client = session
             .peer_certificates()
             .ok_or(InboundError::NoClientCertificate)
-            .and_then(|certs| tls::peer_identity(certs).map_err(|_| InboundError::NoSpiffeId))?;
+            .and_then(|certs| tls::peer_identity(certs).map_err(|_| InboundError::NoSpiffeId));
+        let client = match client {
+            Ok(client) => client,
+            Err(e) => return Err(self.tls_refused(e)),
+        };
         match session.alpn_protocol() {
             Some(alpn) if alpn == tls::ALPN_H2 => {}
             Some(alpn) if alpn == tls::ALPN_OPAQUE => return self.tunnel(stream, &client).await,
-            _ => return Err(InboundError::Alpn),
+            _ => return Err(self.tls_refused(InboundError::Alpn)),
         }
         tracing::debug!(%peer, %client, "inbound mTLS connection");
         let client = Arc::new(client);
@@ -212,6 +276,17 @@ impl Inbound {
             .serve(stream, version, Peer::Sidecar, shutdown, handler)
             .await?;
         Ok(())
+    }
+
+    /// Counts a handshake that succeeded but whose result is refused.
+    fn tls_refused(&self, error: InboundError) -> InboundError {
+        let reason = match error {
+            InboundError::Alpn => FailureReason::Alpn,
+            InboundError::NoClientCertificate => FailureReason::NoCertificate,
+            _ => FailureReason::BadCertificate,
+        };
+        self.metrics.tls_failure("inbound", reason);
+        error
     }
 
     /// An opaque TCP tunnel (ALPN `trellis/opaque`): the client's proxy
@@ -239,10 +314,7 @@ impl Inbound {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let app = SocketAddr::new(self.app_ip, port);
-        let mut upstream = TcpStream::connect(app)
-            .await
-            .map_err(|source| InboundError::AppConnect { app, source })?;
-        let _ = upstream.set_nodelay(true);
+        let mut upstream = connect_app(app, APP_CONNECT_TIMEOUT).await?;
         tokio::io::copy_bidirectional(stream, &mut upstream)
             .await
             .map(|_| ())
@@ -384,5 +456,57 @@ impl Inbound {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, boxed(body)))
+    }
+}
+
+/// Connects to the application, within `timeout`.
+async fn connect_app(app: SocketAddr, timeout: Duration) -> Result<TcpStream, InboundError> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(app))
+        .await
+        .map_err(|_| InboundError::AppConnectTimeout {
+            app,
+            after: timeout,
+        })?
+        .map_err(|source| InboundError::AppConnect { app, source })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connect_to_an_application_that_does_not_accept_is_bounded() {
+        // A listener whose accept queue is full drops further SYNs (Linux),
+        // as an overloaded application does: the connect would hang for
+        // the kernel's SYN retries (over a minute).
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let app = socket.local_addr().unwrap().as_socket().unwrap();
+        let mut queued = Vec::new();
+        let after = Duration::from_millis(300);
+        let started = Instant::now();
+        let error = loop {
+            match connect_app(app, after).await {
+                Ok(tcp) => queued.push(tcp),
+                Err(error) => break error,
+            }
+            assert!(queued.len() < 64, "the accept queue never filled");
+        };
+        assert!(
+            matches!(error, InboundError::AppConnectTimeout { .. }),
+            "{error}"
+        );
+        assert!(started.elapsed() < after * 3, "{:?}", started.elapsed());
+        let text = error.to_string();
+        assert!(
+            text.contains(&app.to_string()) && text.contains("300ms"),
+            "{text}"
+        );
     }
 }

@@ -202,6 +202,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         config.app_ip,
         config.inbound_mode,
         config.opaque_ports.clone(),
+        config.max_tls_handshakes,
         inbound_server,
     );
     let admin = admin::Admin::new(
@@ -280,6 +281,7 @@ async fn serve_outbound(
         listener,
         "outbound",
         Some(metrics),
+        server.max_connections,
         watch,
         move |tcp, _, watch| outbound.clone().serve(tcp, server.clone(), watch),
     )

@@ -1,12 +1,16 @@
 //! The one accept loop every listener runs: each connection on its own task
 //! holding a drain [`Watch`], accept errors backed off, counted and logged at
-//! most once a second, and the listening socket closed when the drain starts.
+//! most once a second, at most `max_connections` held at once (more are
+//! accepted and closed at once, counted), and the listening socket closed
+//! when the drain starts.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use crate::drain::Watch;
 use crate::metrics::ListenerMetrics;
@@ -25,6 +29,7 @@ pub async fn accept<F, Fut>(
     listener: TcpListener,
     direction: &'static str,
     metrics: Option<ListenerMetrics>,
+    max_connections: usize,
     mut watch: Watch,
     serve: F,
 ) where
@@ -33,6 +38,8 @@ pub async fn accept<F, Fut>(
 {
     let mut backoff = BACKOFF_START;
     let mut log = Throttled::default();
+    let mut over_limit_log = Throttled::default();
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -42,9 +49,29 @@ pub async fn accept<F, Fut>(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = BACKOFF_START;
+                // Accepting and closing (rather than leaving it in the
+                // backlog) tells the client at once, and keeps the backlog
+                // free for when a slot opens.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(tcp);
+                    if let Some(metrics) = &metrics {
+                        metrics.over_limit(direction);
+                    }
+                    if let Some(suppressed) = over_limit_log.allow() {
+                        tracing::warn!(
+                            direction,
+                            %peer,
+                            max_connections,
+                            suppressed,
+                            "connection refused: the listener holds TRELLIS_MAX_CONNECTIONS connections"
+                        );
+                    }
+                    continue;
+                };
                 let connection = serve(tcp, peer, watch.clone());
                 let mut deadline = watch.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     tokio::select! {
                         () = connection => {}
                         () = deadline.forced() => {}
@@ -85,26 +112,64 @@ pub async fn accept<F, Fut>(
     tracing::debug!(direction, "listener closed for the drain");
 }
 
-/// Allows one log line per [`LOG_EVERY`] and counts the rest.
-#[derive(Default)]
-struct Throttled {
+/// Allows one log line per period ([`LOG_EVERY`] by default) and counts the rest.
+pub(crate) struct Throttled {
+    every: Duration,
     last: Option<Instant>,
     suppressed: u64,
 }
 
+impl Default for Throttled {
+    fn default() -> Self {
+        Self::every(LOG_EVERY)
+    }
+}
+
 impl Throttled {
+    pub(crate) fn every(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
     /// `Some(lines suppressed since the last one)` when a line may be written.
-    fn allow(&mut self) -> Option<u64> {
+    pub(crate) fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         if self
             .last
-            .is_some_and(|last| now.duration_since(last) < LOG_EVERY)
+            .is_some_and(|last| now.duration_since(last) < self.every)
         {
             self.suppressed += 1;
             return None;
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// [`Throttled`] per kind of line: one kind's flood does not hide another's.
+pub(crate) struct ThrottledByKind {
+    every: Duration,
+    kinds: std::sync::Mutex<std::collections::HashMap<&'static str, Throttled>>,
+}
+
+impl ThrottledByKind {
+    pub(crate) fn every(every: Duration) -> Self {
+        Self {
+            every,
+            kinds: Default::default(),
+        }
+    }
+
+    /// `Some(lines of this kind suppressed since its last one)` when a line may be written.
+    pub(crate) fn allow(&self, kind: &'static str) -> Option<u64> {
+        let mut kinds = self.kinds.lock().ok()?;
+        kinds
+            .entry(kind)
+            .or_insert_with(|| Throttled::every(self.every))
+            .allow()
     }
 }
 
@@ -121,5 +186,14 @@ mod tests {
         }
         log.last = log.last.map(|t| t - LOG_EVERY);
         assert_eq!(log.allow(), Some(1000));
+    }
+
+    #[test]
+    fn each_kind_has_its_own_budget() {
+        let log = ThrottledByKind::every(Duration::from_secs(60));
+        assert_eq!(log.allow("timeout"), Some(0));
+        assert_eq!(log.allow("timeout"), None);
+        assert_eq!(log.allow("not_tls"), Some(0), "another kind still logs");
+        assert_eq!(log.allow("timeout"), None);
     }
 }

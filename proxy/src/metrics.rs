@@ -172,9 +172,9 @@ impl Metrics {
         let tls_failures = IntCounterVec::new(
             Opts::new(
                 "tls_handshake_failures_total",
-                "Refused or failed TLS handshakes",
+                "Refused or failed TLS handshakes, by reason: timeout, not_tls, no_certificate, bad_certificate, wrong_peer, alpn, closed, other",
             ),
-            &["direction"],
+            &["direction", "reason"],
         );
         let retries = IntCounterVec::new(
             Opts::new("retries_total", "Retried requests"),
@@ -229,7 +229,9 @@ impl Metrics {
                     family.with_label_values(&[direction]);
                 }
                 tcp_open.with_label_values(&[direction]);
-                tls_failures.with_label_values(&[direction]);
+                for reason in crate::tls::FailureReason::ALL {
+                    tls_failures.with_label_values(&[direction, reason.label()]);
+                }
             }
             Ok(Self {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -326,8 +328,10 @@ impl Metrics {
         }
     }
 
-    pub fn tls_failure(&self, direction: &str) {
-        self.tls_failures.with_label_values(&[direction]).inc();
+    pub fn tls_failure(&self, direction: &str, reason: crate::tls::FailureReason) {
+        self.tls_failures
+            .with_label_values(&[direction, reason.label()])
+            .inc();
     }
 
     pub fn retry(&self, service: &str, namespace: &str) {
@@ -376,6 +380,7 @@ impl Metrics {
 pub struct ListenerMetrics {
     accept_errors: IntCounterVec,
     accept_logs_suppressed: IntCounterVec,
+    over_limit: IntCounterVec,
     timeouts: IntCounterVec,
 }
 
@@ -419,6 +424,13 @@ impl ListenerMetrics {
             ),
             &["direction"],
         )?;
+        let over_limit = IntCounterVec::new(
+            Opts::new(
+                "connections_over_limit_total",
+                "Connections accepted and closed at once: the listener held TRELLIS_MAX_CONNECTIONS already",
+            ),
+            &["direction"],
+        )?;
         let timeouts = IntCounterVec::new(
             Opts::new(
                 "connection_timeouts_total",
@@ -428,10 +440,12 @@ impl ListenerMetrics {
         )?;
         registry.register(Box::new(accept_errors.clone()))?;
         registry.register(Box::new(accept_logs_suppressed.clone()))?;
+        registry.register(Box::new(over_limit.clone()))?;
         registry.register(Box::new(timeouts.clone()))?;
         for direction in LISTENERS {
             accept_errors.with_label_values(&[direction]);
             accept_logs_suppressed.with_label_values(&[direction]);
+            over_limit.with_label_values(&[direction]);
             for timeout in [Timeout::Handshake, Timeout::HeaderRead, Timeout::Idle] {
                 timeouts.with_label_values(&[direction, timeout.label()]);
             }
@@ -439,6 +453,7 @@ impl ListenerMetrics {
         Ok(Self {
             accept_errors,
             accept_logs_suppressed,
+            over_limit,
             timeouts,
         })
     }
@@ -451,6 +466,10 @@ impl ListenerMetrics {
         self.accept_logs_suppressed
             .with_label_values(&[direction])
             .inc();
+    }
+
+    pub fn over_limit(&self, direction: &str) {
+        self.over_limit.with_label_values(&[direction]).inc();
     }
 
     pub fn timed_out(&self, direction: &str, timeout: Timeout) {

@@ -49,6 +49,20 @@ pub const MESH_HEADER_LIST_SIZE: u32 = MAX_HEADER_BYTES_CEILING + 16 * 1024;
 /// allowed header block through in a handful of frames.
 pub const MESH_FRAME_SIZE: u32 = MAX_HEADER_BYTES_CEILING;
 
+/// Streams a peer sidecar may have open on the one HTTP/2 connection that
+/// carries every request between two pods (each application connection
+/// behind it is held to `TRELLIS_MAX_CONCURRENT_STREAMS` at its own edge).
+pub const MESH_MAX_CONCURRENT_STREAMS: u32 = 4096;
+
+/// Streams a client may open and reset before the server accepted them,
+/// per connection; more is the HTTP/2 rapid-reset attack (CVE-2023-44487)
+/// and ends the connection with GOAWAY.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
+/// Streams the server may reset for a client's protocol errors, per
+/// connection, before it closes the connection with GOAWAY.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 100;
+
 /// How a listener's connections are policed: limits and timeouts from the
 /// configuration, and where to count what they close.
 #[derive(Clone)]
@@ -59,6 +73,9 @@ pub struct Server {
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_header_bytes: u32,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub max_body_in_flight: u32,
 }
 
 /// The HTTP version of a connection, known before hyper sees it.
@@ -102,6 +119,9 @@ impl Server {
             idle_timeout: config.idle_timeout,
             handshake_timeout: config.handshake_timeout,
             max_header_bytes: config.max_header_bytes,
+            max_connections: config.max_connections,
+            max_concurrent_streams: config.max_concurrent_streams,
+            max_body_in_flight: config.max_body_in_flight,
         }
     }
 
@@ -178,6 +198,9 @@ impl Server {
                     // `max_buf_size` is no limit: a head that arrives in
                     // one read larger than it is parsed all the same.)
                     .max_header_size(self.max_header_bytes as usize)
+                    // What hyper reads ahead of the handler is its read
+                    // buffer: bounded, a body streams with backpressure.
+                    .max_buf_size(self.max_body_in_flight.max(self.max_header_bytes) as usize)
                     .serve_connection(io, service);
                 watchdog
                     .drive(connection, |c| c.graceful_shutdown(), shutdown)
@@ -188,13 +211,24 @@ impl Server {
                 builder
                     .timer(TokioTimer::new())
                     .keep_alive_interval(KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+                    .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+                    // Flow control bounds the body bytes a connection has
+                    // in the proxy (RFC 9113 §5.2).
+                    .initial_connection_window_size(self.max_body_in_flight)
+                    .initial_stream_window_size(self.max_body_in_flight);
                 match peer {
                     // h2 answers 431 on the stream for a header list over it.
-                    Peer::App => builder.max_header_list_size(self.max_header_bytes),
+                    Peer::App => builder
+                        .max_header_list_size(self.max_header_bytes)
+                        .max_concurrent_streams(self.max_concurrent_streams),
                     Peer::Sidecar => builder
                         .max_header_list_size(MESH_HEADER_LIST_SIZE)
-                        .max_frame_size(MESH_FRAME_SIZE),
+                        .max_frame_size(MESH_FRAME_SIZE)
+                        .max_concurrent_streams(
+                            MESH_MAX_CONCURRENT_STREAMS.max(self.max_concurrent_streams),
+                        ),
                 };
                 let connection = builder.serve_connection(io, service);
                 watchdog

@@ -1180,6 +1180,29 @@ pub fn sum_series(text: &str, family: &str, filter: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Raises this process's open-file limit to its hard limit, and returns it.
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    setrlimit(Resource::Nofile, raised).expect("raise RLIMIT_NOFILE");
+    limit.maximum.unwrap_or(u64::MAX)
+}
+
+/// Sends `raw` bytes to `addr` and reads the answer until the server
+/// closes (or 10 s passed: a kept-alive connection answers what it read).
+pub async fn exchange_raw(addr: SocketAddr, raw: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(raw.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// This process's resident memory (`VmRSS`), in KiB.
 pub fn rss_kib() -> u64 {
     rss_kib_of("self")

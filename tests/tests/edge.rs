@@ -2,20 +2,7 @@
 //! Host headers (400), CONNECT (501 until it is tunnelled), and a malformed
 //! chunked body (the client's 400, not the destination's 502).
 
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use trellis_tests::*;
-
-/// Sends `head` (and whatever follows it) and reads the answer to the end.
-async fn exchange(outbound: std::net::SocketAddr, raw: &str) -> String {
-    let mut tcp = TcpStream::connect(outbound).await.unwrap();
-    tcp.write_all(raw.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).into_owned()
-}
 
 /// The sidecar refused the request itself: this status, this error name.
 fn assert_refused(answer: &str, status: u16, error: &str) {
@@ -31,7 +18,7 @@ async fn duplicate_host_headers_are_a_400() {
     let mesh = HelloMesh::start_with_apps(workbench_app).await;
     let authority = mesh.authority();
     let outbound = mesh.client.outbound_addr;
-    let answer = exchange(
+    let answer = exchange_raw(
         outbound,
         &format!("GET / HTTP/1.1\r\nHost: {authority}\r\nHost: elsewhere.example\r\nConnection: close\r\n\r\n"),
     )
@@ -45,7 +32,7 @@ async fn a_malformed_chunked_body_is_the_clients_400_not_the_destinations_failur
     let authority = mesh.authority();
     let outbound = mesh.client.outbound_addr;
     for _ in 0..3 {
-        let answer = exchange(
+        let answer = exchange_raw(
             outbound,
             &format!("POST /upload HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\nZZ\r\n"),
         )
@@ -67,7 +54,7 @@ async fn connect_is_refused_until_it_is_tunnelled() {
     let mesh = HelloMesh::start_with_apps(workbench_app).await;
     let authority = mesh.authority();
     let outbound = mesh.client.outbound_addr;
-    let answer = exchange(
+    let answer = exchange_raw(
         outbound,
         &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
     )

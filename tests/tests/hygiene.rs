@@ -101,18 +101,6 @@ async fn oversized_headers_get_431_at_the_edge_and_no_other_request_fails() {
     }
 }
 
-/// Raises this process's open-file limit to its hard limit.
-fn raise_fd_limit() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let raised = Rlimit {
-        current: limit.maximum,
-        maximum: limit.maximum,
-    };
-    setrlimit(Resource::Nofile, raised).expect("raise RLIMIT_NOFILE");
-    limit.maximum.unwrap_or(u64::MAX)
-}
-
 /// Waits until the server closes `tcp` (a read returns 0 or an error),
 /// sending `drip` one byte every 200 ms meanwhile (none when empty).
 async fn closed_by_server(mut tcp: TcpStream, drip: &'static [u8]) {

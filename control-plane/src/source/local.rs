@@ -2,11 +2,17 @@
 //!
 //! Each file is all-or-nothing: a file that does not parse or validate is
 //! rejected with an error naming it, and its last good content keeps serving.
+//!
+//! A reload that would delete objects waits until the directory has not
+//! changed for [`SETTLE`]: an editor that truncates a file and then writes
+//! it (instead of renaming a new one over it) shows a reader an empty or
+//! half-written file for a moment, and applying that at once would remove
+//! its Services and fail their traffic. Additions and changes apply at once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -19,6 +25,10 @@ use crate::store::Store;
 /// files, bind mounts, ConfigMap symlink swaps).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long the directory must stay unchanged before a reload that
+/// deletes objects is applied.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
 /// Loads a manifest directory into a store and keeps it in sync.
 pub struct LocalSource {
     dir: PathBuf,
@@ -28,6 +38,13 @@ pub struct LocalSource {
     /// The last accepted objects of each file.
     good: BTreeMap<PathBuf, Vec<Object>>,
     errors: watch::Sender<Vec<ManifestError>>,
+    /// How long deletions wait for the directory to settle ([`SETTLE`]).
+    settle: Duration,
+    /// When the directory's contents last changed.
+    changed_at: Instant,
+    /// Deletions are held until the directory settles: reload even when
+    /// nothing changed.
+    deletions_held: bool,
 }
 
 impl LocalSource {
@@ -38,7 +55,16 @@ impl LocalSource {
             seen: BTreeMap::new(),
             good: BTreeMap::new(),
             errors: watch::channel(Vec::new()).0,
+            settle: SETTLE,
+            changed_at: Instant::now(),
+            deletions_held: false,
         }
+    }
+
+    /// The same source with another settle time (tests).
+    pub fn settling_for(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
     }
 
     /// The problems of the last reload (empty when every file was accepted).
@@ -50,8 +76,12 @@ impl LocalSource {
     /// only when the directory itself cannot be read.
     pub fn reload(&mut self) -> std::io::Result<()> {
         let current = read_manifests(&self.dir)?;
-        if current == self.seen {
+        let changed = current != self.seen;
+        if !changed && !self.deletions_held {
             return Ok(());
+        }
+        if changed {
+            self.changed_at = Instant::now();
         }
         let mut errors = Vec::new();
         let mut candidate: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
@@ -91,8 +121,27 @@ impl LocalSource {
                 }
             }
         }
-        for e in &errors {
+        // Each problem is logged once, when it appears (or changes): the
+        // errors watch has the current ones.
+        let previous = self.errors.borrow().clone();
+        for e in errors.iter().filter(|e| !previous.contains(e)) {
             tracing::error!(file = %e.file.display(), error = %e, "manifest rejected; keeping the last good version");
+        }
+        self.deletions_held = false;
+        let removed = removed(&self.good, &candidate);
+        if !removed.is_empty() && self.changed_at.elapsed() < self.settle {
+            if changed {
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    objects = removed.len(),
+                    settle = ?self.settle,
+                    "a reload would delete objects; deleting them once the directory has not changed for the settle time (write manifests atomically, by renaming a complete file into place)"
+                );
+            }
+            self.deletions_held = true;
+            for (file, object) in removed {
+                candidate.entry(file).or_default().push(object);
+            }
         }
         if candidate != self.good {
             let objects = candidate.values().flatten().cloned().collect::<Vec<_>>();
@@ -123,6 +172,24 @@ impl LocalSource {
             }
         }
     }
+}
+
+/// The objects of `good` that `candidate` no longer has (by kind and key:
+/// an object that moved to another file is not removed), with their file.
+fn removed(
+    good: &BTreeMap<PathBuf, Vec<Object>>,
+    candidate: &BTreeMap<PathBuf, Vec<Object>>,
+) -> Vec<(PathBuf, Object)> {
+    let kept: std::collections::BTreeSet<_> = candidate
+        .values()
+        .flatten()
+        .map(|o| (o.kind(), o.key()))
+        .collect();
+    good.iter()
+        .flat_map(|(file, objects)| objects.iter().map(move |o| (file, o)))
+        .filter(|(_, o)| !kept.contains(&(o.kind(), o.key())))
+        .map(|(file, o)| (file.clone(), o.clone()))
+        .collect()
 }
 
 /// One file's objects, or why it was rejected.
@@ -174,4 +241,65 @@ fn read_manifests(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, String>> {
         }
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: default}\nspec: {ports: [{port: 8080}]}\n";
+    const WORLD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: world, namespace: default}\nspec: {ports: [{port: 8080}]}\n";
+
+    fn names(store: &Store) -> Vec<String> {
+        store.objects().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_truncated_file_deletes_its_objects_only_once_the_directory_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hello.yaml");
+        let store = Store::new("cluster.local");
+        let settle = Duration::from_millis(300);
+        let mut source = LocalSource::new(dir.path(), store.clone()).settling_for(settle);
+        std::fs::write(&file, HELLO).unwrap();
+        source.reload().unwrap();
+        assert_eq!(names(&store), ["Service default/hello"]);
+
+        // A truncate-and-write save: first empty…
+        std::fs::write(&file, "").unwrap();
+        source.reload().unwrap();
+        assert_eq!(
+            names(&store),
+            ["Service default/hello"],
+            "held while the file changes"
+        );
+        std::thread::sleep(settle / 3);
+        // …then complete again, with an addition, which applies at once.
+        std::fs::write(&file, format!("{HELLO}---\n{WORLD}")).unwrap();
+        source.reload().unwrap();
+        assert_eq!(
+            names(&store),
+            ["Service default/hello", "Service default/world"]
+        );
+
+        // A real deletion waits out the settle time, then applies.
+        std::fs::write(&file, WORLD).unwrap();
+        source.reload().unwrap();
+        assert_eq!(
+            names(&store),
+            ["Service default/hello", "Service default/world"]
+        );
+        std::thread::sleep(settle / 3);
+        source.reload().unwrap();
+        assert_eq!(names(&store).len(), 2, "not settled yet");
+        std::thread::sleep(settle);
+        source.reload().unwrap();
+        assert_eq!(names(&store), ["Service default/world"]);
+        std::fs::remove_file(&file).unwrap();
+        source.reload().unwrap();
+        assert_eq!(names(&store), ["Service default/world"]);
+        std::thread::sleep(settle);
+        source.reload().unwrap();
+        assert!(names(&store).is_empty());
+    }
 }

@@ -28,17 +28,36 @@ impl fmt::Display for ManifestError {
     }
 }
 
+/// The most documents one manifest file may hold.
+pub const MAX_DOCUMENTS: usize = 10_000;
+
 /// Parses one (possibly multi-document) YAML file into the objects the mesh
 /// reads, each checked as the API server would check it (`api_validation`).
 /// Kinds the mesh does not use (Deployments, ConfigMaps…) are skipped.
 pub fn parse(file: &Path, contents: &str) -> Result<Vec<Object>, ManifestError> {
     let in_file = |refusal: Refusal| refusal.in_file(file);
-    let documents: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(contents).map_err(|e| ManifestError {
-            file: file.to_path_buf(),
-            object: None,
-            reason: format!("not valid YAML: {e}"),
-        })?;
+    // serde-saphyr's own budget stops at 1,024 documents, which a
+    // generated file of many small objects passes; the rest of its budget
+    // (nodes, depth, aliases) still guards against hostile YAML.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! { max_documents: MAX_DOCUMENTS },
+    };
+    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(
+        contents, options,
+    )
+    .map_err(|e| ManifestError {
+        file: file.to_path_buf(),
+        object: None,
+        reason: match e.without_snippet() {
+            serde_saphyr::Error::Budget {
+                breach: serde_saphyr::budget::BudgetBreach::Documents { .. },
+                ..
+            } => format!(
+                "has more than {MAX_DOCUMENTS} YAML documents, the most one file may hold; split it into several files"
+            ),
+            _ => format!("not valid YAML: {e}"),
+        },
+    })?;
     let mut objects = Vec::new();
     for (index, document) in documents.into_iter().enumerate() {
         if document.is_null() {
@@ -387,6 +406,26 @@ metadata: {name: ignored}
             err.to_string(),
             "slice.yaml: EndpointSlice default/hello-abc: label kubernetes.io/service-name=hello \
              names no Service in namespace default; add the Service or fix the label"
+        );
+    }
+
+    #[test]
+    fn files_of_many_documents_load_up_to_the_documented_limit() {
+        let service = |i: usize| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{ports: [{{port: 80}}]}}\n")
+        };
+        let many: Vec<String> = (0..2_000).map(service).collect();
+        let objects = parse(Path::new("many.yaml"), &many.join("---\n")).unwrap();
+        assert_eq!(
+            objects.len(),
+            2_000,
+            "beyond serde-saphyr's default of 1,024"
+        );
+        let too_many = "---\n{}\n".repeat(MAX_DOCUMENTS + 1);
+        let err = parse(Path::new("huge.yaml"), &too_many).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "huge.yaml: has more than 10000 YAML documents, the most one file may hold; split it into several files"
         );
     }
 

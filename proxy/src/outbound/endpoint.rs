@@ -174,6 +174,7 @@ impl EndpointHandle {
             .map_err(|e| ProxyError::Tls {
                 endpoint: addr.to_string(),
                 reason: e.to_string(),
+                cause: e.failure_reason(),
             })
     }
 

@@ -110,8 +110,8 @@ impl Outbound {
 
     /// Counts a failed mTLS handshake with a peer proxy.
     pub(super) fn count_tls_failure(&self, error: &ProxyError) {
-        if matches!(error, ProxyError::Tls { .. }) {
-            self.metrics.tls_failure("outbound");
+        if let ProxyError::Tls { cause, .. } = error {
+            self.metrics.tls_failure("outbound", *cause);
         }
     }
 

@@ -6,6 +6,7 @@
 
 mod configs;
 mod csr;
+mod failure;
 mod verify;
 
 #[cfg(test)]
@@ -15,6 +16,7 @@ mod tests;
 
 pub use configs::{chain_not_after, connect, handshake, server_auth_client, TlsConfigs};
 pub use csr::generate_csr;
+pub use failure::FailureReason;
 pub use verify::peer_identity;
 
 use trellis_proto::SpiffeId;
