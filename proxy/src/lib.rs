@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod cache;
 pub mod config;
@@ -189,6 +190,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         config.identity.to_string(),
         metrics.clone(),
     );
+    let authz = authz::Authz::watch(metrics.inbound_authz.clone(), &discovery, &config);
     let drain = Drain::new();
     let admin_drain = Drain::new();
     let listeners = metrics.listeners.clone();
@@ -202,6 +204,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         config.app_ip,
         config.inbound_mode,
         config.opaque_ports.clone(),
+        authz,
         inbound_server,
     );
     let admin = admin::Admin::new(
