@@ -6,12 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use trellis_control_plane::identity::Ca;
 use trellis_proto::SpiffeId;
 use trellis_tests::fake_api::FakeApi;
 use trellis_tests::*;
-
-const TRUST_DOMAIN: &str = "cluster.local";
 
 /// An AuthorizationPolicy `default/hello` with `spec` (YAML, indented two).
 fn policy(spec: &str) -> String {
@@ -347,16 +344,7 @@ async fn a_malformed_policy_is_rejected_by_file_and_object_and_the_last_good_one
 async fn an_opaque_tcp_tunnel_is_closed_unless_the_policy_allows_its_caller() {
     let mut mesh = Mesh::start().await;
     let ip = mesh.pod_ip();
-    let echo = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-    let echo_port = echo.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+    let echo_port = echo_app(ip).await;
     let proxy = mesh.proxy(ip, "echo").await;
     // Selecting every pod, so it applies though no Pod object names this one.
     mesh.write_manifest(
@@ -365,13 +353,10 @@ async fn an_opaque_tcp_tunnel_is_closed_unless_the_policy_allows_its_caller() {
             "  ports: [{echo_port}]\n  allow:\n    - from: [{{serviceAccount: {{name: web}}}}]\n"
         )),
     );
-    let ca = Ca::load_or_create(mesh.dir.path(), TRUST_DOMAIN).unwrap();
     let tunnel = |sa: &'static str| {
         let id = SpiffeId::new(TRUST_DOMAIN, "default", sa);
-        let (key, csr) = trellis_proxy::tls::generate_csr(&id).unwrap();
-        let leaf = ca.sign(&id, &csr, Duration::from_secs(60)).unwrap();
         let config = trellis_tests::tls::client_with_alpn(
-            Some((leaf.chain_der, key.serialize_der())),
+            Some(mesh_identity(&mesh, &id, Duration::from_secs(60))),
             trellis_proxy::tls::ALPN_OPAQUE,
         );
         let inbound = proxy.inbound_addr;
