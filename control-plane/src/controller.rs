@@ -275,14 +275,19 @@ impl Controller {
             config.leaf_lifetime,
         )?;
         let tls = serving.server_config()?;
+        let authenticator = Arc::new(authenticator);
         let identity = IdentityService::new(
             ca.clone(),
-            authenticator,
+            authenticator.clone(),
             config.leaf_lifetime,
             metrics.clone(),
         );
         let router = tonic::transport::Server::builder()
-            .add_service(DiscoveryService::new(store.clone(), metrics.clone()).into_server())
+            .add_service(
+                DiscoveryService::new(store.clone(), metrics.clone())
+                    .with_authenticator(authenticator)
+                    .into_server(),
+            )
             .add_service(identity.into_server());
 
         let gate_metrics = match &config.prometheus {

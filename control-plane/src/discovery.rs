@@ -1,4 +1,5 @@
-//! The Discovery gRPC service: streams an authority's endpoints to proxies.
+//! The Discovery gRPC service: streams an authority's endpoints and routes
+//! to proxies, and a workload's inbound authorization policy.
 //!
 //! A watch sends a full snapshot first, then only what changed (Add/Remove),
 //! computed against what this stream last sent.
@@ -12,20 +13,58 @@ use tonic::{Request, Response, Status};
 use trellis_proto::discovery::discovery_server::{Discovery, DiscoveryServer};
 use trellis_proto::discovery::endpoint_update::Kind;
 use trellis_proto::discovery::{
-    Endpoint, EndpointUpdate, Endpoints, NoEndpoints, Removed, Routes, Snapshot, WatchRequest,
+    Endpoint, EndpointUpdate, Endpoints, InboundPolicy, InboundPolicyRequest, NoEndpoints, Removed,
+    Routes, Snapshot, WatchRequest,
 };
+use trellis_proto::SpiffeId;
 
+use crate::identity::Authenticator;
 use crate::metrics::ControllerMetrics;
 use crate::store::{parse_authority, ServiceEndpoints, Store};
 
 pub struct DiscoveryService {
     store: Arc<Store>,
     metrics: Arc<ControllerMetrics>,
+    /// Checks who asks for an inbound policy; without one, nobody gets one.
+    authenticator: Option<Arc<Authenticator>>,
 }
 
 impl DiscoveryService {
     pub fn new(store: Arc<Store>, metrics: Arc<ControllerMetrics>) -> Self {
-        Self { store, metrics }
+        Self {
+            store,
+            metrics,
+            authenticator: None,
+        }
+    }
+
+    /// Serves inbound policies to proxies that `authenticator` accepts (the
+    /// same proof as for their certificates).
+    pub fn with_authenticator(mut self, authenticator: Arc<Authenticator>) -> Self {
+        self.authenticator = Some(authenticator);
+        self
+    }
+
+    /// The proxy's proven identity: policies are served only to a proxy of
+    /// the workload's namespace, so one namespace cannot read another's.
+    async fn authenticate(&self, request: &InboundPolicyRequest) -> Result<SpiffeId, Status> {
+        let Some(authenticator) = &self.authenticator else {
+            return Err(Status::unimplemented(
+                "this controller serves no inbound policies",
+            ));
+        };
+        let identity: SpiffeId = request
+            .identity
+            .parse()
+            .map_err(|e: trellis_proto::InvalidSpiffeId| Status::invalid_argument(e.to_string()))?;
+        authenticator
+            .authenticate(&identity, &request.token)
+            .await
+            .map_err(|refusal| {
+                tracing::warn!(identity = %request.identity, reason = refusal.reason(), error = %refusal, "inbound policy refused");
+                refusal.status()
+            })?;
+        Ok(identity)
     }
 
     pub fn into_server(self) -> DiscoveryServer<Self> {
@@ -39,6 +78,42 @@ type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Se
 impl Discovery for DiscoveryService {
     type WatchEndpointsStream = Stream<EndpointUpdate>;
     type WatchRoutesStream = Stream<Routes>;
+    type WatchInboundPolicyStream = Stream<InboundPolicy>;
+
+    async fn watch_inbound_policy(
+        &self,
+        request: Request<InboundPolicyRequest>,
+    ) -> Result<Response<Self::WatchInboundPolicyStream>, Status> {
+        let request = request.into_inner();
+        let identity = self.authenticate(&request).await?;
+        let (metrics, store) = (self.metrics.clone(), self.store.clone());
+        let mut changes = store.changes();
+        let (tx, rx) = mpsc::channel(4);
+        tracing::debug!(%identity, pod = %request.pod, ip = %request.pod_ip, "inbound policy watch opened");
+        tokio::spawn(async move {
+            let mut sent: Option<InboundPolicy> = None;
+            let mut cause = None;
+            loop {
+                changes.borrow_and_update();
+                let current =
+                    store.inbound_policy(&identity.namespace, &request.pod, &request.pod_ip);
+                // Most store changes are about other workloads: send only news.
+                if sent.as_ref() != Some(&current) {
+                    if tx.send(Ok(current.clone())).await.is_err() {
+                        return;
+                    }
+                    metrics.pushed(cause);
+                    sent = Some(current);
+                }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+                cause = store.changed_at();
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn watch_routes(
         &self,

@@ -55,6 +55,7 @@ pub const PERMISSIONS: &[Permission] = &[
     watched("trellis.dev", "httpfaults"),
     watched("trellis.dev", "resiliencepolicies"),
     watched("trellis.dev", "rollouts"),
+    watched("trellis.dev", "authorizationpolicies"),
     // Rollouts (`rollout::cluster`): each one's status by merge patch of
     // its subresource, and its HTTPRoute by server-side apply, which is a
     // `patch` and, when the route does not exist yet, a `create`.

@@ -2,6 +2,7 @@
 //! local demo mesh (its manifests, applications and process supervision).
 //! It is the one crate that depends on both the proxy and the control plane.
 
+pub mod authz;
 pub mod ca;
 pub mod check;
 pub mod context;

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use meshctl::{
-    ca, check, demo, identity, inject, install, internal, proxy, rollout, route, stat, token,
+    authz, ca, check, demo, identity, inject, install, internal, proxy, rollout, route, stat, token,
 };
 
 #[derive(Parser)]
@@ -42,6 +42,13 @@ enum Command {
     ///   meshctl rollout status hello --watch
     #[command(subcommand, verbatim_doc_comment)]
     Rollout(rollout::RolloutCommand),
+    /// Who may call which port and path of a pod, and why (local mode: the
+    /// manifest directory, resolved as the controller resolves it).
+    /// WORKLOAD is the pod's name.
+    ///
+    /// Example: meshctl authz hello-v1
+    #[command(verbatim_doc_comment)]
+    Authz(authz::AuthzArgs),
     /// Put an app of yours behind a sidecar in the running demo's mesh: its
     /// identity, token and manifests are taken care of (Ctrl-C removes them).
     ///
@@ -95,6 +102,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Demo(args) => demo::run(args).await,
         Command::Route(command) => route::run(command),
+        Command::Authz(args) => authz::run(args),
         Command::Rollout(command) => rollout::run(command).await,
         Command::Identity(args) => identity::run(args).await,
         Command::Ca(args) => ca::run(args),

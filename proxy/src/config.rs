@@ -102,6 +102,10 @@ pub struct Config {
     pub discovery_timeout: Duration,
     /// The workload (app) name, for metrics; the service account when unset.
     pub workload: String,
+    /// The pod's name (`TRELLIS_POD`, from the downward API), by which the
+    /// controller finds the workload's authorization policy; empty: found
+    /// by `app_ip`.
+    pub pod: String,
     /// The workload's version label, for metrics.
     pub version: String,
     /// Whether request metrics are recorded (on by default; off only to
@@ -201,6 +205,7 @@ pub const INBOUND_MODE: &str = "TRELLIS_INBOUND_MODE";
 pub const REQUEST_TIMEOUT: &str = "TRELLIS_REQUEST_TIMEOUT";
 pub const DISCOVERY_TIMEOUT: &str = "TRELLIS_DISCOVERY_TIMEOUT";
 pub const WORKLOAD: &str = "TRELLIS_WORKLOAD";
+pub const POD: &str = "TRELLIS_POD";
 pub const VERSION: &str = "TRELLIS_VERSION";
 pub const METRICS: &str = "TRELLIS_METRICS";
 pub const OPAQUE_PORTS: &str = "TRELLIS_OPAQUE_PORTS";
@@ -319,6 +324,7 @@ impl Config {
                 request_timeout: request_timeout?,
                 discovery_timeout: discovery_timeout?,
                 workload: env.get(WORKLOAD).unwrap_or_default(),
+                pod: env.get(POD).unwrap_or_default(),
                 version: env.get(VERSION).unwrap_or_default(),
                 metrics: metrics?,
                 opaque_ports: opaque_ports?,

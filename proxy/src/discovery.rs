@@ -15,7 +15,9 @@ use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 use trellis_proto::discovery::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::endpoint_update::Kind;
-use trellis_proto::discovery::{Endpoint, ServiceInfo, WatchRequest};
+use trellis_proto::discovery::{
+    Endpoint, InboundPolicy, InboundPolicyRequest, ServiceInfo, WatchRequest,
+};
 
 use crate::metrics::Metrics;
 use crate::route::CompiledRoutes;
@@ -116,6 +118,48 @@ impl Discovery {
             Some(Arc::default()),
         ));
         rx
+    }
+}
+
+impl Discovery {
+    /// Starts the watch of this workload's inbound policy: `request` builds
+    /// each (re)connection's request (with a fresh token), `apply` gets
+    /// every policy, and `arrived` turns true at the first. The watch lives
+    /// as long as someone holds a receiver of `arrived`.
+    pub fn inbound_policy<Request, Fut, Apply>(
+        &self,
+        request: Request,
+        apply: Apply,
+        arrived: watch::Sender<bool>,
+    ) where
+        Request: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<InboundPolicyRequest, Status>> + Send + 'static,
+        Apply: Fn(InboundPolicy) + Send + Sync + 'static,
+    {
+        let client = self.client.clone();
+        let apply = Arc::new(apply);
+        let stream = Stream::new("policy", "inbound", self.metrics.clone());
+        tokio::spawn(follow(
+            stream,
+            move || {
+                let (mut client, request) = (client.clone(), request());
+                async move {
+                    client
+                        .watch_inbound_policy(request.await?)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            },
+            move || {
+                let apply = apply.clone();
+                move |policy| {
+                    apply(policy);
+                    Some(true)
+                }
+            },
+            arrived,
+            false,
+        ));
     }
 }
 

@@ -82,6 +82,23 @@ pub enum ProxyError {
         "CONNECT is not supported yet by this proxy; send requests to the destination directly"
     )]
     ConnectUnsupported,
+    /// The workload's authorization policy does not allow the request; the
+    /// text names the caller, the policy and why.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// No authorization policy from the controller yet: nobody is let in
+    /// until it is known.
+    #[error("unauthorized for now: the authorization policy of this workload is not known yet (none from the controller within {0:?}); try again")]
+    AuthorizationPending(Duration),
+}
+
+impl From<crate::authz::Refused> for ProxyError {
+    fn from(refused: crate::authz::Refused) -> Self {
+        match refused {
+            crate::authz::Refused::Unauthorized(reason) => Self::Unauthorized(reason),
+            crate::authz::Refused::Pending(waited) => Self::AuthorizationPending(waited),
+        }
+    }
 }
 
 impl ProxyError {
@@ -96,14 +113,15 @@ impl ProxyError {
             | ProxyError::ClientBody(_)
             | ProxyError::DuplicateHost => StatusCode::BAD_REQUEST,
             ProxyError::ConnectUnsupported => StatusCode::NOT_IMPLEMENTED,
-            ProxyError::PlaintextTarget => StatusCode::FORBIDDEN,
+            ProxyError::PlaintextTarget | ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
             ProxyError::UnknownService(_)
             | ProxyError::NoEndpoints(_)
             | ProxyError::DiscoveryTimeout(..)
             | ProxyError::NoIdentity
             | ProxyError::Overloaded(..)
             | ProxyError::RouteOverloaded(..)
-            | ProxyError::AllEjected(..) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::AllEjected(..)
+            | ProxyError::AuthorizationPending(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -139,7 +157,48 @@ impl ProxyError {
             ProxyError::DuplicateHost => "duplicate-host",
             ProxyError::ConnectUnsupported => "connect-unsupported",
             ProxyError::PlaintextTarget => "plaintext-target",
+            ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::AuthorizationPending(_) => "authorization-pending",
         }
+    }
+
+    /// The gRPC status a gRPC client gets instead of the HTTP status, for
+    /// the errors whose meaning gRPC has a code for (the others answer in
+    /// HTTP, which gRPC clients map themselves).
+    pub fn grpc_status(&self) -> Option<u32> {
+        match self {
+            // PERMISSION_DENIED
+            ProxyError::Unauthorized(_) => Some(7),
+            // UNAVAILABLE: retry later.
+            ProxyError::AuthorizationPending(_) => Some(14),
+            _ => None,
+        }
+    }
+
+    /// A trailers-only gRPC response (gRPC over HTTP/2, "Responses"):
+    /// status 200, the code in `grpc-status`, the text in `grpc-message`
+    /// (percent-encoded).
+    fn into_grpc_response(self, code: u32) -> Response<Body> {
+        let message: String = self
+            .to_string()
+            .bytes()
+            .map(|b| match b {
+                b' '..=b'~' if b != b'%' => char::from(b).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let mut response = Response::new(full(""));
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", http::HeaderValue::from(code));
+        if let Ok(message) = http::HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", message);
+        }
+        headers.insert(PROXY_ERROR, http::HeaderValue::from_static(self.reason()));
+        response
     }
 
     /// Whether another attempt could succeed: the request never reached an
@@ -173,8 +232,21 @@ pub fn respond(
     result: Result<Response<Body>, ProxyError>,
     direction: &'static str,
 ) -> Response<Body> {
+    respond_to(result, direction, false)
+}
+
+/// Like [`respond`], for a request that may be gRPC (`grpc`): errors with a
+/// gRPC code answer in gRPC.
+pub fn respond_to(
+    result: Result<Response<Body>, ProxyError>,
+    direction: &'static str,
+    grpc: bool,
+) -> Response<Body> {
     result.unwrap_or_else(|error| {
         tracing::debug!(%error, direction, "request failed in the proxy");
-        error.into_response()
+        match error.grpc_status() {
+            Some(code) if grpc => error.into_grpc_response(code),
+            _ => error.into_response(),
+        }
     })
 }

@@ -45,7 +45,7 @@ pub fn record(
     Response::from_parts(parts, Body::new(GrpcBody { inner, pending }))
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))

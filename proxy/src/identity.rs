@@ -186,7 +186,7 @@ impl IdentityManager {
 
 /// Why one renewal failed.
 #[derive(Debug, thiserror::Error)]
-enum RenewError {
+pub(crate) enum RenewError {
     /// The token file could not be read.
     #[error("cannot read the identity token from {path}: {source}; check the token volume mount")]
     Token {
@@ -226,9 +226,9 @@ fn with_causes(status: &tonic::Status) -> String {
     message
 }
 
-/// The token as sent: a file is re-read every time because projected
-/// service-account tokens rotate.
-async fn read_token(source: &TokenSource) -> Result<String, RenewError> {
+/// The token as sent (with Certify, and to watch the inbound policy): a
+/// file is re-read every time because projected service-account tokens rotate.
+pub(crate) async fn read_token(source: &TokenSource) -> Result<String, RenewError> {
     match source {
         TokenSource::Static(token) => Ok(token.clone()),
         TokenSource::File(path) => {

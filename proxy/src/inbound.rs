@@ -23,10 +23,11 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use trellis_proto::SpiffeId;
 
-use crate::config::InboundMode;
+use crate::authz::{Access, Authz};
+use crate::config::{Config, InboundMode};
 use crate::detect::{self, Protocol};
 use crate::drain::Watch;
-use crate::errors::{respond, ProxyError};
+use crate::errors::{respond_to, ProxyError};
 use crate::http::{boxed, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::listen::ThrottledByKind;
@@ -66,6 +67,12 @@ pub enum InboundError {
     NoSpiffeId,
     #[error("unsupported ALPN protocol")]
     Alpn,
+    /// The workload's authorization policy refuses the connection.
+    #[error("connection to port {port} refused: {refused}")]
+    Unauthorized {
+        port: u16,
+        refused: crate::authz::Refused,
+    },
     #[error("reading the tunnel's target port: {0}")]
     TargetPort(#[source] std::io::Error),
     #[error("connecting to the application at {app}: {source}")]
@@ -96,6 +103,7 @@ impl InboundError {
             InboundError::NoClientCertificate => FailureReason::NoCertificate.label(),
             InboundError::NoSpiffeId => FailureReason::BadCertificate.label(),
             InboundError::Alpn => FailureReason::Alpn.label(),
+            InboundError::Unauthorized { .. } => "unauthorized",
             InboundError::TargetPort(_) => "target_port",
             InboundError::AppConnect { .. } | InboundError::AppConnectTimeout { .. } => {
                 "app_connect"
@@ -116,6 +124,8 @@ pub struct Inbound {
     app_ip: IpAddr,
     /// Redirected plaintext to these ports is forwarded without detection.
     opaque_ports: Vec<u16>,
+    /// Who may call which port: checked before the application sees a byte.
+    authz: Arc<Authz>,
     app_h1: Client<HttpConnector, Body>,
     app_h2: Client<HttpConnector, Body>,
     server: Server,
@@ -128,11 +138,9 @@ impl Inbound {
     pub fn new(
         identity: Arc<IdentityManager>,
         metrics: Arc<Metrics>,
-        app_ip: IpAddr,
-        mode: InboundMode,
-        opaque_ports: Vec<u16>,
-        max_tls_handshakes: usize,
+        authz: Arc<Authz>,
         server: Server,
+        config: &Config,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -144,9 +152,10 @@ impl Inbound {
         Arc::new(Self {
             identity,
             metrics,
-            mode,
-            app_ip,
-            opaque_ports,
+            mode: config.inbound_mode,
+            app_ip: config.app_ip,
+            opaque_ports: config.opaque_ports.clone(),
+            authz,
             app_h1: Client::builder(TokioExecutor::new())
                 .http1_max_buf_size(limit as usize)
                 .build(connector.clone()),
@@ -155,7 +164,7 @@ impl Inbound {
                 .http2_max_header_list_size(limit)
                 .build(connector),
             server,
-            handshakes: Semaphore::new(max_tls_handshakes),
+            handshakes: Semaphore::new(config.max_tls_handshakes),
             refusals: ThrottledByKind::every(REFUSAL_LOG_EVERY),
         })
     }
@@ -302,9 +311,10 @@ impl Inbound {
             .handshake(stream.read_exact(&mut port))
             .await?
             .map_err(InboundError::TargetPort)?;
-        tracing::debug!(%client, port = u16::from_be_bytes(port), "opaque tunnel");
-        self.forward_tcp(&mut stream, u16::from_be_bytes(port))
-            .await
+        let port = u16::from_be_bytes(port);
+        tracing::debug!(%client, port, "opaque tunnel");
+        self.authorize_connection(port, Some(client)).await?;
+        self.forward_tcp(&mut stream, port).await
     }
 
     /// Copies a connection to the application's `port` until either closes
@@ -339,8 +349,23 @@ impl Inbound {
             Protocol::Http1 | Protocol::Http2 => {
                 self.serve_plaintext(tcp, protocol, Some(port), watch).await
             }
-            Protocol::Tls | Protocol::Opaque => self.forward_tcp(&mut tcp, port).await,
+            Protocol::Tls | Protocol::Opaque => {
+                self.authorize_connection(port, None).await?;
+                self.forward_tcp(&mut tcp, port).await
+            }
         }
+    }
+
+    /// A TCP connection to `port` is authorized once, at its start.
+    async fn authorize_connection(
+        &self,
+        port: u16,
+        client: Option<&SpiffeId>,
+    ) -> Result<(), InboundError> {
+        self.authz
+            .check(port, client, Access::Connection)
+            .await
+            .map_err(|refused| InboundError::Unauthorized { port, refused })
     }
 
     /// PERMISSIVE mode's plaintext HTTP from a client outside the mesh, for
@@ -391,7 +416,8 @@ impl Inbound {
             peer_identity: client.map(ToString::to_string).unwrap_or_default(),
             ..RequestLabels::default()
         };
-        let response = respond(self.forward(request, client, port).await, "inbound");
+        let grpc = crate::grpc::is_grpc(request.headers());
+        let response = respond_to(self.forward(request, client, port).await, "inbound", grpc);
         crate::grpc::record(&self.metrics, labels, started.elapsed(), response)
     }
 
@@ -412,6 +438,11 @@ impl Inbound {
             (None, Some(_)) => in_band.ok_or(ProxyError::NoTarget)?,
             (None, None) => return Err(ProxyError::PlaintextTarget),
         };
+        let access = Access::Http {
+            method: &parts.method,
+            path: parts.uri.path(),
+        };
+        self.authz.check(port, client, access).await?;
         let http1 = match parts.headers.remove(ORIG_PROTO) {
             Some(proto) => proto.as_bytes() != b"HTTP/2",
             None => parts.version != Version::HTTP_2,

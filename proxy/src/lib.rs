@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod cache;
 pub mod config;
@@ -189,6 +190,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         config.identity.to_string(),
         metrics.clone(),
     );
+    let authz = authz::Authz::watch(metrics.inbound_authz.clone(), &discovery, &config);
     let drain = Drain::new();
     let admin_drain = Drain::new();
     let listeners = metrics.listeners.clone();
@@ -199,11 +201,9 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     let inbound = inbound::Inbound::new(
         identity.clone(),
         metrics.clone(),
-        config.app_ip,
-        config.inbound_mode,
-        config.opaque_ports.clone(),
-        config.max_tls_handshakes,
+        authz,
         inbound_server,
+        &config,
     );
     let admin = admin::Admin::new(
         identity.clone(),

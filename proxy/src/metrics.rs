@@ -103,6 +103,9 @@ pub struct Metrics {
     faults: IntCounterVec,
     ejections: IntCounterVec,
     cert_expiry: IntGauge,
+    /// Inbound authorization decisions (see `authz`), whose series the
+    /// policy resolves once when it arrives.
+    pub inbound_authz: IntCounterVec,
     /// Accept errors and connection timeouts (see [`ListenerMetrics`]).
     pub listeners: ListenerMetrics,
 }
@@ -191,6 +194,13 @@ impl Metrics {
             ),
             &["dst_service", "dst_namespace"],
         );
+        let inbound_authz = IntCounterVec::new(
+            Opts::new(
+                "inbound_authz_total",
+                "Inbound requests and TCP connections by authorization decision, the policy that decided (namespace/name, or default:<namespace default>) and its mode; decision=deny with mode=audit was allowed",
+            ),
+            &["decision", "policy", "mode"],
+        );
         let cert_expiry = IntGauge::new(
             "identity_cert_expiration_timestamp_seconds",
             "When this proxy's current certificate expires (Unix time)",
@@ -203,7 +213,8 @@ impl Metrics {
                 (tcp_read_bytes?, tcp_write_bytes?, discovery_streams?);
             let (tls_failures, retries, faults, ejections, cert_expiry) =
                 (tls_failures?, retries?, faults?, ejections?, cert_expiry?);
-            let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+            let inbound_authz = inbound_authz?;
+            let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
                 Box::new(requests.clone()),
                 Box::new(latency.clone()),
                 Box::new(tcp_opened.clone()),
@@ -217,6 +228,7 @@ impl Metrics {
                 Box::new(faults.clone()),
                 Box::new(ejections.clone()),
                 Box::new(cert_expiry.clone()),
+                Box::new(inbound_authz.clone()),
             ];
             for collector in collectors {
                 registry.register(collector)?;
@@ -251,6 +263,7 @@ impl Metrics {
                 faults,
                 ejections,
                 cert_expiry,
+                inbound_authz,
                 listeners,
             })
         })();

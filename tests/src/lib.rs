@@ -445,6 +445,31 @@ pub fn write_atomically(path: &Path, contents: &str) {
         .expect("write manifest");
 }
 
+/// A TCP echo server on `ip` (port chosen by the OS), as an opaque app.
+pub async fn echo_app(ip: IpAddr) -> u16 {
+    let echo = TcpListener::bind((ip, 0)).await.expect("bind echo");
+    let port = echo.local_addr().expect("echo addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    port
+}
+
+/// A certificate (chain, key) for `id` from `mesh`'s CA, as a test client
+/// that is not a sidecar presents it.
+pub fn mesh_identity(mesh: &Mesh, id: &SpiffeId, lifetime: Duration) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let ca = trellis_control_plane::identity::Ca::load_or_create(mesh.dir.path(), TRUST_DOMAIN)
+        .expect("the mesh's CA");
+    let (key, csr) = trellis_proxy::tls::generate_csr(id).expect("CSR");
+    let leaf = ca.sign(id, &csr, lifetime).expect("signed");
+    (leaf.chain_der, key.serialize_der())
+}
+
 /// Starts the demo's `hello` app on `ip` (port chosen by the OS).
 pub async fn hello_app(ip: IpAddr, version: &str) -> SocketAddr {
     let listener = TcpListener::bind((ip, 0)).await.expect("bind hello");

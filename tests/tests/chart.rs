@@ -636,7 +636,12 @@ fn the_crd_schemas_are_structural() {
     let crds = crds();
     assert_eq!(
         crds.keys().collect::<Vec<_>>(),
-        ["HTTPFault", "ResiliencePolicy", "Rollout"]
+        [
+            "AuthorizationPolicy",
+            "HTTPFault",
+            "ResiliencePolicy",
+            "Rollout"
+        ]
     );
     for (kind, crd) in &crds {
         for version in crd["spec"]["versions"].as_array().unwrap() {

@@ -7,19 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use trellis_control_plane::identity::{self, Ca};
+use trellis_control_plane::identity;
 use trellis_proto::SpiffeId;
 use trellis_tests::tls::{client, foreign_identity, try_request};
 use trellis_tests::*;
 
 /// A certificate for `id` from the mesh's own CA, valid for `lifetime`.
-fn mesh_identity(mesh: &Mesh, id: &SpiffeId, lifetime: Duration) -> (Vec<Vec<u8>>, Vec<u8>) {
-    let ca = Ca::load_or_create(mesh.dir.path(), TRUST_DOMAIN).unwrap();
-    let (key, csr) = trellis_proxy::tls::generate_csr(id).unwrap();
-    let leaf = ca.sign(id, &csr, lifetime).unwrap();
-    (leaf.chain_der, key.serialize_der())
-}
-
 #[tokio::test]
 async fn strict_inbound_serves_mesh_clients_and_refuses_everyone_else() {
     let mesh = HelloMesh::start().await;
@@ -311,16 +304,7 @@ async fn opaque_tcp_tunnels_through_the_inbound_side() {
     let mut mesh = Mesh::start().await;
     let ip = mesh.pod_ip();
     // A raw TCP echo server as the app.
-    let echo = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-    let echo_port = echo.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+    let echo_port = echo_app(ip).await;
     let proxy = mesh.proxy(ip, "echo").await;
     let frontend = SpiffeId::new(TRUST_DOMAIN, "default", "frontend");
     let config = trellis_tests::tls::client_with_alpn(

@@ -341,7 +341,9 @@ async fn ten_thousand_made_up_names_leave_nothing_behind() {
     let (mut watches, mut streams);
     loop {
         watches = metric(controller, "trellis_controller_watches", &[]).await;
-        streams = metric(admin, "trellis_discovery_streams", &[]).await;
+        // The workload's own inbound-policy stream lives as long as the proxy.
+        streams = metric(admin, "trellis_discovery_streams", &[("kind", "endpoints")]).await
+            + metric(admin, "trellis_discovery_streams", &[("kind", "routes")]).await;
         if watches <= watches_before && streams == 0.0 {
             break;
         }

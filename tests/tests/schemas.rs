@@ -19,11 +19,12 @@ use trellis_control_plane::source::manifest;
 const OLDEST: (u32, u32) = (1, 25);
 
 /// Kinds the tool has no schema for, with their apiVersions.
-const CUSTOM_KINDS: [(&str, &str); 4] = [
+const CUSTOM_KINDS: [(&str, &str); 5] = [
     ("HTTPRoute", "gateway.networking.k8s.io/v1"),
     ("HTTPFault", "trellis.dev/v1alpha1"),
     ("ResiliencePolicy", "trellis.dev/v1alpha1"),
     ("Rollout", "trellis.dev/v1alpha1"),
+    ("AuthorizationPolicy", "trellis.dev/v1alpha1"),
 ];
 
 /// Writes every manifest the demo writes into `dir` (the one place that

@@ -14,7 +14,7 @@ use crate::metrics::ControllerMetrics;
 
 pub struct IdentityService {
     ca: Arc<Ca>,
-    authenticator: Authenticator,
+    authenticator: Arc<Authenticator>,
     leaf_lifetime: Duration,
     metrics: Arc<ControllerMetrics>,
 }
@@ -22,13 +22,13 @@ pub struct IdentityService {
 impl IdentityService {
     pub fn new(
         ca: Arc<Ca>,
-        authenticator: Authenticator,
+        authenticator: impl Into<Arc<Authenticator>>,
         leaf_lifetime: Duration,
         metrics: Arc<ControllerMetrics>,
     ) -> Self {
         Self {
             ca,
-            authenticator,
+            authenticator: authenticator.into(),
             leaf_lifetime,
             metrics,
         }

@@ -136,6 +136,11 @@ impl Parts {
         env_list.push(env("TRELLIS_CONTROLLER_TRUST_PEM", trust_bundle));
         env_list.push(env("TRELLIS_IDENTITY", &workload.identity));
         env_list.push(env("TRELLIS_WORKLOAD", &workload.name));
+        // The controller finds the pod's authorization policy by its name.
+        env_list.push(json!({
+            "name": "TRELLIS_POD",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+        }));
         if let Some(version) = &workload.version {
             env_list.push(env("TRELLIS_VERSION", version));
         }

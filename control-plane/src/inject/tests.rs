@@ -34,7 +34,12 @@ fn env_of(container: &Value) -> std::collections::BTreeMap<String, String> {
         .map(|e| {
             (
                 e["name"].as_str().unwrap().to_string(),
-                e["value"].as_str().unwrap().to_string(),
+                // A downward-API variable reads as the field it comes from.
+                e["value"]
+                    .as_str()
+                    .or(e["valueFrom"]["fieldRef"]["fieldPath"].as_str())
+                    .unwrap()
+                    .to_string(),
             )
         })
         .collect()
@@ -66,6 +71,7 @@ fn injection_prepends_init_and_native_sidecar_and_keeps_unknown_fields() {
         "spiffe://cluster.local/ns/shop/sa/hello-sa"
     );
     assert_eq!(env["TRELLIS_WORKLOAD"], "hello");
+    assert_eq!(env["TRELLIS_POD"], "metadata.name");
     assert_eq!(env["TRELLIS_VERSION"], "v2");
     assert_eq!(env["TRELLIS_CONTROLLER_TRUST_PEM"], BUNDLE);
     assert_eq!(

@@ -11,9 +11,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+mod authz;
 mod httproute;
 mod resilience;
 mod rollout;
+pub use authz::*;
 pub use httproute::*;
 pub use resilience::*;
 pub use rollout::*;
@@ -295,11 +297,12 @@ pub enum Object {
     HttpFault(HttpFault),
     ResiliencePolicy(ResiliencePolicy),
     Rollout(Box<Rollout>),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 impl Object {
     /// Every kind the mesh reads, as [`Object::kind`] names them.
-    pub const KINDS: [&'static str; 8] = [
+    pub const KINDS: [&'static str; 9] = [
         "Namespace",
         "Service",
         "EndpointSlice",
@@ -308,6 +311,7 @@ impl Object {
         "HTTPFault",
         "ResiliencePolicy",
         "Rollout",
+        "AuthorizationPolicy",
     ];
 
     pub fn kind(&self) -> &'static str {
@@ -320,6 +324,7 @@ impl Object {
             Object::HttpFault(_) => "HTTPFault",
             Object::ResiliencePolicy(_) => "ResiliencePolicy",
             Object::Rollout(_) => "Rollout",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 
@@ -333,6 +338,7 @@ impl Object {
             Object::HttpFault(o) => o.metadata.key(),
             Object::ResiliencePolicy(o) => o.metadata.key(),
             Object::Rollout(o) => o.metadata.key(),
+            Object::AuthorizationPolicy(o) => o.metadata.key(),
         }
     }
 }

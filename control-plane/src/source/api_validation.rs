@@ -101,6 +101,9 @@ pub fn validate(object: &Object) -> Result<(), FieldErrors> {
         Object::HttpFault(f) => metadata(&mut checks, &f.metadata, Format::Dns1123Subdomain),
         Object::ResiliencePolicy(p) => metadata(&mut checks, &p.metadata, Format::Dns1123Subdomain),
         Object::Rollout(r) => metadata(&mut checks, &r.metadata, Format::Dns1123Subdomain),
+        Object::AuthorizationPolicy(p) => {
+            metadata(&mut checks, &p.metadata, Format::Dns1123Subdomain)
+        }
     }
     if checks.0.is_empty() {
         Ok(())

@@ -78,7 +78,12 @@ impl ClusterSource {
         watchers.spawn(kinds.follow(Api::<HttpRoute>::all(client.clone())));
         // Trellis' own kinds: their JSON goes to the same reader as the
         // manifests' (the model types are the schema).
-        for kind in ["HTTPFault", "ResiliencePolicy", "Rollout"] {
+        for kind in [
+            "HTTPFault",
+            "ResiliencePolicy",
+            "Rollout",
+            "AuthorizationPolicy",
+        ] {
             let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
                 crate::model::TRELLIS_GROUP,
                 "v1alpha1",

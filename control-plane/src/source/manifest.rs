@@ -136,17 +136,27 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
         ("trellis.dev/v1alpha1", "Rollout") => {
             convert(document, &label, |r| Object::Rollout(Box::new(r)))?
         }
+        ("trellis.dev/v1alpha1", "AuthorizationPolicy") => {
+            convert(document, &label, Object::AuthorizationPolicy)?
+        }
         (
             _,
-            "Namespace" | "Service" | "EndpointSlice" | "Pod" | "HTTPRoute" | "HTTPFault"
-            | "ResiliencePolicy" | "Rollout",
+            "Namespace"
+            | "Service"
+            | "EndpointSlice"
+            | "Pod"
+            | "HTTPRoute"
+            | "HTTPFault"
+            | "ResiliencePolicy"
+            | "Rollout"
+            | "AuthorizationPolicy",
         ) => {
             return Err(Refusal {
                 object: Some(label),
                 reason: format!(
                     "apiVersion {api_version:?} is not supported for {kind}; use v1 (Namespace, Service, Pod), \
                      discovery.k8s.io/v1 (EndpointSlice), gateway.networking.k8s.io/v1 (HTTPRoute) \
-                     or trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy, Rollout)"
+                     or trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy, Rollout, AuthorizationPolicy)"
                 ),
             });
         }
@@ -203,13 +213,17 @@ pub fn validate(file: &Path, objects: &[Object], all: &[&Object]) -> Result<(), 
 /// as far as `references` knows them.
 pub fn check(object: &Object, references: &References) -> Result<(), String> {
     match object {
-        Object::Namespace(_) | Object::Service(_) => Ok(()),
+        Object::Namespace(n) => super::authz_validation::validate_namespace(n),
+        Object::Service(_) => Ok(()),
         Object::EndpointSlice(s) => validate_slice(s, references),
         Object::Pod(p) => validate_pod(p),
         Object::HttpRoute(r) => super::route_validation::validate_route(r, references),
         Object::HttpFault(f) => super::route_validation::validate_fault(f),
         Object::ResiliencePolicy(p) => {
             super::resilience_validation::validate_policy(p).map_err(|e| e.to_string())
+        }
+        Object::AuthorizationPolicy(p) => {
+            super::authz_validation::validate_policy(p).map_err(|e| e.to_string())
         }
         // Checked by the rollout controller, which reports a bad one in its
         // status: refusing it here would leave nowhere to say why.

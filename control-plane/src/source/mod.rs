@@ -5,6 +5,7 @@
 //! watchers feeds the same `Store` API.
 
 pub mod api_validation;
+pub mod authz_validation;
 pub mod cluster;
 pub mod local;
 pub mod manifest;

@@ -6,6 +6,7 @@
 //! soon as its last holder drops it. After each change only the watches
 //! whose answer changed are woken.
 
+mod authz;
 mod resilience;
 mod resolve;
 mod routes;
@@ -20,9 +21,10 @@ use tokio::sync::watch;
 use trellis_proto::discovery::Routes;
 
 use crate::model::{
-    EndpointSlice, HttpFault, HttpRoute, Namespace, Object, ObjectKey, Pod, ResiliencePolicy,
-    Rollout, Service,
+    AuthorizationPolicy, EndpointSlice, HttpFault, HttpRoute, Namespace, Object, ObjectKey, Pod,
+    ResiliencePolicy, Rollout, Service,
 };
+pub use authz::{DefaultInboundPolicy, EVERY_PORT};
 pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
 pub use routes::parse_gateway_duration;
 pub use watches::AuthorityWatch;
@@ -48,6 +50,7 @@ pub(crate) struct State {
     pub(crate) faults: HashMap<ObjectKey, HttpFault>,
     pub(crate) policies: HashMap<ObjectKey, ResiliencePolicy>,
     pub(crate) rollouts: HashMap<ObjectKey, Rollout>,
+    pub(crate) authorization_policies: HashMap<ObjectKey, AuthorizationPolicy>,
     /// When the objects last changed, for push-latency metrics.
     changed_at: Option<Instant>,
     /// Bumped at every change, for consumers that re-read the store (rollouts).
@@ -67,6 +70,7 @@ pub struct Counts {
     pub http_faults: usize,
     pub resilience_policies: usize,
     pub rollouts: usize,
+    pub authorization_policies: usize,
     pub watches: usize,
 }
 
@@ -229,6 +233,13 @@ impl Store {
                     .cloned()
                     .map(|r| Object::Rollout(Box::new(r))),
             )
+            .chain(
+                state
+                    .authorization_policies
+                    .values()
+                    .cloned()
+                    .map(Object::AuthorizationPolicy),
+            )
             .collect();
         objects.sort_by_key(|o| (o.kind(), o.key()));
         objects
@@ -245,6 +256,7 @@ impl Store {
             http_faults: state.faults.len(),
             resilience_policies: state.policies.len(),
             rollouts: state.rollouts.len(),
+            authorization_policies: state.authorization_policies.len(),
             watches: state.watches.len() + state.route_watches.len(),
         }
     }
@@ -262,6 +274,7 @@ impl State {
             Object::HttpFault(o) => drop(self.faults.insert(key, o)),
             Object::ResiliencePolicy(o) => drop(self.policies.insert(key, o)),
             Object::Rollout(o) => drop(self.rollouts.insert(key, *o)),
+            Object::AuthorizationPolicy(o) => drop(self.authorization_policies.insert(key, o)),
         }
     }
 
@@ -276,6 +289,7 @@ impl State {
             "HTTPFault" => self.faults.remove(key).is_some(),
             "ResiliencePolicy" => self.policies.remove(key).is_some(),
             "Rollout" => self.rollouts.remove(key).is_some(),
+            "AuthorizationPolicy" => self.authorization_policies.remove(key).is_some(),
             _ => false,
         }
     }
@@ -290,6 +304,7 @@ impl State {
             "HTTPFault" => self.faults.clear(),
             "ResiliencePolicy" => self.policies.clear(),
             "Rollout" => self.rollouts.clear(),
+            "AuthorizationPolicy" => self.authorization_policies.clear(),
             _ => {}
         }
     }

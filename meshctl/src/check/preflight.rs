@@ -19,6 +19,7 @@ const CUSTOM_RESOURCES: &[(&str, &str)] = &[
     ("trellis.dev/v1alpha1", "httpfaults"),
     ("trellis.dev/v1alpha1", "resiliencepolicies"),
     ("trellis.dev/v1alpha1", "rollouts"),
+    ("trellis.dev/v1alpha1", "authorizationpolicies"),
 ];
 
 pub(super) fn kubernetes_version(major: &str, minor: &str) -> Item {
@@ -54,7 +55,7 @@ pub(super) async fn custom_resources(client: &Client) -> Item {
         return Item::pass(
             Section::PreFlight,
             name,
-            "HTTPRoute (Gateway API), HTTPFault, ResiliencePolicy, Rollout",
+            "HTTPRoute (Gateway API), HTTPFault, ResiliencePolicy, Rollout, AuthorizationPolicy",
         );
     }
     let gateway = missing

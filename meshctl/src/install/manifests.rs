@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use super::values::{Image, Values};
 
 const CHART: &str = include_str!("../../../charts/trellis/Chart.yaml");
-const CRDS: [&str; 3] = [
+const CRDS: [&str; 4] = [
+    include_str!("../../../charts/trellis/files/crds/authorizationpolicies.trellis.dev.yaml"),
     include_str!("../../../charts/trellis/files/crds/httpfaults.trellis.dev.yaml"),
     include_str!("../../../charts/trellis/files/crds/resiliencepolicies.trellis.dev.yaml"),
     include_str!("../../../charts/trellis/files/crds/rollouts.trellis.dev.yaml"),
@@ -196,7 +197,7 @@ impl Render<'_> {
                     rule(&[""], &["namespaces", "services", "pods"], &list_watch),
                     rule(&["discovery.k8s.io"], &["endpointslices"], &list_watch),
                     rule(&["gateway.networking.k8s.io"], &["httproutes"], &list_watch),
-                    rule(&["trellis.dev"], &["httpfaults", "resiliencepolicies", "rollouts"], &list_watch),
+                    rule(&["trellis.dev"], &["httpfaults", "resiliencepolicies", "rollouts", "authorizationpolicies"], &list_watch),
                     rule(&["trellis.dev"], &["rollouts/status"], &["patch"]),
                     rule(&["gateway.networking.k8s.io"], &["httproutes"], &["create", "patch"]),
                     rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),

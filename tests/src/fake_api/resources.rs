@@ -113,6 +113,12 @@ pub static RESOURCES: &[Resource] = &[
     )
     .with_status(),
     resource(TRELLIS, "v1alpha1", "rollouts", "Rollout").with_status(),
+    resource(
+        TRELLIS,
+        "v1alpha1",
+        "authorizationpolicies",
+        "AuthorizationPolicy",
+    ),
     resource("coordination.k8s.io", "v1", "leases", "Lease"),
     resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview")
         .cluster_scoped()

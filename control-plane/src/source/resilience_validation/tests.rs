@@ -184,7 +184,9 @@ fn a_wrong_api_version_names_the_supported_one() {
     let err = refusal(&yaml);
     assert!(
         err.contains("apiVersion \"trellis.dev/v1\" is not supported for ResiliencePolicy")
-            && err.contains("trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy, Rollout)"),
+            && err.contains(
+                "trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy, Rollout, AuthorizationPolicy)"
+            ),
         "{err}"
     );
 }
