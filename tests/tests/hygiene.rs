@@ -240,10 +240,11 @@ async fn slowloris_and_idle_connections_are_closed_by_the_timeouts() {
          peak {peak} KiB, {after_first} KiB after the first round, {after} KiB after the second",
         first.1, second.1
     );
-    // Freed memory is not always returned to the OS (allocator arenas),
-    // hence the generous bound; a second round must not add to it.
+    // Freed memory is not always returned to the OS (glibc keeps its
+    // arenas: 50-65 MiB of the peak's 70 stay mapped, more on a loaded
+    // machine), hence the generous bound; the leak check is the next one.
     assert!(
-        after < baseline + 64 * 1024,
+        after < baseline + 80 * 1024,
         "RSS {after} KiB after vs {baseline} KiB before (peak {peak} KiB)"
     );
     // A second round must not add what a leak would: 5,500 connections
