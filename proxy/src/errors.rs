@@ -77,6 +77,9 @@ pub enum ProxyError {
     /// connection's original destination may be a plaintext client's target.
     #[error("plaintext clients cannot choose the application port: dial the application's port (redirected to this proxy), or call through the mesh with mTLS")]
     PlaintextTarget,
+    /// The request target is longer than the proxy forwards.
+    #[error("the request path and query are {0} bytes, over this proxy's limit of {limit} bytes; shorten the URI (move data into the body)", limit = crate::http::MAX_URI_BYTES)]
+    UriTooLong(usize),
     /// CONNECT is not tunnelled yet.
     #[error(
         "CONNECT is not supported yet by this proxy; send requests to the destination directly"
@@ -113,6 +116,7 @@ impl ProxyError {
             | ProxyError::ClientBody(_)
             | ProxyError::DuplicateHost => StatusCode::BAD_REQUEST,
             ProxyError::ConnectUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ProxyError::PlaintextTarget | ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
             ProxyError::UnknownService(_)
             | ProxyError::NoEndpoints(_)
@@ -156,6 +160,7 @@ impl ProxyError {
             ProxyError::ClientBody(_) => "client-body",
             ProxyError::DuplicateHost => "duplicate-host",
             ProxyError::ConnectUnsupported => "connect-unsupported",
+            ProxyError::UriTooLong(_) => "uri-too-long",
             ProxyError::PlaintextTarget => "plaintext-target",
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::AuthorizationPending(_) => "authorization-pending",

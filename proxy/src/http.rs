@@ -57,9 +57,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The longest request target (path and query) the
+/// proxy forwards: nginx's and many applications' own limit, so a longer
+/// one gets a 414 that says why from the proxy rather than an opaque
+/// failure behind it.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
 /// What the proxy refuses in any request head before routing it: several
 /// `Host` headers (RFC 9112 §3.2 asks for a 400; they would be routed by one
-/// and forwarded with both), and CONNECT, which is not tunnelled yet.
+/// and forwarded with both), a target over [`MAX_URI_BYTES`] (414), and
+/// CONNECT, which is not tunnelled yet.
 pub fn refuse_at_edge<B>(request: &http::Request<B>) -> Result<(), crate::errors::ProxyError> {
     use crate::errors::ProxyError;
     if request.method() == http::Method::CONNECT {
@@ -67,6 +74,15 @@ pub fn refuse_at_edge<B>(request: &http::Request<B>) -> Result<(), crate::errors
     }
     if request.headers().get_all(header::HOST).iter().count() > 1 {
         return Err(ProxyError::DuplicateHost);
+    }
+    // The path and query: the authority is the Host, which the header
+    // limit covers, and between sidecars it rides in `:authority`.
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if target > MAX_URI_BYTES {
+        return Err(ProxyError::UriTooLong(target));
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! What the proxy's HTTP/1 edge refuses as the client's mistake: several
-//! Host headers (400), CONNECT (501 until it is tunnelled), and a malformed
+//! Host headers (400), CONNECT (501 until it is tunnelled), a URI over the
+//! limit (414, naming it), and a malformed
 //! chunked body (the client's 400, not the destination's 502).
 
 use trellis_tests::*;
@@ -61,4 +62,35 @@ async fn connect_is_refused_until_it_is_tunnelled() {
     .await;
     assert_refused(&answer, 501, "connect-unsupported");
     assert!(answer.contains("CONNECT is not supported yet"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_uri_over_the_limit_is_a_414_that_names_the_limit() {
+    let mesh = HelloMesh::start_with_apps(workbench_app).await;
+    let authority = mesh.authority();
+    let outbound = mesh.client.outbound_addr;
+    let limit = trellis_proxy::http::MAX_URI_BYTES;
+    let long = format!("/{}", "a".repeat(limit));
+    let answer = exchange_raw(
+        outbound,
+        &format!("GET {long} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_refused(&answer, 414, "uri-too-long");
+    assert!(
+        answer.contains(&format!("limit of {limit} bytes")),
+        "{answer}"
+    );
+    // Just under the limit is forwarded (the path alone is the target).
+    let under = format!("/{}", "a".repeat(limit - 1));
+    let answer = exchange_raw(
+        outbound,
+        &format!("GET {under} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
 }
