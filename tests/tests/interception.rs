@@ -550,4 +550,49 @@ async fn outsiders_refused_by_strict_served_by_permissive_and_non_mesh_passed_th
         ],
     );
     assert_eq!(plaintext, 3.0, "{exposition}");
+
+    // Authorization of plaintext: a policy that allows only meshed callers
+    // on 8080 refuses the outsider with the sidecar's 403, while meshed
+    // callers are served; `unauthenticated: true` lets it in again.
+    let policy = |from: &str| {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: web, namespace: default}}
+spec:
+  selector: {{}}
+  ports: [8080]
+  allow:
+    - from: [{from}]
+"
+        )
+    };
+    let url = format!("http://{}/", lenient.addr(8080));
+    let outsider_gets = |needle: &'static str| {
+        let (outsider, url) = (&outsider, url.clone());
+        trellis_tests::eventually(Duration::from_secs(5), needle, move || {
+            let url = url.clone();
+            async move {
+                let answers = curl(outsider, &url, 1, &["-i"]).await;
+                (count(&answers, needle) > 0)
+                    .then_some(())
+                    .ok_or(format!("{answers:?}"))
+            }
+        })
+    };
+    net.write_manifest("policy.yaml", &policy("{meshed: true}"))
+        .await;
+    outsider_gets("trellis-proxy-error: unauthorized").await;
+    let answers = curl(&client, &format!("http://{HELLO_IP}:8080/"), 3, &[]).await;
+    assert_eq!(count(&answers, "hello from v"), 3, "{answers:?}");
+    let exposition = metrics(&net, &lenient).await;
+    let denied = sum(
+        &exposition,
+        "trellis_inbound_authz_total",
+        &["decision=\"deny\"", "mode=\"enforce\""],
+    );
+    assert!(denied >= 1.0, "{exposition}");
+    net.write_manifest("policy.yaml", &policy("{unauthenticated: true}"))
+        .await;
+    outsider_gets("hello from a permissive pod").await;
 }

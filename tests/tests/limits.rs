@@ -3,7 +3,8 @@
 //! and half-open TLS on the inbound port are closed and counted by reason,
 //! HTTP/2 streams are capped and a rapid-reset flood is cut off, and
 //! 10,000 idle connections are held in bounded memory, which the next
-//! 10,000 reuse once they close. nextest runs each test in its own process,
+//! 10,000 reuse once they close, and a request body streams through both
+//! sidecars instead of being buffered whole. nextest runs each test in its own process,
 //! which the resource limits and measurements below rely on.
 
 use std::io::{BufRead, BufReader};
@@ -365,4 +366,89 @@ async fn http2_streams_are_capped_and_a_rapid_reset_flood_gets_goaway_while_othe
         .version(&authority)
         .await
         .expect("a new client is served");
+}
+
+/// An application that reads no request body until `open` turns true, then
+/// reads it all and answers how many bytes came.
+fn gated_reader(
+    open: tokio::sync::watch::Receiver<bool>,
+) -> impl FnMut(tokio::net::TcpListener, &str) {
+    use http_body_util::BodyExt;
+    move |listener, _version| {
+        let open = open.clone();
+        tokio::spawn(trellis_common::serve::serve(
+            listener,
+            move |request: http::Request<hyper::body::Incoming>| {
+                let mut open = open.clone();
+                async move {
+                    let _ = open.wait_for(|open| *open).await;
+                    let mut body = request.into_body();
+                    let mut received = 0usize;
+                    while let Some(Ok(frame)) = body.frame().await {
+                        received += frame.data_ref().map_or(0, |d| d.len());
+                    }
+                    http::Response::new(trellis_proxy::http::full(format!("{received} bytes")))
+                }
+            },
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_request_body_streams_through_both_sidecars_without_being_buffered_whole() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const BODY: u64 = 128 * 1024 * 1024;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let mesh = HelloMesh::start_with_apps(gated_reader(gate)).await;
+    let mut tcp = TcpStream::connect(mesh.client.outbound_addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: {}\r\nContent-Length: {BODY}\r\nConnection: close\r\n\r\n",
+        mesh.authority()
+    );
+    tcp.write_all(head.as_bytes()).await.expect("send the head");
+    let (mut reader, mut writer) = tcp.into_split();
+    let sent = Arc::new(AtomicU64::new(0));
+    let sending = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            while sent.load(Ordering::Relaxed) < BODY {
+                writer.write_all(&chunk).await.expect("send the body");
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            writer
+        })
+    };
+    // While the application reads nothing, what the client could send is
+    // what the sockets and the sidecars' windows hold: each sidecar keeps at
+    // most TRELLIS_MAX_BODY_IN_FLIGHT (1 MiB) of it, the kernel's socket
+    // buffers a few MiB more. Buffering the body whole would take it all.
+    let stalled = eventually(Duration::from_secs(10), "the upload stalls", || {
+        let (sent, before) = (sent.clone(), sent.load(Ordering::Relaxed));
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let after = sent.load(Ordering::Relaxed);
+            (after == before)
+                .then_some(after)
+                .ok_or(format!("{after} bytes sent, still moving"))
+        }
+    })
+    .await;
+    eprintln!("with the application not reading, the client got {stalled} bytes in");
+    assert!(
+        stalled < 48 * 1024 * 1024,
+        "{stalled} bytes went in while nothing read them: the body is buffered, not streamed"
+    );
+    open.send_replace(true);
+    let _writer = sending.await.expect("the whole body is sent");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(60), reader.read_to_string(&mut answer))
+        .await
+        .expect("an answer within 60 s")
+        .expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(&format!("{BODY} bytes")), "{answer}");
 }
