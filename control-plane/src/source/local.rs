@@ -254,6 +254,54 @@ mod tests {
         store.objects().iter().map(ToString::to_string).collect()
     }
 
+    /// What a subscriber writes, kept to be counted.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_rejected_manifest_is_logged_once_however_often_the_directory_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new("cluster.local");
+        let mut source = LocalSource::new(dir.path(), store.clone());
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let rejections = || {
+            String::from_utf8_lossy(&log.0.lock().unwrap())
+                .matches("manifest rejected")
+                .count()
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            std::fs::write(dir.path().join("bad.yaml"), "kind: Service\nspec: [\n").unwrap();
+            source.reload().unwrap();
+            assert_eq!(rejections(), 1);
+            // Other files change, the directory reloads, the bad file stays.
+            for i in 0..3 {
+                std::fs::write(dir.path().join("hello.yaml"), format!("{HELLO}# {i}\n")).unwrap();
+                source.reload().unwrap();
+            }
+            assert_eq!(names(&store), ["Service default/hello"]);
+            assert_eq!(rejections(), 1, "an outstanding error is not logged again");
+            // A new problem in the same file is.
+            std::fs::write(dir.path().join("bad.yaml"), "kind: Nonsense\n").unwrap();
+            source.reload().unwrap();
+            assert_eq!(rejections(), 2);
+        });
+    }
+
     #[test]
     fn a_truncated_file_deletes_its_objects_only_once_the_directory_settles() {
         let dir = tempfile::tempdir().unwrap();
