@@ -204,12 +204,13 @@ pub enum Verdict {
 
 /// A policy ready to decide: callers parsed, counters resolved once.
 pub struct Compiled {
-    default: Default,
+    default: NamespaceDefault,
     ports: HashMap<u16, Port>,
     every_port: Option<Port>,
 }
 
-struct Default {
+/// The namespace default, for ports no policy decides.
+struct NamespaceDefault {
     policy: DefaultPolicy,
     allowed: IntCounter,
     denied: IntCounter,
@@ -252,7 +253,7 @@ impl Compiled {
         };
         let default_policy = policy.default_policy();
         let default_label = format!("default:{}", default_name(default_policy));
-        let default = Default {
+        let default = NamespaceDefault {
             policy: default_policy,
             allowed: counter("allow", &default_label, "enforce"),
             denied: counter("deny", &default_label, "enforce"),
