@@ -364,6 +364,7 @@ fn backend(name: &str, weight: u32) -> BackendRef {
         namespace: None,
         port: None,
         weight: Some(weight),
+        filters: Vec::new(),
     }
 }
 

@@ -191,6 +191,10 @@ pub struct BackendRef {
     /// Relative weight; 1 when absent (Gateway API default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// Filters for this backend only. Not implemented yet: kept so that
+    /// validation refuses a route that has them instead of dropping them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

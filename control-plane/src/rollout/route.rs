@@ -42,6 +42,7 @@ pub fn desired(
         namespace: None,
         port: Some(plan.port),
         weight: Some(weight),
+        filters: Vec::new(),
     };
     let backends = &rollout.spec.backends;
     let split = match status.canary_weight {

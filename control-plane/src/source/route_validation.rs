@@ -44,6 +44,14 @@ pub fn validate_route(route: &HttpRoute, references: &References) -> Result<(), 
                     key.namespace
                 ));
             }
+            if !b.filters.is_empty() {
+                return Err(format!(
+                    "{}.filters: filters on one backend are not supported yet; \
+                     move them to the rule's filters (they then apply to all its backends) \
+                     or split the rule",
+                    at(&format!("backendRefs[{j}]"))
+                ));
+            }
             if b.weight.is_some_and(|w| w > 1_000_000) {
                 return Err(format!(
                     "{}: weight must be 0-1000000",

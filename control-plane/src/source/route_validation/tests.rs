@@ -1,4 +1,5 @@
-//! Routes that name a ResiliencePolicy through an ExtensionRef filter.
+//! Routes that name a ResiliencePolicy through an ExtensionRef filter, and
+//! fields Trellis refuses rather than ignores.
 
 use std::path::Path;
 
@@ -99,4 +100,22 @@ fn other_extension_kinds_are_refused_with_the_supported_ones() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn filters_on_one_backend_are_refused_not_ignored() {
+    let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                metadata: {name: hello, namespace: default}\nspec:\n  \
+                parentRefs: [{group: \"\", kind: Service, name: hello}]\n  rules:\n    \
+                - backendRefs:\n      - name: hello\n        port: 8080\n        \
+                filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x, value: y}]}}]\n";
+    assert_eq!(
+        validate(yaml).unwrap_err(),
+        "route.yaml: HTTPRoute default/hello: spec.rules[0].backendRefs[0].filters: \
+         filters on one backend are not supported yet; move them to the rule's filters \
+         (they then apply to all its backends) or split the rule"
+    );
+    // The same route without them is accepted.
+    let plain = yaml.split("        filters").next().unwrap();
+    validate(plain).unwrap();
 }
