@@ -119,11 +119,20 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchRoutesStream>, Status> {
-        let authority = request.into_inner().authority;
+        let request = request.into_inner();
+        let authority = request.authority;
         if let Err(e) = parse_authority(&authority) {
             return Err(Status::invalid_argument(e.to_string()));
         }
-        let mut watch = self.store.watch_routes(&authority);
+        // Consumer routes apply to the clients of their namespace, which
+        // the proxy's identity names. A proxy without a valid one (a tool)
+        // sees producer routes only.
+        let client_namespace = request
+            .client_identity
+            .parse::<SpiffeId>()
+            .map(|id| id.namespace)
+            .unwrap_or_default();
+        let mut watch = self.store.watch_routes(&authority, &client_namespace);
         let (metrics, store) = (self.metrics.clone(), self.store.clone());
         let (tx, rx) = mpsc::channel(4);
         // When the client cancels or disconnects, tonic drops `rx`: the task

@@ -32,7 +32,7 @@ fn the_local_example_routes_hello() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local");
     let store = Store::new("cluster.local");
     LocalSource::new(dir, store.clone()).reload().unwrap();
-    let routes = store.routes("hello.default.svc.cluster.local:8080");
+    let routes = store.routes("hello.default.svc.cluster.local:8080", "default");
     assert_eq!(routes.rules.len(), 2, "the A/B rule and the split");
     assert_eq!(
         routes.rules[0].backends[0].name, "hello-v2",

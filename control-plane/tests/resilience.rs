@@ -226,7 +226,7 @@ fn the_local_example_protects_hello_and_caps_the_split() {
         assert_eq!(outlier.max_ejection_ms, Some(30_000), "{service}");
         assert_eq!(resilience.circuit_breaker, breaker(500), "{service}");
     }
-    let routes = store.routes(AUTHORITY);
+    let routes = store.routes(AUTHORITY, "default");
     let split = &routes.rules[1];
     assert_eq!(split.backends.len(), 2, "the 90/10 split");
     assert_eq!(

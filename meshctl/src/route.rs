@@ -447,10 +447,14 @@ fn table(objects: &[Object], service: &ObjectKey) -> anyhow::Result<String> {
         .with_context(|| format!("no Service {service}"))?;
     let store = Store::new("cluster.local");
     store.replace_all(objects.iter().cloned());
-    let routes = store.routes(&format!(
-        "{}.{}.svc.cluster.local:{port}",
-        service.name, service.namespace
-    ));
+    // As the Service's own namespace sees it: its producer routes.
+    let routes = store.routes(
+        &format!(
+            "{}.{}.svc.cluster.local:{port}",
+            service.name, service.namespace
+        ),
+        &service.namespace,
+    );
     if routes.rules.is_empty() {
         return Ok(format!(
             "Service {service} has no route: requests go to its own endpoints\n"

@@ -354,7 +354,7 @@ fn hello_rules(dir: &Path) -> Vec<(Vec<String>, Split)> {
         source.errors().borrow()
     );
     store
-        .routes(manifests::HELLO_AUTHORITY)
+        .routes(manifests::HELLO_AUTHORITY, "default")
         .rules
         .iter()
         .map(|rule| {

@@ -69,7 +69,7 @@ fn set_writes_a_standard_httproute_that_the_controller_accepts() {
         "{:?}",
         source.errors().borrow()
     );
-    let routes = store.routes(manifests::HELLO_AUTHORITY);
+    let routes = store.routes(manifests::HELLO_AUTHORITY, "default");
     assert_eq!(routes.rules.len(), 1);
     assert_eq!(
         routes.rules[0]

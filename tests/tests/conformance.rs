@@ -409,3 +409,52 @@ async fn mesh_split() {
     )
     .await;
 }
+
+/// Producer and consumer routes side by side (GAMMA; upstream's
+/// mesh-consumer-route.go checks the first half): a consumer route changes
+/// only its namespace's traffic, and wins there over the producer's.
+#[tokio::test]
+async fn consumer_routes_change_only_their_namespaces_traffic() {
+    let mesh = ConformanceMesh::start().await;
+    let setting = |value: &str| {
+        format!(
+            "  - filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: X-Header-Set, value: {value}}}]}}}}]
+    backendRefs: [{{name: echo-v1, namespace: {MESH_NS}, port: 80}}]
+"
+        )
+    };
+    let consumer_route = route(
+        "mesh-echo-add-header",
+        "echo-v1",
+        None,
+        &setting("consumer"),
+    )
+    .replace(
+        &format!("namespace: {MESH_NS}}}\nspec"),
+        &format!("namespace: {CONSUMER_NS}}}\nspec"),
+    )
+    .replace(
+        "name: echo-v1}]",
+        &format!("name: echo-v1, namespace: {MESH_NS}}}]"),
+    );
+    mesh.apply("consumer.yaml", &consumer_route);
+    let sees = |value: Option<&'static str>| Case {
+        seen_headers: value.map(|v| vec![("X-Header-Set", v)]).unwrap_or_default(),
+        absent_seen_headers: if value.is_none() {
+            vec!["X-Header-Set"]
+        } else {
+            vec![]
+        },
+        backend: "echo-v1",
+        ..Case::get("consumer route", svc("echo-v1"), "/")
+    };
+    expect(&mesh.consumer_client(), &sees(Some("consumer"))).await;
+    expect(&mesh.client(), &sees(None)).await;
+
+    mesh.apply(
+        "producer.yaml",
+        &route("producer", "echo-v1", None, &setting("producer")),
+    );
+    expect(&mesh.client(), &sees(Some("producer"))).await;
+    expect(&mesh.consumer_client(), &sees(Some("consumer"))).await;
+}

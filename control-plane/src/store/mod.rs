@@ -28,7 +28,7 @@ pub use authz::{DefaultInboundPolicy, EVERY_PORT};
 pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
 pub use routes::parse_gateway_duration;
 pub use watches::AuthorityWatch;
-use watches::Watched;
+use watches::{RoutesKey, Watched};
 
 /// What a watch of one authority sees: the Service's endpoints, or `None`
 /// when no Service matches.
@@ -56,7 +56,7 @@ pub(crate) struct State {
     /// Bumped at every change, for consumers that re-read the store (rollouts).
     changes: Option<watch::Sender<u64>>,
     watches: HashMap<String, Watched<Resolution>>,
-    route_watches: HashMap<String, Watched<Arc<Routes>>>,
+    route_watches: HashMap<RoutesKey, Watched<Arc<Routes>>>,
 }
 
 /// How many objects of each kind the store holds.
@@ -131,9 +131,10 @@ impl Store {
         state.notify();
     }
 
-    /// The current routes of an authority, without watching them.
-    pub fn routes(&self, authority: &str) -> Routes {
-        self.lock().routes_for(authority)
+    /// The current routes of an authority for a client of
+    /// `client_namespace`, without watching them.
+    pub fn routes(&self, authority: &str, client_namespace: &str) -> Routes {
+        self.lock().routes_for(authority, client_namespace)
     }
 
     /// The labels of namespace `name`, if the store holds it.
@@ -319,8 +320,11 @@ impl State {
         for (authority, watched) in &self.watches {
             publish(&watched.sender, self.resolve(authority));
         }
-        for (authority, watched) in &self.route_watches {
-            publish(&watched.sender, self.routes_for(authority));
+        for (key, watched) in &self.route_watches {
+            publish(
+                &watched.sender,
+                self.routes_for(&key.authority, &key.client_namespace),
+            );
         }
     }
 }

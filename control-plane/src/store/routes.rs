@@ -60,19 +60,12 @@ struct Candidate {
 }
 
 impl State {
-    pub(crate) fn routes_for(&self, authority: &str) -> Routes {
+    /// The rules a client of `client_namespace` follows for `authority`.
+    pub(crate) fn routes_for(&self, authority: &str, client_namespace: &str) -> Routes {
         let Some((service, _, port)) = self.find_service(authority) else {
             return Routes::default();
         };
-        let mut attached: Vec<&HttpRoute> = self
-            .routes
-            .values()
-            .filter(|route| {
-                route
-                    .service_parents()
-                    .any(|(parent, p)| parent == service && p.is_none_or(|p| p == port))
-            })
-            .collect();
+        let mut attached = self.attached_routes(&service, port, client_namespace);
         attached.sort_by_key(|r| r.metadata.key());
         let mut candidates = Vec::new();
         for route in &attached {
@@ -113,6 +106,36 @@ impl State {
                 .iter()
                 .map(|r| r.metadata.key().to_string())
                 .collect(),
+        }
+    }
+
+    /// The routes attached to `service` (on `port`) that apply to a client
+    /// of `client_namespace`, as GAMMA defines them: a producer route (in
+    /// the Service's namespace) applies to every client; a consumer route
+    /// (in any other) only to clients of its own namespace, and where a
+    /// client has consumer routes for a Service, its producer routes no
+    /// longer apply to that client.
+    fn attached_routes(
+        &self,
+        service: &ObjectKey,
+        port: u16,
+        client_namespace: &str,
+    ) -> Vec<&HttpRoute> {
+        let attached = self.routes.values().filter(|route| {
+            route
+                .service_parents()
+                .any(|(parent, p)| parent == *service && p.is_none_or(|p| p == port))
+        });
+        let (producer, consumer): (Vec<&HttpRoute>, Vec<&HttpRoute>) =
+            attached.partition(|r| r.metadata.key().namespace == service.namespace);
+        let consumer: Vec<&HttpRoute> = consumer
+            .into_iter()
+            .filter(|r| r.metadata.key().namespace == client_namespace)
+            .collect();
+        if consumer.is_empty() {
+            producer
+        } else {
+            consumer
         }
     }
 

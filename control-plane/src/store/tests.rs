@@ -120,7 +120,7 @@ fn a_watch_is_forgotten_when_its_last_holder_drops_it() {
     let changed_at = store.changed_at();
     let first = store.watch("made-up.default:80");
     let second = store.watch("made-up.default:80");
-    let routes = store.watch_routes("made-up.default:80");
+    let routes = store.watch_routes("made-up.default:80", "default");
     assert_eq!(store.counts().watches, 2, "one per authority and kind");
 
     drop(first);
@@ -145,4 +145,52 @@ async fn a_shared_watch_keeps_working_after_another_holder_leaves() {
     store.delete("Pod", &ObjectKey::new("default", "hello-v1"));
     assert!(kept.has_changed().unwrap(), "still wired to the store");
     assert_eq!(store.counts().watches, 1);
+}
+
+/// GAMMA's producer and consumer routes: a route in the Service's own
+/// namespace applies to every client, one in another namespace only to
+/// clients of that namespace, and for them it replaces the producer's.
+#[test]
+fn consumer_routes_apply_only_to_their_namespace_and_win_there() {
+    let route = |namespace: &str, backend: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: to-{backend}, namespace: {namespace}}}
+spec:
+  parentRefs: [{{kind: Service, name: hello, namespace: default}}]
+  rules: [{{backendRefs: [{{name: {backend}, namespace: default, port: 8080}}]}}]
+"
+        )
+    };
+    let backends = |store: &Store, client: &str| -> Vec<String> {
+        store
+            .routes("hello.default:8080", client)
+            .rules
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|b| b.name.clone()))
+            .collect()
+    };
+    let store = store();
+    let mut objects = manifest::parse(Path::new("mesh.yaml"), MESH).unwrap();
+    objects
+        .extend(manifest::parse(Path::new("r.yaml"), &route("consumer", "consumer-pick")).unwrap());
+    store.replace_all(objects.clone());
+    assert_eq!(backends(&store, "consumer"), ["consumer-pick"]);
+    assert!(
+        backends(&store, "default").is_empty(),
+        "a consumer route must not touch other namespaces' clients"
+    );
+    assert!(backends(&store, "elsewhere").is_empty());
+
+    objects
+        .extend(manifest::parse(Path::new("p.yaml"), &route("default", "producer-pick")).unwrap());
+    store.replace_all(objects);
+    assert_eq!(backends(&store, "default"), ["producer-pick"]);
+    assert_eq!(backends(&store, "elsewhere"), ["producer-pick"]);
+    assert_eq!(
+        backends(&store, "consumer"),
+        ["consumer-pick"],
+        "the consumer route wins for its namespace"
+    );
 }

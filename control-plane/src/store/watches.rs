@@ -8,6 +8,7 @@
 //! reaches zero, without waiting for the next store change.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -25,11 +26,20 @@ pub(crate) struct Watched<T> {
     holders: usize,
 }
 
-/// Which of the store's maps a watch belongs to.
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Endpoints,
-    Routes,
+/// What a routes watch is about. Routes depend on who asks as well as on
+/// the authority: a consumer route (one in another namespace than its
+/// Service) applies only to clients of its own namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct RoutesKey {
+    pub(crate) authority: String,
+    pub(crate) client_namespace: String,
+}
+
+/// Which of the store's maps a watch belongs to, and its key there.
+#[derive(Clone, Debug)]
+enum Key {
+    Endpoints(String),
+    Routes(RoutesKey),
 }
 
 /// A watch of one authority's endpoints or routes. Dropping the last guard
@@ -40,8 +50,7 @@ enum Kind {
 pub struct AuthorityWatch<T> {
     receiver: watch::Receiver<T>,
     store: Arc<Store>,
-    authority: String,
-    kind: Kind,
+    key: Key,
 }
 
 impl<T> AuthorityWatch<T> {
@@ -64,9 +73,9 @@ impl<T> AuthorityWatch<T> {
 impl<T> Drop for AuthorityWatch<T> {
     fn drop(&mut self) {
         let mut state = self.store.lock();
-        match self.kind {
-            Kind::Endpoints => release(&mut state.watches, &self.authority),
-            Kind::Routes => release(&mut state.route_watches, &self.authority),
+        match &self.key {
+            Key::Endpoints(authority) => release(&mut state.watches, authority),
+            Key::Routes(key) => release(&mut state.route_watches, key),
         }
     }
 }
@@ -76,72 +85,76 @@ impl Store {
     /// `name.ns:port` or `clusterIP:port`).
     pub fn watch(self: &Arc<Self>, authority: &str) -> AuthorityWatch<Resolution> {
         let mut state = self.lock();
-        let receiver = match subscribe(&mut state.watches, authority) {
+        let key = authority.to_string();
+        let receiver = match subscribe(&mut state.watches, &key) {
             Some(receiver) => receiver,
             None => {
                 let initial = Arc::new(state.resolve(authority));
-                start(&mut state.watches, authority, initial)
+                start(&mut state.watches, key.clone(), initial)
             }
         };
-        self.guard(receiver, authority, Kind::Endpoints)
+        self.guard(receiver, Key::Endpoints(key))
     }
 
-    /// Watches the routes of an authority (same forms as [`Store::watch`]).
-    pub fn watch_routes(self: &Arc<Self>, authority: &str) -> AuthorityWatch<Arc<Routes>> {
+    /// Watches the routes of an authority (same forms as [`Store::watch`])
+    /// as a client of `client_namespace` sees them.
+    pub fn watch_routes(
+        self: &Arc<Self>,
+        authority: &str,
+        client_namespace: &str,
+    ) -> AuthorityWatch<Arc<Routes>> {
         let mut state = self.lock();
-        let receiver = match subscribe(&mut state.route_watches, authority) {
+        let key = RoutesKey {
+            authority: authority.to_string(),
+            client_namespace: client_namespace.to_string(),
+        };
+        let receiver = match subscribe(&mut state.route_watches, &key) {
             Some(receiver) => receiver,
             None => {
-                let initial = Arc::new(state.routes_for(authority));
-                start(&mut state.route_watches, authority, initial)
+                let initial = Arc::new(state.routes_for(authority, client_namespace));
+                start(&mut state.route_watches, key.clone(), initial)
             }
         };
-        self.guard(receiver, authority, Kind::Routes)
+        self.guard(receiver, Key::Routes(key))
     }
 
-    fn guard<T>(
-        self: &Arc<Self>,
-        receiver: watch::Receiver<T>,
-        authority: &str,
-        kind: Kind,
-    ) -> AuthorityWatch<T> {
+    fn guard<T>(self: &Arc<Self>, receiver: watch::Receiver<T>, key: Key) -> AuthorityWatch<T> {
         AuthorityWatch {
             receiver,
             store: self.clone(),
-            authority: authority.to_string(),
-            kind,
+            key,
         }
     }
 }
 
-/// One more holder of `authority`'s watch, if it is already watched.
-fn subscribe<T>(
-    watches: &mut HashMap<String, Watched<T>>,
-    authority: &str,
+/// One more holder of `key`'s watch, if it is already watched.
+fn subscribe<K: Hash + Eq, T>(
+    watches: &mut HashMap<K, Watched<T>>,
+    key: &K,
 ) -> Option<watch::Receiver<T>> {
-    let watched = watches.get_mut(authority)?;
+    let watched = watches.get_mut(key)?;
     watched.holders += 1;
     Some(watched.sender.subscribe())
 }
 
-/// The first holder of `authority`'s watch.
-fn start<T>(
-    watches: &mut HashMap<String, Watched<T>>,
-    authority: &str,
+/// The first holder of `key`'s watch.
+fn start<K: Hash + Eq, T>(
+    watches: &mut HashMap<K, Watched<T>>,
+    key: K,
     initial: T,
 ) -> watch::Receiver<T> {
     let (sender, receiver) = watch::channel(initial);
-    watches.insert(authority.to_string(), Watched { sender, holders: 1 });
+    watches.insert(key, Watched { sender, holders: 1 });
     receiver
 }
 
-/// One holder of `authority` went away; forgets the watch with the last.
-fn release<T>(watches: &mut HashMap<String, Watched<T>>, authority: &str) {
-    let Some(watched) = watches.get_mut(authority) else {
+/// One holder of `key` went away; forgets the watch with the last.
+fn release<K: Hash + Eq, T>(watches: &mut HashMap<K, Watched<T>>, key: &K) {
+    let Some(watched) = watches.get_mut(key) else {
         return;
     };
     watched.holders = watched.holders.saturating_sub(1);
     if watched.holders == 0 {
-        watches.remove(authority);
+        watches.remove(key);
     }
 }

@@ -273,7 +273,7 @@ mod tests {
         objects.extend(route);
         let store = Store::new("cluster.local");
         store.replace_all(objects);
-        let rules = store.routes(HELLO_AUTHORITY).rules;
+        let rules = store.routes(HELLO_AUTHORITY, "default").rules;
         let backends: Vec<_> = rules[0].backends.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(backends, ["hello-v1"]);
     }

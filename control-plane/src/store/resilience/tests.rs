@@ -177,7 +177,7 @@ async fn a_policy_edit_wakes_the_targeted_services_watch() {
 #[tokio::test]
 async fn a_rule_naming_a_policy_gets_its_circuit_breaker_and_follows_edits() {
     let store = store_with([]);
-    let mut routes = store.watch_routes("hello.default:8080");
+    let mut routes = store.watch_routes("hello.default:8080", "default");
     let rules = routes.borrow_and_update().rules.clone();
     assert_eq!(rules.len(), 2);
     assert_eq!(rules[0].route, "default/hello#0");
