@@ -24,6 +24,7 @@ use crate::rollout::cluster::ClusterApi;
 use crate::rollout::local::LocalApi;
 use crate::rollout::measure::Metrics;
 use crate::rollout::{RolloutApi, RolloutController};
+use crate::route_status::StatusWriter;
 use crate::source::cluster::ClusterSource;
 use crate::source::local::LocalSource;
 use crate::source::manifest::ManifestError;
@@ -216,6 +217,10 @@ impl Controller {
                 // Only a replica with the whole store may lead.
                 let lease = LeaseConfig::new(&config.namespace, config.lease_duration);
                 let leadership = Leadership::elect(client.clone(), lease, metrics.leader.clone());
+                // The leader reports each route's conditions where users look.
+                tasks.spawn(
+                    StatusWriter::new(client.clone(), store.clone(), leadership.is_leader()).run(),
+                );
                 let api = RolloutApi::Cluster(ClusterApi {
                     client: client.clone(),
                 });

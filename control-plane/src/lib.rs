@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod permissions;
 pub mod rollout;
+pub mod route_status;
 pub mod source;
 pub mod store;
 pub mod transport;

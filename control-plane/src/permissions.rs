@@ -73,6 +73,15 @@ pub const PERMISSIONS: &[Permission] = &[
         scope: Scope::Cluster,
         names: &[],
     },
+    // Routes' conditions (`route_status::writer`), by merge patch of the
+    // status subresource.
+    Permission {
+        group: "gateway.networking.k8s.io",
+        resource: "httproutes/status",
+        verbs: &["patch"],
+        scope: Scope::Cluster,
+        names: &[],
+    },
     // Proxies' tokens (`identity::token_review`).
     Permission {
         group: "authentication.k8s.io",

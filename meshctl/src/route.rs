@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use crate::context;
 use anyhow::{bail, Context as _};
 use trellis_control_plane::model::*;
-use trellis_control_plane::source::local::{parse_dir, write_atomically};
-use trellis_control_plane::source::manifest;
+use trellis_control_plane::route_status::{status_of_document, Refs};
+use trellis_control_plane::source::local::{documents, parse_dir, write_atomically};
+use trellis_control_plane::source::manifest::{self, References};
 use trellis_control_plane::store::Store;
 use trellis_proto::discovery::route_match::PathKind;
 use trellis_proto::discovery::Rule;
@@ -156,10 +157,7 @@ fn set(args: SetArgs) -> anyhow::Result<bool> {
 
 fn get(target: &Target) -> anyhow::Result<bool> {
     let dir = manifests_dir(target)?;
-    let all: Vec<Object> = parse_dir(&dir)?
-        .into_iter()
-        .flat_map(|(_, p)| p.unwrap_or_default())
-        .collect();
+    let all = serving(&dir)?;
     let service = ObjectKey::new(&target.namespace, &target.service);
     let routes: Vec<&HttpRoute> = all
         .iter()
@@ -177,9 +175,79 @@ fn get(target: &Target) -> anyhow::Result<bool> {
             print!("{}", docs.join("---\n"));
         }
         Format::Json => println!("{}", serde_json::to_string_pretty(&routes)?),
-        Format::Table => print!("{}", table(&all, &service)?),
+        Format::Table => {
+            print!("{}", table(&all, &service)?);
+            print!("{}", conditions(&dir, &all, &service)?);
+        }
     }
     Ok(true)
+}
+
+/// The objects of the files the controller would accept: those that parse,
+/// and validate against everything that parses.
+fn serving(dir: &Path) -> anyhow::Result<Vec<Object>> {
+    let parsed: Vec<(PathBuf, Vec<Object>)> = parse_dir(dir)?
+        .into_iter()
+        .filter_map(|(file, p)| Some((file, p.ok()?)))
+        .collect();
+    let everything: Vec<&Object> = parsed.iter().flat_map(|(_, o)| o).collect();
+    Ok(parsed
+        .iter()
+        .filter(|(file, objects)| manifest::validate(file, objects, &everything).is_ok())
+        .flat_map(|(_, objects)| objects.iter().cloned())
+        .collect())
+}
+
+/// The Gateway API conditions of every HTTPRoute in the directory that
+/// names `service` as a parent, refused ones included, as the controller
+/// would report them in cluster mode: a refused route says why here.
+fn conditions(dir: &Path, all: &[Object], service: &ObjectKey) -> anyhow::Result<String> {
+    let loaded: Vec<&Object> = all.iter().collect();
+    let references = References::loaded(&loaded);
+    let mut rows = vec![["ROUTE", "CONDITION", "STATUS", "REASON", "MESSAGE"]
+        .map(String::from)
+        .to_vec()];
+    for (file, document) in documents(dir)? {
+        if document["kind"] != "HTTPRoute" {
+            continue;
+        }
+        let text = |pointer: &str| document.pointer(pointer).and_then(|v| v.as_str());
+        let namespace = text("/metadata/namespace").unwrap_or("default");
+        let name = text("/metadata/name").unwrap_or_default();
+        let file = file
+            .file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned());
+        for parent in status_of_document(&document, &references, Refs::Refuse) {
+            let parent_key = ObjectKey::new(
+                parent.parent_ref.namespace.as_deref().unwrap_or(namespace),
+                &parent.parent_ref.name,
+            );
+            if parent_key != *service {
+                continue;
+            }
+            let route = format!("{namespace}/{name} ({file})");
+            for (i, c) in [&parent.accepted, &parent.resolved_refs]
+                .into_iter()
+                .enumerate()
+            {
+                rows.push(vec![
+                    if i == 0 { route.clone() } else { String::new() },
+                    c.kind.to_string(),
+                    c.status.to_string(),
+                    c.reason.to_string(),
+                    c.message.clone(),
+                ]);
+            }
+        }
+    }
+    if rows.len() == 1 {
+        return Ok(String::new());
+    }
+    Ok(format!(
+        "
+{}",
+        render_table(&rows)
+    ))
 }
 
 fn delete(target: &Target) -> anyhow::Result<bool> {
@@ -351,6 +419,7 @@ fn build(args: &SetArgs) -> anyhow::Result<(HttpRoute, Option<HttpFault>)> {
                 port: None,
             }],
             rules,
+            ..HttpRouteSpec::default()
         },
     };
     Ok((route, fault_object))

@@ -218,3 +218,71 @@ spec:
     );
     assert_eq!(files(dir.path()), before, "nothing was written");
 }
+
+/// A route the controller refuses says why in `route get`, with Gateway
+/// API's conditions, while the good one beside it is accepted.
+#[test]
+fn get_prints_each_routes_conditions_and_why_one_is_refused() {
+    let dir = demo_dir();
+    let route = |name: &str, rule: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: {name}}}\nspec:\n  \
+             parentRefs: [{{group: \"\", kind: Service, name: hello}}]\n  rules: [{rule}]\n"
+        )
+    };
+    let port = 8080;
+    let write =
+        |file: &str, contents: String| std::fs::write(dir.path().join(file), contents).unwrap();
+    write(
+        "good.yaml",
+        route("good", &format!("{{matches: [{{path: {{value: /a}}}}], backendRefs: [{{name: hello-v2, port: {port}}}]}}")),
+    );
+    write(
+        "unsupported.yaml",
+        route("unsupported", "{sessionPersistence: {type: Cookie}}"),
+    );
+    write(
+        "missing.yaml",
+        route(
+            "missing",
+            &format!("{{backendRefs: [{{name: hello-v9, port: {port}}}]}}"),
+        ),
+    );
+    let get = meshctl(dir.path(), &["route", "get", "hello"]);
+    let table = text(&get);
+    let lines: Vec<&str> = table.lines().collect();
+    // A route's two conditions: its own line and the next.
+    let conditions = |name: &str| {
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("default/{name} ({name}.yaml)")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{table}"));
+        let squeeze = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
+        (squeeze(lines[at]), squeeze(lines[at + 1]))
+    };
+    let (accepted, resolved) = conditions("good");
+    assert!(accepted.contains("Accepted True Accepted"), "{table}");
+    assert!(
+        resolved.contains("ResolvedRefs True ResolvedRefs"),
+        "{table}"
+    );
+    let (accepted, _) = conditions("unsupported");
+    assert!(
+        accepted.contains(
+            "Accepted False UnsupportedValue spec.rules[0].sessionPersistence: Trellis does not implement this field"
+        ),
+        "{table}"
+    );
+    let (accepted, resolved) = conditions("missing");
+    assert!(
+        accepted.contains("Accepted False UnresolvedRefs"),
+        "{table}"
+    );
+    assert!(
+        resolved.contains("ResolvedRefs False BackendNotFound spec.rules[0].backendRefs[0]"),
+        "{table}"
+    );
+    // The rules shown are the ones served: the refused route's are not.
+    assert!(!table.contains("hello-v9 100%"), "{table}");
+}

@@ -53,6 +53,10 @@ fn httproute_kind() -> String {
 pub struct HttpRouteSpec {
     #[serde(default)]
     pub parent_refs: Vec<ParentReference>,
+    /// Read but not used: GAMMA says a mesh must not infer anything from
+    /// a route's hostnames (GEP-1294); a Host header match does that.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
     #[serde(default)]
     pub rules: Vec<HttpRouteRule>,
 }

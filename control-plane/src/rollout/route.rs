@@ -80,6 +80,7 @@ pub fn desired(
                 port: Some(plan.port),
             }],
             rules,
+            ..HttpRouteSpec::default()
         },
     }
 }

@@ -75,7 +75,11 @@ impl ClusterSource {
         watchers.spawn(kinds.follow(Api::<Service>::all(client.clone())));
         watchers.spawn(kinds.follow(Api::<EndpointSlice>::all(client.clone())));
         watchers.spawn(kinds.follow(Api::<Pod>::all(client.clone())));
-        watchers.spawn(kinds.follow(Api::<HttpRoute>::all(client.clone())));
+        // Routes as the API server has them: a typed watch would drop the
+        // fields gateway-api's types lack (experimental ones, newer ones)
+        // before the checks could refuse a route that has them.
+        let routes = ApiResource::erase::<HttpRoute>(&());
+        watchers.spawn(kinds.follow_dynamic(Api::all_with(client.clone(), &routes), routes));
         // Trellis' own kinds: their JSON goes to the same reader as the
         // manifests' (the model types are the schema).
         for kind in [

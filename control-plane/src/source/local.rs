@@ -207,6 +207,23 @@ pub fn parse_dir(dir: &Path) -> std::io::Result<Vec<(PathBuf, Parsed)>> {
         .collect())
 }
 
+/// Every YAML document of `dir`'s manifest files, as JSON, with its file:
+/// for tools that report on objects the controller refused (a file that is
+/// not YAML at all has none).
+pub fn documents(dir: &Path) -> std::io::Result<Vec<(PathBuf, serde_json::Value)>> {
+    Ok(read_manifests(dir)?
+        .into_iter()
+        .flat_map(|(file, contents)| {
+            let documents: Vec<serde_json::Value> =
+                serde_saphyr::from_multiple(&contents).unwrap_or_default();
+            documents
+                .into_iter()
+                .filter(|d| !d.is_null())
+                .map(move |d| (file.clone(), d))
+        })
+        .collect())
+}
+
 /// Writes a file of a manifest directory so its readers (this source,
 /// `meshctl`) see the old contents or the new, never half: through a hidden
 /// temporary file, which the source does not read.

@@ -127,6 +127,7 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
         }
         ("v1", "Pod") => convert(document, &label, Object::Pod)?,
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            refuse_unread_spec_fields::<crate::model::HttpRoute>(&document, &label)?;
             convert(document, &label, Object::HttpRoute)?
         }
         ("trellis.dev/v1alpha1", "HTTPFault") => convert(document, &label, Object::HttpFault)?,
@@ -163,6 +164,49 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
         _ => return Ok(None),
     };
     Ok(Some(object))
+}
+
+/// Refuses a route with a field under `spec` that the model does not read
+/// (one from a newer Gateway API, or a typo the API server's schema would
+/// have pruned): a route must never serve with part of it ignored.
+fn refuse_unread_spec_fields<T: DeserializeOwned>(
+    document: &serde_json::Value,
+    label: &str,
+) -> Result<(), Refusal> {
+    let mut unread = Vec::new();
+    let read: Result<T, _> =
+        serde_ignored::deserialize(document, |path| unread.push(path.to_string()));
+    // One that does not deserialize at all is refused by `convert`, which
+    // names the field.
+    if read.is_err() {
+        return Ok(());
+    }
+    match unread.iter().find(|path| path.starts_with("spec.")) {
+        None => Ok(()),
+        Some(path) => Err(Refusal {
+            object: Some(label.to_string()),
+            reason: format!(
+                "{}: Trellis does not implement this field; remove it (a route is never applied with part of it ignored)",
+                indexed(path)
+            ),
+        }),
+    }
+}
+
+/// `spec.rules.0.name` as the API server writes it: `spec.rules[0].name`.
+fn indexed(path: &str) -> String {
+    let mut out = String::new();
+    for (i, segment) in path.split('.').enumerate() {
+        if segment.bytes().all(|b| b.is_ascii_digit()) && i > 0 {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if i > 0 {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
 }
 
 /// Converts one document to its type and checks it as the API server
@@ -217,7 +261,9 @@ pub fn check(object: &Object, references: &References) -> Result<(), String> {
         Object::Service(_) => Ok(()),
         Object::EndpointSlice(s) => validate_slice(s, references),
         Object::Pod(p) => validate_pod(p),
-        Object::HttpRoute(r) => super::route_validation::validate_route(r, references),
+        Object::HttpRoute(r) => {
+            super::route_validation::validate_route(r, references).map_err(|e| e.to_string())
+        }
         Object::HttpFault(f) => super::route_validation::validate_fault(f),
         Object::ResiliencePolicy(p) => {
             super::resilience_validation::validate_policy(p).map_err(|e| e.to_string())

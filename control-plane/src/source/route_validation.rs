@@ -2,48 +2,92 @@
 //! names the field and what to write instead.
 
 use super::manifest::{Lookup, References};
-use crate::model::{HttpFault, HttpRoute, ObjectKey, TRELLIS_GROUP};
+use crate::model::{HttpFault, HttpRoute, ObjectKey, ParentReference, TRELLIS_GROUP};
 use crate::store::parse_gateway_duration;
 
-pub fn validate_route(route: &HttpRoute, references: &References) -> Result<(), String> {
-    let ns = route.metadata.key().namespace;
-    let parents: Vec<_> = route
-        .spec
-        .parent_refs
-        .iter()
-        .filter(|p| p.is_service())
-        .collect();
-    if parents.is_empty() {
-        return Err("spec.parentRefs names no Service (group \"\", kind Service); a mesh route attaches to the Service it routes".into());
+/// Why a route cannot serve (as it is), sorted by the Gateway API
+/// condition that reports it: `Accepted` for the route itself,
+/// `ResolvedRefs` for what it refers to.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteRefusal {
+    /// Accepted=False, reason NoMatchingParent.
+    #[error("{0}")]
+    NoMatchingParent(String),
+    /// Accepted=False, reason UnsupportedValue: a field Trellis does not
+    /// implement, or a value that is not valid.
+    #[error("{0}")]
+    UnsupportedValue(String),
+    /// ResolvedRefs=False, reason InvalidKind.
+    #[error("{0}")]
+    InvalidKind(String),
+    /// ResolvedRefs=False, reason BackendNotFound.
+    #[error("{0}")]
+    BackendNotFound(String),
+}
+
+/// Every check of a route, first problem first.
+pub fn validate_route(route: &HttpRoute, references: &References) -> Result<(), RouteRefusal> {
+    for parent in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
+        check_parent(route, parent, references)?;
     }
-    for parent in parents {
-        let key = ObjectKey::new(parent.namespace.as_deref().unwrap_or(&ns), &parent.name);
-        if !references.exists("Service", &key) {
-            return Err(format!(
-                "parentRef Service {key} does not exist; create it or fix the name"
-            ));
+    check_backend_refs(route, references)?;
+    check_fields(route, references)
+}
+
+/// Whether `parent` exists, so the route can attach to it.
+pub fn check_parent(
+    route: &HttpRoute,
+    parent: &ParentReference,
+    references: &References,
+) -> Result<(), RouteRefusal> {
+    let ns = route.metadata.key().namespace;
+    let key = ObjectKey::new(parent.namespace.as_deref().unwrap_or(&ns), &parent.name);
+    if references.exists("Service", &key) {
+        return Ok(());
+    }
+    Err(RouteRefusal::NoMatchingParent(format!(
+        "parentRef Service {key} does not exist; create it or fix the name"
+    )))
+}
+
+/// Whether every backendRef names a Service that exists.
+pub fn check_backend_refs(route: &HttpRoute, references: &References) -> Result<(), RouteRefusal> {
+    let ns = route.metadata.key().namespace;
+    for (i, rule) in route.spec.rules.iter().enumerate() {
+        for (j, b) in rule.backend_refs.iter().enumerate() {
+            let at = format!("spec.rules[{i}].backendRefs[{j}]");
+            if b.kind.as_deref().is_some_and(|k| k != "Service")
+                || b.group.as_deref().is_some_and(|g| !g.is_empty())
+            {
+                return Err(RouteRefusal::InvalidKind(format!(
+                    "{at}: only Service backends are supported (group \"\", kind Service)"
+                )));
+            }
+            let key = ObjectKey::new(b.namespace.as_deref().unwrap_or(&ns), &b.name);
+            if !references.exists("Service", &key) {
+                return Err(RouteRefusal::BackendNotFound(format!(
+                    "{at}: backendRef {:?} names no Service in namespace {}; create the Service or fix the name",
+                    b.name, key.namespace
+                )));
+            }
         }
+    }
+    Ok(())
+}
+
+/// The route's own fields: what Trellis implements, with valid values.
+pub fn check_fields(route: &HttpRoute, references: &References) -> Result<(), RouteRefusal> {
+    fields(route, references).map_err(RouteRefusal::UnsupportedValue)
+}
+
+fn fields(route: &HttpRoute, references: &References) -> Result<(), String> {
+    let ns = route.metadata.key().namespace;
+    if !route.spec.parent_refs.iter().any(|p| p.is_service()) {
+        return Err("spec.parentRefs names no Service (group \"\", kind Service); a mesh route attaches to the Service it routes".into());
     }
     for (i, rule) in route.spec.rules.iter().enumerate() {
         let at = |field: &str| format!("spec.rules[{i}].{field}");
         for (j, b) in rule.backend_refs.iter().enumerate() {
-            if b.kind.as_deref().is_some_and(|k| k != "Service")
-                || b.group.as_deref().is_some_and(|g| !g.is_empty())
-            {
-                return Err(format!(
-                    "{}: only Service backends are supported",
-                    at(&format!("backendRefs[{j}]"))
-                ));
-            }
-            let key = ObjectKey::new(b.namespace.as_deref().unwrap_or(&ns), &b.name);
-            if !references.exists("Service", &key) {
-                return Err(format!(
-                    "{}: backendRef {:?} names no Service in namespace {}; create the Service or fix the name",
-                    at(&format!("backendRefs[{j}]")),
-                    b.name,
-                    key.namespace
-                ));
-            }
             if !b.filters.is_empty() {
                 return Err(format!(
                     "{}.filters: filters on one backend are not supported yet; \

@@ -200,6 +200,7 @@ impl Render<'_> {
                     rule(&["trellis.dev"], &["httpfaults", "resiliencepolicies", "rollouts", "authorizationpolicies"], &list_watch),
                     rule(&["trellis.dev"], &["rollouts/status"], &["patch"]),
                     rule(&["gateway.networking.k8s.io"], &["httproutes"], &["create", "patch"]),
+                    rule(&["gateway.networking.k8s.io"], &["httproutes/status"], &["patch"]),
                     rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
                 ],
             }),

@@ -119,3 +119,40 @@ fn filters_on_one_backend_are_refused_not_ignored() {
     let plain = yaml.split("        filters").next().unwrap();
     validate(plain).unwrap();
 }
+
+#[test]
+fn fields_trellis_does_not_read_are_refused_not_ignored() {
+    let base = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                metadata: {name: hello, namespace: default}\nspec:\n  \
+                parentRefs: [{group: \"\", kind: Service, name: hello}]\n";
+    let refused = [
+        (
+            "  rules: [{sessionPersistence: {type: Cookie}, backendRefs: [{name: hello, port: 8080}]}]\n",
+            "spec.rules[0].sessionPersistence",
+        ),
+        // A typo the API server's schema would prune.
+        (
+            "  rules: [{backendRef: [{name: hello, port: 8080}]}]\n",
+            "spec.rules[0].backendRef",
+        ),
+        (
+            "  rules: [{matches: [{path: {value: /x}, header: [{name: a, value: b}]}]}]\n",
+            "spec.rules[0].matches[0].header",
+        ),
+    ];
+    for (spec, field) in refused {
+        let err = validate(&format!("{base}{spec}")).unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "route.yaml: HTTPRoute hello: {field}: Trellis does not implement this field; \
+                 remove it (a route is never applied with part of it ignored)"
+            )
+        );
+    }
+    // GAMMA routes may carry hostnames, which a mesh must not act on.
+    validate(&format!(
+        "{base}  hostnames: [hello.example]\n  rules: [{{backendRefs: [{{name: hello, port: 8080}}]}}]\n"
+    ))
+    .unwrap();
+}
