@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use trellis_proxy::init::{self, CidrList, Iptables, PortList};
+use trellis_proxy::init::{self, CidrList, Family, Iptables, PortList};
 
 #[derive(Parser)]
 #[command(name = "trellis-proxy", version, about = "The Trellis sidecar proxy")]
@@ -44,7 +44,7 @@ struct InitArgs {
     /// Outbound ports that bypass the proxy, e.g. 3306,11211.
     #[arg(long, value_name = "PORTS")]
     skip_outbound_ports: Vec<PortList>,
-    /// Outbound IPv4 networks that bypass the proxy, e.g. 10.0.0.0/8.
+    /// Outbound networks that bypass the proxy, e.g. 10.0.0.0/8,fd00::/8.
     #[arg(long, value_name = "CIDRS")]
     skip_outbound_cidrs: Vec<CidrList>,
     /// Remove the rules instead of installing them.
@@ -56,6 +56,32 @@ struct InitArgs {
     /// The iptables binary (e.g. iptables-legacy, iptables-nft).
     #[arg(long, value_name = "PATH", default_value = "iptables")]
     iptables: PathBuf,
+    /// The ip6tables binary, for the same rules in the IPv6 tables.
+    #[arg(long, value_name = "PATH", default_value = "ip6tables")]
+    ip6tables: PathBuf,
+    /// Whether IPv6 traffic gets the rules too: `auto` when the kernel has
+    /// IPv6 in this network namespace (so no IPv6 connection bypasses the
+    /// proxy), `on` or `off`.
+    #[arg(long, value_enum, default_value = "auto")]
+    ipv6: Ipv6Rules,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Ipv6Rules {
+    Auto,
+    On,
+    Off,
+}
+
+impl Ipv6Rules {
+    fn wanted(self) -> bool {
+        match self {
+            Ipv6Rules::On => true,
+            Ipv6Rules::Off => false,
+            // Listed interface addresses: IPv6 is up in this namespace.
+            Ipv6Rules::Auto => std::path::Path::new("/proc/net/if_inet6").exists(),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,54 +107,69 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
-    let iptables = Iptables::new(args.iptables);
-    let (steps, what, done) = if args.cleanup {
+    let mut families = vec![(Family::V4, Iptables::new(&args.iptables))];
+    if args.ipv6.wanted() {
+        families.push((Family::V6, Iptables::new(&args.ip6tables)));
+    }
+    let (what, done) = if args.cleanup {
         (
-            init::rules::cleanup(),
             "removing the interception rules",
             "interception rules removed",
         )
     } else {
-        let Some(proxy_uid) = args.proxy_uid else {
-            anyhow::bail!("--proxy-uid is required: give the UID the proxy runs as");
-        };
-        if proxy_uid == 0 {
-            tracing::warn!(
-                "--proxy-uid 0: traffic of every process running as root bypasses the proxy"
-            );
-        }
-        let config = init::Config {
-            inbound_port: args.inbound_port,
-            outbound_port: args.outbound_port,
-            admin_port: args.admin_port,
-            proxy_uid,
-            skip_inbound_ports: args
-                .skip_inbound_ports
-                .into_iter()
-                .flat_map(|l| l.0)
-                .collect(),
-            skip_outbound_ports: args
-                .skip_outbound_ports
-                .into_iter()
-                .flat_map(|l| l.0)
-                .collect(),
-            skip_outbound_cidrs: args
-                .skip_outbound_cidrs
-                .into_iter()
-                .flat_map(|l| l.0)
-                .collect(),
-        };
         (
-            init::rules::apply(&config)?,
             "installing the interception rules",
             "interception rules installed",
         )
     };
-    if args.dry_run {
-        print!("{}", iptables.script(&steps));
-        return Ok(());
+    let config = match args.cleanup {
+        true => None,
+        false => Some(config(&args)?),
+    };
+    for (family, iptables) in &families {
+        let steps = match &config {
+            None => init::rules::cleanup(),
+            Some(config) => init::rules::apply(config, *family)?,
+        };
+        if args.dry_run {
+            println!("# {family:?}: {}", iptables.path().display());
+            print!("{}", iptables.script(&steps));
+            continue;
+        }
+        iptables.run(&steps).context(what)?;
+        tracing::info!(iptables = %iptables.path().display(), "{done}");
     }
-    iptables.run(&steps).context(what)?;
-    tracing::info!(iptables = %iptables.path().display(), "{done}");
     Ok(())
+}
+
+fn config(args: &InitArgs) -> anyhow::Result<init::Config> {
+    let Some(proxy_uid) = args.proxy_uid else {
+        anyhow::bail!("--proxy-uid is required: give the UID the proxy runs as");
+    };
+    if proxy_uid == 0 {
+        tracing::warn!(
+            "--proxy-uid 0: traffic of every process running as root bypasses the proxy"
+        );
+    }
+    Ok(init::Config {
+        inbound_port: args.inbound_port,
+        outbound_port: args.outbound_port,
+        admin_port: args.admin_port,
+        proxy_uid,
+        skip_inbound_ports: args
+            .skip_inbound_ports
+            .iter()
+            .flat_map(|l| l.0.clone())
+            .collect(),
+        skip_outbound_ports: args
+            .skip_outbound_ports
+            .iter()
+            .flat_map(|l| l.0.clone())
+            .collect(),
+        skip_outbound_cidrs: args
+            .skip_outbound_cidrs
+            .iter()
+            .flat_map(|l| l.0.clone())
+            .collect(),
+    })
 }

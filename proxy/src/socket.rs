@@ -17,8 +17,13 @@ use crate::metrics::Metrics;
 /// (the client dialled the proxy itself: explicit proxy, or a peer proxy).
 pub fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
     let local = tcp.local_addr().ok()?;
-    socket2::SockRef::from(tcp)
-        .original_dst_v4()
+    let socket = socket2::SockRef::from(tcp);
+    // Each family has its own option (`IP6T_SO_ORIGINAL_DST` for ip6tables).
+    let original = match local {
+        SocketAddr::V4(_) => socket.original_dst_v4(),
+        SocketAddr::V6(_) => socket.original_dst_v6(),
+    };
+    original
         .ok()
         .and_then(|a| a.as_socket())
         .filter(|dst| *dst != local)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use trellis_proxy::init::{self, rules::Step, Config};
+use trellis_proxy::init::{self, rules::Step, Config, Family};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 
@@ -76,9 +76,13 @@ fn dry_run_prints_the_commands_without_running_them() {
         "--proxy-uid",
         "1337",
         "--skip-outbound-cidrs",
-        "10.0.0.0/8",
+        "10.0.0.0/8,fd00::/8",
         "--iptables",
         "/nonexistent/iptables",
+        "--ip6tables",
+        "/nonexistent/ip6tables",
+        "--ipv6",
+        "on",
         "--dry-run",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -87,6 +91,8 @@ fn dry_run_prints_the_commands_without_running_them() {
         "/nonexistent/iptables -w -t nat -A TRELLIS_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
         "/nonexistent/iptables -w -t nat -A TRELLIS_OUTBOUND -d 10.0.0.0/8 -j RETURN",
         "/nonexistent/iptables -w -t nat -C PREROUTING -p tcp -j TRELLIS_INBOUND",
+        "/nonexistent/ip6tables -w -t nat -A TRELLIS_OUTBOUND -d ::1/128 -j RETURN",
+        "/nonexistent/ip6tables -w -t nat -A TRELLIS_OUTBOUND -d fd00::/8 -j RETURN",
     ] {
         assert!(script.contains(expected), "{expected:?} not in:\n{script}");
     }
@@ -94,6 +100,10 @@ fn dry_run_prints_the_commands_without_running_them() {
     let out = trellis_proxy(&["init", "--cleanup", "--dry-run"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("iptables -w -t nat -X TRELLIS_OUTBOUND"));
+    // Each family only its own networks; `--ipv6 off` leaves IPv6 alone.
+    assert!(!script.contains("/nonexistent/iptables -w -t nat -A TRELLIS_OUTBOUND -d fd00::/8"));
+    let out = trellis_proxy(&["init", "--proxy-uid", "1337", "--ipv6", "off", "--dry-run"]);
+    assert!(!stdout(&out).contains("ip6tables"), "{}", stdout(&out));
 }
 
 #[test]
@@ -131,7 +141,9 @@ fn rules_are_installed_once_refreshed_and_removed_in_a_network_namespace() {
         "--skip-outbound-ports",
         "3306,8000-8100",
         "--skip-outbound-cidrs",
-        "10.0.0.0/8",
+        "10.0.0.0/8,fd00::/8",
+        "--ipv6",
+        "on",
     ];
     init(&args);
     init(&args);
@@ -139,11 +151,23 @@ fn rules_are_installed_once_refreshed_and_removed_in_a_network_namespace() {
     let config = Config {
         skip_inbound_ports: "22,9090".parse::<init::PortList>().unwrap().0,
         skip_outbound_ports: "3306,8000-8100".parse::<init::PortList>().unwrap().0,
-        skip_outbound_cidrs: "10.0.0.0/8".parse::<init::CidrList>().unwrap().0,
+        skip_outbound_cidrs: "10.0.0.0/8,fd00::/8".parse::<init::CidrList>().unwrap().0,
         ..Config::new(1337)
     };
-    let rules = ns.nat_rules();
-    assert_exactly_once(&rules, &config);
+    // One set of rules in each family's tables.
+    let rules6 = ns.nat_rules(Family::V6);
+    assert_exactly_once(&rules6, &config, Family::V6);
+    assert_eq!(
+        count(&rules6, "TRELLIS_OUTBOUND", &["-d ::1/128 ", "-j RETURN"]),
+        1
+    );
+    assert_eq!(
+        count(&rules6, "TRELLIS_OUTBOUND", &["-d fd00::/8 ", "-j RETURN"]),
+        1
+    );
+    assert_eq!(count(&rules6, "TRELLIS_OUTBOUND", &["-d 10.0.0.0/8 "]), 0);
+    let rules = ns.nat_rules(Family::V4);
+    assert_exactly_once(&rules, &config, Family::V4);
     for (chain, fragments) in [
         ("PREROUTING", &["-p tcp", "-j TRELLIS_INBOUND"][..]),
         ("OUTPUT", &["-p tcp", "-j TRELLIS_OUTBOUND"]),
@@ -171,22 +195,32 @@ fn rules_are_installed_once_refreshed_and_removed_in_a_network_namespace() {
     }
 
     // A changed configuration replaces the old rules instead of adding to them.
-    init(&["--proxy-uid", "1337", "--skip-inbound-ports", "2222"]);
-    let rules = ns.nat_rules();
+    init(&[
+        "--proxy-uid",
+        "1337",
+        "--skip-inbound-ports",
+        "2222",
+        "--ipv6",
+        "on",
+    ]);
+    let rules = ns.nat_rules(Family::V4);
     let config = Config {
         skip_inbound_ports: "2222".parse::<init::PortList>().unwrap().0,
         ..Config::new(1337)
     };
-    assert_exactly_once(&rules, &config);
+    assert_exactly_once(&rules, &config, Family::V4);
+    assert_exactly_once(&ns.nat_rules(Family::V6), &config, Family::V6);
     assert_eq!(count(&rules, "TRELLIS_INBOUND", &["--dport 22 "]), 0);
     assert_eq!(count(&rules, "TRELLIS_INBOUND", &["--dport 2222 "]), 1);
 
-    init(&["--cleanup"]);
-    let save = ns.iptables_save();
-    assert!(
-        !save.contains("TRELLIS"),
-        "Trellis chains or jumps left after --cleanup:\n{save}"
-    );
+    init(&["--cleanup", "--ipv6", "on"]);
+    for family in [Family::V4, Family::V6] {
+        let save = ns.iptables_save(family);
+        assert!(
+            !save.contains("TRELLIS"),
+            "Trellis chains or jumps left after --cleanup ({family:?}):\n{save}"
+        );
+    }
     // Cleaning up again, with nothing installed, is harmless.
     init(&["--cleanup"]);
 }
@@ -219,9 +253,9 @@ fn without_privileges_the_error_says_which_are_needed() {
 
 /// Checks that every rule `config` calls for is in `rules` exactly once,
 /// and that nothing else of Trellis' is there.
-fn assert_exactly_once(rules: &[String], config: &Config) {
+fn assert_exactly_once(rules: &[String], config: &Config, family: Family) {
     let mut expected: HashMap<&str, usize> = HashMap::new();
-    for step in init::rules::apply(config).expect("a valid config") {
+    for step in init::rules::apply(config, family).expect("a valid config") {
         if let Step::Append(rule) | Step::Ensure(rule) = step {
             *expected.entry(rule.chain).or_default() += 1;
         }
@@ -311,15 +345,19 @@ impl Netns {
             .unwrap_or_else(|e| panic!("cannot run ip netns exec {command:?}: {e}"))
     }
 
-    fn iptables_save(&self) -> String {
-        let out = self.exec(&["iptables-save", "-t", "nat"]);
-        assert!(out.status.success(), "iptables-save: {}", stderr(&out));
+    fn iptables_save(&self, family: Family) -> String {
+        let save = match family {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        };
+        let out = self.exec(&[save, "-t", "nat"]);
+        assert!(out.status.success(), "{save}: {}", stderr(&out));
         stdout(&out)
     }
 
     /// The nat table's rules, `-A CHAIN ...` lines.
-    fn nat_rules(&self) -> Vec<String> {
-        self.iptables_save()
+    fn nat_rules(&self, family: Family) -> Vec<String> {
+        self.iptables_save(family)
             .lines()
             .filter(|l| l.starts_with("-A "))
             .map(|l| l.trim().to_string())
@@ -348,6 +386,8 @@ fn missing_requirements() -> Vec<String> {
         ("ip", "iproute2"),
         ("iptables", "iptables"),
         ("iptables-save", "iptables"),
+        ("ip6tables", "iptables"),
+        ("ip6tables-save", "iptables"),
     ] {
         if find(tool).is_none() {
             missing.push(format!(

@@ -424,8 +424,8 @@ impl Pod {
     /// Installs the interception rules, as `trellis-proxy init` does in a
     /// pod's init container: everything but root's (the sidecar's) traffic.
     fn intercept(&self) {
-        use trellis_proxy::init::{rules, Config, Iptables};
-        let steps = rules::apply(&Config::new(0)).expect("valid init config");
+        use trellis_proxy::init::{rules, Config, Family, Iptables};
+        let steps = rules::apply(&Config::new(0), Family::V4).expect("valid init config");
         in_netns(&self.netns.path(), || Iptables::new("iptables").run(&steps))
             .expect("iptables rules installed");
     }

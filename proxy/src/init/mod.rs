@@ -16,7 +16,7 @@ pub mod rules;
 mod tests;
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 pub use iptables::{Error, Iptables};
@@ -188,31 +188,53 @@ impl FromStr for PortList {
     }
 }
 
-/// An IPv4 network, `10.0.0.0/8`; a bare address means `/32`.
+/// An IPv4 or IPv6 network, `10.0.0.0/8` or `fd00::/8`; a bare address
+/// means that address alone (`/32`, `/128`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     prefix: u8,
 }
 
 impl Cidr {
-    /// `None` when `prefix` is over 32 or `addr` has bits set past it.
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
-        (prefix <= 32 && mask(addr, prefix) == addr).then_some(Self { addr, prefix })
+    /// `None` when `prefix` is longer than the address or `addr` has bits
+    /// set past it.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        (prefix <= bits(addr) && mask(addr, prefix) == addr).then_some(Self { addr, prefix })
     }
 
-    pub fn addr(&self) -> Ipv4Addr {
+    pub fn addr(&self) -> IpAddr {
         self.addr
     }
 
     pub fn prefix(&self) -> u8 {
         self.prefix
     }
+
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
 }
 
-fn mask(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
-    let bits = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    Ipv4Addr::from(u32::from(addr) & bits)
+/// 32 for IPv4, 128 for IPv6.
+fn bits(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let keep = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & keep))
+        }
+        IpAddr::V6(a) => {
+            let keep = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & keep))
+        }
+    }
 }
 
 impl fmt::Display for Cidr {
@@ -226,17 +248,17 @@ impl FromStr for Cidr {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = match addr.parse() {
-            Ok(addr) => addr,
-            Err(_) if addr.parse::<std::net::Ipv6Addr>().is_ok() => {
-                return Err(CidrError::Ipv6(s.to_string()));
-            }
-            Err(_) => return Err(CidrError::NotAnAddress(s.to_string())),
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
         };
-        let prefix = match prefix.parse::<u8>() {
-            Ok(p) if p <= 32 => p,
-            _ => return Err(CidrError::BadPrefix(s.to_string())),
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| CidrError::NotAnAddress(s.to_string()))?;
+        let prefix = match prefix.map(str::parse::<u8>) {
+            None => bits(addr),
+            Some(Ok(p)) if p <= bits(addr) => p,
+            Some(_) => return Err(CidrError::BadPrefix(s.to_string(), bits(addr))),
         };
         Self::new(addr, prefix).ok_or_else(|| CidrError::HostBits {
             given: s.to_string(),
@@ -251,21 +273,35 @@ impl FromStr for Cidr {
 /// A network that does not parse.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
-    /// The part before `/` is not an IPv4 address.
-    #[error("{0:?} is not an IPv4 network; write it as address/prefix, such as 10.0.0.0/8")]
+    /// The part before `/` is not an IP address.
+    #[error("{0:?} is not a network; write it as address/prefix, such as 10.0.0.0/8 or fd00::/8")]
     NotAnAddress(String),
-    /// An IPv6 network: these rules are IPv4 (iptables, not ip6tables).
-    #[error("{0:?} is IPv6; trellis-proxy init only sets up IPv4 (iptables) rules, so give IPv4 networks")]
-    Ipv6(String),
-    /// The prefix length is not 0 to 32.
-    #[error("{0:?} has a bad prefix length; use /0 to /32, such as 10.0.0.0/8")]
-    BadPrefix(String),
+    /// The prefix length is longer than the address.
+    #[error("{0:?} has a bad prefix length; use /0 to /{1}")]
+    BadPrefix(String, u8),
     /// Bits are set past the prefix: probably a typo.
     #[error("{given:?} has bits set past the /{} prefix; did you mean {network}?", network.prefix)]
     HostBits { given: String, network: Cidr },
 }
 
-/// A comma-separated list of IPv4 networks: `10.0.0.0/8,192.168.0.0/16`.
+/// IPv4 (`iptables`) or IPv6 (`ip6tables`): each has its own tables, so
+/// the same rules are installed once per family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// A comma-separated list of networks: `10.0.0.0/8,192.168.0.0/16,fd00::/8`.
 /// Empty items are ignored, so `""` is no networks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CidrList(pub Vec<Cidr>);

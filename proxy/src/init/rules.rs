@@ -19,7 +19,7 @@
 
 use std::fmt;
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, Family};
 
 /// The table every rule lives in.
 pub const TABLE: &str = "nat";
@@ -35,7 +35,12 @@ pub const OUTBOUND_REDIRECT: &str = "TRELLIS_OUTBOUND_REDIRECT";
 pub const CHAINS: [&str; 4] = [INBOUND_REDIRECT, INBOUND, OUTBOUND_REDIRECT, OUTBOUND];
 
 /// Loopback: the app talking to itself (or to the proxy) is left alone.
-const LOOPBACK: &str = "127.0.0.0/8";
+fn loopback(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "127.0.0.0/8",
+        Family::V6 => "::1/128",
+    }
+}
 
 /// One rule: the chain and the match/target arguments after it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,8 +105,10 @@ pub fn jumps() -> [Rule; 2] {
     ]
 }
 
-/// The steps that install (or refresh) the rules for `config`.
-pub fn apply(config: &Config) -> Result<Vec<Step>, ConfigError> {
+/// The steps that install (or refresh) the rules for `config` in one
+/// family's tables: the same chains and rules in both, each with its own
+/// loopback and the skipped networks of its family.
+pub fn apply(config: &Config, family: Family) -> Result<Vec<Step>, ConfigError> {
     config.validate()?;
     let ret = |chain, spec: &[&str]| {
         let mut rule = Rule::new(chain, spec);
@@ -136,11 +143,14 @@ pub fn apply(config: &Config) -> Result<Vec<Step>, ConfigError> {
         // The proxy's own connections (to peers, to the app, to the control
         // plane) must leave as they are, or they would loop back into it.
         ret(OUTBOUND, &["-m", "owner", "--uid-owner", &uid]),
-        ret(OUTBOUND, &["-d", LOOPBACK]),
+        ret(OUTBOUND, &["-d", loopback(family)]),
     ]);
     let skipped = config.skip_outbound_ports.iter();
     steps.extend(skipped.map(|ports| skip_port(OUTBOUND, ports.to_string())));
-    let skipped = config.skip_outbound_cidrs.iter();
+    let skipped = config
+        .skip_outbound_cidrs
+        .iter()
+        .filter(|cidr| cidr.family() == family);
     steps.extend(skipped.map(|cidr| ret(OUTBOUND, &["-d", &cidr.to_string()])));
     steps.push(Step::Append(Rule::new(
         OUTBOUND,

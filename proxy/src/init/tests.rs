@@ -25,7 +25,7 @@ fn config() -> Config {
 
 #[test]
 fn redirects_inbound_and_outbound_to_the_proxy_ports() {
-    let rules = appended(&rules::apply(&Config::new(1337)).unwrap());
+    let rules = appended(&rules::apply(&Config::new(1337), Family::V4).unwrap());
     for expected in [
         "-A TRELLIS_INBOUND_REDIRECT -p tcp -j REDIRECT --to-ports 4143",
         "-A TRELLIS_INBOUND -p tcp -j TRELLIS_INBOUND_REDIRECT",
@@ -49,7 +49,7 @@ fn proxy_uid_loopback_and_own_ports_are_not_redirected() {
         admin_port: 5191,
         ..Config::new(2102)
     };
-    let rules = appended(&rules::apply(&config).unwrap());
+    let rules = appended(&rules::apply(&config, Family::V4).unwrap());
     for expected in [
         "-A TRELLIS_OUTBOUND -m owner --uid-owner 2102 -j RETURN",
         "-A TRELLIS_OUTBOUND -d 127.0.0.0/8 -j RETURN",
@@ -67,7 +67,7 @@ fn proxy_uid_loopback_and_own_ports_are_not_redirected() {
 
 #[test]
 fn skip_lists_are_rendered_before_the_redirects() {
-    let rules = appended(&rules::apply(&config()).unwrap());
+    let rules = appended(&rules::apply(&config(), Family::V4).unwrap());
     let position = |rule: &str| {
         rules
             .iter()
@@ -98,7 +98,7 @@ fn skip_lists_are_rendered_before_the_redirects() {
 
 #[test]
 fn chains_are_filled_before_traffic_is_sent_into_them() {
-    let steps = rules::apply(&config()).unwrap();
+    let steps = rules::apply(&config(), Family::V4).unwrap();
     // Each chain is reset exactly once, before any rule is appended to it.
     for chain in rules::CHAINS {
         let reset = steps
@@ -140,8 +140,8 @@ fn cleanup_removes_jumps_then_chains() {
 
 #[test]
 fn dry_run_prints_a_shell_script() {
-    let script =
-        Iptables::new("/usr/sbin/iptables-legacy").script(&rules::apply(&config()).unwrap());
+    let script = Iptables::new("/usr/sbin/iptables-legacy")
+        .script(&rules::apply(&config(), Family::V4).unwrap());
     let lines: Vec<&str> = script.lines().collect();
     assert_eq!(
         lines.first(),
@@ -204,9 +204,61 @@ fn bad_ports_are_rejected_with_the_value_and_the_fix() {
 
 #[test]
 fn networks_parse() {
-    let list: CidrList = "10.0.0.0/8, 192.168.1.7,0.0.0.0/0".parse().unwrap();
+    let list: CidrList = "10.0.0.0/8, 192.168.1.7,0.0.0.0/0, fd00::/8, 2001:db8::1"
+        .parse()
+        .unwrap();
     let shown: Vec<String> = list.0.iter().map(ToString::to_string).collect();
-    assert_eq!(shown, ["10.0.0.0/8", "192.168.1.7/32", "0.0.0.0/0"]);
+    assert_eq!(
+        shown,
+        [
+            "10.0.0.0/8",
+            "192.168.1.7/32",
+            "0.0.0.0/0",
+            "fd00::/8",
+            "2001:db8::1/128"
+        ]
+    );
+}
+
+/// The IPv6 tables get the same chains and rules, with IPv6's loopback,
+/// and each family only its own skipped networks.
+#[test]
+fn both_families_get_the_same_rules_with_their_own_networks() {
+    let config = Config {
+        skip_outbound_cidrs: "10.0.0.0/8,fd00::/8".parse::<CidrList>().unwrap().0,
+        ..Config::new(1337)
+    };
+    let v4 = appended(&rules::apply(&config, Family::V4).unwrap());
+    let v6 = appended(&rules::apply(&config, Family::V6).unwrap());
+    let family_free = |rules: &[String]| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| !r.contains(" -d "))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(family_free(&v4), family_free(&v6));
+    let destinations = |rules: &[String]| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| r.contains(" -d "))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        destinations(&v4),
+        [
+            "-A TRELLIS_OUTBOUND -d 127.0.0.0/8 -j RETURN",
+            "-A TRELLIS_OUTBOUND -d 10.0.0.0/8 -j RETURN"
+        ]
+    );
+    assert_eq!(
+        destinations(&v6),
+        [
+            "-A TRELLIS_OUTBOUND -d ::1/128 -j RETURN",
+            "-A TRELLIS_OUTBOUND -d fd00::/8 -j RETURN"
+        ]
+    );
 }
 
 #[test]
@@ -218,13 +270,20 @@ fn bad_networks_are_rejected_with_the_value_and_the_fix() {
     );
     assert_eq!(
         err("10.0.0.0/33"),
-        "\"10.0.0.0/33\" has a bad prefix length; use /0 to /32, such as 10.0.0.0/8"
+        "\"10.0.0.0/33\" has a bad prefix length; use /0 to /32"
+    );
+    assert_eq!(
+        err("fd00::/129"),
+        "\"fd00::/129\" has a bad prefix length; use /0 to /128"
+    );
+    assert_eq!(
+        err("fd00::1/8"),
+        "\"fd00::1/8\" has bits set past the /8 prefix; did you mean fd00::/8?"
     );
     assert_eq!(
         err("cluster"),
-        "\"cluster\" is not an IPv4 network; write it as address/prefix, such as 10.0.0.0/8"
+        "\"cluster\" is not a network; write it as address/prefix, such as 10.0.0.0/8 or fd00::/8"
     );
-    assert!(err("fd00::/8").contains("is IPv6; trellis-proxy init only sets up IPv4"));
 }
 
 #[test]
@@ -233,7 +292,7 @@ fn unworkable_configs_name_the_flags() {
         outbound_port: 4143,
         ..Config::new(1337)
     };
-    let err = rules::apply(&same).unwrap_err();
+    let err = rules::apply(&same, Family::V4).unwrap_err();
     assert_eq!(err, ConfigError::SamePort { port: 4143 });
     assert!(err
         .to_string()
@@ -243,6 +302,6 @@ fn unworkable_configs_name_the_flags() {
         admin_port: 0,
         ..Config::new(1337)
     };
-    let err = rules::apply(&zero).unwrap_err().to_string();
+    let err = rules::apply(&zero, Family::V4).unwrap_err().to_string();
     assert!(err.starts_with("--admin-port 0: "), "{err}");
 }
