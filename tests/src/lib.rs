@@ -22,6 +22,7 @@ use trellis_control_plane::source::manifest::ManifestError;
 use trellis_proto::SpiffeId;
 
 pub mod cluster_ca;
+pub mod conformance;
 pub mod fake_api;
 pub mod kube_validate;
 pub mod netns;
@@ -342,7 +343,18 @@ impl Mesh {
         sa: &str,
         tune: impl FnOnce(&mut HashMap<&'static str, String>),
     ) -> trellis_proxy::Proxy {
-        let config = self.proxy_config(ip, sa, tune);
+        self.proxy_in(ip, "default", sa, tune).await
+    }
+
+    /// A sidecar for a pod of `namespace` (its identity's namespace).
+    pub async fn proxy_in(
+        &self,
+        ip: IpAddr,
+        namespace: &str,
+        sa: &str,
+        tune: impl FnOnce(&mut HashMap<&'static str, String>),
+    ) -> trellis_proxy::Proxy {
+        let config = self.proxy_config_in(ip, namespace, sa, tune);
         let proxy = trellis_proxy::start(config).await.expect("proxy starts");
         tokio::time::timeout(Duration::from_secs(10), proxy.ready())
             .await
@@ -363,8 +375,19 @@ impl Mesh {
         sa: &str,
         tune: impl FnOnce(&mut HashMap<&'static str, String>),
     ) -> trellis_proxy::Config {
+        self.proxy_config_in(ip, "default", sa, tune)
+    }
+
+    /// Like `proxy_config`, for a pod of `namespace`.
+    pub fn proxy_config_in(
+        &self,
+        ip: IpAddr,
+        namespace: &str,
+        sa: &str,
+        tune: impl FnOnce(&mut HashMap<&'static str, String>),
+    ) -> trellis_proxy::Config {
         use trellis_proxy::config::*;
-        let identity = SpiffeId::new(TRUST_DOMAIN, "default", sa);
+        let identity = SpiffeId::new(TRUST_DOMAIN, namespace, sa);
         let mut env = sidecar_env(&identity, ip);
         let token = self.tokens.token_for(&identity);
         match &self.api {
@@ -373,7 +396,7 @@ impl Mesh {
             }
             // A projected service-account token, as the injector mounts it.
             Some(api) => {
-                let username = format!("system:serviceaccount:default:{sa}");
+                let username = format!("system:serviceaccount:{namespace}:{sa}");
                 api.add_token(&token, &username, &[AUDIENCE], true);
                 let file = self.token_file(sa);
                 std::fs::write(&file, &token).expect("write the token file");

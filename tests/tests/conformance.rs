@@ -1,0 +1,411 @@
+//! Gateway API's MESH conformance tests (kubernetes-sigs/gateway-api,
+//! `conformance/tests/mesh/`), each written from its upstream table of
+//! requests and expected answers and run against real sidecars and echo
+//! pods (`trellis_tests::conformance`). Each test names its upstream file;
+//! the README lists which pass and which are not implemented, with why.
+
+use trellis_tests::conformance::*;
+
+/// A Service of the conformance namespace as a client names it.
+fn svc(name: &str) -> String {
+    format!("{name}.{MESH_NS}")
+}
+
+/// `backend`'s answer to a GET of `path` on the Service `echo`.
+fn to(backend: &'static str, path: &'static str) -> Case {
+    Case {
+        backend,
+        ..Case::get(path, svc("echo"), path)
+    }
+}
+
+/// A route attached to `parent` (with its port, if any) with `rules`.
+fn route(name: &str, parent: &str, port: Option<u16>, rules: &str) -> String {
+    let port = port.map_or(String::new(), |p| format!(", port: {p}"));
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: {MESH_NS}}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: {parent}{port}}}]
+  rules:
+{rules}"
+    )
+}
+
+/// mesh-basic.go: with no route, a request to a Service is served.
+#[tokio::test]
+async fn mesh_basic() {
+    let mesh = ConformanceMesh::start().await;
+    expect(&mesh.client(), &Case::get("basic", svc("echo"), "/")).await;
+}
+
+/// httproute-simple-same-namespace.go
+#[tokio::test]
+async fn httproute_simple_same_namespace() {
+    let mesh = ConformanceMesh::start().await;
+    mesh.apply(
+        "route.yaml",
+        &route(
+            "gateway-conformance-mesh-test",
+            "echo",
+            Some(80),
+            "  - backendRefs: [{name: echo-v1, port: 8080}]\n",
+        ),
+    );
+    expect(&mesh.client(), &to("echo-v1", "/")).await;
+}
+
+/// httproute-matching.go: path prefixes match whole segments; a header
+/// match ORed with a path.
+#[tokio::test]
+async fn httproute_matching() {
+    let mesh = ConformanceMesh::start().await;
+    mesh.apply(
+        "route.yaml",
+        &route(
+            "mesh-matching",
+            "echo",
+            Some(80),
+            "  - matches:
+    - path: {type: PathPrefix, value: /}
+    - headers: [{name: version, value: one}]
+    backendRefs: [{name: echo-v1, port: 8080}]
+  - matches:
+    - path: {type: PathPrefix, value: /v2}
+    - headers: [{name: version, value: two}]
+    backendRefs: [{name: echo-v2, port: 8080}]
+",
+        ),
+    );
+    let with = |case: Case, header: &'static str| Case {
+        headers: vec![("Version", header)],
+        ..case
+    };
+    expect_all(
+        &mesh.client(),
+        &[
+            to("echo-v1", "/"),
+            to("echo-v1", "/example"),
+            with(to("echo-v1", "/"), "one"),
+            to("echo-v2", "/v2"),
+            to("echo-v2", "/v2/example"),
+            with(to("echo-v2", "/"), "two"),
+            to("echo-v2", "/v2/"),
+            to("echo-v1", "/v2example"),
+            to("echo-v1", "/foo/v2/example"),
+        ],
+    )
+    .await;
+}
+
+/// httproute-query-param-matching.go
+#[tokio::test]
+async fn httproute_query_param_matching() {
+    let mesh = ConformanceMesh::start().await;
+    let backend = |b: &str| format!("    backendRefs: [{{name: {b}, port: 8080}}]\n");
+    let rules = [
+        "  - matches: [{queryParams: [{name: animal, value: whale}]}]\n".to_string()
+            + &backend("echo-v1"),
+        "  - matches: [{queryParams: [{name: animal, value: dolphin}]}]\n".to_string()
+            + &backend("echo-v2"),
+        "  - matches: [{path: {type: PathPrefix, value: /path1}, queryParams: [{name: animal, value: whale}]}]\n".to_string()
+            + &backend("echo-v1"),
+        "  - matches: [{headers: [{name: version, value: one}], queryParams: [{name: animal, value: whale}]}]\n".to_string()
+            + &backend("echo-v2"),
+        "  - matches:
+    - {path: {type: PathPrefix, value: /path3}, queryParams: [{name: animal, value: shark}]}
+    - path: {type: PathPrefix, value: /path4}
+      headers: [{name: version, value: three}]
+      queryParams: [{name: animal, value: kraken}]\n".to_string()
+            + &backend("echo-v1"),
+        "  - matches: [{path: {type: PathPrefix, value: /path5}}]\n".to_string()
+            + &backend("echo-v1"),
+        "  - matches: [{queryParams: [{name: animal, value: hydra}]}]\n".to_string()
+            + &backend("echo-v2"),
+    ];
+    mesh.apply(
+        "route.yaml",
+        &route(
+            "mesh-query-param-matching",
+            "echo",
+            Some(80),
+            &rules.concat(),
+        ),
+    );
+    let not_found = |path: &'static str| Case {
+        status: 404,
+        ..Case::get(path, svc("echo"), path)
+    };
+    let with = |case: Case, header: &'static str| Case {
+        headers: vec![("version", header)],
+        ..case
+    };
+    expect_all(
+        &mesh.client(),
+        &[
+            to("echo-v1", "/?animal=whale"),
+            to("echo-v2", "/?animal=dolphin"),
+            to("echo-v1", "/?animal=whale&otherparam=irrelevant"),
+            to("echo-v2", "/?animal=dolphin&color=yellow"),
+            not_found("/?color=blue"),
+            not_found("/?animal=dog"),
+            not_found("/?animal=whaledolphin"),
+            not_found("/"),
+            to("echo-v1", "/path1?animal=whale"),
+            with(to("echo-v2", "/?animal=whale"), "one"),
+            to("echo-v1", "/path3?animal=shark"),
+            with(to("echo-v1", "/path4?animal=kraken"), "three"),
+            not_found("/?animal=shark"),
+            not_found("/path4?animal=kraken"),
+            to("echo-v1", "/path5?animal=hydra"),
+        ],
+    )
+    .await;
+}
+
+/// httproute-named-rule.go: a rule's `name` changes nothing about routing.
+#[tokio::test]
+async fn httproute_named_rule() {
+    let mesh = ConformanceMesh::start().await;
+    mesh.apply(
+        "route.yaml",
+        &route(
+            "mesh-http-named-rules",
+            "echo",
+            Some(80),
+            "  - name: named-rule
+    matches: [{path: {type: PathPrefix, value: /named}}]
+    backendRefs: [{name: echo-v1, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /unnamed}}]
+    backendRefs: [{name: echo-v2, port: 8080}]
+",
+        ),
+    );
+    expect_all(
+        &mesh.client(),
+        &[
+            Case {
+                seen_path: Some("/named"),
+                ..to("echo-v1", "/named")
+            },
+            Case {
+                seen_path: Some("/unnamed"),
+                ..to("echo-v2", "/unnamed")
+            },
+        ],
+    )
+    .await;
+}
+
+/// httproute-request-header-modifier.go
+#[tokio::test]
+async fn httproute_request_header_modifier() {
+    let mesh = ConformanceMesh::start().await;
+    let rule = |path: &str, modifier: &str| {
+        format!(
+            "  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]
+    filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {modifier}}}]
+    backendRefs: [{{name: echo-v1, port: 8080}}]
+"
+        )
+    };
+    let rules = [
+        rule("/set", "{set: [{name: X-Header-Set, value: set-overwrites-values}]}"),
+        rule("/add", "{add: [{name: X-Header-Add, value: add-appends-values}]}"),
+        rule("/remove", "{remove: [X-Header-Remove]}"),
+        rule(
+            "/multiple",
+            "{set: [{name: X-Header-Set-1, value: header-set-1}, {name: X-Header-Set-2, value: header-set-2}], \
+             add: [{name: X-Header-Add-1, value: header-add-1}, {name: X-Header-Add-2, value: header-add-2}, {name: X-Header-Add-3, value: header-add-3}], \
+             remove: [X-Header-Remove-1, X-Header-Remove-2]}",
+        ),
+        rule(
+            "/case-insensitivity",
+            "{set: [{name: X-Header-Set, value: header-set}], add: [{name: X-Header-Add, value: header-add}], remove: [X-Header-Remove]}",
+        ),
+    ];
+    mesh.apply(
+        "route.yaml",
+        &route(
+            "mesh-request-header-modifier",
+            "echo",
+            Some(80),
+            &rules.concat(),
+        ),
+    );
+    let case = |path: &'static str,
+                sent: Vec<(&'static str, &'static str)>,
+                seen: Vec<(&'static str, &'static str)>,
+                absent: Vec<&'static str>| Case {
+        headers: sent,
+        seen_path: Some(path),
+        seen_headers: seen,
+        absent_seen_headers: absent,
+        ..to("echo-v1", path)
+    };
+    expect_all(
+        &mesh.client(),
+        &[
+            case(
+                "/set",
+                vec![("Some-Other-Header", "val")],
+                vec![
+                    ("Some-Other-Header", "val"),
+                    ("X-Header-Set", "set-overwrites-values"),
+                ],
+                vec![],
+            ),
+            case(
+                "/set",
+                vec![
+                    ("Some-Other-Header", "val"),
+                    ("X-Header-Set", "some-other-value"),
+                ],
+                vec![
+                    ("Some-Other-Header", "val"),
+                    ("X-Header-Set", "set-overwrites-values"),
+                ],
+                vec![],
+            ),
+            case(
+                "/add",
+                vec![("Some-Other-Header", "val")],
+                vec![
+                    ("Some-Other-Header", "val"),
+                    ("X-Header-Add", "add-appends-values"),
+                ],
+                vec![],
+            ),
+            case(
+                "/add",
+                vec![
+                    ("Some-Other-Header", "val"),
+                    ("X-Header-Add", "some-other-value"),
+                ],
+                vec![
+                    ("Some-Other-Header", "val"),
+                    ("X-Header-Add", "some-other-value,add-appends-values"),
+                ],
+                vec![],
+            ),
+            case(
+                "/remove",
+                vec![("X-Header-Remove", "val")],
+                vec![],
+                vec!["X-Header-Remove"],
+            ),
+            case(
+                "/multiple",
+                vec![
+                    ("X-Header-Set-2", "set-val-2"),
+                    ("X-Header-Add-2", "add-val-2"),
+                    ("X-Header-Remove-2", "remove-val-2"),
+                    ("Another-Header", "another-header-val"),
+                ],
+                vec![
+                    ("X-Header-Set-1", "header-set-1"),
+                    ("X-Header-Set-2", "header-set-2"),
+                    ("X-Header-Add-1", "header-add-1"),
+                    ("X-Header-Add-2", "add-val-2,header-add-2"),
+                    ("X-Header-Add-3", "header-add-3"),
+                    ("Another-Header", "another-header-val"),
+                ],
+                vec!["X-Header-Remove-1", "X-Header-Remove-2"],
+            ),
+            case(
+                "/case-insensitivity",
+                vec![
+                    ("x-header-set", "original-val-set"),
+                    ("x-header-add", "original-val-add"),
+                    ("x-header-remove", "original-val-remove"),
+                    ("Another-Header", "another-header-val"),
+                ],
+                vec![
+                    ("X-Header-Set", "header-set"),
+                    ("X-Header-Add", "original-val-add,header-add"),
+                    ("Another-Header", "another-header-val"),
+                ],
+                vec!["x-header-remove"],
+            ),
+        ],
+    )
+    .await;
+}
+
+/// httproute-weight.go: 70/30 across echo-v1 and echo-v2.
+#[tokio::test]
+async fn httproute_weight() {
+    let mesh = ConformanceMesh::start().await;
+    mesh.apply(
+        "route.yaml",
+        &route(
+            "mesh-weighted-backends",
+            "echo",
+            Some(80),
+            "  - backendRefs:
+    - {name: echo-v1, port: 8080, weight: 70}
+    - {name: echo-v2, port: 8080, weight: 30}
+",
+        ),
+    );
+    let client = mesh.client();
+    expect(&client, &Case::get("weighted", svc("echo"), "/")).await;
+    // Upstream allows each backend's share to be off by 5 points.
+    let shares = trellis_tests::eventually(
+        std::time::Duration::from_secs(10),
+        "a 70/30 split",
+        || async {
+            let shares = pod_shares(&client, &svc("echo"), 1000).await?;
+            let v1 = shares.get("echo-v1").copied().unwrap_or(0.0);
+            if (v1 - 70.0).abs() <= 5.0 {
+                Ok(shares)
+            } else {
+                Err(format!("{shares:?}"))
+            }
+        },
+    )
+    .await;
+    let v2 = shares.get("echo-v2").copied().unwrap_or(0.0);
+    assert!((v2 - 30.0).abs() <= 5.0, "{shares:?}");
+}
+
+/// The percentage of `n` GETs each pod answered.
+async fn pod_shares(
+    client: &trellis_tests::AppClient,
+    host: &str,
+    n: usize,
+) -> Result<std::collections::BTreeMap<String, f64>, String> {
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let answer = client.get(host, "/").await?;
+        let echoed: Echoed = serde_json::from_slice(&answer.body)
+            .map_err(|e| format!("{} {}: {e}", answer.status, answer.text()))?;
+        *counts.entry(echoed.pod).or_insert(0.0) += 100.0 / n as f64;
+    }
+    Ok(counts)
+}
+
+/// mesh-split.go: exact paths split one Service across two.
+#[tokio::test]
+async fn mesh_split() {
+    let mesh = ConformanceMesh::start().await;
+    mesh.apply(
+        "route.yaml",
+        &route(
+            "mesh-split",
+            "echo",
+            None,
+            "  - matches: [{path: {type: Exact, value: /v1}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: Exact, value: /v2}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+",
+        ),
+    );
+    expect_all(
+        &mesh.client(),
+        &[to("echo-v1", "/v1"), to("echo-v2", "/v2")],
+    )
+    .await;
+}
