@@ -160,6 +160,12 @@ impl hyper::body::Body for Tee {
                     }
                     (None, None) => None,
                 });
+                // Whoever reads a body that knows its length stops at its
+                // last frame, without polling for the end.
+                if self.inner.is_end_stream() {
+                    self.offer(|| Some(Copied::End));
+                    self.copies.clear();
+                }
             }
             Poll::Ready(None) => {
                 self.offer(|| Some(Copied::End));
@@ -211,7 +217,7 @@ impl hyper::body::Body for CopiedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
@@ -251,6 +257,17 @@ mod tests {
         let sent = sent.unwrap().to_bytes();
         assert_eq!(sent, "0,1,2,3,4,");
         assert_eq!(copy.unwrap().to_bytes(), sent);
+    }
+
+    #[tokio::test]
+    async fn a_copy_ends_when_a_body_of_known_length_is_read_whole() {
+        // Readers of such a body stop at its last frame (hyper does), so
+        // the tee must not wait to be polled for the end.
+        let (mut tee, copied) = tee(crate::http::full("whole"));
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut tee).poll_frame(cx)).await;
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "whole");
+        assert!(tee.is_end_stream());
+        assert_eq!(BodyExt::collect(copied).await.unwrap().to_bytes(), "whole");
     }
 
     #[tokio::test]
