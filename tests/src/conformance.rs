@@ -248,6 +248,91 @@ endpoints:
     }
 }
 
+/// What a recording pod received: method, path and body.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Bytes)>>>;
+
+/// A meshed pod with its Service (port 80) in the conformance namespace
+/// whose app waits its delay, then reads the request, records it and
+/// answers 200: a mirror, or a slow backend.
+pub struct Recorder {
+    pub seen: Seen,
+    _proxy: trellis_proxy::Proxy,
+}
+
+impl ConformanceMesh {
+    /// Adds the pod `name` and its Service `name`, whose app waits `delay`
+    /// before it reads a request.
+    pub async fn recorder(&mut self, name: &str, delay: Duration) -> Recorder {
+        use http_body_util::BodyExt;
+        let ip = self.mesh.pod_ip();
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind recorder");
+        let port = listener.local_addr().expect("recorder addr").port();
+        let seen = Seen::default();
+        let record = seen.clone();
+        tokio::spawn(trellis_common::serve::serve(
+            listener,
+            move |request: http::Request<hyper::body::Incoming>| {
+                let record = record.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    let (head, body) = request.into_parts();
+                    if let Ok(body) = body.collect().await {
+                        let seen = (head.method.to_string(), head.uri.path().to_string());
+                        let mut log = record.lock().unwrap_or_else(|e| e.into_inner());
+                        log.push((seen.0, seen.1, body.to_bytes()));
+                    }
+                    http::Response::new(Full::new(Bytes::from_static(b"recorded\n")))
+                }
+            },
+        ));
+        let proxy = self
+            .mesh
+            .proxy_in(ip, MESH_NS, "default", |env| {
+                env.insert(trellis_proxy::config::WORKLOAD, name.into());
+                env.insert(trellis_proxy::config::POD, name.into());
+            })
+            .await;
+        self.apply(
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {MESH_NS}
+  labels: {{app: {name}}}
+  annotations: {{trellis.dev/inbound-port: \"{inbound}\"}}
+spec:
+  containers: [{{name: app, image: app}}, {{name: trellis-proxy, image: trellis-proxy}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {MESH_NS}}}
+spec:
+  ports: [{{name: http, port: 80, appProtocol: http, targetPort: {port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: {MESH_NS}
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+endpoints:
+  - addresses: [\"{ip}\"]
+    targetRef: {{kind: Pod, name: {name}, namespace: {MESH_NS}}}
+ports: [{{name: http, port: {port}, appProtocol: http}}]
+",
+                inbound = proxy.inbound_addr.port(),
+            ),
+        );
+        Recorder {
+            seen,
+            _proxy: proxy,
+        }
+    }
+}
+
 /// One case of an upstream conformance table: a request, and what must
 /// come back (from which backend, seen how).
 #[derive(Debug, Clone, Default)]

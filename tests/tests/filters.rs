@@ -5,12 +5,9 @@
 //! header cases are written from the tables of Gateway API's mesh
 //! conformance tests (`conformance/tests/mesh/`), each test naming its file.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use tokio::net::TcpListener;
 use trellis_tests::conformance::*;
 use trellis_tests::{eventually, metric, AppClient};
 
@@ -526,89 +523,6 @@ spec:
     assert_eq!(types, ["application/json", "also-added"], "add appends");
 }
 
-/// What a recording pod received: method, path and body.
-type Seen = Arc<Mutex<Vec<(String, String, Bytes)>>>;
-
-/// A meshed pod `name` with its Service (port 80) in the conformance
-/// namespace whose app waits `delay`, then reads the request, records
-/// it and answers 200.
-struct Recorder {
-    seen: Seen,
-    _proxy: trellis_proxy::Proxy,
-}
-
-async fn recorder(mesh: &mut ConformanceMesh, name: &str, delay: Duration) -> Recorder {
-    let ip = mesh.mesh.pod_ip();
-    let listener = TcpListener::bind((ip, 0)).await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = Seen::default();
-    let record = seen.clone();
-    tokio::spawn(trellis_common::serve::serve(
-        listener,
-        move |request: http::Request<hyper::body::Incoming>| {
-            let record = record.clone();
-            async move {
-                tokio::time::sleep(delay).await;
-                let (head, body) = request.into_parts();
-                let body = body.collect().await.map(|b| b.to_bytes());
-                if let Ok(body) = body {
-                    record.lock().unwrap().push((
-                        head.method.to_string(),
-                        head.uri.path().to_string(),
-                        body,
-                    ));
-                }
-                http::Response::new(Full::new(Bytes::from_static(b"recorded\n")))
-            }
-        },
-    ));
-    let proxy = mesh
-        .mesh
-        .proxy_in(ip, MESH_NS, "default", |env| {
-            env.insert(trellis_proxy::config::WORKLOAD, name.into());
-            env.insert(trellis_proxy::config::POD, name.into());
-        })
-        .await;
-    mesh.apply(
-        &format!("{name}.yaml"),
-        &format!(
-            "apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: {MESH_NS}
-  labels: {{app: {name}}}
-  annotations: {{trellis.dev/inbound-port: \"{inbound}\"}}
-spec:
-  containers: [{{name: app, image: app}}, {{name: trellis-proxy, image: trellis-proxy}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {MESH_NS}}}
-spec:
-  ports: [{{name: http, port: 80, appProtocol: http, targetPort: {port}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: {MESH_NS}
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints:
-  - addresses: [\"{ip}\"]
-    targetRef: {{kind: Pod, name: {name}, namespace: {MESH_NS}}}
-ports: [{{name: http, port: {port}, appProtocol: http}}]
-",
-            inbound = proxy.inbound_addr.port(),
-        ),
-    );
-    Recorder {
-        seen,
-        _proxy: proxy,
-    }
-}
-
 /// A route on `echo` whose one rule sends to echo-v1 and mirrors to the
 /// Service `mirror` (`share` is the extra `requestMirror` fields).
 fn mirror_route(share: &str) -> String {
@@ -627,7 +541,7 @@ fn mirror_route(share: &str) -> String {
 #[tokio::test]
 async fn a_mirror_receives_a_copy_of_each_request_with_its_body() {
     let mut mesh = ConformanceMesh::start().await;
-    let mirror = recorder(&mut mesh, "mirror", Duration::ZERO).await;
+    let mirror = mesh.recorder("mirror", Duration::ZERO).await;
     mesh.apply("route.yaml", &mirror_route(""));
     let client = mesh.client();
     // Until the route applies, echo-v2 answers too and nothing is copied.
@@ -729,7 +643,7 @@ fn median(mut took: Vec<Duration>) -> Duration {
 #[tokio::test]
 async fn a_slow_or_missing_mirror_never_slows_or_fails_the_request() {
     let mut mesh = ConformanceMesh::start().await;
-    let mirror = recorder(&mut mesh, "mirror", Duration::from_secs(2)).await;
+    let mirror = mesh.recorder("mirror", Duration::from_secs(2)).await;
     let client = mesh.client();
     let small = Bytes::from_static(b"small body");
     let large = Bytes::from(vec![b'x'; 4 << 20]);
@@ -855,7 +769,7 @@ ports: [{{name: http, port: 9, appProtocol: http}}]
 #[tokio::test]
 async fn backend_request_timeout_bounds_each_attempt() {
     let mut mesh = ConformanceMesh::start().await;
-    let slow = recorder(&mut mesh, "slow", Duration::from_secs(2)).await;
+    let slow = mesh.recorder("slow", Duration::from_secs(2)).await;
     mesh.apply(
         "route.yaml",
         &route(
