@@ -463,6 +463,111 @@ impl Case {
     }
 }
 
+/// httproute-request-header-modifier's filters, by path prefix: the
+/// `requestHeaderModifier` of each rule (on the rule, or on its backendRef
+/// in the `-backend` variant).
+pub const HEADER_MODIFIER_RULES: [(&str, &str); 5] = [
+    ("/set", "{set: [{name: X-Header-Set, value: set-overwrites-values}]}"),
+    ("/add", "{add: [{name: X-Header-Add, value: add-appends-values}]}"),
+    ("/remove", "{remove: [X-Header-Remove]}"),
+    (
+        "/multiple",
+        "{set: [{name: X-Header-Set-1, value: header-set-1}, {name: X-Header-Set-2, value: header-set-2}], \
+         add: [{name: X-Header-Add-1, value: header-add-1}, {name: X-Header-Add-2, value: header-add-2}, \
+         {name: X-Header-Add-3, value: header-add-3}], remove: [X-Header-Remove-1, X-Header-Remove-2]}",
+    ),
+    (
+        "/case-insensitivity",
+        "{set: [{name: X-Header-Set, value: header-set}], add: [{name: X-Header-Add, value: header-add}], \
+         remove: [X-Header-Remove]}",
+    ),
+];
+
+/// httproute-request-header-modifier's table, for the rules above routed to
+/// `backend` of the Service at `host`.
+pub fn header_modifier_cases(host: &str, backend: &'static str) -> Vec<Case> {
+    let case = |path: &'static str,
+                sent: Vec<(&'static str, &'static str)>,
+                seen: Vec<(&'static str, &'static str)>,
+                absent: Vec<&'static str>| Case {
+        backend,
+        headers: sent,
+        seen_path: Some(path),
+        seen_headers: seen,
+        absent_seen_headers: absent,
+        ..Case::get(path, host, path)
+    };
+    let other = ("Some-Other-Header", "val");
+    vec![
+        case(
+            "/set",
+            vec![other],
+            vec![other, ("X-Header-Set", "set-overwrites-values")],
+            vec![],
+        ),
+        case(
+            "/set",
+            vec![other, ("X-Header-Set", "some-other-value")],
+            vec![other, ("X-Header-Set", "set-overwrites-values")],
+            vec![],
+        ),
+        case(
+            "/add",
+            vec![other],
+            vec![other, ("X-Header-Add", "add-appends-values")],
+            vec![],
+        ),
+        case(
+            "/add",
+            vec![other, ("X-Header-Add", "some-other-value")],
+            vec![
+                other,
+                ("X-Header-Add", "some-other-value,add-appends-values"),
+            ],
+            vec![],
+        ),
+        case(
+            "/remove",
+            vec![("X-Header-Remove", "val")],
+            vec![],
+            vec!["X-Header-Remove"],
+        ),
+        case(
+            "/multiple",
+            vec![
+                ("X-Header-Set-2", "set-val-2"),
+                ("X-Header-Add-2", "add-val-2"),
+                ("X-Header-Remove-2", "remove-val-2"),
+                ("Another-Header", "another-header-val"),
+            ],
+            vec![
+                ("X-Header-Set-1", "header-set-1"),
+                ("X-Header-Set-2", "header-set-2"),
+                ("X-Header-Add-1", "header-add-1"),
+                ("X-Header-Add-2", "add-val-2,header-add-2"),
+                ("X-Header-Add-3", "header-add-3"),
+                ("Another-Header", "another-header-val"),
+            ],
+            vec!["X-Header-Remove-1", "X-Header-Remove-2"],
+        ),
+        case(
+            "/case-insensitivity",
+            vec![
+                ("x-header-set", "original-val-set"),
+                ("x-header-add", "original-val-add"),
+                ("x-header-remove", "original-val-remove"),
+                ("Another-Header", "another-header-val"),
+            ],
+            vec![
+                ("X-Header-Set", "header-set"),
+                ("X-Header-Add", "original-val-add,header-add"),
+                ("Another-Header", "another-header-val"),
+            ],
+            vec!["x-header-remove", "X-Header-Remove"],
+        ),
+    ]
+}
+
 /// Upstream's "eventually consistent" check: the case must pass, then
 /// keep passing for three requests in a row (a route that is still
 /// settling fails the streak and it starts again).
