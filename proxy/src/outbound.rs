@@ -1,6 +1,8 @@
 //! Outbound: application → mesh. One request's path, top-down: the
 //! Service the application named (its routes and retry budget) → the rule
-//! that matches → the backend Service the rule's weights pick → the
+//! that matches, with its filters (`filters`: a redirect answered here,
+//! rewrites, header modifiers; `mirror`: copies to other Services) → the
+//! backend Service the rule's weights pick → the
 //! endpoint the balancer picks among the healthy ones → that endpoint's
 //! proxy over mTLS (or the endpoint itself when it is not meshed).
 
