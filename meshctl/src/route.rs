@@ -367,10 +367,10 @@ fn build(args: &SetArgs) -> anyhow::Result<(HttpRoute, Option<HttpFault>)> {
         }
     }
     let shape = |rule: HttpRouteRule| HttpRouteRule {
-        timeouts: args
-            .timeout
-            .clone()
-            .map(|t| HttpRouteTimeouts { request: Some(t) }),
+        timeouts: args.timeout.clone().map(|t| HttpRouteTimeouts {
+            request: Some(t),
+            backend_request: None,
+        }),
         retry: args.retries.map(|attempts| HttpRouteRetry {
             attempts: Some(attempts),
             codes: args.retry_on.clone(),
@@ -380,12 +380,12 @@ fn build(args: &SetArgs) -> anyhow::Result<(HttpRoute, Option<HttpFault>)> {
             .iter()
             .map(|f| HttpRouteFilter {
                 kind: "ExtensionRef".into(),
-                request_header_modifier: None,
                 extension_ref: Some(LocalObjectReference {
                     group: TRELLIS_GROUP.into(),
                     kind: "HTTPFault".into(),
                     name: f.metadata.name.clone(),
                 }),
+                ..HttpRouteFilter::default()
             })
             .collect(),
         ..rule

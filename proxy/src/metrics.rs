@@ -101,6 +101,7 @@ pub struct Metrics {
     tls_failures: IntCounterVec,
     retries: IntCounterVec,
     faults: IntCounterVec,
+    mirrors: IntCounterVec,
     ejections: IntCounterVec,
     cert_expiry: IntGauge,
     /// Inbound authorization decisions (see `authz`), whose series the
@@ -187,6 +188,13 @@ impl Metrics {
             Opts::new("fault_injections_total", "Injected faults"),
             &["dst_service", "dst_namespace", "kind"],
         );
+        let mirrors = IntCounterVec::new(
+            Opts::new(
+                "request_mirrors_total",
+                "Mirrored request copies (RequestMirror filters) by mirror Service and result: answered (any status), failed (no answer), abandoned (the copy could not keep up with the request body, or the request ended first)",
+            ),
+            &["dst_service", "dst_namespace", "result"],
+        );
         let ejections = IntCounterVec::new(
             Opts::new(
                 "outlier_ejections_total",
@@ -213,8 +221,8 @@ impl Metrics {
                 (tcp_read_bytes?, tcp_write_bytes?, discovery_streams?);
             let (tls_failures, retries, faults, ejections, cert_expiry) =
                 (tls_failures?, retries?, faults?, ejections?, cert_expiry?);
-            let inbound_authz = inbound_authz?;
-            let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+            let (inbound_authz, mirrors) = (inbound_authz?, mirrors?);
+            let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
                 Box::new(requests.clone()),
                 Box::new(latency.clone()),
                 Box::new(tcp_opened.clone()),
@@ -226,6 +234,7 @@ impl Metrics {
                 Box::new(tls_failures.clone()),
                 Box::new(retries.clone()),
                 Box::new(faults.clone()),
+                Box::new(mirrors.clone()),
                 Box::new(ejections.clone()),
                 Box::new(cert_expiry.clone()),
                 Box::new(inbound_authz.clone()),
@@ -261,6 +270,7 @@ impl Metrics {
                 tls_failures,
                 retries,
                 faults,
+                mirrors,
                 ejections,
                 cert_expiry,
                 inbound_authz,
@@ -354,6 +364,13 @@ impl Metrics {
     pub fn fault(&self, service: &str, namespace: &str, kind: &str) {
         self.faults
             .with_label_values(&[service, namespace, kind])
+            .inc();
+    }
+
+    /// One mirrored copy of a request, by how it ended.
+    pub fn mirror(&self, service: &str, namespace: &str, result: &str) {
+        self.mirrors
+            .with_label_values(&[service, namespace, result])
             .inc();
     }
 

@@ -1,12 +1,16 @@
 //! Outbound: application → mesh. One request's path, top-down: the
 //! Service the application named (its routes and retry budget) → the rule
-//! that matches → the backend Service the rule's weights pick → the
+//! that matches, with its filters (`filters`: a redirect answered here,
+//! rewrites, header modifiers; `mirror`: copies to other Services) → the
+//! backend Service the rule's weights pick → the
 //! endpoint the balancer picks among the healthy ones → that endpoint's
 //! proxy over mTLS (or the endpoint itself when it is not meshed).
 
 mod body;
 mod connection;
 mod endpoint;
+mod filters;
+mod mirror;
 mod retry;
 mod send;
 mod target;
@@ -20,7 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
-use trellis_proto::discovery::{HeaderModifier, Retry};
+use trellis_proto::discovery::{Backend, Retry, Rule};
 
 use crate::cache::Cache;
 use crate::config::Config;
@@ -123,7 +127,7 @@ impl Outbound {
     }
 
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         request: Request<Incoming>,
         authority: Option<&str>,
         labels: &mut RequestLabels,
@@ -175,9 +179,16 @@ impl Outbound {
                     return Err(ProxyError::FaultInjected(fault.abort_status as u16));
                 }
             }
-            if let Some(modifier) = rule.and_then(|r| r.request_headers.as_ref()) {
-                modify_headers(&mut parts.headers, modifier);
-            }
+            let body = match rule {
+                Some(rule) => {
+                    if let Some(redirect) = &rule.redirect {
+                        return filters::redirect(&parts, redirect, rule);
+                    }
+                    filters::apply_to_request(&mut parts, rule);
+                    self.mirror(&rule.mirrors, &parts, body, timeout)
+                }
+                None => body,
+            };
             // Each attempt picks its backend anew, so a retry can avoid the
             // backend that just failed.
             let backend = || async {
@@ -185,29 +196,32 @@ impl Outbound {
                     Some(rule) => {
                         let backend = route::pick_backend(&rule.backends)
                             .ok_or_else(|| ProxyError::NoBackend(authority.clone()))?;
-                        self.endpoints(&backend.authority).await
+                        Ok((Some(backend), self.endpoints(&backend.authority).await?))
                     }
-                    None => Ok(own.clone()),
+                    None => Ok::<_, ProxyError>((None, own.clone())),
                 }
             };
             logical.budget.deposit();
             let Some(retry) = retry else {
+                let (backend, endpoints) = backend().await?;
                 let request = Request::from_parts(parts, body);
                 return self
-                    .send_to(&*backend().await?, &authority, request, labels)
+                    .attempt(rule, backend, &endpoints, &authority, request, labels)
                     .await;
             };
             // A retryable request has no body, so it can be sent again as is.
             let template = Request::from_parts(parts, body);
             let mut attempt = 0;
             loop {
+                let (backend, endpoints) = backend().await?;
                 let request = head_of(&template);
                 let result = self
-                    .send_to(&*backend().await?, &authority, request, labels)
+                    .attempt(rule, backend, &endpoints, &authority, request, labels)
                     .await;
                 let failed = match &result {
                     Ok(response) => should_retry(retry, response.status()),
-                    Err(e) => e.is_retryable(),
+                    // A timeout here is one attempt's (backendRequest).
+                    Err(e) => e.is_retryable() || matches!(e, ProxyError::Timeout(_)),
                 };
                 attempt += 1;
                 if !failed || attempt > retry.attempts || !logical.budget.withdraw() {
@@ -235,6 +249,42 @@ impl Outbound {
         };
         let idle = self.body_idle_timeout;
         Ok(response.map(|body| Timed::response(body, idle)))
+    }
+
+    /// One attempt at a backend: its own request header filter (after the
+    /// rule's), the rule's backendRequest timeout, and the response header
+    /// filters (the rule's, then the backend's).
+    async fn attempt(
+        &self,
+        rule: Option<&Rule>,
+        backend: Option<&Backend>,
+        endpoints: &Endpoints,
+        authority: &str,
+        mut request: Request<Body>,
+        labels: &mut RequestLabels,
+    ) -> Result<Response<Body>, ProxyError> {
+        if let Some(modifier) = backend.and_then(|b| b.request_headers.as_ref()) {
+            filters::modify_headers(request.headers_mut(), modifier);
+        }
+        let send = self.send_to(endpoints, authority, request, labels);
+        let per_attempt = rule
+            .map(|r| r.backend_timeout_ms)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
+        let mut response = match per_attempt {
+            Some(limit) => tokio::time::timeout(limit, send)
+                .await
+                .map_err(|_| ProxyError::Timeout(limit))??,
+            None => send.await?,
+        };
+        let modifiers = rule
+            .and_then(|r| r.response_headers.as_ref())
+            .into_iter()
+            .chain(backend.and_then(|b| b.response_headers.as_ref()));
+        for modifier in modifiers {
+            filters::modify_headers(response.headers_mut(), modifier);
+        }
+        Ok(response)
     }
 
     /// The current endpoints of an authority (a Service the application
@@ -362,51 +412,9 @@ fn should_retry(retry: &Retry, status: http::StatusCode) -> bool {
     }
 }
 
-/// Applies a RequestHeaderModifier filter (set, then add, then remove).
-fn modify_headers(headers: &mut http::HeaderMap, modifier: &HeaderModifier) {
-    let pair = |h: &trellis_proto::discovery::Header| {
-        Some((
-            http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-            http::HeaderValue::from_str(&h.value).ok()?,
-        ))
-    };
-    for (name, value) in modifier.set.iter().filter_map(pair) {
-        headers.insert(name, value);
-    }
-    for (name, value) in modifier.add.iter().filter_map(pair) {
-        headers.append(name, value);
-    }
-    for name in &modifier.remove {
-        headers.remove(name.as_str());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_proto::discovery::Header;
-
-    #[test]
-    fn header_modifier_sets_adds_then_removes() {
-        let mut headers = http::HeaderMap::new();
-        headers.insert("x-env", "prod".parse().unwrap());
-        headers.insert("x-debug", "1".parse().unwrap());
-        let header = |name: &str, value: &str| Header {
-            name: name.into(),
-            value: value.into(),
-        };
-        modify_headers(
-            &mut headers,
-            &HeaderModifier {
-                set: vec![header("x-env", "canary")],
-                add: vec![header("x-tag", "a"), header("x-tag", "b")],
-                remove: vec!["x-debug".into()],
-            },
-        );
-        assert_eq!(headers["x-env"], "canary");
-        assert_eq!(headers.get_all("x-tag").iter().count(), 2);
-        assert!(!headers.contains_key("x-debug"));
-    }
 
     #[test]
     fn authorities_and_service_names() {

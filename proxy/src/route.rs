@@ -318,16 +318,19 @@ mod tests {
                 authority: "a".into(),
                 weight: 90,
                 name: "a".into(),
+                ..Backend::default()
             },
             Backend {
                 authority: "b".into(),
                 weight: 10,
                 name: "b".into(),
+                ..Backend::default()
             },
             Backend {
                 authority: "c".into(),
                 weight: 0,
                 name: "c".into(),
+                ..Backend::default()
             },
         ];
         let mut counts = HashMap::new();

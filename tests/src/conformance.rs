@@ -248,6 +248,91 @@ endpoints:
     }
 }
 
+/// What a recording pod received: method, path and body.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Bytes)>>>;
+
+/// A meshed pod with its Service (port 80) in the conformance namespace
+/// whose app waits its delay, then reads the request, records it and
+/// answers 200: a mirror, or a slow backend.
+pub struct Recorder {
+    pub seen: Seen,
+    _proxy: trellis_proxy::Proxy,
+}
+
+impl ConformanceMesh {
+    /// Adds the pod `name` and its Service `name`, whose app waits `delay`
+    /// before it reads a request.
+    pub async fn recorder(&mut self, name: &str, delay: Duration) -> Recorder {
+        use http_body_util::BodyExt;
+        let ip = self.mesh.pod_ip();
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind recorder");
+        let port = listener.local_addr().expect("recorder addr").port();
+        let seen = Seen::default();
+        let record = seen.clone();
+        tokio::spawn(trellis_common::serve::serve(
+            listener,
+            move |request: http::Request<hyper::body::Incoming>| {
+                let record = record.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    let (head, body) = request.into_parts();
+                    if let Ok(body) = body.collect().await {
+                        let seen = (head.method.to_string(), head.uri.path().to_string());
+                        let mut log = record.lock().unwrap_or_else(|e| e.into_inner());
+                        log.push((seen.0, seen.1, body.to_bytes()));
+                    }
+                    http::Response::new(Full::new(Bytes::from_static(b"recorded\n")))
+                }
+            },
+        ));
+        let proxy = self
+            .mesh
+            .proxy_in(ip, MESH_NS, "default", |env| {
+                env.insert(trellis_proxy::config::WORKLOAD, name.into());
+                env.insert(trellis_proxy::config::POD, name.into());
+            })
+            .await;
+        self.apply(
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {MESH_NS}
+  labels: {{app: {name}}}
+  annotations: {{trellis.dev/inbound-port: \"{inbound}\"}}
+spec:
+  containers: [{{name: app, image: app}}, {{name: trellis-proxy, image: trellis-proxy}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {MESH_NS}}}
+spec:
+  ports: [{{name: http, port: 80, appProtocol: http, targetPort: {port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: {MESH_NS}
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+endpoints:
+  - addresses: [\"{ip}\"]
+    targetRef: {{kind: Pod, name: {name}, namespace: {MESH_NS}}}
+ports: [{{name: http, port: {port}, appProtocol: http}}]
+",
+                inbound = proxy.inbound_addr.port(),
+            ),
+        );
+        Recorder {
+            seen,
+            _proxy: proxy,
+        }
+    }
+}
+
 /// One case of an upstream conformance table: a request, and what must
 /// come back (from which backend, seen how).
 #[derive(Debug, Clone, Default)]
@@ -376,6 +461,111 @@ impl Case {
         }
         Ok(())
     }
+}
+
+/// httproute-request-header-modifier's filters, by path prefix: the
+/// `requestHeaderModifier` of each rule (on the rule, or on its backendRef
+/// in the `-backend` variant).
+pub const HEADER_MODIFIER_RULES: [(&str, &str); 5] = [
+    ("/set", "{set: [{name: X-Header-Set, value: set-overwrites-values}]}"),
+    ("/add", "{add: [{name: X-Header-Add, value: add-appends-values}]}"),
+    ("/remove", "{remove: [X-Header-Remove]}"),
+    (
+        "/multiple",
+        "{set: [{name: X-Header-Set-1, value: header-set-1}, {name: X-Header-Set-2, value: header-set-2}], \
+         add: [{name: X-Header-Add-1, value: header-add-1}, {name: X-Header-Add-2, value: header-add-2}, \
+         {name: X-Header-Add-3, value: header-add-3}], remove: [X-Header-Remove-1, X-Header-Remove-2]}",
+    ),
+    (
+        "/case-insensitivity",
+        "{set: [{name: X-Header-Set, value: header-set}], add: [{name: X-Header-Add, value: header-add}], \
+         remove: [X-Header-Remove]}",
+    ),
+];
+
+/// httproute-request-header-modifier's table, for the rules above routed to
+/// `backend` of the Service at `host`.
+pub fn header_modifier_cases(host: &str, backend: &'static str) -> Vec<Case> {
+    let case = |path: &'static str,
+                sent: Vec<(&'static str, &'static str)>,
+                seen: Vec<(&'static str, &'static str)>,
+                absent: Vec<&'static str>| Case {
+        backend,
+        headers: sent,
+        seen_path: Some(path),
+        seen_headers: seen,
+        absent_seen_headers: absent,
+        ..Case::get(path, host, path)
+    };
+    let other = ("Some-Other-Header", "val");
+    vec![
+        case(
+            "/set",
+            vec![other],
+            vec![other, ("X-Header-Set", "set-overwrites-values")],
+            vec![],
+        ),
+        case(
+            "/set",
+            vec![other, ("X-Header-Set", "some-other-value")],
+            vec![other, ("X-Header-Set", "set-overwrites-values")],
+            vec![],
+        ),
+        case(
+            "/add",
+            vec![other],
+            vec![other, ("X-Header-Add", "add-appends-values")],
+            vec![],
+        ),
+        case(
+            "/add",
+            vec![other, ("X-Header-Add", "some-other-value")],
+            vec![
+                other,
+                ("X-Header-Add", "some-other-value,add-appends-values"),
+            ],
+            vec![],
+        ),
+        case(
+            "/remove",
+            vec![("X-Header-Remove", "val")],
+            vec![],
+            vec!["X-Header-Remove"],
+        ),
+        case(
+            "/multiple",
+            vec![
+                ("X-Header-Set-2", "set-val-2"),
+                ("X-Header-Add-2", "add-val-2"),
+                ("X-Header-Remove-2", "remove-val-2"),
+                ("Another-Header", "another-header-val"),
+            ],
+            vec![
+                ("X-Header-Set-1", "header-set-1"),
+                ("X-Header-Set-2", "header-set-2"),
+                ("X-Header-Add-1", "header-add-1"),
+                ("X-Header-Add-2", "add-val-2,header-add-2"),
+                ("X-Header-Add-3", "header-add-3"),
+                ("Another-Header", "another-header-val"),
+            ],
+            vec!["X-Header-Remove-1", "X-Header-Remove-2"],
+        ),
+        case(
+            "/case-insensitivity",
+            vec![
+                ("x-header-set", "original-val-set"),
+                ("x-header-add", "original-val-add"),
+                ("x-header-remove", "original-val-remove"),
+                ("Another-Header", "another-header-val"),
+            ],
+            vec![
+                ("X-Header-Set", "header-set"),
+                ("X-Header-Add", "original-val-add,header-add"),
+                ("Another-Header", "another-header-val"),
+            ],
+            vec!["x-header-remove", "X-Header-Remove"],
+        ),
+    ]
 }
 
 /// Upstream's "eventually consistent" check: the case must pass, then

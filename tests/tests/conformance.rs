@@ -198,137 +198,29 @@ async fn httproute_named_rule() {
     .await;
 }
 
-/// httproute-request-header-modifier.go
+/// httproute-request-header-modifier.go (the table is shared with the
+/// `-backend` variant, in tests/tests/filters.rs)
 #[tokio::test]
 async fn httproute_request_header_modifier() {
     let mesh = ConformanceMesh::start().await;
-    let rule = |path: &str, modifier: &str| {
-        format!(
-            "  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]
+    let rules: String = HEADER_MODIFIER_RULES
+        .iter()
+        .map(|(path, modifier)| {
+            format!(
+                "  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]
     filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {modifier}}}]
     backendRefs: [{{name: echo-v1, port: 8080}}]
 "
-        )
-    };
-    let rules = [
-        rule("/set", "{set: [{name: X-Header-Set, value: set-overwrites-values}]}"),
-        rule("/add", "{add: [{name: X-Header-Add, value: add-appends-values}]}"),
-        rule("/remove", "{remove: [X-Header-Remove]}"),
-        rule(
-            "/multiple",
-            "{set: [{name: X-Header-Set-1, value: header-set-1}, {name: X-Header-Set-2, value: header-set-2}], \
-             add: [{name: X-Header-Add-1, value: header-add-1}, {name: X-Header-Add-2, value: header-add-2}, {name: X-Header-Add-3, value: header-add-3}], \
-             remove: [X-Header-Remove-1, X-Header-Remove-2]}",
-        ),
-        rule(
-            "/case-insensitivity",
-            "{set: [{name: X-Header-Set, value: header-set}], add: [{name: X-Header-Add, value: header-add}], remove: [X-Header-Remove]}",
-        ),
-    ];
+            )
+        })
+        .collect();
     mesh.apply(
         "route.yaml",
-        &route(
-            "mesh-request-header-modifier",
-            "echo",
-            Some(80),
-            &rules.concat(),
-        ),
+        &route("mesh-request-header-modifier", "echo", Some(80), &rules),
     );
-    let case = |path: &'static str,
-                sent: Vec<(&'static str, &'static str)>,
-                seen: Vec<(&'static str, &'static str)>,
-                absent: Vec<&'static str>| Case {
-        headers: sent,
-        seen_path: Some(path),
-        seen_headers: seen,
-        absent_seen_headers: absent,
-        ..to("echo-v1", path)
-    };
     expect_all(
         &mesh.client(),
-        &[
-            case(
-                "/set",
-                vec![("Some-Other-Header", "val")],
-                vec![
-                    ("Some-Other-Header", "val"),
-                    ("X-Header-Set", "set-overwrites-values"),
-                ],
-                vec![],
-            ),
-            case(
-                "/set",
-                vec![
-                    ("Some-Other-Header", "val"),
-                    ("X-Header-Set", "some-other-value"),
-                ],
-                vec![
-                    ("Some-Other-Header", "val"),
-                    ("X-Header-Set", "set-overwrites-values"),
-                ],
-                vec![],
-            ),
-            case(
-                "/add",
-                vec![("Some-Other-Header", "val")],
-                vec![
-                    ("Some-Other-Header", "val"),
-                    ("X-Header-Add", "add-appends-values"),
-                ],
-                vec![],
-            ),
-            case(
-                "/add",
-                vec![
-                    ("Some-Other-Header", "val"),
-                    ("X-Header-Add", "some-other-value"),
-                ],
-                vec![
-                    ("Some-Other-Header", "val"),
-                    ("X-Header-Add", "some-other-value,add-appends-values"),
-                ],
-                vec![],
-            ),
-            case(
-                "/remove",
-                vec![("X-Header-Remove", "val")],
-                vec![],
-                vec!["X-Header-Remove"],
-            ),
-            case(
-                "/multiple",
-                vec![
-                    ("X-Header-Set-2", "set-val-2"),
-                    ("X-Header-Add-2", "add-val-2"),
-                    ("X-Header-Remove-2", "remove-val-2"),
-                    ("Another-Header", "another-header-val"),
-                ],
-                vec![
-                    ("X-Header-Set-1", "header-set-1"),
-                    ("X-Header-Set-2", "header-set-2"),
-                    ("X-Header-Add-1", "header-add-1"),
-                    ("X-Header-Add-2", "add-val-2,header-add-2"),
-                    ("X-Header-Add-3", "header-add-3"),
-                    ("Another-Header", "another-header-val"),
-                ],
-                vec!["X-Header-Remove-1", "X-Header-Remove-2"],
-            ),
-            case(
-                "/case-insensitivity",
-                vec![
-                    ("x-header-set", "original-val-set"),
-                    ("x-header-add", "original-val-add"),
-                    ("x-header-remove", "original-val-remove"),
-                    ("Another-Header", "another-header-val"),
-                ],
-                vec![
-                    ("X-Header-Set", "header-set"),
-                    ("X-Header-Add", "original-val-add,header-add"),
-                    ("Another-Header", "another-header-val"),
-                ],
-                vec!["x-header-remove"],
-            ),
-        ],
+        &header_modifier_cases(&svc("echo"), "echo-v1"),
     )
     .await;
 }

@@ -2,7 +2,10 @@
 //! names the field and what to write instead.
 
 use super::manifest::{Lookup, References};
-use crate::model::{HttpFault, HttpRoute, ObjectKey, ParentReference, TRELLIS_GROUP};
+use crate::model::{
+    HttpFault, HttpPathModifier, HttpRequestMirror, HttpRequestRedirect, HttpRoute,
+    HttpRouteFilter, HttpRouteRule, HttpRouteTimeouts, ObjectKey, ParentReference, TRELLIS_GROUP,
+};
 use crate::store::parse_gateway_duration;
 
 /// Why a route cannot serve (as it is), sorted by the Gateway API
@@ -50,24 +53,32 @@ pub fn check_parent(
     )))
 }
 
-/// Whether every backendRef names a Service that exists.
+/// Whether every backendRef (and mirror) names a Service that exists.
 pub fn check_backend_refs(route: &HttpRoute, references: &References) -> Result<(), RouteRefusal> {
     let ns = route.metadata.key().namespace;
     for (i, rule) in route.spec.rules.iter().enumerate() {
-        for (j, b) in rule.backend_refs.iter().enumerate() {
+        let backends = rule.backend_refs.iter().enumerate().map(|(j, b)| {
             let at = format!("spec.rules[{i}].backendRefs[{j}]");
-            if b.kind.as_deref().is_some_and(|k| k != "Service")
-                || b.group.as_deref().is_some_and(|g| !g.is_empty())
+            (at, &b.group, &b.kind, &b.name, &b.namespace)
+        });
+        let mirrors = rule.filters.iter().enumerate().filter_map(|(j, f)| {
+            let b = &f.request_mirror.as_ref()?.backend_ref;
+            let at = format!("spec.rules[{i}].filters[{j}].requestMirror.backendRef");
+            Some((at, &b.group, &b.kind, &b.name, &b.namespace))
+        });
+        for (at, group, kind, name, namespace) in backends.chain(mirrors) {
+            if kind.as_deref().is_some_and(|k| k != "Service")
+                || group.as_deref().is_some_and(|g| !g.is_empty())
             {
                 return Err(RouteRefusal::InvalidKind(format!(
                     "{at}: only Service backends are supported (group \"\", kind Service)"
                 )));
             }
-            let key = ObjectKey::new(b.namespace.as_deref().unwrap_or(&ns), &b.name);
+            let key = ObjectKey::new(namespace.as_deref().unwrap_or(&ns), name);
             if !references.exists("Service", &key) {
                 return Err(RouteRefusal::BackendNotFound(format!(
-                    "{at}: backendRef {:?} names no Service in namespace {}; create the Service or fix the name",
-                    b.name, key.namespace
+                    "{at}: backendRef {name:?} names no Service in namespace {}; create the Service or fix the name",
+                    key.namespace
                 )));
             }
         }
@@ -88,14 +99,7 @@ fn fields(route: &HttpRoute, references: &References) -> Result<(), String> {
     for (i, rule) in route.spec.rules.iter().enumerate() {
         let at = |field: &str| format!("spec.rules[{i}].{field}");
         for (j, b) in rule.backend_refs.iter().enumerate() {
-            if !b.filters.is_empty() {
-                return Err(format!(
-                    "{}.filters: filters on one backend are not supported yet; \
-                     move them to the rule's filters (they then apply to all its backends) \
-                     or split the rule",
-                    at(&format!("backendRefs[{j}]"))
-                ));
-            }
+            check_backend_filters(&at(&format!("backendRefs[{j}].filters")), &b.filters)?;
             if b.weight.is_some_and(|w| w > 1_000_000) {
                 return Err(format!(
                     "{}: weight must be 0-1000000",
@@ -171,6 +175,7 @@ fn fields(route: &HttpRoute, references: &References) -> Result<(), String> {
                 ));
             }
         }
+        check_backend_timeout(&at("timeouts"), rule.timeouts.as_ref())?;
         if let Some(retry) = &rule.retry {
             if retry.attempts.is_some_and(|a| a > 10) {
                 return Err(format!("{}: at most 10 attempts", at("retry.attempts")));
@@ -195,16 +200,37 @@ fn fields(route: &HttpRoute, references: &References) -> Result<(), String> {
         for (j, filter) in rule.filters.iter().enumerate() {
             let at = at(&format!("filters[{j}]"));
             match filter.kind.as_str() {
-                "RequestHeaderModifier" => {
-                    let Some(m) = &filter.request_header_modifier else {
-                        return Err(format!("{at}: type RequestHeaderModifier needs requestHeaderModifier"));
+                "RequestHeaderModifier" | "ResponseHeaderModifier" => {
+                    check_header_modifier(&at, filter)?;
+                }
+                "RequestRedirect" => {
+                    let Some(redirect) = &filter.request_redirect else {
+                        return Err(format!("{at}: type RequestRedirect needs requestRedirect"));
                     };
-                    let names = m.set.iter().chain(&m.add).map(|h| &h.name).chain(&m.remove);
-                    for name in names {
-                        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                            return Err(format!("{at}: {name:?} is not a valid header name"));
-                        }
+                    check_redirect(&at, redirect)?;
+                    if let Some(path) = &redirect.path {
+                        check_path_modifier(&format!("{at}.requestRedirect.path"), path, rule)?;
                     }
+                    if !rule.backend_refs.is_empty() {
+                        return Err(format!("{at}: a RequestRedirect rule answers the request itself, so it takes no backendRefs; remove them or the redirect"));
+                    }
+                }
+                "URLRewrite" => {
+                    let Some(rewrite) = &filter.url_rewrite else {
+                        return Err(format!("{at}: type URLRewrite needs urlRewrite"));
+                    };
+                    if let Some(hostname) = &rewrite.hostname {
+                        check_hostname(&format!("{at}.urlRewrite.hostname"), hostname)?;
+                    }
+                    if let Some(path) = &rewrite.path {
+                        check_path_modifier(&format!("{at}.urlRewrite.path"), path, rule)?;
+                    }
+                }
+                "RequestMirror" => {
+                    let Some(mirror) = &filter.request_mirror else {
+                        return Err(format!("{at}: type RequestMirror needs requestMirror"));
+                    };
+                    check_mirror(&at, mirror)?;
                 }
                 "ExtensionRef" => {
                     let Some(r) = &filter.extension_ref else {
@@ -234,9 +260,227 @@ fn fields(route: &HttpRoute, references: &References) -> Result<(), String> {
                         _ => return Err(format!("{at}: extensionRef {}/{} is not supported; use group trellis.dev, kind HTTPFault or ResiliencePolicy", r.group, r.kind)),
                     }
                 }
-                other => return Err(format!("{at}: filter type {other:?} is not supported; use RequestHeaderModifier or ExtensionRef (HTTPFault, ResiliencePolicy)")),
+                other => return Err(format!("{at}: filter type {other:?} is not supported; use RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror or ExtensionRef (HTTPFault, ResiliencePolicy)")),
             }
         }
+        check_filter_combination(&at("filters"), &rule.filters)?;
+    }
+    Ok(())
+}
+
+/// The filters that may appear once per rule (or backend), and the pair
+/// that may not appear together.
+fn check_filter_combination(at: &str, filters: &[HttpRouteFilter]) -> Result<(), String> {
+    for once in [
+        "RequestHeaderModifier",
+        "ResponseHeaderModifier",
+        "RequestRedirect",
+        "URLRewrite",
+    ] {
+        let mut of_kind = filters.iter().enumerate().filter(|(_, f)| f.kind == once);
+        if let (Some((first, _)), Some((second, _))) = (of_kind.next(), of_kind.next()) {
+            return Err(format!(
+                "{at}[{second}]: a rule takes one {once} filter, and {at}[{first}] is one already; merge them"
+            ));
+        }
+    }
+    let position = |kind: &str| filters.iter().position(|f| f.kind == kind);
+    if let (Some(redirect), Some(rewrite)) = (position("RequestRedirect"), position("URLRewrite")) {
+        return Err(format!(
+            "{at}[{}]: RequestRedirect and URLRewrite ({at}[{redirect}], {at}[{rewrite}]) may not share a rule; keep one",
+            redirect.max(rewrite)
+        ));
+    }
+    Ok(())
+}
+
+fn check_header_modifier(at: &str, filter: &HttpRouteFilter) -> Result<(), String> {
+    let (field, modifier) = match filter.kind.as_str() {
+        "RequestHeaderModifier" => ("requestHeaderModifier", &filter.request_header_modifier),
+        _ => ("responseHeaderModifier", &filter.response_header_modifier),
+    };
+    let Some(m) = modifier else {
+        return Err(format!("{at}: type {} needs {field}", filter.kind));
+    };
+    for h in m.set.iter().chain(&m.add) {
+        if http::HeaderValue::from_str(&h.value).is_err() {
+            return Err(format!(
+                "{at}.{field}: the value of {:?} is not a valid header value (visible ASCII, no line breaks)",
+                h.name
+            ));
+        }
+    }
+    let names = m.set.iter().chain(&m.add).map(|h| &h.name).chain(&m.remove);
+    for name in names {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(format!("{at}: {name:?} is not a valid header name"));
+        }
+    }
+    Ok(())
+}
+
+/// A backend's own filters: only the header modifiers are supported there.
+fn check_backend_filters(at: &str, filters: &[HttpRouteFilter]) -> Result<(), String> {
+    for (k, filter) in filters.iter().enumerate() {
+        let at = format!("{at}[{k}]");
+        match filter.kind.as_str() {
+            "RequestHeaderModifier" | "ResponseHeaderModifier" => {
+                check_header_modifier(&at, filter)?
+            }
+            other => {
+                return Err(format!(
+                    "{at}: filter type {other:?} is not supported on one backend; use RequestHeaderModifier or ResponseHeaderModifier there, or move it to the rule's filters (it then applies to all its backends)"
+                ))
+            }
+        }
+    }
+    check_filter_combination(at, filters)
+}
+
+fn check_redirect(at: &str, redirect: &HttpRequestRedirect) -> Result<(), String> {
+    if let Some(scheme) = redirect.scheme.as_deref() {
+        if !matches!(scheme, "http" | "https") {
+            return Err(format!(
+                "{at}.requestRedirect.scheme: {scheme:?} is not http or https"
+            ));
+        }
+    }
+    if let Some(hostname) = &redirect.hostname {
+        check_hostname(&format!("{at}.requestRedirect.hostname"), hostname)?;
+    }
+    if redirect.port == Some(0) {
+        return Err(format!(
+            "{at}.requestRedirect.port: 0 is not a port (1-65535)"
+        ));
+    }
+    if let Some(code) = redirect.status_code {
+        if !matches!(code, 301 | 302 | 303 | 307 | 308) {
+            return Err(format!(
+                "{at}.requestRedirect.statusCode: {code} is not 301, 302, 303, 307 or 308"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A precise hostname (no wildcard, no port), as Location and Host take it.
+fn check_hostname(at: &str, hostname: &str) -> Result<(), String> {
+    let valid = !hostname.is_empty()
+        && hostname.len() <= 253
+        && hostname.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !valid {
+        return Err(format!(
+            "{at}: {hostname:?} is not a hostname like example.org (no port, no wildcard)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_path_modifier(
+    at: &str,
+    path: &HttpPathModifier,
+    rule: &HttpRouteRule,
+) -> Result<(), String> {
+    let absolute = |field: &str, value: &str| {
+        if !value.starts_with('/') {
+            Err(format!("{at}.{field}: {value:?} must start with /"))
+        } else if value.contains(['?', '#']) || value.parse::<http::uri::PathAndQuery>().is_err() {
+            Err(format!(
+                "{at}.{field}: {value:?} is not a URL path (no query, fragment, spaces or control characters; percent-encode them)"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match path.kind.as_str() {
+        "ReplaceFullPath" => {
+            let Some(full) = &path.replace_full_path else {
+                return Err(format!("{at}: type ReplaceFullPath needs replaceFullPath"));
+            };
+            absolute("replaceFullPath", full)
+        }
+        "ReplacePrefixMatch" => {
+            let Some(prefix) = &path.replace_prefix_match else {
+                return Err(format!(
+                    "{at}: type ReplacePrefixMatch needs replacePrefixMatch"
+                ));
+            };
+            if !prefix.is_empty() {
+                absolute("replacePrefixMatch", prefix)?;
+            }
+            // The prefix replaced is the one matched, so there must be
+            // exactly one (no matches means the default, PathPrefix /).
+            let one_prefix = match rule.matches.as_slice() {
+                [] => true,
+                [only] => only.path.as_ref().is_none_or(|p| p.kind == "PathPrefix"),
+                _ => false,
+            };
+            if !one_prefix {
+                return Err(format!(
+                    "{at}: ReplacePrefixMatch replaces the matched prefix, so the rule needs exactly one match, of type PathPrefix; use ReplaceFullPath or split the rule"
+                ));
+            }
+            Ok(())
+        }
+        other => Err(format!(
+            "{at}.type: {other:?} is not ReplaceFullPath or ReplacePrefixMatch"
+        )),
+    }
+}
+
+fn check_mirror(at: &str, mirror: &HttpRequestMirror) -> Result<(), String> {
+    // Its kind and existence are `check_backend_refs`'s.
+    if mirror.backend_ref.port.is_none() {
+        return Err(format!(
+            "{at}.requestMirror.backendRef.port: a Service backend needs its port"
+        ));
+    }
+    if mirror.percent.is_some() && mirror.fraction.is_some() {
+        return Err(format!(
+            "{at}.requestMirror: give percent or fraction, not both"
+        ));
+    }
+    if let Some(percent) = mirror.percent.filter(|p| !(0..=100).contains(p)) {
+        return Err(format!(
+            "{at}.requestMirror.percent: {percent} is not 0-100"
+        ));
+    }
+    if let Some(f) = &mirror.fraction {
+        if f.denominator() <= 0 || f.numerator < 0 || f.numerator > f.denominator() {
+            return Err(format!(
+                "{at}.requestMirror.fraction: {}/{} is not a fraction between 0 and 1 (numerator 0 to denominator, denominator > 0)",
+                f.numerator,
+                f.denominator()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `backendRequest` bounds one attempt, so it may not exceed `request`
+/// (which bounds them all), unless `request` is 0 (no limit).
+fn check_backend_timeout(at: &str, timeouts: Option<&HttpRouteTimeouts>) -> Result<(), String> {
+    let Some(raw) = timeouts.and_then(|t| t.backend_request.as_deref()) else {
+        return Ok(());
+    };
+    let Some(backend) = parse_gateway_duration(raw) else {
+        return Err(format!(
+            "{at}.backendRequest: {raw:?} is not a duration like 2s or 500ms"
+        ));
+    };
+    let request = timeouts
+        .and_then(|t| t.request.as_deref())
+        .and_then(parse_gateway_duration);
+    if let Some(request) = request.filter(|r| !r.is_zero() && backend > *r) {
+        return Err(format!(
+            "{at}.backendRequest: {raw:?} is longer than timeouts.request ({request:?}), which covers every attempt; make it at most the request timeout"
+        ));
     }
     Ok(())
 }

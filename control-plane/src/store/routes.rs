@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use trellis_proto::discovery::route_match::PathKind;
 use trellis_proto::discovery::{
-    Backend, Fault, Header, HeaderModifier, Retry, RouteMatch, Routes, Rule, ValueMatch,
+    path_modifier, Backend, Fault, Header, HeaderModifier, Mirror, PathModifier, Redirect, Retry,
+    Rewrite, RouteMatch, Routes, Rule, ValueMatch,
 };
 
 use super::State;
-use crate::model::{HttpRoute, HttpRouteMatch, HttpRouteRule, ObjectKey, TRELLIS_GROUP};
+use crate::model::{
+    HttpPathModifier, HttpRequestRedirect, HttpRoute, HttpRouteFilter, HttpRouteMatch,
+    HttpRouteRule, ObjectKey, TRELLIS_GROUP,
+};
 
 /// Parses a Gateway API duration (`1h`, `2m`, `10s`, `500ms`, or a
 /// combination such as `1m30s`).
@@ -159,6 +163,12 @@ impl State {
                     authority: authority(&b.name, ns, b.port.unwrap_or(parent_port)),
                     weight: b.weight.unwrap_or(1),
                     name: b.name.clone(),
+                    request_headers: header_modifier(&b.filters, |f| {
+                        f.request_header_modifier.as_ref()
+                    }),
+                    response_headers: header_modifier(&b.filters, |f| {
+                        f.response_header_modifier.as_ref()
+                    }),
                 }
             })
             .collect();
@@ -168,6 +178,7 @@ impl State {
                 authority: authority(&parent.name, &parent.namespace, parent_port),
                 weight: 1,
                 name: parent.name.clone(),
+                ..Backend::default()
             });
         }
         let (path_kind, path) = match &m.path {
@@ -185,25 +196,9 @@ impl State {
                 })
                 .collect()
         };
-        let mut request_headers = None;
         let mut fault = None;
         let mut resilience = None;
         for filter in &rule.filters {
-            if let Some(modifier) = &filter.request_header_modifier {
-                let headers = |list: &[crate::model::HttpHeader]| {
-                    list.iter()
-                        .map(|h| Header {
-                            name: h.name.clone(),
-                            value: h.value.clone(),
-                        })
-                        .collect()
-                };
-                request_headers = Some(HeaderModifier {
-                    set: headers(&modifier.set),
-                    add: headers(&modifier.add),
-                    remove: modifier.remove.clone(),
-                });
-            }
             if let Some(reference) = &filter.extension_ref {
                 if reference.group == TRELLIS_GROUP && reference.kind == "ResiliencePolicy" {
                     resilience =
@@ -254,11 +249,104 @@ impl State {
                     .map_or(0, |d| d.as_millis() as u64),
             }),
             fault,
-            request_headers,
+            request_headers: header_modifier(&rule.filters, |f| f.request_header_modifier.as_ref()),
             route: format!("{route}#{index}"),
             resilience,
+            redirect: rule
+                .filters
+                .iter()
+                .find_map(|f| f.request_redirect.as_ref())
+                .map(|r| redirect(r, parent_port)),
+            rewrite: rule
+                .filters
+                .iter()
+                .find_map(|f| f.url_rewrite.as_ref())
+                .map(|r| Rewrite {
+                    hostname: r.hostname.clone().unwrap_or_default(),
+                    path: r.path.as_ref().and_then(path_modifier),
+                }),
+            response_headers: header_modifier(&rule.filters, |f| {
+                f.response_header_modifier.as_ref()
+            }),
+            mirrors: rule
+                .filters
+                .iter()
+                .filter_map(|f| f.request_mirror.as_ref())
+                .map(|m| {
+                    let b = &m.backend_ref;
+                    let ns = b.namespace.as_deref().unwrap_or(&route.namespace);
+                    Mirror {
+                        backend: Some(Backend {
+                            authority: authority(&b.name, ns, b.port.unwrap_or(parent_port)),
+                            weight: 1,
+                            name: b.name.clone(),
+                            ..Backend::default()
+                        }),
+                        percent: m.share(),
+                    }
+                })
+                .collect(),
+            backend_timeout_ms: rule
+                .timeouts
+                .as_ref()
+                .and_then(|t| t.backend_request.as_deref())
+                .and_then(parse_gateway_duration)
+                .map_or(0, |d| d.as_millis() as u64),
         }
     }
+}
+
+/// The first of `filters`' header modifiers that `pick` selects, in the
+/// proxy's form.
+fn header_modifier<'a>(
+    filters: &'a [HttpRouteFilter],
+    pick: impl Fn(&'a HttpRouteFilter) -> Option<&'a crate::model::HeaderModifier>,
+) -> Option<HeaderModifier> {
+    let modifier = filters.iter().find_map(pick)?;
+    let headers = |list: &[crate::model::HttpHeader]| {
+        list.iter()
+            .map(|h| Header {
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+            .collect()
+    };
+    Some(HeaderModifier {
+        set: headers(&modifier.set),
+        add: headers(&modifier.add),
+        remove: modifier.remove.clone(),
+    })
+}
+
+/// A redirect with its port resolved as the HTTPRoute spec says: the
+/// filter's, else the scheme's well-known port, else the parent Service's
+/// (the mesh's "listener").
+fn redirect(r: &HttpRequestRedirect, parent_port: u16) -> Redirect {
+    let port = match (r.port, r.scheme.as_deref()) {
+        (Some(port), _) => port,
+        (None, Some("https")) => 443,
+        (None, Some("http")) => 80,
+        (None, _) => parent_port,
+    };
+    Redirect {
+        scheme: r.scheme.clone().unwrap_or_default(),
+        hostname: r.hostname.clone().unwrap_or_default(),
+        path: r.path.as_ref().and_then(path_modifier),
+        port: u32::from(port),
+        status: u32::from(r.status_code.unwrap_or(302)),
+    }
+}
+
+fn path_modifier(p: &HttpPathModifier) -> Option<PathModifier> {
+    let (kind, value) = match p.kind.as_str() {
+        "ReplaceFullPath" => (path_modifier::Kind::Full, p.replace_full_path.clone()?),
+        "ReplacePrefixMatch" => (path_modifier::Kind::Prefix, p.replace_prefix_match.clone()?),
+        _ => return None,
+    };
+    Some(PathModifier {
+        kind: kind as i32,
+        value,
+    })
 }
 
 /// Higher sorts first: path kind (exact, prefix, regex), prefix length,
@@ -282,6 +370,24 @@ fn precedence(m: &HttpRouteMatch) -> (u8, usize, bool, usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirect_ports_resolve_as_the_spec_says() {
+        let port = |scheme: Option<&str>, port: Option<u16>| {
+            let filter = HttpRequestRedirect {
+                scheme: scheme.map(str::to_string),
+                port,
+                ..HttpRequestRedirect::default()
+            };
+            let compiled = redirect(&filter, 8080);
+            (compiled.port, compiled.status)
+        };
+        assert_eq!(port(None, None), (8080, 302), "the parent Service's port");
+        assert_eq!(port(Some("https"), None), (443, 302));
+        assert_eq!(port(Some("http"), None), (80, 302));
+        assert_eq!(port(Some("https"), Some(8443)), (8443, 302));
+        assert_eq!(port(None, Some(8083)), (8083, 302));
+    }
 
     #[test]
     fn gateway_durations() {

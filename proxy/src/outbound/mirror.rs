@@ -1,0 +1,289 @@
+//! RequestMirror: a copy of a request goes to another backend Service,
+//! fire and forget. The copy travels the normal endpoint path (balancer,
+//! mTLS), its answer is discarded, and it never slows or fails the request
+//! it copies: a request body is teed through a bounded buffer, and a copy
+//! that falls behind is abandoned rather than waited for.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::sync::mpsc;
+use trellis_proto::discovery::Mirror;
+
+use super::{service_of, Outbound};
+use crate::http::{boxed, Body, BoxError};
+use crate::metrics::RequestLabels;
+
+/// How many body frames a copy may lag behind the request before it is
+/// abandoned: a slow mirror costs at most this much memory per request.
+const MIRROR_LAG_FRAMES: usize = 16;
+
+impl Outbound {
+    /// Starts the rule's mirrors that fire for this request (their share
+    /// of requests), each with a copy of the head; returns the body to send
+    /// on, which feeds the copies as it is read.
+    pub(super) fn mirror(
+        self: &Arc<Self>,
+        mirrors: &[Mirror],
+        head: &http::request::Parts,
+        body: Body,
+        patience: Duration,
+    ) -> Body {
+        let firing: Vec<&Mirror> = mirrors
+            .iter()
+            .filter(|m| m.backend.is_some() && crate::route::fires(m.percent))
+            .collect();
+        if firing.is_empty() {
+            return body;
+        }
+        let bodiless = body.is_end_stream();
+        let mut copies = Vec::new();
+        for mirror in firing {
+            let Some(backend) = &mirror.backend else {
+                continue;
+            };
+            let mut copy = Request::new(crate::http::full(Bytes::new()));
+            *copy.method_mut() = head.method.clone();
+            *copy.uri_mut() = head.uri.clone();
+            *copy.version_mut() = head.version;
+            *copy.headers_mut() = head.headers.clone();
+            let abandoned = Arc::new(AtomicBool::new(false));
+            if !bodiless {
+                let (tx, rx) = mpsc::channel(MIRROR_LAG_FRAMES);
+                copies.push(tx);
+                *copy.body_mut() = boxed(CopiedBody {
+                    rx,
+                    abandoned: abandoned.clone(),
+                    hint: body.size_hint(),
+                });
+            }
+            tokio::spawn(self.clone().send_copy(
+                backend.authority.clone(),
+                copy,
+                abandoned,
+                patience,
+            ));
+        }
+        if bodiless {
+            body
+        } else {
+            boxed(Tee {
+                inner: body,
+                copies,
+            })
+        }
+    }
+
+    /// Sends one copy and counts how it ended; its answer is read to the
+    /// end (so the connection can be reused) and dropped.
+    async fn send_copy(
+        self: Arc<Self>,
+        authority: String,
+        copy: Request<Body>,
+        abandoned: Arc<AtomicBool>,
+        patience: Duration,
+    ) {
+        let send = async {
+            let endpoints = self.endpoints(&authority).await?;
+            // Mirrors are not the client's requests: their own counter
+            // records them, not the request metrics.
+            let mut labels = RequestLabels::default();
+            let response = self
+                .send_to(&endpoints, &authority, copy, &mut labels)
+                .await?;
+            let _ = response.into_body().collect().await;
+            Ok::<_, crate::errors::ProxyError>(())
+        };
+        let outcome = tokio::time::timeout(patience, send).await;
+        let result = match outcome {
+            _ if abandoned.load(Ordering::Relaxed) => "abandoned",
+            Ok(Ok(())) => "answered",
+            Ok(Err(e)) => {
+                tracing::debug!(mirror = %authority, error = %e, "mirrored copy failed");
+                "failed"
+            }
+            Err(_) => "failed",
+        };
+        let (service, namespace) = service_of(&authority);
+        self.metrics.mirror(&service, &namespace, result);
+    }
+}
+
+/// One frame of the request body for a copy, or its end.
+enum Copied {
+    Frame(Frame<Bytes>),
+    End,
+}
+
+/// The request body on its way to the backend, handing each frame to the
+/// copies without ever waiting for them.
+struct Tee {
+    inner: Body,
+    copies: Vec<mpsc::Sender<Copied>>,
+}
+
+impl Tee {
+    /// Offers `item` to every copy; one whose buffer is full is dropped
+    /// (its body then fails, which abandons that copy).
+    fn offer(&mut self, item: impl Fn() -> Option<Copied>) {
+        self.copies.retain(|tx| match item() {
+            Some(copied) => tx.try_send(copied).is_ok(),
+            None => false,
+        });
+    }
+}
+
+impl hyper::body::Body for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let data = frame.data_ref().cloned();
+                let trailers = frame.trailers_ref().cloned();
+                self.offer(|| match (&data, &trailers) {
+                    (Some(data), _) => Some(Copied::Frame(Frame::data(data.clone()))),
+                    (None, Some(trailers)) => {
+                        Some(Copied::Frame(Frame::trailers(trailers.clone())))
+                    }
+                    (None, None) => None,
+                });
+                // Whoever reads a body that knows its length stops at its
+                // last frame, without polling for the end.
+                if self.inner.is_end_stream() {
+                    self.offer(|| Some(Copied::End));
+                    self.copies.clear();
+                }
+            }
+            Poll::Ready(None) => {
+                self.offer(|| Some(Copied::End));
+                self.copies.clear();
+            }
+            // A broken request body breaks the copies too.
+            Poll::Ready(Some(Err(_))) => self.copies.clear(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A copy's body: the frames the tee handed over. Ending without the
+/// tee's end marker means the copy was abandoned.
+struct CopiedBody {
+    rx: mpsc::Receiver<Copied>,
+    abandoned: Arc<AtomicBool>,
+    hint: SizeHint,
+}
+
+impl hyper::body::Body for CopiedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Copied::Frame(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Copied::End)) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                self.abandoned.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(
+                    "mirror abandoned: it fell behind the request body".into(),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+
+    /// A body of `n` frames that arrive as fast as they are read.
+    fn frames(n: usize) -> Body {
+        let chunks = (0..n).map(|i| Ok::<_, BoxError>(Frame::data(Bytes::from(format!("{i},")))));
+        boxed(StreamBody::new(futures_util::stream::iter(chunks)))
+    }
+
+    fn tee(body: Body) -> (Tee, CopiedBody) {
+        let (tx, rx) = mpsc::channel(MIRROR_LAG_FRAMES);
+        let copied = CopiedBody {
+            rx,
+            abandoned: Arc::default(),
+            hint: SizeHint::default(),
+        };
+        (
+            Tee {
+                inner: body,
+                copies: vec![tx],
+            },
+            copied,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_keeps_up_gets_the_whole_body() {
+        let (tee, copied) = tee(frames(5));
+        let (sent, copy) = tokio::join!(BodyExt::collect(tee), async {
+            BodyExt::collect(copied).await
+        });
+        let sent = sent.unwrap().to_bytes();
+        assert_eq!(sent, "0,1,2,3,4,");
+        assert_eq!(copy.unwrap().to_bytes(), sent);
+    }
+
+    #[tokio::test]
+    async fn a_copy_ends_when_a_body_of_known_length_is_read_whole() {
+        // Readers of such a body stop at its last frame (hyper does), so
+        // the tee must not wait to be polled for the end.
+        let (mut tee, copied) = tee(crate::http::full("whole"));
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut tee).poll_frame(cx)).await;
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "whole");
+        assert!(tee.is_end_stream());
+        assert_eq!(BodyExt::collect(copied).await.unwrap().to_bytes(), "whole");
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_falls_behind_is_abandoned_and_the_request_goes_on() {
+        // The copy is never read while the request is: its buffer fills.
+        let (tee, copied) = tee(frames(MIRROR_LAG_FRAMES * 4));
+        let abandoned = copied.abandoned.clone();
+        let sent = BodyExt::collect(tee).await.unwrap().to_bytes();
+        assert_eq!(
+            sent.iter().filter(|b| **b == b',').count(),
+            MIRROR_LAG_FRAMES * 4
+        );
+        assert!(
+            BodyExt::collect(copied).await.is_err(),
+            "the copy must fail, not end short"
+        );
+        assert!(abandoned.load(Ordering::Relaxed));
+    }
+}
