@@ -56,6 +56,7 @@ fn rule(input: RuleInput) -> Rule {
                 authority: format!("b{i}.default.svc.cluster.local:80"),
                 weight,
                 name: format!("b{i}"),
+                ..Backend::default()
             })
             .collect(),
         ..Rule::default()
