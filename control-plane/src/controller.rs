@@ -218,9 +218,11 @@ impl Controller {
                 let lease = LeaseConfig::new(&config.namespace, config.lease_duration);
                 let leadership = Leadership::elect(client.clone(), lease, metrics.leader.clone());
                 // The leader reports each route's conditions where users look.
+                let leader = leadership.is_leader();
                 tasks.spawn(
-                    StatusWriter::new(client.clone(), store.clone(), leadership.is_leader()).run(),
+                    StatusWriter::http_routes(client.clone(), store.clone(), leader.clone()).run(),
                 );
+                tasks.spawn(StatusWriter::grpc_routes(client.clone(), store.clone(), leader).run());
                 let api = RolloutApi::Cluster(ClusterApi {
                     client: client.clone(),
                 });

@@ -150,6 +150,7 @@ impl ControllerMetrics {
             ("EndpointSlice", counts.endpoint_slices),
             ("Pod", counts.pods),
             ("HTTPRoute", counts.http_routes),
+            ("GRPCRoute", counts.grpc_routes),
             ("HTTPFault", counts.http_faults),
             ("ResiliencePolicy", counts.resilience_policies),
             ("Rollout", counts.rollouts),

@@ -52,6 +52,7 @@ pub const PERMISSIONS: &[Permission] = &[
     watched("", "pods"),
     watched("discovery.k8s.io", "endpointslices"),
     watched("gateway.networking.k8s.io", "httproutes"),
+    watched("gateway.networking.k8s.io", "grpcroutes"),
     watched("trellis.dev", "httpfaults"),
     watched("trellis.dev", "resiliencepolicies"),
     watched("trellis.dev", "rollouts"),
@@ -78,6 +79,13 @@ pub const PERMISSIONS: &[Permission] = &[
     Permission {
         group: "gateway.networking.k8s.io",
         resource: "httproutes/status",
+        verbs: &["patch"],
+        scope: Scope::Cluster,
+        names: &[],
+    },
+    Permission {
+        group: "gateway.networking.k8s.io",
+        resource: "grpcroutes/status",
         verbs: &["patch"],
         scope: Scope::Cluster,
         names: &[],

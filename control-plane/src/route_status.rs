@@ -10,7 +10,7 @@ mod writer;
 
 use serde::Serialize;
 
-use crate::model::{HttpRoute, ParentReference};
+use crate::model::{HttpRoute, Object, ParentReference};
 use crate::source::manifest::{self, References};
 use crate::source::route_validation::{self, RouteRefusal};
 
@@ -65,8 +65,8 @@ pub enum Refs {
     Report,
 }
 
-/// The status of a route read from a manifest or the API server (as
-/// JSON): one refused before it became a route (a field Trellis does not
+/// The status of a route (HTTPRoute or GRPCRoute) read from a manifest or
+/// the API server (as JSON): one refused before it became a route (a field Trellis does not
 /// implement) is not accepted by any of the Service parents it names.
 pub fn status_of_document(
     document: &serde_json::Value,
@@ -74,7 +74,18 @@ pub fn status_of_document(
     refs: Refs,
 ) -> Vec<ParentStatus> {
     match manifest::from_value(document.clone()) {
-        Ok(Some(crate::model::Object::HttpRoute(route))) => status(&route, references, refs),
+        Ok(Some(Object::HttpRoute(route))) => status(&route, references, refs),
+        Ok(Some(Object::GrpcRoute(route))) => {
+            let mut parents = status(&route.to_http(), references, refs);
+            if let Err(refusal) = route_validation::check_grpc_fields(&route) {
+                let refused =
+                    Condition::new("Accepted", false, reason(&refusal), refusal.to_string());
+                for parent in parents.iter_mut().filter(|p| p.accepted.is_true()) {
+                    parent.accepted = refused.clone();
+                }
+            }
+            parents
+        }
         Ok(_) => Vec::new(),
         Err(refusal) => {
             let parents: Vec<ParentReference> = document
@@ -102,17 +113,23 @@ pub fn status_of_document(
 
 /// The status of `route` for each Service among its parents.
 pub fn status(route: &HttpRoute, references: &References, refs: Refs) -> Vec<ParentStatus> {
-    let resolved = match route_validation::check_backend_refs(route, references) {
-        Ok(()) => Condition::new(
+    let unresolved: Vec<_> = route_validation::unresolved_refs(route, references).collect();
+    let resolved = match unresolved.first() {
+        None => Condition::new(
             "ResolvedRefs",
             true,
             "ResolvedRefs",
             "all references resolved".into(),
         ),
-        Err(refusal) => {
-            Condition::new("ResolvedRefs", false, reason(&refusal), refusal.to_string())
-        }
+        Some(u) => Condition::new(
+            "ResolvedRefs",
+            false,
+            reason(&u.refusal),
+            u.refusal.to_string(),
+        ),
     };
+    // What a manifest directory refuses: references that would get traffic.
+    let blocking = unresolved.iter().find(|u| u.carries_traffic);
     let fields = route_validation::check_fields(route, references);
     route
         .spec
@@ -125,13 +142,13 @@ pub fn status(route: &HttpRoute, references: &References, refs: Refs) -> Vec<Par
                 .err();
             let accepted = match problem {
                 Some(refusal) => Condition::new("Accepted", false, reason(&refusal), refusal.to_string()),
-                None if refs == Refs::Refuse && !resolved.is_true() => Condition::new(
+                None if refs == Refs::Refuse && blocking.is_some() => Condition::new(
                     "Accepted",
                     false,
                     "UnresolvedRefs",
                     format!(
                         "not applied until its references resolve (the last good version of its file serves): {}",
-                        resolved.message
+                        blocking.map_or(String::new(), |u| u.refusal.to_string())
                     ),
                 ),
                 None => Condition::new(

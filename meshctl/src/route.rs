@@ -198,7 +198,7 @@ fn serving(dir: &Path) -> anyhow::Result<Vec<Object>> {
         .collect())
 }
 
-/// The Gateway API conditions of every HTTPRoute in the directory that
+/// The Gateway API conditions of every HTTPRoute and GRPCRoute in the directory that
 /// names `service` as a parent, refused ones included, as the controller
 /// would report them in cluster mode: a refused route says why here.
 fn conditions(dir: &Path, all: &[Object], service: &ObjectKey) -> anyhow::Result<String> {
@@ -208,7 +208,7 @@ fn conditions(dir: &Path, all: &[Object], service: &ObjectKey) -> anyhow::Result
         .map(String::from)
         .to_vec()];
     for (file, document) in documents(dir)? {
-        if document["kind"] != "HTTPRoute" {
+        if document["kind"] != "HTTPRoute" && document["kind"] != "GRPCRoute" {
             continue;
         }
         let text = |pointer: &str| document.pointer(pointer).and_then(|v| v.as_str());

@@ -24,6 +24,11 @@ use crate::{eventually, Answer, AppClient, Mesh};
 pub const MESH_NS: &str = "gateway-conformance-mesh";
 pub const CONSUMER_NS: &str = "gateway-conformance-mesh-consumer";
 
+/// A Service of the conformance namespace as a client names it.
+pub fn svc(name: &str) -> String {
+    format!("{name}.{MESH_NS}")
+}
+
 /// What the echo app received, as upstream's echo server reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Echoed {
@@ -103,6 +108,9 @@ pub struct ConformanceMesh {
     pub consumer: trellis_proxy::Proxy,
     /// The port the echo apps listen on (the Services' targetPort).
     pub app_port: u16,
+    /// The Services' `grpc` port (7070) goes to this port of the pods,
+    /// where a gRPC test starts its servers (`grpc_conformance.py`).
+    pub grpc_port: u16,
 }
 
 impl std::ops::Deref for ConformanceMesh {
@@ -133,6 +141,12 @@ impl ConformanceMesh {
                 .await;
             echo.push(EchoPod { name, ip, proxy });
         }
+        // Free on the first pod's address, so on the second's too (their
+        // addresses are this test's alone).
+        let grpc_port = std::net::TcpListener::bind((echo[0].ip, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
         let consumer_ip = mesh.pod_ip();
         let consumer = mesh
             .proxy_in(consumer_ip, CONSUMER_NS, "default", |env| {
@@ -144,6 +158,7 @@ impl ConformanceMesh {
             echo,
             consumer,
             app_port,
+            grpc_port,
         };
         this.mesh.write_manifest("mesh.yaml", &this.manifests());
         let ready = |client: AppClient| async move {
@@ -169,7 +184,7 @@ impl ConformanceMesh {
 
     /// The pods and Services of upstream's mesh manifests.
     fn manifests(&self) -> String {
-        let port = self.app_port;
+        let (port, grpc) = (self.app_port, self.grpc_port);
         let mut docs = Vec::new();
         for namespace in [MESH_NS, CONSUMER_NS] {
             docs.push(format!(
@@ -216,6 +231,7 @@ spec:
   ports:
     - {{name: http, port: 80, appProtocol: http, targetPort: {port}}}
     - {{name: http-alt, port: 8080, appProtocol: http, targetPort: {port}}}
+    - {{name: grpc, port: 7070, appProtocol: grpc, targetPort: {grpc}}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -225,7 +241,10 @@ metadata:
   labels: {{kubernetes.io/service-name: {service}}}
 addressType: IPv4
 endpoints:
-{endpoints}ports: [{{name: http, port: {port}, appProtocol: http}}, {{name: http-alt, port: {port}, appProtocol: http}}]
+{endpoints}ports:
+  - {{name: http, port: {port}, appProtocol: http}}
+  - {{name: http-alt, port: {port}, appProtocol: http}}
+  - {{name: grpc, port: {grpc}, appProtocol: grpc}}
 "
             ));
         }

@@ -67,6 +67,28 @@ pub fn python_with_env(
     None
 }
 
+/// The Python the gRPC apps run on: Debian's, where the CI installs
+/// grpcio (`python3-grpcio`), whatever `python3` is first on the PATH.
+pub const GRPC_PYTHON: &str = "/usr/bin/python3";
+
+/// Whether [`GRPC_PYTHON`] imports grpcio; a test without it skips,
+/// except under `CI=true`, where it fails.
+pub fn grpcio_available() -> bool {
+    let ok = std::process::Command::new(GRPC_PYTHON)
+        .args(["-c", "import grpc"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let why = "python3 cannot import grpc (Debian: apt-get install -y python3-grpcio)";
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true and {why}"
+        );
+        eprintln!("skipping: {why}");
+    }
+    ok
+}
+
 /// Logs for tests, once per process; `RUST_LOG` picks the level.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

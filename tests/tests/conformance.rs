@@ -6,11 +6,6 @@
 
 use trellis_tests::conformance::*;
 
-/// A Service of the conformance namespace as a client names it.
-fn svc(name: &str) -> String {
-    format!("{name}.{MESH_NS}")
-}
-
 /// `backend`'s answer to a GET of `path` on the Service `echo`.
 fn to(backend: &'static str, path: &'static str) -> Case {
     Case {

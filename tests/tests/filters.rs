@@ -11,11 +11,6 @@ use bytes::Bytes;
 use trellis_tests::conformance::*;
 use trellis_tests::{eventually, metric, AppClient};
 
-/// A Service of the conformance namespace as a client names it.
-fn svc(name: &str) -> String {
-    format!("{name}.{MESH_NS}")
-}
-
 /// A route attached to port 80 of the Service `echo`, with `rules`.
 fn route(name: &str, rules: &str) -> String {
     format!(

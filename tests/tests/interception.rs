@@ -338,7 +338,7 @@ async fn grpc_works_and_is_measured_by_grpc_status() {
     let Some(mut net) = PodNetwork::start(&[("curl", "curl")]) else {
         return;
     };
-    if !grpc_available() {
+    if !trellis_tests::grpcio_available() {
         return;
     }
     let mut client = net.pod("client");
@@ -347,7 +347,13 @@ async fn grpc_works_and_is_measured_by_grpc_status() {
     let app = server.dir.join("grpc_echo.py");
     std::fs::copy(&script, &app).expect("copy the gRPC app");
     let app = app.display().to_string();
-    server.spawn(&["/usr/bin/python3", &app, "serve", "50051", "greeter"]);
+    server.spawn(&[
+        trellis_tests::GRPC_PYTHON,
+        &app,
+        "serve",
+        "50051",
+        "greeter",
+    ]);
     net.write_manifest(
         "grpc.yaml",
         &(meshed_pod(&client, "client", "v1")
@@ -364,7 +370,14 @@ async fn grpc_works_and_is_measured_by_grpc_status() {
         let (client, app, target) = (&client, app.clone(), target.clone());
         async move {
             let out = client
-                .run(&["/usr/bin/python3", &app, "call", &target, method, "hi"])
+                .run(&[
+                    trellis_tests::GRPC_PYTHON,
+                    &app,
+                    "call",
+                    &target,
+                    method,
+                    "hi",
+                ])
                 .await;
             text(&out).trim().to_string()
         }
@@ -394,22 +407,6 @@ async fn grpc_works_and_is_measured_by_grpc_status() {
     };
     assert_eq!(outbound("0", "success"), 1.0, "{exposition}");
     assert_eq!(outbound("14", "failure"), 1.0, "{exposition}");
-}
-
-fn grpc_available() -> bool {
-    let ok = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", "import grpc"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let why = "python3 cannot import grpc (Debian: apt-get install -y python3-grpcio)";
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true and {why}"
-        );
-        eprintln!("skipping: {why}");
-    }
-    ok
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! Route status in cluster mode: the leader writes each HTTPRoute's
+//! Route status in cluster mode: the leader writes each HTTPRoute's and
+//! GRPCRoute's
 //! `status.parents[]` (controllerName `trellis.dev/mesh`, `Accepted` and
 //! `ResolvedRefs` with Gateway API's reasons and `observedGeneration`)
 //! through the fake API server's `/status` subresource, and real `kubectl`
@@ -13,16 +14,22 @@ use trellis_tests::fake_api::{FakeApi, Kubectl};
 use trellis_tests::{burst, eventually, versions, HelloMesh};
 
 const ROUTE: (&str, &str) = ("gateway.networking.k8s.io/v1", "HTTPRoute");
+const GRPC_ROUTE: (&str, &str) = ("gateway.networking.k8s.io/v1", "GRPCRoute");
 
-/// The route `hello` sending everything to `backend`, with `extra` fields
-/// on its rule.
+/// The HTTPRoute `hello` sending everything to `backend`, with `extra`
+/// fields on its rule.
 fn route(port: u16, backend: &str, extra: Value) -> Value {
+    route_of(ROUTE, port, backend, extra)
+}
+
+/// The route of `kind` named `hello` sending everything to `backend`.
+fn route_of(kind: (&str, &str), port: u16, backend: &str, extra: Value) -> Value {
     let mut rule = json!({"backendRefs": [{"name": backend, "port": port}]});
     if let (Some(rule), Some(extra)) = (rule.as_object_mut(), extra.as_object()) {
         rule.extend(extra.clone());
     }
     json!({
-        "apiVersion": ROUTE.0, "kind": ROUTE.1,
+        "apiVersion": kind.0, "kind": kind.1,
         "metadata": {"name": "hello", "namespace": "default"},
         "spec": {
             "parentRefs": [{"group": "", "kind": "Service", "name": "hello"}],
@@ -37,13 +44,22 @@ fn route(port: u16, backend: &str, extra: Value) -> Value {
     })
 }
 
-/// Waits until Trellis' entry for the Service `hello` has the conditions
-/// `(type, status, reason)`, for the route's current generation; returns
-/// the route.
+/// Waits until Trellis' entry for the Service `hello` on the HTTPRoute has
+/// the conditions `(type, status, reason)`, for the route's current
+/// generation; returns the route.
 async fn until_status(api: &FakeApi, expected: [(&str, &str, &str); 2]) -> Value {
+    until_status_of(api, ROUTE, expected).await
+}
+
+/// [`until_status`] for the route of `kind`.
+async fn until_status_of(
+    api: &FakeApi,
+    kind: (&str, &str),
+    expected: [(&str, &str, &str); 2],
+) -> Value {
     eventually(Duration::from_secs(10), "the route's status", || async {
         let route = api
-            .objects(ROUTE.0, ROUTE.1)
+            .objects(kind.0, kind.1)
             .into_iter()
             .next()
             .ok_or("no route")?;
@@ -79,22 +95,21 @@ async fn until_status(api: &FakeApi, expected: [(&str, &str, &str); 2]) -> Value
     .await
 }
 
+/// Whether a burst of requests to `hello` is all answered by `version`.
+async fn only(mesh: &HelloMesh, version: &str) -> Result<(), String> {
+    let counts = versions(&burst(&mesh.http1(), &mesh.authority(), 40, 4).await);
+    match counts.keys().collect::<Vec<_>>().as_slice() {
+        [v] if v.as_str() == version => Ok(()),
+        _ => Err(format!("{counts:?}")),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_reports_each_routes_conditions_and_a_refused_one_says_why() {
     let api = Arc::new(FakeApi::start().await);
     let mesh = HelloMesh::start_in_cluster(api.clone()).await;
     let Some(kubectl) = Kubectl::new(&api) else {
         return;
-    };
-    let only = |version: &'static str| {
-        let mesh = &mesh;
-        move || async move {
-            let counts = versions(&burst(&mesh.http1(), &mesh.authority(), 40, 4).await);
-            match counts.keys().collect::<Vec<_>>().as_slice() {
-                [v] if v.as_str() == version => Ok(()),
-                _ => Err(format!("{counts:?}")),
-            }
-        }
     };
 
     api.apply(route(mesh.port, "hello-v2", json!({})));
@@ -111,7 +126,10 @@ async fn the_leader_reports_each_routes_conditions_and_a_refused_one_says_why() 
         "another controller's entry is kept: {:#}",
         accepted["status"]
     );
-    eventually(Duration::from_secs(5), "all traffic on v2", only("v2")).await;
+    eventually(Duration::from_secs(5), "all traffic on v2", || {
+        only(&mesh, "v2")
+    })
+    .await;
 
     // A field Trellis does not implement: refused, and the field named.
     api.apply(route(
@@ -163,4 +181,70 @@ async fn the_leader_reports_each_routes_conditions_and_a_refused_one_says_why() 
         ])
         .await;
     assert_eq!(printed, "BackendNotFound");
+}
+
+/// A GRPCRoute is watched, routes and gets its status as an HTTPRoute does;
+/// a filter GRPCRoute does not have is refused and named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcroutes_route_and_report_their_status() {
+    let api = Arc::new(FakeApi::start().await);
+    let mesh = HelloMesh::start_in_cluster(api.clone()).await;
+    let Some(kubectl) = Kubectl::new(&api) else {
+        return;
+    };
+    // Without matches a GRPCRoute's rule takes every request, so plain
+    // HTTP requests show where it sends them.
+    api.apply(route_of(GRPC_ROUTE, mesh.port, "hello-v2", json!({})));
+    until_status_of(
+        &api,
+        GRPC_ROUTE,
+        [
+            ("Accepted", "True", "Accepted"),
+            ("ResolvedRefs", "True", "ResolvedRefs"),
+        ],
+    )
+    .await;
+    eventually(Duration::from_secs(5), "all traffic on v2", || {
+        only(&mesh, "v2")
+    })
+    .await;
+
+    let redirect = json!({"filters": [{
+        "type": "RequestRedirect",
+        "requestRedirect": {"statusCode": 301},
+    }]});
+    api.apply(route_of(GRPC_ROUTE, mesh.port, "hello-v1", redirect));
+    let refused = until_status_of(
+        &api,
+        GRPC_ROUTE,
+        [
+            ("Accepted", "False", "UnsupportedValue"),
+            ("ResolvedRefs", "True", "ResolvedRefs"),
+        ],
+    )
+    .await;
+    let message = &refused["status"]["parents"][1]["conditions"][0]["message"];
+    assert!(
+        message
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.rules[0].filters[0]"),
+        "{message}"
+    );
+    // The last good version keeps serving.
+    let counts = versions(&burst(&mesh.http1(), &mesh.authority(), 100, 4).await);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["v2"], "{counts:?}");
+
+    let printed = kubectl
+        .run(&[
+            "get",
+            "grpcroutes.gateway.networking.k8s.io",
+            "hello",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.status.parents[1].conditions[0].reason}",
+        ])
+        .await;
+    assert_eq!(printed, "UnsupportedValue");
 }

@@ -12,10 +12,12 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 mod authz;
+mod grpcroute;
 mod httproute;
 mod resilience;
 mod rollout;
 pub use authz::*;
+pub use grpcroute::*;
 pub use httproute::*;
 pub use resilience::*;
 pub use rollout::*;
@@ -294,6 +296,7 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     Pod(Pod),
     HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
     HttpFault(HttpFault),
     ResiliencePolicy(ResiliencePolicy),
     Rollout(Box<Rollout>),
@@ -302,12 +305,13 @@ pub enum Object {
 
 impl Object {
     /// Every kind the mesh reads, as [`Object::kind`] names them.
-    pub const KINDS: [&'static str; 9] = [
+    pub const KINDS: [&'static str; 10] = [
         "Namespace",
         "Service",
         "EndpointSlice",
         "Pod",
         "HTTPRoute",
+        "GRPCRoute",
         "HTTPFault",
         "ResiliencePolicy",
         "Rollout",
@@ -321,6 +325,7 @@ impl Object {
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::Pod(_) => "Pod",
             Object::HttpRoute(_) => "HTTPRoute",
+            Object::GrpcRoute(_) => "GRPCRoute",
             Object::HttpFault(_) => "HTTPFault",
             Object::ResiliencePolicy(_) => "ResiliencePolicy",
             Object::Rollout(_) => "Rollout",
@@ -335,6 +340,7 @@ impl Object {
             Object::EndpointSlice(o) => o.metadata.key(),
             Object::Pod(o) => o.metadata.key(),
             Object::HttpRoute(o) => o.metadata.key(),
+            Object::GrpcRoute(o) => o.metadata.key(),
             Object::HttpFault(o) => o.metadata.key(),
             Object::ResiliencePolicy(o) => o.metadata.key(),
             Object::Rollout(o) => o.metadata.key(),

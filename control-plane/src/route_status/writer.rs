@@ -30,26 +30,45 @@ use crate::store::Store;
 /// churn, and each recomputation reads the whole store.
 const SETTLE: Duration = Duration::from_millis(250);
 
+/// The status writer of one route kind.
 pub struct StatusWriter {
     client: Client,
     store: Arc<Store>,
     leader: watch::Receiver<bool>,
+    resource: ApiResource,
 }
 
 impl StatusWriter {
-    pub fn new(client: Client, store: Arc<Store>, leader: watch::Receiver<bool>) -> Self {
+    /// For HTTPRoutes.
+    pub fn http_routes(client: Client, store: Arc<Store>, leader: watch::Receiver<bool>) -> Self {
+        let resource = ApiResource::erase::<gateway_api::httproutes::HttpRoute>(&());
+        Self::new(client, store, leader, resource)
+    }
+
+    /// For GRPCRoutes.
+    pub fn grpc_routes(client: Client, store: Arc<Store>, leader: watch::Receiver<bool>) -> Self {
+        let resource = ApiResource::erase::<gateway_api::grpcroutes::GrpcRoute>(&());
+        Self::new(client, store, leader, resource)
+    }
+
+    fn new(
+        client: Client,
+        store: Arc<Store>,
+        leader: watch::Receiver<bool>,
+        resource: ApiResource,
+    ) -> Self {
         Self {
             client,
             store,
             leader,
+            resource,
         }
     }
 
     fn api(&self, namespace: Option<&str>) -> Api<DynamicObject> {
-        let resource = ApiResource::erase::<gateway_api::httproutes::HttpRoute>(&());
         match namespace {
-            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
-            None => Api::all_with(self.client.clone(), &resource),
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &self.resource),
+            None => Api::all_with(self.client.clone(), &self.resource),
         }
     }
 
@@ -72,7 +91,7 @@ impl StatusWriter {
                         Ok(Event::InitDone) => routes = std::mem::take(&mut listing),
                         Ok(Event::Apply(o)) => drop(routes.insert(key_of(&o), to_json(&o))),
                         Ok(Event::Delete(o)) => drop(routes.remove(&key_of(&o))),
-                        Err(error) => tracing::debug!(%error, "watching HTTPRoutes for their status failed; retrying"),
+                        Err(error) => tracing::debug!(kind = %self.resource.kind, %error, "watching routes for their status failed; retrying"),
                     }
                     dirty = true;
                 }

@@ -98,6 +98,7 @@ pub fn validate(object: &Object) -> Result<(), FieldErrors> {
         Object::Pod(p) => pod(&mut checks, p),
         // Custom resources' names are DNS subdomains.
         Object::HttpRoute(r) => metadata(&mut checks, &r.metadata, Format::Dns1123Subdomain),
+        Object::GrpcRoute(r) => metadata(&mut checks, &r.metadata, Format::Dns1123Subdomain),
         Object::HttpFault(f) => metadata(&mut checks, &f.metadata, Format::Dns1123Subdomain),
         Object::ResiliencePolicy(p) => metadata(&mut checks, &p.metadata, Format::Dns1123Subdomain),
         Object::Rollout(r) => metadata(&mut checks, &r.metadata, Format::Dns1123Subdomain),

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -78,8 +79,12 @@ impl ClusterSource {
         // Routes as the API server has them: a typed watch would drop the
         // fields gateway-api's types lack (experimental ones, newer ones)
         // before the checks could refuse a route that has them.
-        let routes = ApiResource::erase::<HttpRoute>(&());
-        watchers.spawn(kinds.follow_dynamic(Api::all_with(client.clone(), &routes), routes));
+        for routes in [
+            ApiResource::erase::<HttpRoute>(&()),
+            ApiResource::erase::<GrpcRoute>(&()),
+        ] {
+            watchers.spawn(kinds.follow_dynamic(Api::all_with(client.clone(), &routes), routes));
+        }
         // Trellis' own kinds: their JSON goes to the same reader as the
         // manifests' (the model types are the schema).
         for kind in [

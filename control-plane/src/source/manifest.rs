@@ -130,6 +130,10 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
             refuse_unread_spec_fields::<crate::model::HttpRoute>(&document, &label)?;
             convert(document, &label, Object::HttpRoute)?
         }
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+            refuse_unread_spec_fields::<crate::model::GrpcRoute>(&document, &label)?;
+            convert(document, &label, Object::GrpcRoute)?
+        }
         ("trellis.dev/v1alpha1", "HTTPFault") => convert(document, &label, Object::HttpFault)?,
         ("trellis.dev/v1alpha1", "ResiliencePolicy") => {
             convert(document, &label, Object::ResiliencePolicy)?
@@ -147,6 +151,7 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
             | "EndpointSlice"
             | "Pod"
             | "HTTPRoute"
+            | "GRPCRoute"
             | "HTTPFault"
             | "ResiliencePolicy"
             | "Rollout"
@@ -156,7 +161,7 @@ pub fn from_value(document: serde_json::Value) -> Result<Option<Object>, Refusal
                 object: Some(label),
                 reason: format!(
                     "apiVersion {api_version:?} is not supported for {kind}; use v1 (Namespace, Service, Pod), \
-                     discovery.k8s.io/v1 (EndpointSlice), gateway.networking.k8s.io/v1 (HTTPRoute) \
+                     discovery.k8s.io/v1 (EndpointSlice), gateway.networking.k8s.io/v1 (HTTPRoute, GRPCRoute) \
                      or trellis.dev/v1alpha1 (HTTPFault, ResiliencePolicy, Rollout, AuthorizationPolicy)"
                 ),
             });
@@ -263,6 +268,9 @@ pub fn check(object: &Object, references: &References) -> Result<(), String> {
         Object::Pod(p) => validate_pod(p),
         Object::HttpRoute(r) => {
             super::route_validation::validate_route(r, references).map_err(|e| e.to_string())
+        }
+        Object::GrpcRoute(r) => {
+            super::route_validation::validate_grpc_route(r, references).map_err(|e| e.to_string())
         }
         Object::HttpFault(f) => super::route_validation::validate_fault(f),
         Object::ResiliencePolicy(p) => {

@@ -3,8 +3,9 @@
 
 use super::manifest::{Lookup, References};
 use crate::model::{
-    HttpFault, HttpPathModifier, HttpRequestMirror, HttpRequestRedirect, HttpRoute,
-    HttpRouteFilter, HttpRouteRule, HttpRouteTimeouts, ObjectKey, ParentReference, TRELLIS_GROUP,
+    GrpcMethodMatch, GrpcRoute, HttpFault, HttpPathModifier, HttpRequestMirror,
+    HttpRequestRedirect, HttpRoute, HttpRouteFilter, HttpRouteRule, HttpRouteTimeouts, ObjectKey,
+    ParentReference, TRELLIS_GROUP,
 };
 use crate::store::parse_gateway_duration;
 
@@ -28,13 +29,89 @@ pub enum RouteRefusal {
     BackendNotFound(String),
 }
 
-/// Every check of a route, first problem first.
+/// Every check of a route, first problem first. A backend that does not
+/// exist refuses the route only if it would get traffic: one of weight 0
+/// is reported in the route's status and changes nothing.
 pub fn validate_route(route: &HttpRoute, references: &References) -> Result<(), RouteRefusal> {
     for parent in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
         check_parent(route, parent, references)?;
     }
-    check_backend_refs(route, references)?;
+    if let Some(unresolved) = unresolved_refs(route, references).find(|u| u.carries_traffic) {
+        return Err(unresolved.refusal);
+    }
     check_fields(route, references)
+}
+
+/// A GRPCRoute: its method matches and filter types here, everything else
+/// as the HTTPRoute it routes as (the field paths are the same in both).
+pub fn validate_grpc_route(route: &GrpcRoute, references: &References) -> Result<(), RouteRefusal> {
+    check_grpc_fields(route)?;
+    validate_route(&route.to_http(), references)
+}
+
+/// What only a GRPCRoute has: method matches, and fewer filter types.
+pub fn check_grpc_fields(route: &GrpcRoute) -> Result<(), RouteRefusal> {
+    for (i, rule) in route.spec.rules.iter().enumerate() {
+        for (j, m) in rule.matches.iter().enumerate() {
+            if let Some(method) = &m.method {
+                let at = format!("spec.rules[{i}].matches[{j}].method");
+                check_grpc_method(&at, method).map_err(RouteRefusal::UnsupportedValue)?;
+            }
+        }
+        for (j, filter) in rule.filters.iter().enumerate() {
+            let grpc = [
+                "RequestHeaderModifier",
+                "ResponseHeaderModifier",
+                "RequestMirror",
+                "ExtensionRef",
+            ];
+            if !grpc.contains(&filter.kind.as_str()) {
+                return Err(RouteRefusal::UnsupportedValue(format!(
+                    "spec.rules[{i}].filters[{j}]: filter type {:?} is not one of GRPCRoute's ({}); \
+                     redirects and rewrites are HTTPRoute's",
+                    filter.kind,
+                    grpc.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_grpc_method(at: &str, m: &GrpcMethodMatch) -> Result<(), String> {
+    if m.service.is_none() && m.method.is_none() {
+        return Err(format!("{at}: give a service, a method or both"));
+    }
+    let parts = [("service", &m.service), ("method", &m.method)];
+    for (field, value) in parts {
+        let Some(value) = value else { continue };
+        match m.kind.as_str() {
+            "Exact" => {
+                let name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+                let valid = match field {
+                    // `package.Service`: dot-separated identifiers.
+                    "service" => value
+                        .split('.')
+                        .all(|p| !p.is_empty() && p.chars().all(name)),
+                    _ => !value.is_empty() && value.chars().all(name),
+                };
+                if !valid {
+                    return Err(format!(
+                        "{at}.{field}: {value:?} is not a gRPC {field} name (such as package.Service and Method)"
+                    ));
+                }
+            }
+            "RegularExpression" => {
+                check_regex(value).map_err(|e| format!("{at}.{field}: {e}"))?;
+            }
+            other => {
+                return Err(format!(
+                    "{at}.type: {other:?} is not Exact or RegularExpression"
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `parent` exists, so the route can attach to it.
@@ -53,37 +130,55 @@ pub fn check_parent(
     )))
 }
 
-/// Whether every backendRef (and mirror) names a Service that exists.
-pub fn check_backend_refs(route: &HttpRoute, references: &References) -> Result<(), RouteRefusal> {
+/// A backendRef (or mirror) that names no Service that exists.
+pub struct Unresolved {
+    pub refusal: RouteRefusal,
+    /// False for a backend of weight 0, which gets no request.
+    pub carries_traffic: bool,
+}
+
+/// The backendRefs (and mirrors) that do not resolve, in order.
+pub fn unresolved_refs<'a>(
+    route: &'a HttpRoute,
+    references: &'a References,
+) -> impl Iterator<Item = Unresolved> + 'a {
     let ns = route.metadata.key().namespace;
-    for (i, rule) in route.spec.rules.iter().enumerate() {
-        let backends = rule.backend_refs.iter().enumerate().map(|(j, b)| {
+    route.spec.rules.iter().enumerate().flat_map(move |(i, rule)| {
+        let backends = rule.backend_refs.iter().enumerate().map(move |(j, b)| {
             let at = format!("spec.rules[{i}].backendRefs[{j}]");
-            (at, &b.group, &b.kind, &b.name, &b.namespace)
+            (at, &b.group, &b.kind, &b.name, &b.namespace, b.weight != Some(0))
         });
-        let mirrors = rule.filters.iter().enumerate().filter_map(|(j, f)| {
+        let mirrors = rule.filters.iter().enumerate().filter_map(move |(j, f)| {
             let b = &f.request_mirror.as_ref()?.backend_ref;
             let at = format!("spec.rules[{i}].filters[{j}].requestMirror.backendRef");
-            Some((at, &b.group, &b.kind, &b.name, &b.namespace))
+            Some((at, &b.group, &b.kind, &b.name, &b.namespace, true))
         });
-        for (at, group, kind, name, namespace) in backends.chain(mirrors) {
-            if kind.as_deref().is_some_and(|k| k != "Service")
-                || group.as_deref().is_some_and(|g| !g.is_empty())
-            {
-                return Err(RouteRefusal::InvalidKind(format!(
-                    "{at}: only Service backends are supported (group \"\", kind Service)"
-                )));
-            }
-            let key = ObjectKey::new(namespace.as_deref().unwrap_or(&ns), name);
-            if !references.exists("Service", &key) {
-                return Err(RouteRefusal::BackendNotFound(format!(
-                    "{at}: backendRef {name:?} names no Service in namespace {}; create the Service or fix the name",
-                    key.namespace
-                )));
-            }
-        }
-    }
-    Ok(())
+        let ns = ns.clone();
+        backends
+            .chain(mirrors)
+            .filter_map(move |(at, group, kind, name, namespace, carries_traffic)| {
+                let refusal = if kind.as_deref().is_some_and(|k| k != "Service")
+                    || group.as_deref().is_some_and(|g| !g.is_empty())
+                {
+                    RouteRefusal::InvalidKind(format!(
+                        "{at}: only Service backends are supported (group \"\", kind Service)"
+                    ))
+                } else {
+                    let key = ObjectKey::new(namespace.as_deref().unwrap_or(&ns), name);
+                    if references.exists("Service", &key) {
+                        return None;
+                    }
+                    RouteRefusal::BackendNotFound(format!(
+                        "{at}: backendRef {name:?} names no Service in namespace {}; create the Service or fix the name",
+                        key.namespace
+                    ))
+                };
+                Some(Unresolved {
+                    refusal,
+                    carries_traffic,
+                })
+            })
+    })
 }
 
 /// The route's own fields: what Trellis implements, with valid values.

@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use trellis_proto::discovery::Routes;
 
 use crate::model::{
-    AuthorizationPolicy, EndpointSlice, HttpFault, HttpRoute, Namespace, Object, ObjectKey, Pod,
-    ResiliencePolicy, Rollout, Service,
+    AuthorizationPolicy, EndpointSlice, GrpcRoute, HttpFault, HttpRoute, Namespace, Object,
+    ObjectKey, Pod, ResiliencePolicy, Rollout, Service,
 };
 pub use authz::{DefaultInboundPolicy, EVERY_PORT};
 pub use resolve::{parse_authority, AuthorityError, HostRef, ServiceEndpoints};
@@ -47,6 +47,7 @@ pub(crate) struct State {
     pub(crate) slices: HashMap<ObjectKey, EndpointSlice>,
     pub(crate) pods: HashMap<ObjectKey, Pod>,
     pub(crate) routes: HashMap<ObjectKey, HttpRoute>,
+    pub(crate) grpc_routes: HashMap<ObjectKey, GrpcRoute>,
     pub(crate) faults: HashMap<ObjectKey, HttpFault>,
     pub(crate) policies: HashMap<ObjectKey, ResiliencePolicy>,
     pub(crate) rollouts: HashMap<ObjectKey, Rollout>,
@@ -67,6 +68,7 @@ pub struct Counts {
     pub endpoint_slices: usize,
     pub pods: usize,
     pub http_routes: usize,
+    pub grpc_routes: usize,
     pub http_faults: usize,
     pub resilience_policies: usize,
     pub rollouts: usize,
@@ -219,6 +221,7 @@ impl Store {
             .chain(state.slices.values().cloned().map(Object::EndpointSlice))
             .chain(state.pods.values().cloned().map(Object::Pod))
             .chain(state.routes.values().cloned().map(Object::HttpRoute))
+            .chain(state.grpc_routes.values().cloned().map(Object::GrpcRoute))
             .chain(state.faults.values().cloned().map(Object::HttpFault))
             .chain(
                 state
@@ -254,6 +257,7 @@ impl Store {
             endpoint_slices: state.slices.len(),
             pods: state.pods.len(),
             http_routes: state.routes.len(),
+            grpc_routes: state.grpc_routes.len(),
             http_faults: state.faults.len(),
             resilience_policies: state.policies.len(),
             rollouts: state.rollouts.len(),
@@ -272,6 +276,7 @@ impl State {
             Object::EndpointSlice(o) => drop(self.slices.insert(key, o)),
             Object::Pod(o) => drop(self.pods.insert(key, o)),
             Object::HttpRoute(o) => drop(self.routes.insert(key, o)),
+            Object::GrpcRoute(o) => drop(self.grpc_routes.insert(key, o)),
             Object::HttpFault(o) => drop(self.faults.insert(key, o)),
             Object::ResiliencePolicy(o) => drop(self.policies.insert(key, o)),
             Object::Rollout(o) => drop(self.rollouts.insert(key, *o)),
@@ -287,6 +292,7 @@ impl State {
             "EndpointSlice" => self.slices.remove(key).is_some(),
             "Pod" => self.pods.remove(key).is_some(),
             "HTTPRoute" => self.routes.remove(key).is_some(),
+            "GRPCRoute" => self.grpc_routes.remove(key).is_some(),
             "HTTPFault" => self.faults.remove(key).is_some(),
             "ResiliencePolicy" => self.policies.remove(key).is_some(),
             "Rollout" => self.rollouts.remove(key).is_some(),
@@ -302,6 +308,7 @@ impl State {
             "EndpointSlice" => self.slices.clear(),
             "Pod" => self.pods.clear(),
             "HTTPRoute" => self.routes.clear(),
+            "GRPCRoute" => self.grpc_routes.clear(),
             "HTTPFault" => self.faults.clear(),
             "ResiliencePolicy" => self.policies.clear(),
             "Rollout" => self.rollouts.clear(),

@@ -6,6 +6,7 @@
 //! matches, then more query matches; ties go to the older route, then to
 //! namespace/name, then to rule order.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use trellis_proto::discovery::route_match::PathKind;
@@ -118,28 +119,62 @@ impl State {
     /// the Service's namespace) applies to every client; a consumer route
     /// (in any other) only to clients of its own namespace, and where a
     /// client has consumer routes for a Service, its producer routes no
-    /// longer apply to that client.
+    /// longer apply to that client. GRPCRoutes come as the HTTPRoutes they
+    /// route as; when both kinds attach, only one kind applies: the kind of
+    /// the oldest route (then the first by namespace/name), as Gateway API
+    /// says for a listener with both.
     fn attached_routes(
         &self,
         service: &ObjectKey,
         port: u16,
         client_namespace: &str,
-    ) -> Vec<&HttpRoute> {
-        let attached = self.routes.values().filter(|route| {
+    ) -> Vec<Cow<'_, HttpRoute>> {
+        let attaches = |route: &HttpRoute| {
             route
                 .service_parents()
                 .any(|(parent, p)| parent == *service && p.is_none_or(|p| p == port))
+        };
+        let http = self
+            .routes
+            .values()
+            .filter(|r| attaches(r))
+            .map(Cow::Borrowed);
+        let grpc = self
+            .grpc_routes
+            .values()
+            .map(|g| g.to_http())
+            .filter(attaches)
+            .map(Cow::Owned);
+        let kinds = [http.collect::<Vec<_>>(), grpc.collect::<Vec<_>>()];
+        let [http, grpc] = kinds.map(|routes| {
+            let (producer, consumer): (Vec<_>, Vec<_>) = routes
+                .into_iter()
+                .partition(|r| r.metadata.key().namespace == service.namespace);
+            let consumer: Vec<_> = consumer
+                .into_iter()
+                .filter(|r| r.metadata.key().namespace == client_namespace)
+                .collect();
+            if consumer.is_empty() {
+                producer
+            } else {
+                consumer
+            }
         });
-        let (producer, consumer): (Vec<&HttpRoute>, Vec<&HttpRoute>) =
-            attached.partition(|r| r.metadata.key().namespace == service.namespace);
-        let consumer: Vec<&HttpRoute> = consumer
-            .into_iter()
-            .filter(|r| r.metadata.key().namespace == client_namespace)
-            .collect();
-        if consumer.is_empty() {
-            producer
-        } else {
-            consumer
+        let oldest = |routes: &[Cow<'_, HttpRoute>]| {
+            routes
+                .iter()
+                .map(|r| {
+                    (
+                        r.metadata.creation_timestamp.clone().unwrap_or_default(),
+                        r.metadata.key(),
+                    )
+                })
+                .min()
+        };
+        match (oldest(&http), oldest(&grpc)) {
+            (Some(h), Some(g)) if g < h => grpc,
+            (Some(_), _) => http,
+            (None, _) => grpc,
         }
     }
 

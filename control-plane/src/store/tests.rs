@@ -194,3 +194,55 @@ spec:
         "the consumer route wins for its namespace"
     );
 }
+
+/// When HTTPRoutes and GRPCRoutes attach to one Service port, only one
+/// kind applies: the kind of the oldest route (Gateway API's rule for a
+/// listener with both).
+#[test]
+fn one_route_kind_per_service_port_the_oldest_routes() {
+    let route = |kind: &str, name: &str, created: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: {kind}
+metadata: {{name: {name}, namespace: default, creationTimestamp: \"{created}\"}}
+spec:
+  parentRefs: [{{kind: Service, name: hello, port: 8080}}]
+  rules: [{{backendRefs: [{{name: {name}, port: 8080}}]}}]
+"
+        )
+    };
+    let backends = |store: &Store| -> Vec<String> {
+        let mut names: Vec<String> = store
+            .routes("hello.default:8080", "default")
+            .rules
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|b| b.name.clone()))
+            .collect();
+        names.sort();
+        names
+    };
+    let with = |routes: &[&String]| {
+        let store = store();
+        let mut objects = manifest::parse(Path::new("mesh.yaml"), MESH).unwrap();
+        for (i, route) in routes.iter().enumerate() {
+            objects.extend(manifest::parse(Path::new(&format!("r{i}.yaml")), route).unwrap());
+        }
+        store.replace_all(objects);
+        store
+    };
+    let http = route("HTTPRoute", "http-new", "2026-02-01T00:00:00Z");
+    let http_old = route("HTTPRoute", "http-old", "2026-01-01T00:00:00Z");
+    let grpc = route("GRPCRoute", "grpc", "2026-01-15T00:00:00Z");
+
+    assert_eq!(backends(&with(&[&grpc])), ["grpc"]);
+    assert_eq!(
+        backends(&with(&[&http, &grpc])),
+        ["grpc"],
+        "the GRPCRoute is older than the only HTTPRoute"
+    );
+    assert_eq!(
+        backends(&with(&[&http, &grpc, &http_old])),
+        ["http-new", "http-old"],
+        "an older HTTPRoute brings every HTTPRoute back"
+    );
+}

@@ -16,6 +16,7 @@ const CONTROLLER_SERVICE_ACCOUNT: &str = "trellis-controller";
 /// The kinds the mesh reads that CRDs provide: (group/version, plural).
 const CUSTOM_RESOURCES: &[(&str, &str)] = &[
     ("gateway.networking.k8s.io/v1", "httproutes"),
+    ("gateway.networking.k8s.io/v1", "grpcroutes"),
     ("trellis.dev/v1alpha1", "httpfaults"),
     ("trellis.dev/v1alpha1", "resiliencepolicies"),
     ("trellis.dev/v1alpha1", "rollouts"),

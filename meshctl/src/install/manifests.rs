@@ -196,11 +196,11 @@ impl Render<'_> {
                 "rules": [
                     rule(&[""], &["namespaces", "services", "pods"], &list_watch),
                     rule(&["discovery.k8s.io"], &["endpointslices"], &list_watch),
-                    rule(&["gateway.networking.k8s.io"], &["httproutes"], &list_watch),
+                    rule(&["gateway.networking.k8s.io"], &["httproutes", "grpcroutes"], &list_watch),
                     rule(&["trellis.dev"], &["httpfaults", "resiliencepolicies", "rollouts", "authorizationpolicies"], &list_watch),
                     rule(&["trellis.dev"], &["rollouts/status"], &["patch"]),
                     rule(&["gateway.networking.k8s.io"], &["httproutes"], &["create", "patch"]),
-                    rule(&["gateway.networking.k8s.io"], &["httproutes/status"], &["patch"]),
+                    rule(&["gateway.networking.k8s.io"], &["httproutes/status", "grpcroutes/status"], &["patch"]),
                     rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
                 ],
             }),

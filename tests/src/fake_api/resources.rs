@@ -104,6 +104,7 @@ pub static RESOURCES: &[Resource] = &[
     resource("", "v1", "serviceaccounts", "ServiceAccount").short(&["sa"]),
     resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
     resource(GATEWAY, "v1", "httproutes", "HTTPRoute").with_status(),
+    resource(GATEWAY, "v1", "grpcroutes", "GRPCRoute").with_status(),
     resource(TRELLIS, "v1alpha1", "httpfaults", "HTTPFault").with_status(),
     resource(
         TRELLIS,

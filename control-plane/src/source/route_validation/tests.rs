@@ -358,3 +358,56 @@ fn fields_trellis_does_not_read_are_refused_not_ignored() {
     ))
     .unwrap();
 }
+
+/// A GRPCRoute for hello with one rule of `rule` (YAML flow mapping fields).
+fn grpc_route(rule: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+         metadata: {{name: hello, namespace: default}}\nspec:\n  \
+         parentRefs: [{{group: \"\", kind: Service, name: hello}}]\n  \
+         rules: [{{{rule}}}]\n"
+    )
+}
+
+#[test]
+fn grpcroutes_are_checked_for_what_only_they_have() {
+    let good = [
+        "matches: [{method: {service: pkg.Echo, method: Say}}]",
+        "matches: [{method: {service: pkg.Echo}}]",
+        "matches: [{method: {type: RegularExpression, method: \"S.*\"}}]",
+        "filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}]",
+    ];
+    for rule in good {
+        validate(&grpc_route(rule)).unwrap_or_else(|e| panic!("{rule}: {e}"));
+    }
+    let bad = [
+        (
+            "matches: [{method: {}}]",
+            "spec.rules[0].matches[0].method: give a service, a method or both",
+        ),
+        (
+            "matches: [{method: {service: pkg.Echo, method: Say/It}}]",
+            "spec.rules[0].matches[0].method.method: \"Say/It\" is not a gRPC method name",
+        ),
+        (
+            "matches: [{method: {service: pkg..Echo}}]",
+            "spec.rules[0].matches[0].method.service",
+        ),
+        (
+            "matches: [{method: {type: RegularExpression, service: \"(\"}}]",
+            "spec.rules[0].matches[0].method.service",
+        ),
+        (
+            "matches: [{method: {type: Prefix, service: pkg}}]",
+            "\"Prefix\" is not Exact or RegularExpression",
+        ),
+        (
+            "filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]",
+            "spec.rules[0].filters[0]: filter type \"URLRewrite\" is not one of GRPCRoute's",
+        ),
+    ];
+    for (rule, why) in bad {
+        let err = validate(&grpc_route(rule)).expect_err(rule);
+        assert!(err.contains(why), "{rule}: {err}");
+    }
+}
