@@ -90,9 +90,15 @@ pub struct Config {
     pub controller: ControllerAddress,
     pub identity: SpiffeId,
     pub token: TokenSource,
-    pub outbound_listen: SocketAddr,
-    pub inbound_listen: SocketAddr,
-    pub admin_listen: SocketAddr,
+    /// Where applications' traffic arrives (explicit proxy, and what
+    /// iptables redirects): one address per family for dual stack.
+    pub outbound_listen: Vec<SocketAddr>,
+    /// Where peer proxies (and redirected inbound traffic) arrive: one
+    /// address per family for dual stack.
+    pub inbound_listen: Vec<SocketAddr>,
+    /// `/metrics`, probes and `POST /shutdown`: one address per family for
+    /// dual stack.
+    pub admin_listen: Vec<SocketAddr>,
     /// Where the inbound side reaches the application (the pod IP, or loopback).
     pub app_ip: IpAddr,
     pub inbound_mode: InboundMode,
@@ -115,6 +121,10 @@ pub struct Config {
     /// server-speaks-first protocols would otherwise wait out the detection
     /// timeout on every connection.
     pub opaque_ports: Vec<u16>,
+    /// Whether the explicit proxy's `CONNECT` may open a tunnel to a
+    /// destination outside the mesh (`TRELLIS_CONNECT_EGRESS=allow`);
+    /// refused with 403 by default, so the sidecar is no open proxy.
+    pub connect_egress: bool,
     /// Threads that serve traffic. One by default: a sidecar's work is
     /// many small, independent I/O steps, which one thread does without
     /// cross-thread wake-ups, locks or a second malloc arena; more help only
@@ -209,6 +219,7 @@ pub const POD: &str = "TRELLIS_POD";
 pub const VERSION: &str = "TRELLIS_VERSION";
 pub const METRICS: &str = "TRELLIS_METRICS";
 pub const OPAQUE_PORTS: &str = "TRELLIS_OPAQUE_PORTS";
+pub const CONNECT_EGRESS: &str = "TRELLIS_CONNECT_EGRESS";
 pub const WORKER_THREADS: &str = "TRELLIS_WORKER_THREADS";
 pub const DRAIN_TIMEOUT: &str = "TRELLIS_DRAIN_TIMEOUT";
 pub const HEADER_READ_TIMEOUT: &str = "TRELLIS_HEADER_READ_TIMEOUT";
@@ -245,9 +256,14 @@ impl Config {
             }
         };
         let addr = |v: &str| v.parse::<SocketAddr>().ok();
-        let outbound_listen = r.optional(OUTBOUND_LISTEN, "127.0.0.1:4140", "ip:port", addr);
-        let inbound_listen = r.optional(INBOUND_LISTEN, "0.0.0.0:4143", "ip:port", addr);
-        let admin_listen = r.optional(ADMIN_LISTEN, "127.0.0.1:4191", "ip:port", addr);
+        let addrs = |v: &str| -> Option<Vec<SocketAddr>> {
+            let addrs: Option<Vec<SocketAddr>> = v.split(',').map(|a| addr(a.trim())).collect();
+            addrs.filter(|a| !a.is_empty())
+        };
+        let listen = "ip:port, or one per family separated by a comma (0.0.0.0:4143,[::]:4143)";
+        let outbound_listen = r.optional(OUTBOUND_LISTEN, "127.0.0.1:4140", listen, addrs);
+        let inbound_listen = r.optional(INBOUND_LISTEN, "0.0.0.0:4143", listen, addrs);
+        let admin_listen = r.optional(ADMIN_LISTEN, "127.0.0.1:4191", listen, addrs);
         let app_ip = r.optional(APP_IP, "127.0.0.1", "an IP address", |v| v.parse().ok());
         let inbound_mode = r.optional(
             INBOUND_MODE,
@@ -278,6 +294,11 @@ impl Config {
                     .collect(),
             },
         );
+        let connect_egress = r.optional(CONNECT_EGRESS, "deny", "allow or deny", |v| match v {
+            "allow" => Some(true),
+            "deny" => Some(false),
+            _ => None,
+        });
         let worker_threads = r.optional(WORKER_THREADS, "1", "a number of threads, 1 to 64", |v| {
             v.parse::<usize>().ok().filter(|n| (1..=64).contains(n))
         });
@@ -328,6 +349,7 @@ impl Config {
                 version: env.get(VERSION).unwrap_or_default(),
                 metrics: metrics?,
                 opaque_ports: opaque_ports?,
+                connect_egress: connect_egress?,
                 worker_threads: worker_threads?,
                 drain_timeout: drain_timeout?,
                 header_read_timeout: header_read_timeout?,
@@ -526,7 +548,7 @@ mod tests {
             (TOKEN, "t"),
         ]))
         .unwrap();
-        assert_eq!(c.inbound_listen.port(), 4143);
+        assert_eq!(c.inbound_listen, ["0.0.0.0:4143".parse().unwrap()]);
         assert_eq!(c.inbound_mode, InboundMode::Strict);
         assert_eq!(c.request_timeout, Duration::from_secs(10));
         assert_eq!(c.token, TokenSource::Static("t".into()));

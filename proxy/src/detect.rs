@@ -5,8 +5,11 @@
 //! until the server's banner: detection gives up after a short timeout and
 //! treats the connection as opaque.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// How long to wait for the client's first bytes before calling it opaque.
@@ -65,34 +68,111 @@ fn is_method(token: &[u8]) -> bool {
 
 /// Peeks at `tcp` without consuming anything and classifies what it sees.
 pub async fn detect(tcp: &TcpStream) -> Protocol {
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; SNIFF_BYTES];
     let mut seen = 0;
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     loop {
         let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await;
         match peeked {
-            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => {
-                return if seen == 0 {
-                    Protocol::Opaque
-                } else {
-                    classify(&buf[..seen])
-                };
-            }
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => return classify(&buf[..seen]),
             Ok(Ok(n)) => {
                 seen = n;
-                let protocol = classify(&buf[..n]);
-                // The H2 preface is 24 bytes; wait for it unless it already diverged.
-                let maybe_h2 = n < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf[..n]);
-                if !maybe_h2 && (protocol != Protocol::Opaque || n >= 16) {
-                    return protocol;
-                }
-                if n == buf.len() {
+                if let Some(protocol) = decided(&buf[..n]) {
                     return protocol;
                 }
                 // More bytes may be on their way; peek returns what is there.
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+    }
+}
+
+/// How many first bytes detection looks at, at most.
+const SNIFF_BYTES: usize = 64;
+
+/// The protocol, once `first` says it; `None` while more bytes could change
+/// the answer (part of the HTTP/2 preface, a few bytes that are no method).
+fn decided(first: &[u8]) -> Option<Protocol> {
+    let protocol = classify(first);
+    // The H2 preface is 24 bytes; wait for it unless it already diverged.
+    let maybe_h2 = first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(first);
+    let sure = !maybe_h2 && (protocol != Protocol::Opaque || first.len() >= 16);
+    (sure || first.len() >= SNIFF_BYTES).then_some(protocol)
+}
+
+/// Detection for a stream that cannot be peeked (a CONNECT tunnel): reads
+/// the first bytes, classifies them, and gives the stream back with them
+/// in front, so nothing is lost.
+pub async fn detect_read<I: AsyncRead + Unpin>(mut io: I) -> (Protocol, Rewind<I>) {
+    let mut first = Vec::with_capacity(SNIFF_BYTES);
+    let mut chunk = [0u8; SNIFF_BYTES];
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let protocol = loop {
+        let room = SNIFF_BYTES - first.len();
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break classify(&first),
+            Ok(Ok(n)) => {
+                first.extend_from_slice(&chunk[..n]);
+                if let Some(protocol) = decided(&first) {
+                    break protocol;
+                }
+            }
+        }
+    };
+    (protocol, Rewind { first, read: 0, io })
+}
+
+/// A stream with the bytes detection read put back in front.
+pub struct Rewind<I> {
+    first: Vec<u8>,
+    read: usize,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    /// `io` with nothing read from it.
+    pub fn new(io: I) -> Self {
+        Self {
+            first: Vec::new(),
+            read: 0,
+            io,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.read < this.first.len() {
+            let rest = &this.first[this.read..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.read += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -168,6 +248,27 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         h1.write_all(b"G").await.unwrap();
         assert_eq!(http_version(&server).await.unwrap(), Protocol::Http1);
+    }
+
+    #[tokio::test]
+    async fn reading_detection_gives_back_what_it_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1024);
+        client.write_all(&H2_PREFACE[..10]).await.unwrap();
+        let detecting = tokio::spawn(detect_read(server));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !detecting.is_finished(),
+            "a partial preface decides nothing"
+        );
+        client.write_all(&H2_PREFACE[10..]).await.unwrap();
+        client.write_all(b"SETTINGS").await.unwrap();
+        let (protocol, mut rewound) = detecting.await.unwrap();
+        assert_eq!(protocol, Protocol::Http2);
+        drop(client);
+        let mut all = Vec::new();
+        rewound.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, [H2_PREFACE, b"SETTINGS"].concat());
     }
 
     #[tokio::test]

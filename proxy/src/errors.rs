@@ -80,11 +80,12 @@ pub enum ProxyError {
     /// The request target is longer than the proxy forwards.
     #[error("the request path and query are {0} bytes, over this proxy's limit of {limit} bytes; shorten the URI (move data into the body)", limit = crate::http::MAX_URI_BYTES)]
     UriTooLong(usize),
-    /// CONNECT is not tunnelled yet.
-    #[error(
-        "CONNECT is not supported yet by this proxy; send requests to the destination directly"
-    )]
+    /// CONNECT anywhere but an HTTP/1.1 request to the explicit proxy.
+    #[error("CONNECT is served only over HTTP/1.1 by the outbound listener, to an application that uses it as its HTTP proxy")]
     ConnectUnsupported,
+    /// CONNECT to a destination outside the mesh, which is not allowed.
+    #[error("CONNECT to {0} refused: it is not a Service or pod of the mesh, and this proxy does not tunnel elsewhere (TRELLIS_CONNECT_EGRESS=deny)")]
+    ConnectRefused(String),
     /// The workload's authorization policy does not allow the request; the
     /// text names the caller, the policy and why.
     #[error("unauthorized: {0}")]
@@ -117,7 +118,9 @@ impl ProxyError {
             | ProxyError::DuplicateHost => StatusCode::BAD_REQUEST,
             ProxyError::ConnectUnsupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
-            ProxyError::PlaintextTarget | ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
+            ProxyError::PlaintextTarget
+            | ProxyError::Unauthorized(_)
+            | ProxyError::ConnectRefused(_) => StatusCode::FORBIDDEN,
             ProxyError::UnknownService(_)
             | ProxyError::NoEndpoints(_)
             | ProxyError::DiscoveryTimeout(..)
@@ -160,6 +163,7 @@ impl ProxyError {
             ProxyError::ClientBody(_) => "client-body",
             ProxyError::DuplicateHost => "duplicate-host",
             ProxyError::ConnectUnsupported => "connect-unsupported",
+            ProxyError::ConnectRefused(_) => "connect-refused",
             ProxyError::UriTooLong(_) => "uri-too-long",
             ProxyError::PlaintextTarget => "plaintext-target",
             ProxyError::Unauthorized(_) => "unauthorized",

@@ -66,7 +66,7 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// What the proxy refuses in any request head before routing it: several
 /// `Host` headers (RFC 9112 §3.2 asks for a 400; they would be routed by one
 /// and forwarded with both), a target over [`MAX_URI_BYTES`] (414), and
-/// CONNECT, which is not tunnelled yet.
+/// CONNECT (which only the explicit proxy serves, before this).
 pub fn refuse_at_edge<B>(request: &http::Request<B>) -> Result<(), crate::errors::ProxyError> {
     use crate::errors::ProxyError;
     if request.method() == http::Method::CONNECT {

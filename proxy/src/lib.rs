@@ -144,10 +144,28 @@ impl Proxy {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+/// Binds a listener per address (one per family, for dual stack): an
+/// IPv6 socket takes IPv6 only, so it shares the port with the IPv4 one.
+/// An IPv6 address after the first is skipped, with a warning, on a host
+/// without IPv6, so one configuration serves every cluster.
+fn bind_each(what: &'static str, addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
+    let mut listeners = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        match listen::bind(*addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(source) if i > 0 && addr.is_ipv6() && listen::no_ipv6(&source) => {
+                tracing::warn!(%addr, error = %source, "this host has no IPv6: not listening on {what}'s IPv6 address");
+            }
+            Err(source) => {
+                return Err(StartError::Bind {
+                    what,
+                    addr: *addr,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(listeners)
 }
 
 /// The runtime a proxy process runs on: one thread, or `worker_threads`.
@@ -164,9 +182,9 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
 
 /// Binds the listeners and starts the proxy's tasks on the current runtime.
 pub async fn start(config: Config) -> Result<Proxy, StartError> {
-    let outbound_listener = bind("outbound", config.outbound_listen).await?;
-    let inbound_listener = bind("inbound", config.inbound_listen).await?;
-    let admin_listener = bind("admin", config.admin_listen).await?;
+    let outbound_listeners = bind_each("outbound", &config.outbound_listen)?;
+    let inbound_listeners = bind_each("inbound", &config.inbound_listen)?;
+    let admin_listeners = bind_each("admin", &config.admin_listen)?;
     let addr = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
 
     let identity = IdentityManager::new(config.identity.clone());
@@ -213,9 +231,9 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     );
 
     let proxy_addrs = (
-        addr(&outbound_listener, config.outbound_listen),
-        addr(&inbound_listener, config.inbound_listen),
-        addr(&admin_listener, config.admin_listen),
+        addr(&outbound_listeners[0], config.outbound_listen[0]),
+        addr(&inbound_listeners[0], config.inbound_listen[0]),
+        addr(&admin_listeners[0], config.admin_listen[0]),
     );
     let mut tasks = JoinSet::new();
     tasks.spawn(
@@ -223,15 +241,24 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
             .clone()
             .run(IdentityClient::new(channel), config.token.clone()),
     );
-    tasks.spawn(listening(serve_outbound(
-        outbound,
-        outbound_server,
-        outbound_listener,
-        metrics.listeners.clone(),
-        drain.watch(),
-    )));
-    tasks.spawn(listening(inbound.serve(inbound_listener, drain.watch())));
-    tasks.spawn(listening(admin.serve(admin_listener, admin_drain.watch())));
+    let outbound_server = Arc::new(outbound_server);
+    for listener in outbound_listeners {
+        tasks.spawn(listening(serve_outbound(
+            outbound.clone(),
+            outbound_server.clone(),
+            listener,
+            metrics.listeners.clone(),
+            drain.watch(),
+        )));
+    }
+    for listener in inbound_listeners {
+        tasks.spawn(listening(inbound.clone().serve(listener, drain.watch())));
+    }
+    for listener in admin_listeners {
+        tasks.spawn(listening(
+            admin.clone().serve(listener, admin_drain.watch()),
+        ));
+    }
     tasks.spawn(export_certificate_expiry(identity.clone(), metrics));
     tracing::info!(
         identity = %config.identity,
@@ -271,12 +298,11 @@ async fn export_certificate_expiry(identity: Arc<IdentityManager>, metrics: Arc<
 /// (`http_proxy`), and connections iptables redirected to it.
 async fn serve_outbound(
     outbound: Arc<outbound::Outbound>,
-    server: Server,
+    server: Arc<Server>,
     listener: TcpListener,
     metrics: metrics::ListenerMetrics,
     watch: drain::Watch,
 ) {
-    let server = Arc::new(server);
     listen::accept(
         listener,
         "outbound",

@@ -21,6 +21,34 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// At most one "accept failed" line per listener per this period.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
+/// A listening socket on `addr` (as `TcpListener::bind` makes one, with
+/// the same backlog), IPv6-only when `addr` is IPv6 so that an IPv4 and an
+/// IPv6 listener can share a port.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Whether binding failed because the host has no IPv6 (disabled in the
+/// kernel, or no such address).
+pub fn no_ipv6(error: &std::io::Error) -> bool {
+    // EAFNOSUPPORT on Linux: std has no ErrorKind for it.
+    const ADDRESS_FAMILY_NOT_SUPPORTED: i32 = 97;
+    error.kind() == std::io::ErrorKind::AddrNotAvailable
+        || error.raw_os_error() == Some(ADDRESS_FAMILY_NOT_SUPPORTED)
+}
+
 /// Accepts connections until the drain starts, then closes the listening
 /// socket so new connects are refused at once (a client's proxy then tries
 /// another endpoint). `serve` runs each connection; at the drain's deadline

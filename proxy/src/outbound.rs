@@ -64,6 +64,8 @@ pub struct Outbound {
     body_idle_timeout: Duration,
     /// Redirected connections to these ports skip protocol detection.
     opaque_ports: Vec<u16>,
+    /// Whether CONNECT may tunnel to destinations outside the mesh.
+    connect_egress: bool,
 }
 
 impl Outbound {
@@ -93,6 +95,7 @@ impl Outbound {
             discovery_timeout: config.discovery_timeout,
             body_idle_timeout: config.body_idle_timeout,
             opaque_ports: config.opaque_ports.clone(),
+            connect_egress: config.connect_egress,
         });
         tokio::spawn(evict_idle(
             Arc::downgrade(&outbound),

@@ -201,7 +201,9 @@ impl Server {
                     // What hyper reads ahead of the handler is its read
                     // buffer: bounded, a body streams with backpressure.
                     .max_buf_size(self.max_body_in_flight.max(self.max_header_bytes) as usize)
-                    .serve_connection(io, service);
+                    .serve_connection(io, service)
+                    // A CONNECT the handler agrees to hands the connection over.
+                    .with_upgrades();
                 watchdog
                     .drive(connection, |c| c.graceful_shutdown(), shutdown)
                     .await

@@ -9,8 +9,13 @@
       AUTHORITY through PROXY (a sidecar's outbound listener, spoken to
       in h2c as a gRPC client speaks to a server), with the metadata
       given; prints one JSON line per call: {"code", "reply"}
+  grpc_conformance.py connect PROXY AUTHORITY METHOD N [NAME=VALUE ...]
+      the same, with the sidecar as the client's HTTP proxy as users set
+      it up (`http_proxy`), so grpc-core tunnels each connection through
+      it with CONNECT AUTHORITY
 """
 import json
+import os
 import sys
 from concurrent import futures
 
@@ -39,10 +44,17 @@ def serve(addr, pod):
     server.wait_for_termination()
 
 
-def call(proxy, authority, method, n, pairs):
+def call(proxy, authority, method, n, pairs, tunnel=False):
     metadata = [tuple(p.split("=", 1)) for p in pairs]
-    options = [("grpc.default_authority", authority), ("grpc.enable_http_proxy", 0)]
-    with grpc.insecure_channel(proxy, options=options) as channel:
+    if tunnel:
+        os.environ.pop("no_proxy", None)
+        os.environ.pop("NO_PROXY", None)
+        os.environ["http_proxy"] = f"http://{proxy}"
+        channel = grpc.insecure_channel(authority)
+    else:
+        options = [("grpc.default_authority", authority), ("grpc.enable_http_proxy", 0)]
+        channel = grpc.insecure_channel(proxy, options=options)
+    with channel:
         stub = channel.unary_unary(method)
         for _ in range(n):
             try:
@@ -56,4 +68,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
     else:
-        call(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:])
+        tunnel = sys.argv[1] == "connect"
+        call(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:], tunnel)

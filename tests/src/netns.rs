@@ -3,6 +3,8 @@
 //! Each pod is a network namespace with an `eth0` veth whose peer sits on a
 //! bridge in a namespace of its own (the "node"), so pods reach each other
 //! and a controller on the bridge, and nothing reaches the host's network.
+//! Pods are dual stack: an IPv4 and an IPv6 address each, with the
+//! sidecar's rules in both families' tables.
 //! Sidecars and the controller run in this process, each on a runtime whose
 //! thread entered the namespace (sockets belong to the namespace of the
 //! thread that creates them); the applications are real programs started
@@ -13,7 +15,7 @@
 //! namespace deletes its interfaces and rules.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -45,6 +47,7 @@ pub fn missing_requirements(programs: &[(&str, &str)]) -> Vec<String> {
     let base = [
         ("ip", "iproute2"),
         ("iptables", "iptables"),
+        ("ip6tables", "iptables"),
         ("setpriv", "util-linux"),
     ];
     for (program, package) in base.iter().chain(programs) {
@@ -231,8 +234,9 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
-    /// A node namespace with a bridge on a random `10.x.y.0/24`, and a
-    /// controller listening on the bridge; `None` when the test must skip.
+    /// A node namespace with a bridge on a random `10.x.y.0/24` and
+    /// `fd00:x:y::/64`, and a controller listening on the bridge; `None`
+    /// when the test must skip.
     pub fn start(extra_programs: &[(&str, &str)]) -> Option<Self> {
         if !can_run(extra_programs) {
             return None;
@@ -248,6 +252,8 @@ impl PodNetwork {
         // already there, and their packets to the node would be dropped.
         node.ip("link set br0 address 02:00:00:00:00:01");
         node.ip(&format!("addr add {gateway}/24 dev br0"));
+        // No duplicate address detection: the address works at once.
+        node.ip(&format!("addr add {}/64 dev br0 nodad", ipv6(subnet, 1)));
         node.ip("link set br0 up");
 
         let dir = tempfile::tempdir().expect("tempdir");
@@ -284,13 +290,20 @@ impl PodNetwork {
             self.node.name
         ));
         self.node.ip(&format!("link set {peer} master br0 up"));
+        let ip6 = ipv6(self.subnet, host);
         netns.ip(&format!("addr add {ip}/24 dev eth0"));
+        netns.ip(&format!("addr add {ip6}/64 dev eth0 nodad"));
         netns.ip("link set eth0 up");
         let gateway = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], 1);
         netns.ip(&format!("route add default via {gateway}"));
+        netns.ip(&format!(
+            "-6 route add default via {}",
+            ipv6(self.subnet, 1)
+        ));
         Pod {
             name: name.to_string(),
             ip,
+            ip6,
             dir: self.dir.path().join(name),
             apps: Vec::new(),
             sidecar: None,
@@ -357,9 +370,18 @@ impl PodNetwork {
         let mut env: std::collections::HashMap<&'static str, String> = [
             (IDENTITY, identity.to_string()),
             (TOKEN, self.tokens.token_for(&identity)),
-            (OUTBOUND_LISTEN, format!("127.0.0.1:{OUTBOUND_PORT}")),
-            (INBOUND_LISTEN, format!("0.0.0.0:{INBOUND_PORT}")),
-            (ADMIN_LISTEN, format!("0.0.0.0:{ADMIN_PORT}")),
+            (
+                OUTBOUND_LISTEN,
+                format!("127.0.0.1:{OUTBOUND_PORT},[::1]:{OUTBOUND_PORT}"),
+            ),
+            (
+                INBOUND_LISTEN,
+                format!("0.0.0.0:{INBOUND_PORT},[::]:{INBOUND_PORT}"),
+            ),
+            (
+                ADMIN_LISTEN,
+                format!("0.0.0.0:{ADMIN_PORT},[::]:{ADMIN_PORT}"),
+            ),
             (APP_IP, pod.ip.to_string()),
             (WORKLOAD, pod.name.clone()),
         ]
@@ -392,6 +414,12 @@ impl Drop for PodNetwork {
     }
 }
 
+/// Host `host` of the network's IPv6 subnet, `fd00:x:y::host`.
+fn ipv6(subnet: [u8; 3], host: u8) -> Ipv6Addr {
+    let [_, x, y] = subnet.map(u16::from);
+    Ipv6Addr::new(0xfd00, x, y, 0, 0, 0, 0, u16::from(host))
+}
+
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -403,6 +431,7 @@ fn set_mode(path: &Path, mode: u32) {
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     /// The pod's files (application configs, logs), readable by the apps.
     pub dir: PathBuf,
     apps: Vec<tokio::process::Child>,
@@ -421,13 +450,20 @@ impl Pod {
         SocketAddr::new(IpAddr::V4(self.ip), port)
     }
 
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.ip6), port)
+    }
+
     /// Installs the interception rules, as `trellis-proxy init` does in a
-    /// pod's init container: everything but root's (the sidecar's) traffic.
+    /// pod's init container: everything but root's (the sidecar's)
+    /// traffic, in both families.
     fn intercept(&self) {
         use trellis_proxy::init::{rules, Config, Family, Iptables};
-        let steps = rules::apply(&Config::new(0), Family::V4).expect("valid init config");
-        in_netns(&self.netns.path(), || Iptables::new("iptables").run(&steps))
-            .expect("iptables rules installed");
+        for (family, program) in [(Family::V4, "iptables"), (Family::V6, "ip6tables")] {
+            let steps = rules::apply(&Config::new(0), family).expect("valid init config");
+            in_netns(&self.netns.path(), || Iptables::new(program).run(&steps))
+                .unwrap_or_else(|e| panic!("{program} rules not installed: {e}"));
+        }
     }
 
     /// `args` as the application user inside the pod.

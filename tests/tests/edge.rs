@@ -1,6 +1,5 @@
 //! What the proxy's HTTP/1 edge refuses as the client's mistake: several
-//! Host headers (400), CONNECT (501 until it is tunnelled), a URI over the
-//! limit (414, naming it), and a malformed
+//! Host headers (400), a URI over the limit (414, naming it), and a malformed
 //! chunked body (the client's 400, not the destination's 502).
 
 use trellis_tests::*;
@@ -48,20 +47,6 @@ async fn a_malformed_chunked_body_is_the_clients_400_not_the_destinations_failur
             .await
             .expect("the destination still serves");
     }
-}
-
-#[tokio::test]
-async fn connect_is_refused_until_it_is_tunnelled() {
-    let mesh = HelloMesh::start_with_apps(workbench_app).await;
-    let authority = mesh.authority();
-    let outbound = mesh.client.outbound_addr;
-    let answer = exchange_raw(
-        outbound,
-        &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
-    )
-    .await;
-    assert_refused(&answer, 501, "connect-unsupported");
-    assert!(answer.contains("CONNECT is not supported yet"), "{answer}");
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! GRPCRoute end to end: Gateway API's mesh conformance tests for it
 //! (`conformance/tests/mesh/grpcroute-*.go`, each test naming its file),
 //! and method matching, with real sidecars in front of gRPC servers and
-//! clients on Python's grpcio (C core, `tests/apps/grpc_conformance.py`).
+//! clients on Python's grpcio (C core, `tests/apps/grpc_conformance.py`);
+//! and grpcio using the sidecar as its `http_proxy` (CONNECT).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -81,9 +82,21 @@ impl Reply {
 /// `n` unary calls of `method` with `metadata` to the Service `echo`
 /// through the sidecar at `proxy` (a pod's outbound listener).
 async fn calls(proxy: SocketAddr, method: &str, n: usize, metadata: &[(&str, &str)]) -> Vec<Call> {
+    calls_by("call", proxy, method, n, metadata).await
+}
+
+/// [`calls`] made as `how` says: `call` (the sidecar as the server) or
+/// `connect` (the sidecar as the client's HTTP proxy).
+async fn calls_by(
+    how: &str,
+    proxy: SocketAddr,
+    method: &str,
+    n: usize,
+    metadata: &[(&str, &str)],
+) -> Vec<Call> {
     let pairs = metadata.iter().map(|(k, v)| format!("{k}={v}"));
     let out = tokio::process::Command::new(GRPC_PYTHON)
-        .args([APP, "call", &proxy.to_string(), &authority(), method])
+        .args([APP, how, &proxy.to_string(), &authority(), method])
         .arg(n.to_string())
         .args(pairs)
         .kill_on_drop(true)
@@ -321,4 +334,45 @@ async fn grpcroute_matches_methods() {
         let got = calls(client, method, 1, &[]).await;
         assert_eq!(got[0].code, "UNIMPLEMENTED", "{method}: {got:?}");
     }
+}
+
+/// grpc-core with `http_proxy` pointing at the sidecar tunnels through it
+/// with CONNECT: every call is answered, balanced per request over both
+/// pods, and each server's sidecar counts it as mTLS from the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_through_the_sidecar_as_its_http_proxy() {
+    let Some((mesh, _servers)) = grpc_mesh().await else {
+        return;
+    };
+    let client = mesh.echo[0].proxy.outbound_addr;
+    let got = calls_by("connect", client, "/svc.Echo/Tunnelled", 40, &[]).await;
+    let mut pods = BTreeMap::new();
+    for call in &got {
+        let reply = call.reply.as_ref().unwrap_or_else(|| panic!("{got:?}"));
+        *pods.entry(reply.pod.clone()).or_insert(0) += 1;
+        let identity = reply.header("trellis-client-id");
+        assert_eq!(
+            identity.as_deref(),
+            Some("spiffe://cluster.local/ns/gateway-conformance-mesh/sa/default"),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(got.len(), 40, "{got:?}");
+    assert_eq!(
+        pods.len(),
+        2,
+        "one tunnel, requests balanced over both pods: {pods:?}"
+    );
+    let mut served = 0.0;
+    for pod in &mesh.echo {
+        let filter = [
+            ("direction", "inbound"),
+            ("tls", "true"),
+            ("status_code", "0"),
+            ("classification", "success"),
+        ];
+        served +=
+            trellis_tests::metric(pod.proxy.admin_addr, "trellis_requests_total", &filter).await;
+    }
+    assert_eq!(served, 40.0, "gRPC OKs counted by the servers' sidecars");
 }

@@ -64,7 +64,7 @@ fn service(name: &str, cluster_ip: &str, ports: &[(&str, u16, &str)], pods: &[&P
 }
 
 /// nginx answering `body` on 8080 (HTTP/1.1) and 8081 (HTTP/2 prior
-/// knowledge), or proxying to `upstream` when given.
+/// knowledge), IPv4 and IPv6, or proxying to `upstream` when given.
 fn nginx(pod: &mut Pod, body: &str, upstream: Option<(&str, &str)>) {
     let dir = pod.dir.display().to_string();
     let location = match upstream {
@@ -87,8 +87,8 @@ http {{
   fastcgi_temp_path {dir}/fastcgi;
   uwsgi_temp_path {dir}/uwsgi;
   scgi_temp_path {dir}/scgi;
-  server {{ listen 8080; location / {{ {location} }} }}
-  server {{ listen 8081 http2; location / {{ return 200 \"{body} over h2\\n\"; }} }}
+  server {{ listen 8080; listen [::]:8080; location / {{ {location} }} }}
+  server {{ listen 8081 http2; listen [::]:8081 http2; location / {{ return 200 \"{body} over h2\\n\"; }} }}
 }}
 "
     );
@@ -172,6 +172,19 @@ fn sum(exposition: &str, family: &str, fragments: &[&str]) -> f64 {
         .sum()
 }
 
+/// The requests a sidecar served over mTLS with a 200 to service account
+/// `sa`'s verified identity.
+fn mtls_from(exposition: &str, sa: &str) -> f64 {
+    let peer = format!("peer_identity=\"spiffe://cluster.local/ns/default/sa/{sa}\"");
+    let filter = [
+        "direction=\"inbound\"",
+        "tls=\"true\"",
+        &peer,
+        "status_code=\"200\"",
+    ];
+    sum(exposition, "trellis_requests_total", &filter)
+}
+
 fn count(lines: &[String], needle: &str) -> usize {
     lines.iter().filter(|l| l.contains(needle)).count()
 }
@@ -193,16 +206,7 @@ async fn curl_reaches_a_cluster_ip_over_mtls_and_routes_apply() {
     // Each server's sidecar saw the client's verified identity.
     for (pod, answered) in [(&mesh.v1, v1), (&mesh.v2, v2)] {
         let served = metrics(&mesh.net, pod).await;
-        let inbound = sum(
-            &served,
-            "trellis_requests_total",
-            &[
-                "direction=\"inbound\"",
-                "tls=\"true\"",
-                "peer_identity=\"spiffe://cluster.local/ns/default/sa/client\"",
-                "status_code=\"200\"",
-            ],
-        );
+        let inbound = mtls_from(&served, "client");
         assert_eq!(
             inbound as usize, answered,
             "inbound mTLS requests at {}:\n{served}",
@@ -592,4 +596,255 @@ spec:
     net.write_manifest("policy.yaml", &policy("{unauthenticated: true}"))
         .await;
     outsider_gets("hello from a permissive pod").await;
+}
+
+/// The StatefulSet shape: pods `web-0` and `web-1` behind the headless
+/// Service `web` (no ClusterIP; its EndpointSlice names each pod's
+/// hostname), which DNS would answer with pod IPs.
+fn headless_web(pods: &[&Pod]) -> String {
+    let endpoints: String = pods
+        .iter()
+        .map(|pod| {
+            format!(
+                "  - addresses: [\"{ip}\"]\n    hostname: {name}\n    targetRef: {{kind: Pod, name: {name}}}\n",
+                ip = pod.ip,
+                name = pod.name
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  clusterIP: None
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+{endpoints}ports: [{{name: http, port: 8080}}]
+"
+    )
+}
+
+/// Connections straight to pods, as StatefulSet peers and headless
+/// Services make them, get mTLS: by pod IP, by per-pod name (resolved as
+/// DNS would, and named to the explicit proxy), both ways between peers,
+/// and STRICT servers (every pod here) accept them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_ips_and_per_pod_names_get_mtls_both_ways() {
+    let Some(mesh) = HelloMesh::start().await else {
+        return;
+    };
+    let HelloMesh {
+        mut net,
+        client,
+        v1,
+        ..
+    } = mesh;
+    let mut peers = [net.pod("web-0"), net.pod("web-1")];
+    for pod in &mut peers {
+        let body = format!("hello from {}", pod.name);
+        nginx(pod, &body, None);
+    }
+    net.write_manifest(
+        "web.yaml",
+        &(meshed_pod(&peers[0], "web", "v1")
+            + &meshed_pod(&peers[1], "web", "v1")
+            + &headless_web(&[&peers[0], &peers[1]])),
+    )
+    .await;
+    for pod in &mut peers {
+        net.sidecar(pod, "web", &[]).await;
+        pod.wait_listening(8080).await;
+    }
+
+    // A client → a Deployment's pod by IP.
+    let answers = curl(&client, &format!("http://{}/", v1.addr(8080)), 3, &[]).await;
+    assert_eq!(count(&answers, "hello from v1"), 3, "{answers:?}");
+    let exposition = metrics(&net, &v1).await;
+    assert_eq!(mtls_from(&exposition, "client"), 3.0, "{exposition}");
+
+    // Peers: web-0 → web-1 by IP, web-1 → web-0 by its per-pod name as DNS
+    // resolves it, and web-0 → web-1 by name through the explicit proxy.
+    let name = |pod: &Pod| format!("{}.web.default.svc.cluster.local", pod.name);
+    let by_ip = curl(
+        &peers[0],
+        &format!("http://{}/", peers[1].addr(8080)),
+        2,
+        &[],
+    )
+    .await;
+    let resolve = format!("{}:8080:{}", name(&peers[0]), peers[0].ip);
+    let by_name = curl(
+        &peers[1],
+        &format!("http://{}:8080/", name(&peers[0])),
+        2,
+        &["--resolve", &resolve],
+    )
+    .await;
+    let proxy = format!("http://127.0.0.1:{}", trellis_tests::netns::OUTBOUND_PORT);
+    let explicit = curl(
+        &peers[0],
+        &format!("http://{}:8080/", name(&peers[1])),
+        2,
+        &["-x", &proxy],
+    )
+    .await;
+    assert_eq!(count(&by_ip, "hello from web-1"), 2, "{by_ip:?}");
+    assert_eq!(count(&by_name, "hello from web-0"), 2, "{by_name:?}");
+    assert_eq!(count(&explicit, "hello from web-1"), 2, "{explicit:?}");
+    let web0 = metrics(&net, &peers[0]).await;
+    let web1 = metrics(&net, &peers[1]).await;
+    assert_eq!(mtls_from(&web0, "web"), 2.0, "web-0:\n{web0}");
+    assert_eq!(mtls_from(&web1, "web"), 4.0, "web-1:\n{web1}");
+}
+
+/// The Service `name` in both families: a ClusterIP each, and an
+/// EndpointSlice each over `pods`' addresses of that family.
+fn dual_stack_service(name: &str, ips: (&str, &str), port: u16, pods: &[&Pod]) -> String {
+    let slice = |family: &str, address: &dyn Fn(&Pod) -> String| {
+        let endpoints: String = pods
+            .iter()
+            .map(|pod| {
+                format!(
+                    "  - addresses: [\"{}\"]\n    targetRef: {{kind: Pod, name: {}}}\n",
+                    address(pod),
+                    pod.name
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-{suffix}
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: {family}
+endpoints:
+{endpoints}ports: [{{name: http, port: {port}}}]
+---
+",
+            suffix = family.to_ascii_lowercase(),
+        )
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  clusterIP: {v4}
+  clusterIPs: [{v4}, \"{v6}\"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports: [{{name: http, port: {port}}}]
+---
+{slice4}{slice6}",
+        v4 = ips.0,
+        v6 = ips.1,
+        slice4 = slice("IPv4", &|p| p.ip.to_string()),
+        slice6 = slice("IPv6", &|p| p.ip6.to_string()),
+    )
+}
+
+/// The IPv4 tests over IPv6: pods are dual stack, applications dial a
+/// dual-stack Service's IPv6 ClusterIP and pods' IPv6 addresses, and get
+/// the same mTLS, the same STRICT refusal of outsiders and the same
+/// pass-through to destinations outside the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_connections_are_intercepted_and_meshed_as_ipv4_ones_are() {
+    let Some(mut net) = PodNetwork::start(APPS) else {
+        return;
+    };
+    let mut client = net.pod("client");
+    let mut v1 = net.pod("hello-v1");
+    let mut v2 = net.pod("hello-v2");
+    let mut outsider = net.pod("outsider");
+    nginx(&mut v1, "hello from v1", None);
+    nginx(&mut v2, "hello from v2", None);
+    nginx(&mut outsider, "hello from outside the mesh", None);
+    const HELLO_IP6: &str = "fd00:96::10";
+    net.write_manifest(
+        "hello.yaml",
+        &(meshed_pod(&client, "client", "v1")
+            + &meshed_pod(&v1, "hello", "v1")
+            + &meshed_pod(&v2, "hello", "v2")
+            + &dual_stack_service("hello", (HELLO_IP, HELLO_IP6), 8080, &[&v1, &v2])),
+    )
+    .await;
+    net.sidecar(&mut client, "client", &[]).await;
+    net.sidecar(&mut v1, "hello", &[]).await;
+    net.sidecar(&mut v2, "hello", &[]).await;
+    v1.wait_listening(8080).await;
+    v2.wait_listening(8080).await;
+    outsider.wait_listening(8080).await;
+
+    // The Service's IPv6 ClusterIP: balanced over both pods, over mTLS.
+    let url = format!("http://[{HELLO_IP6}]:8080/");
+    let answers = curl(&client, &url, 20, &[]).await;
+    let (to_v1, to_v2) = (
+        count(&answers, "hello from v1"),
+        count(&answers, "hello from v2"),
+    );
+    assert_eq!((to_v1 + to_v2, answers.len()), (20, 20), "{answers:?}");
+    assert!(to_v1 > 0 && to_v2 > 0, "{answers:?}");
+    let served = mtls_from(&metrics(&net, &v1).await, "client")
+        + mtls_from(&metrics(&net, &v2).await, "client");
+    assert_eq!(served, 20.0);
+    let outbound = metrics(&net, &client).await;
+    let to_hello = sum(
+        &outbound,
+        "trellis_requests_total",
+        &[
+            "direction=\"outbound\"",
+            "dst_service=\"hello\"",
+            "tls=\"true\"",
+        ],
+    );
+    assert_eq!(to_hello, 20.0, "{outbound}");
+
+    // A pod's IPv6 address, and the same dual-stack pod by its IPv4 one.
+    for addr in [v1.addr6(8080), v1.addr(8080)] {
+        let answers = curl(&client, &format!("http://{addr}/"), 2, &[]).await;
+        assert_eq!(count(&answers, "hello from v1"), 2, "{addr}: {answers:?}");
+    }
+    assert_eq!(
+        mtls_from(&metrics(&net, &v1).await, "client"),
+        f64::from(to_v1 as u32 + 4)
+    );
+
+    // An outsider's plaintext to a STRICT pod over IPv6: refused.
+    let url = format!("http://{}/", v1.addr6(8080));
+    let out = outsider
+        .run(&["curl", "-sS", "--max-time", "5", &url])
+        .await;
+    assert!(
+        !out.status.success() && !text(&out).contains("hello from v1"),
+        "plaintext over IPv6 reached a STRICT pod: {}",
+        text(&out)
+    );
+    // Probes and scrapers reach the admin port over IPv6 too.
+    let ready = format!("http://{}/ready", v1.addr6(ADMIN_PORT));
+    let out = net
+        .node_command("curl", &["-sS", "--fail", "--max-time", "5", &ready])
+        .await;
+    assert!(out.status.success(), "{ready}: {}", text(&out));
+    // A destination outside the mesh over IPv6: passed through.
+    let answers = curl(
+        &client,
+        &format!("http://{}/", outsider.addr6(8080)),
+        2,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        count(&answers, "hello from outside the mesh"),
+        2,
+        "{answers:?}"
+    );
 }

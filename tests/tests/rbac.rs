@@ -129,6 +129,16 @@ async fn the_controller_makes_only_calls_the_chart_grants_and_uses_every_grant()
         .expect("a request through two sidecars");
     // A rollout: its status written, its route created and then applied.
     api.apply(rollout());
+    // A GRPCRoute (on another port, so it takes no HTTP traffic): its
+    // status written.
+    api.apply(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "hello-grpc", "namespace": "default"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "hello", "port": 9}],
+            "rules": [{"backendRefs": [{"name": "hello-v1", "port": 9}]}],
+        },
+    }));
 
     let user = controller_user();
     let calls = eventually(
@@ -145,7 +155,8 @@ async fn the_controller_makes_only_calls_the_chart_grants_and_uses_every_grant()
             };
             let done = made("leases", None, "update")
                 && made("rollouts", Some("status"), "patch")
-                && made("httproutes", None, "create");
+                && made("httproutes", None, "create")
+                && made("grpcroutes", Some("status"), "patch");
             async move {
                 if done {
                     Ok(calls)

@@ -48,13 +48,21 @@ impl Parts {
             ),
             ("TRELLIS_CONTROLLER_IDENTITY", controller.to_string()),
             ("TRELLIS_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
-            ("TRELLIS_INBOUND_LISTEN", format!("0.0.0.0:{INBOUND_PORT}")),
+            // Both families, as `init` redirects both (a host without IPv6
+            // makes the proxy skip the IPv6 addresses).
+            (
+                "TRELLIS_INBOUND_LISTEN",
+                format!("0.0.0.0:{INBOUND_PORT},[::]:{INBOUND_PORT}"),
+            ),
             (
                 "TRELLIS_OUTBOUND_LISTEN",
-                format!("127.0.0.1:{OUTBOUND_PORT}"),
+                format!("127.0.0.1:{OUTBOUND_PORT},[::1]:{OUTBOUND_PORT}"),
             ),
             // Kubelet probes and Prometheus reach the admin port from outside.
-            ("TRELLIS_ADMIN_LISTEN", format!("0.0.0.0:{ADMIN_PORT}")),
+            (
+                "TRELLIS_ADMIN_LISTEN",
+                format!("0.0.0.0:{ADMIN_PORT},[::]:{ADMIN_PORT}"),
+            ),
             ("RUST_LOG", config.log_level.clone()),
         ]
         .into_iter()

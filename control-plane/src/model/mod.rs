@@ -102,6 +102,9 @@ pub struct ServiceSpec {
     pub service_type: Option<String>,
     #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<String>,
+    /// Every family's ClusterIP (dual stack); the first is `clusterIP`.
+    #[serde(default, rename = "clusterIPs", skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_name: Option<String>,
     #[serde(default)]

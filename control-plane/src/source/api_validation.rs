@@ -197,6 +197,25 @@ fn service(checks: &mut Checks, service: &Service) {
     if !cluster_ip.is_empty() && !headless {
         checks.format("spec.clusterIP", cluster_ip, Format::Ip);
     }
+    if spec.cluster_ips.len() > 2 {
+        let count = spec.cluster_ips.len();
+        checks.fail("spec.clusterIPs", Problem::TooMany { count, max: 2 });
+    }
+    for (i, ip) in spec.cluster_ips.iter().enumerate() {
+        if ip != "None" {
+            checks.format(format!("spec.clusterIPs[{i}]"), ip, Format::Ip);
+        }
+    }
+    match spec.cluster_ips.first() {
+        Some(first) if !cluster_ip.is_empty() && first != cluster_ip => checks.fail(
+            "spec.clusterIPs[0]",
+            Problem::Invalid {
+                value: first.clone(),
+                why: "must be the same as spec.clusterIP (the primary family's address)",
+            },
+        ),
+        _ => {}
+    }
     match service_type {
         "NodePort" | "LoadBalancer" if headless => checks.fail(
             "spec.clusterIP",

@@ -88,6 +88,175 @@ fn endpoints_carry_identity_labels_and_protocol_of_their_pod() {
     assert_eq!(v2.proxy_port, 0);
 }
 
+/// A dual-stack Service answers at either family's ClusterIP, with the
+/// endpoints of both families' slices.
+#[test]
+fn dual_stack_services_resolve_by_either_cluster_ip() {
+    const DUAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: default}
+spec:
+  clusterIP: 10.96.0.50
+  clusterIPs: [10.96.0.50, "fd00:96::50"]
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-v4, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv4
+endpoints: [{addresses: ["127.0.0.3"], targetRef: {kind: Pod, name: hello-v1}}]
+ports: [{name: http, port: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-v6, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv6
+endpoints: [{addresses: ["fd00:10::3"], targetRef: {kind: Pod, name: hello-v1}}]
+ports: [{name: http, port: 8080}]
+"#;
+    let store = store();
+    let mut objects = manifest::parse(Path::new("mesh.yaml"), MESH).unwrap();
+    objects.extend(manifest::parse(Path::new("dual.yaml"), DUAL).unwrap());
+    store.replace_all(objects);
+    for authority in ["10.96.0.50:8080", "[fd00:96::50]:8080", "dual.default:8080"] {
+        let resolved = store.resolve(authority).expect(authority);
+        assert_eq!(resolved.service.name, "dual");
+        let keys: Vec<&String> = resolved.endpoints.keys().collect();
+        assert_eq!(keys, ["127.0.0.3:8080", "fd00:10::3:8080"], "{authority}");
+        let v6 = &resolved.endpoints["fd00:10::3:8080"];
+        assert_eq!(v6.identity, "spiffe://cluster.local/ns/default/sa/hello");
+    }
+    let (service, pod) = {
+        let resolved = store
+            .resolve("[fd00:10::3]:9000")
+            .expect("the pod by its IPv6");
+        (
+            resolved.service.name,
+            resolved.endpoints.into_values().next().unwrap(),
+        )
+    };
+    assert_eq!(
+        (service.as_str(), pod.ip.as_str(), pod.port),
+        ("dual", "fd00:10::3", 9000)
+    );
+}
+
+/// A connection straight to a pod (by IP, or by its name under a headless
+/// Service) gets that pod alone on the port dialled, with its identity,
+/// ready or not; an IP no pod or several pods have names none.
+#[test]
+fn pod_ips_and_per_pod_names_resolve_to_that_pod() {
+    const MORE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: None
+  ports: [{name: peer, port: 7000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+  - addresses: ["127.0.0.20"]
+    hostname: web-0
+    conditions: {ready: false}
+    targetRef: {kind: Pod, name: web-0}
+ports: [{name: peer, port: 7000, appProtocol: kubernetes.io/h2c}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0}
+spec:
+  serviceAccountName: web
+  containers: [{name: web, image: web}, {name: trellis-proxy, image: trellis-proxy}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: lonely, namespace: default}
+spec:
+  containers: [{name: app, image: app}, {name: trellis-proxy, image: trellis-proxy}]
+status: {podIP: 127.0.0.30}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host-a}
+spec: {containers: [{name: app, image: app}]}
+status: {podIP: 127.0.0.40}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host-b}
+spec: {containers: [{name: app, image: app}]}
+status: {podIP: 127.0.0.40}
+"#;
+    let store = store();
+    let mut objects = manifest::parse(Path::new("mesh.yaml"), MESH).unwrap();
+    objects.extend(manifest::parse(Path::new("more.yaml"), MORE).unwrap());
+    store.replace_all(objects);
+    let only = |authority: &str| {
+        let resolved = store.resolve(authority).expect(authority);
+        assert_eq!(resolved.endpoints.len(), 1, "{authority}: {resolved:?}");
+        let endpoint = resolved.endpoints.values().next().cloned().unwrap();
+        (resolved.service.name, endpoint)
+    };
+
+    let (service, v1) = only("127.0.0.3:9000");
+    assert_eq!(service, "hello", "the Service the pod backs");
+    assert_eq!(
+        (v1.ip.as_str(), v1.port),
+        ("127.0.0.3", 9000),
+        "the port dialled"
+    );
+    assert_eq!(v1.identity, "spiffe://cluster.local/ns/default/sa/hello");
+    assert_eq!(v1.pod, "hello-v1");
+    assert!(
+        store.routes("127.0.0.3:9000", "default").rules.is_empty(),
+        "the Service's routes are for the Service, not its pods"
+    );
+
+    for name in [
+        "web-0.web.default.svc.cluster.local:7000",
+        "web-0.web.default:7000",
+        "127.0.0.20:7000",
+    ] {
+        let (service, web) = only(name);
+        assert_eq!(service, "web");
+        assert_eq!(
+            web.ip, "127.0.0.20",
+            "{name}: not ready, but asked for by name"
+        );
+        assert_eq!(web.identity, "spiffe://cluster.local/ns/default/sa/web");
+        assert_eq!(
+            web.protocol,
+            trellis_proto::discovery::ProtocolHint::Http2 as i32
+        );
+    }
+
+    let (service, lonely) = only("127.0.0.30:8080");
+    assert_eq!(service, "lonely", "a pod behind no Service is named itself");
+    assert_eq!(
+        lonely.identity,
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+
+    let (_, unmeshed) = only("127.0.0.4:8080");
+    assert_eq!(unmeshed.identity, "", "hello-v2 has no sidecar");
+
+    for none in [
+        "127.0.0.40:80",
+        "127.0.0.99:80",
+        "web-1.web.default:7000",
+        "web-0.nope.default:7000",
+    ] {
+        assert!(store.resolve(none).is_none(), "{none}");
+    }
+}
+
 #[tokio::test]
 async fn watchers_wake_only_when_their_answer_changes() {
     let store = store();

@@ -1,20 +1,29 @@
 //! Outbound connections: an application that dialled the proxy (explicit
-//! proxy) speaks HTTP; one that iptables redirected is routed by where it
-//! was going — a mesh Service's ClusterIP:port gets HTTP routing or an
-//! opaque mTLS tunnel, anything else passes through untouched.
+//! proxy) speaks HTTP, and may open a `CONNECT` tunnel; one that iptables
+//! redirected is routed by where it was going — a mesh Service's
+//! ClusterIP:port or a pod's IP:port gets HTTP routing or an opaque mTLS
+//! tunnel, anything else passes through untouched. Inside a tunnel to a
+//! mesh destination the same choice is made.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use super::endpoint::connect_tcp;
 use super::target::Endpoints;
 use super::{Outbound, CONNECT_ATTEMPTS};
 use crate::detect::{self, Protocol};
 use crate::drain::Watch;
-use crate::errors::ProxyError;
+use crate::errors::{respond, ProxyError};
+use crate::http::{full, Body};
 use crate::outlier::Failure;
 use crate::server::{Peer, Server, Version};
 use crate::socket::{self, Counted};
@@ -38,26 +47,113 @@ impl Outbound {
     }
 
     /// HTTP/1.1 or HTTP/2 (prior knowledge); each request is routed by its
-    /// authority, or by `authority` when the connection was redirected.
-    async fn serve_http(
+    /// authority, or by `authority` when the connection was redirected or
+    /// tunnelled. An explicit proxy's HTTP/1.1 client may turn the
+    /// connection into a tunnel with `CONNECT`, which then runs here, under
+    /// the connection's slot and drain.
+    async fn serve_http<I>(
         self: Arc<Self>,
-        tcp: Client,
+        io: I,
         version: Version,
         authority: Option<String>,
-        server: &Server,
+        server: &Arc<Server>,
         mut watch: Watch,
-    ) {
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let explicit_h1 = authority.is_none() && version == Version::Http1;
         let authority: Option<Arc<str>> = authority.map(Into::into);
-        let handler = move |request| {
-            let (outbound, authority) = (self.clone(), authority.clone());
-            async move { outbound.handle(request, authority.as_deref()).await }
+        let (tunnels, mut opened) = mpsc::channel::<Tunnel>(1);
+        let handler = {
+            let outbound = self.clone();
+            move |request: Request<Incoming>| {
+                let (outbound, authority, tunnels) =
+                    (outbound.clone(), authority.clone(), tunnels.clone());
+                async move {
+                    if explicit_h1 && request.method() == Method::CONNECT {
+                        respond(outbound.connect(request, &tunnels).await, "outbound")
+                    } else {
+                        outbound.handle(request, authority.as_deref()).await
+                    }
+                }
+            }
         };
         if let Err(error) = server
-            .serve(tcp, version, Peer::App, watch.draining(), handler)
+            .serve(io, version, Peer::App, watch.draining(), handler)
             .await
         {
             tracing::debug!(%error, "outbound connection closed with an error");
         }
+        if let Ok(tunnel) = opened.try_recv() {
+            Box::pin(self.serve_tunnel(tunnel, server, watch)).await;
+        }
+    }
+
+    /// `CONNECT host:port`: agrees to a tunnel to a mesh destination (a
+    /// Service by name or ClusterIP, or a pod), or to any other only when
+    /// `TRELLIS_CONNECT_EGRESS` allows it; the connection becomes the
+    /// tunnel once the 200 is sent.
+    async fn connect(
+        &self,
+        mut request: Request<Incoming>,
+        tunnels: &mpsc::Sender<Tunnel>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .ok_or(ProxyError::NoAuthority)?;
+        let destination = match self.endpoints(&authority).await {
+            Ok(endpoints) => Destination::Mesh(endpoints),
+            Err(ProxyError::UnknownService(_)) if self.connect_egress => Destination::Egress,
+            Err(ProxyError::UnknownService(_)) => {
+                return Err(ProxyError::ConnectRefused(authority))
+            }
+            Err(e) => return Err(e),
+        };
+        let upgrade = hyper::upgrade::on(&mut request);
+        let _ = tunnels.try_send(Tunnel {
+            upgrade,
+            authority,
+            destination,
+        });
+        Ok(Response::new(full("")))
+    }
+
+    /// Inside a mesh destination's tunnel, what the client sends is served
+    /// as a redirected connection's would be: HTTP routed per request (with
+    /// routes, retries and metrics), anything else an mTLS tunnel; outside
+    /// the mesh, the bytes go to the destination as they are.
+    async fn serve_tunnel(self: Arc<Self>, tunnel: Tunnel, server: &Arc<Server>, watch: Watch) {
+        let Tunnel {
+            upgrade,
+            authority,
+            destination,
+        } = tunnel;
+        let io = match upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(error) => return tracing::debug!(%authority, %error, "CONNECT tunnel not opened"),
+        };
+        let failed =
+            |error: ProxyError| tracing::info!(%authority, %error, "CONNECT tunnel failed");
+        let endpoints = match destination {
+            Destination::Egress => return egress(io, &authority).await.unwrap_or_else(failed),
+            Destination::Mesh(endpoints) => endpoints,
+        };
+        let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+        let (protocol, io) = match port {
+            Some(port) if self.opaque_ports.contains(&port) => {
+                (Protocol::Opaque, detect::Rewind::new(io))
+            }
+            _ => detect::detect_read(io).await,
+        };
+        let version = match protocol {
+            Protocol::Http1 => Version::Http1,
+            Protocol::Http2 => Version::Http2,
+            _ => return self.tunnel(io, &endpoints).await.unwrap_or_else(failed),
+        };
+        self.serve_http(io, version, Some(authority.clone()), server, watch)
+            .await;
     }
 
     /// A connection iptables redirected: discovery says whether `dst` is a
@@ -67,7 +163,7 @@ impl Outbound {
         self: Arc<Self>,
         tcp: Client,
         dst: SocketAddr,
-        server: &Server,
+        server: &Arc<Server>,
         watch: Watch,
     ) {
         let protocol = if self.opaque_ports.contains(&dst.port()) {
@@ -110,7 +206,10 @@ impl Outbound {
     /// meshed endpoint through an mTLS tunnel to its proxy, which learns the
     /// target port from the tunnel's first two bytes; to any other endpoint
     /// directly.
-    async fn tunnel(&self, mut client: Client, endpoints: &Endpoints) -> Result<(), ProxyError> {
+    async fn tunnel<I>(&self, mut client: I, endpoints: &Endpoints) -> Result<(), ProxyError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut tried = Vec::new();
         let (endpoint, mut upstream) = loop {
             let endpoint = endpoints.pick(&tried)?;
@@ -144,9 +243,45 @@ impl Outbound {
 }
 
 /// Forwards the connection unchanged to where the application sent it.
-async fn passthrough(mut client: Client, dst: SocketAddr) -> Result<(), ProxyError> {
+async fn passthrough<I>(mut client: I, dst: SocketAddr) -> Result<(), ProxyError>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
     let mut upstream = connect_tcp(dst).await?;
     copy(&mut client, &mut upstream, dst).await
+}
+
+/// How long reaching a destination outside the mesh may take (its name
+/// resolved, a connection made): farther away than any endpoint.
+const EGRESS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A CONNECT tunnel to a destination outside the mesh, by name or address.
+async fn egress<I>(mut client: I, authority: &str) -> Result<(), ProxyError>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let failed = |reason: String| ProxyError::Connect {
+        endpoint: authority.to_string(),
+        reason,
+    };
+    let mut upstream = tokio::time::timeout(EGRESS_TIMEOUT, TcpStream::connect(authority))
+        .await
+        .map_err(|_| failed(format!("no connection within {EGRESS_TIMEOUT:?}")))?
+        .map_err(|e| failed(e.to_string()))?;
+    let peer = upstream.peer_addr().map_err(|e| failed(e.to_string()))?;
+    copy(&mut client, &mut upstream, peer).await
+}
+
+/// A tunnel the explicit proxy agreed to, waiting for its connection.
+struct Tunnel {
+    upgrade: OnUpgrade,
+    authority: String,
+    destination: Destination,
+}
+
+enum Destination {
+    Mesh(Arc<Endpoints>),
+    Egress,
 }
 
 async fn copy<A, B>(a: &mut A, b: &mut B, peer: SocketAddr) -> Result<(), ProxyError>

@@ -334,3 +334,24 @@ fn every_problem_of_an_object_is_reported_at_once() {
         assert!(message.contains(field), "{field} in {message}");
     }
 }
+
+#[test]
+fn dual_stack_cluster_ips_are_addresses_and_start_with_cluster_ip() {
+    accepted(&service(
+        "{clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, \"fd00:96::10\"], ports: [{port: 80}]}",
+    ));
+    let mismatch = refusal(&service(
+        "{clusterIP: 10.96.0.10, clusterIPs: [\"fd00:96::10\"], ports: [{port: 80}]}",
+    ));
+    assert!(
+        mismatch.contains("spec.clusterIPs[0]: \"fd00:96::10\" must be the same as spec.clusterIP"),
+        "{mismatch}"
+    );
+    let bad = refusal(&service(
+        "{clusterIPs: [10.96.0.10, fd00::zz], ports: [{port: 80}]}",
+    ));
+    assert!(
+        bad.contains("spec.clusterIPs[1]: \"fd00::zz\" is not an IP address"),
+        "{bad}"
+    );
+}
