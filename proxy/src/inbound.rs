@@ -31,7 +31,7 @@ use crate::errors::{respond_to, ProxyError};
 use crate::http::{boxed, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
 use crate::identity::IdentityManager;
 use crate::listen::ThrottledByKind;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Label, Metrics, RequestLabels};
 use crate::server::{self, Peer, ServeError, Server};
 use crate::socket::{self, Counted};
 use crate::tls::{self, FailureReason};
@@ -48,6 +48,30 @@ pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// period, with the count of the lines suppressed: a scan or a flood of
 /// garbage must not flood the log.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A client proven by mTLS, with what each of its requests needs made
+/// once per connection: its metric labels (its service account stands for
+/// its workload) and the header that names it to the application.
+struct MeshClient {
+    id: SpiffeId,
+    workload: Label,
+    namespace: Label,
+    identity: Label,
+    header: Option<HeaderValue>,
+}
+
+impl MeshClient {
+    fn new(id: SpiffeId) -> Self {
+        let identity = id.to_string();
+        Self {
+            workload: id.service_account.as_str().into(),
+            namespace: id.namespace.as_str().into(),
+            header: HeaderValue::from_str(&identity).ok(),
+            identity: identity.into(),
+            id,
+        }
+    }
+}
 
 /// Why an inbound connection was refused or ended early.
 #[derive(Debug, thiserror::Error)]
@@ -263,7 +287,7 @@ impl Inbound {
             _ => return Err(self.tls_refused(InboundError::Alpn)),
         }
         tracing::debug!(%peer, %client, "inbound mTLS connection");
-        let client = Arc::new(client);
+        let client = Arc::new(MeshClient::new(client));
         let until_expiry = expires
             .duration_since(SystemTime::now())
             .unwrap_or_default();
@@ -395,25 +419,23 @@ impl Inbound {
     async fn handle(
         &self,
         request: Request<Incoming>,
-        client: Option<&SpiffeId>,
+        client: Option<&MeshClient>,
         port: Option<u16>,
     ) -> Response<Body> {
         let started = Instant::now();
         let workload = &self.metrics.workload;
-        // The client is known by its verified identity only: its service
-        // account stands for its workload.
+        let label =
+            |field: fn(&MeshClient) -> &Label| client.map(field).cloned().unwrap_or_default();
         let labels = RequestLabels {
             direction: "inbound",
-            src_workload: client
-                .map(|c| c.service_account.clone())
-                .unwrap_or_default(),
-            src_namespace: client.map(|c| c.namespace.clone()).unwrap_or_default(),
+            src_workload: label(|c| &c.workload),
+            src_namespace: label(|c| &c.namespace),
             dst_service: workload.name.clone(),
             dst_namespace: workload.namespace.clone(),
             dst_backend: workload.name.clone(),
             dst_version: workload.version.clone(),
             tls: client.is_some(),
-            peer_identity: client.map(ToString::to_string).unwrap_or_default(),
+            peer_identity: label(|c| &c.identity),
             ..RequestLabels::default()
         };
         let grpc = crate::grpc::is_grpc(request.headers());
@@ -424,7 +446,7 @@ impl Inbound {
     async fn forward(
         &self,
         request: Request<Incoming>,
-        client: Option<&SpiffeId>,
+        client: Option<&MeshClient>,
         port: Option<u16>,
     ) -> Result<Response<Body>, ProxyError> {
         refuse_at_edge(&request)?;
@@ -442,7 +464,9 @@ impl Inbound {
             method: &parts.method,
             path: parts.uri.path(),
         };
-        self.authz.check(port, client, access).await?;
+        self.authz
+            .check(port, client.map(|c| &c.id), access)
+            .await?;
         let http1 = match parts.headers.remove(ORIG_PROTO) {
             Some(proto) => proto.as_bytes() != b"HTTP/2",
             None => parts.version != Version::HTTP_2,
@@ -450,7 +474,7 @@ impl Inbound {
         strip_hop_by_hop(&mut parts.headers);
         // Only this proxy may say who the client is.
         parts.headers.remove(CLIENT_ID);
-        if let Some(id) = client.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
+        if let Some(id) = client.and_then(|c| c.header.clone()) {
             parts.headers.insert(CLIENT_ID, id);
         }
         let app = SocketAddr::new(self.app_ip, port);

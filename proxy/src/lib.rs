@@ -191,12 +191,12 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     let channel = control::channel(&config.controller, identity.subscribe())?;
     let workload = metrics::Workload {
         name: if config.workload.is_empty() {
-            config.identity.service_account.clone()
+            config.identity.service_account.as_str().into()
         } else {
-            config.workload.clone()
+            config.workload.as_str().into()
         },
-        namespace: config.identity.namespace.clone(),
-        version: config.version.clone(),
+        namespace: config.identity.namespace.as_str().into(),
+        version: config.version.as_str().into(),
     };
     let metrics = Arc::new(if config.metrics {
         metrics::Metrics::new(workload)

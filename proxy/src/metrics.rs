@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
@@ -15,12 +16,16 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// A label value, shared: each is made once (per proxy, Service, endpoint
+/// or connection) and only its count changes per request.
+pub type Label = Arc<str>;
+
 /// Who this proxy is, for the labels of everything it records.
 #[derive(Clone, Debug, Default)]
 pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub version: String,
+    pub name: Label,
+    pub namespace: Label,
+    pub version: Label,
 }
 
 /// The labels of one HTTP request.
@@ -28,18 +33,18 @@ pub struct Workload {
 pub struct RequestLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
-    pub src_workload: String,
-    pub src_namespace: String,
-    pub src_version: String,
-    pub dst_service: String,
-    pub dst_namespace: String,
+    pub src_workload: Label,
+    pub src_namespace: Label,
+    pub src_version: Label,
+    pub dst_service: Label,
+    pub dst_namespace: Label,
     /// The Service a route's weights chose (the same as `dst_service` without routes).
-    pub dst_backend: String,
-    pub dst_version: String,
+    pub dst_backend: Label,
+    pub dst_version: Label,
     /// Whether the hop between proxies was mutual TLS.
     pub tls: bool,
     /// The SPIFFE ID of the other proxy (server on outbound, client on inbound).
-    pub peer_identity: String,
+    pub peer_identity: Label,
 }
 
 const REQUEST_LABELS: &[&str] = &[
@@ -74,6 +79,21 @@ impl RequestLabels {
             classification,
         ]
     }
+}
+
+/// `n` in decimal, written into `digits`: a status code's label without
+/// an allocation per request.
+fn decimal(digits: &mut [u8; 10], mut n: u32) -> &str {
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&digits[start..]).unwrap_or("0")
 }
 
 thread_local! {
@@ -284,7 +304,13 @@ impl Metrics {
     /// the proxy answered itself): 5xx are failures.
     pub fn request(&self, labels: &RequestLabels, status: u16, latency: Duration) {
         if self.enabled {
-            self.record(labels, &status.to_string(), status >= 500, latency);
+            let mut digits = [0u8; 10];
+            self.record(
+                labels,
+                decimal(&mut digits, status.into()),
+                status >= 500,
+                latency,
+            );
         }
     }
 
@@ -295,7 +321,8 @@ impl Metrics {
     pub fn grpc_request(&self, labels: &RequestLabels, code: u32, latency: Duration) {
         if self.enabled {
             let failure = matches!(code, 2 | 4 | 13 | 14 | 15);
-            self.record(labels, &code.to_string(), failure, latency);
+            let mut digits = [0u8; 10];
+            self.record(labels, decimal(&mut digits, code), failure, latency);
         }
     }
 
@@ -506,5 +533,16 @@ impl ListenerMetrics {
         self.timeouts
             .with_label_values(&[direction, timeout.label()])
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn status_codes_are_written_in_decimal() {
+        let mut digits = [0u8; 10];
+        for n in [0, 7, 14, 200, 503, u32::MAX] {
+            assert_eq!(super::decimal(&mut digits, n), n.to_string());
+        }
     }
 }

@@ -143,7 +143,7 @@ impl Outbound {
         // Only a mesh Service gets routes, watches and a label of its own.
         labels.dst_service = UNKNOWN_SERVICE.into();
         let own = self.endpoints(&authority).await?;
-        (labels.dst_service, labels.dst_namespace) = own.names();
+        (labels.dst_service, labels.dst_namespace) = own.names().clone();
         labels.dst_backend = labels.dst_service.clone();
         let logical = self.logical(&authority);
         let routes = logical.routes(self.discovery_timeout).await?;

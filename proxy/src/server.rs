@@ -170,7 +170,11 @@ impl Server {
             let activity = activity.clone();
             service_fn(move |request| {
                 let guard = activity.start();
-                let response = handler(request);
+                // Boxed: a request's future is large (routing, retries,
+                // filters) and hyper moves what the service returns (into
+                // its dispatcher, into a task per HTTP/2 stream); a pointer
+                // moves for the price of one allocation.
+                let response = Box::pin(handler(request));
                 async move {
                     let response = response.await;
                     Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {

@@ -17,6 +17,7 @@ use trellis_proto::SpiffeId;
 use crate::balance::{InFlight, Load, Weighted};
 use crate::errors::ProxyError;
 use crate::http::Body;
+use crate::metrics::Label;
 use crate::outlier::{Failure, Health, Policy};
 use crate::tls::{self, TlsConfigs};
 
@@ -30,6 +31,9 @@ struct Inner {
     key: SocketAddr,
     endpoint: Endpoint,
     identity: Option<SpiffeId>,
+    /// The metric labels of requests sent here, made once.
+    version_label: Label,
+    identity_label: Label,
     load: Arc<Load>,
     health: Arc<Health>,
     /// The multiplexed HTTP/2 connection to the endpoint's proxy.
@@ -70,14 +74,23 @@ impl EndpointHandle {
     ) -> Self {
         let ip: IpAddr = endpoint.ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let port = u16::try_from(endpoint.port).unwrap_or(0);
-        let identity = endpoint
+        let identity: Option<SpiffeId> = endpoint
             .identity
             .parse()
             .ok()
             .filter(|_| endpoint.proxy_port != 0);
+        let version_label = endpoint
+            .labels
+            .get("version")
+            .map_or_else(Label::default, |v| v.as_str().into());
+        let identity_label = identity
+            .as_ref()
+            .map_or_else(Label::default, |id| id.to_string().into());
         Self(Arc::new(Inner {
             key: SocketAddr::new(ip, port),
             identity,
+            version_label,
+            identity_label,
             endpoint,
             load,
             health,
@@ -104,6 +117,16 @@ impl EndpointHandle {
 
     pub fn key(&self) -> SocketAddr {
         self.0.key
+    }
+
+    /// The `version` label of the endpoint's pod, for request metrics.
+    pub fn version_label(&self) -> &Label {
+        &self.0.version_label
+    }
+
+    /// The SPIFFE ID to expect there, as a label (empty: not meshed).
+    pub fn identity_label(&self) -> &Label {
+        &self.0.identity_label
     }
 
     pub fn port(&self) -> u16 {

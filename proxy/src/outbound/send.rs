@@ -26,7 +26,7 @@ impl Outbound {
         mut request: Request<Body>,
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, ProxyError> {
-        labels.dst_backend = endpoints.names().0;
+        labels.dst_backend = endpoints.names().0.clone();
         let mut tried = Vec::new();
         // When no other endpoint is left, the client hears what went wrong.
         let mut last_error = None;
@@ -35,17 +35,9 @@ impl Outbound {
                 Ok(endpoint) => endpoint.clone(),
                 Err(none_left) => return Err(last_error.unwrap_or(none_left)),
             };
-            labels.dst_version = endpoint
-                .endpoint()
-                .labels
-                .get("version")
-                .cloned()
-                .unwrap_or_default();
+            labels.dst_version = endpoint.version_label().clone();
             labels.tls = endpoint.identity().is_some();
-            labels.peer_identity = endpoint
-                .identity()
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            labels.peer_identity = endpoint.identity_label().clone();
             // A request without a body can go elsewhere if the peer says
             // it reached no application (its app refused the connection),
             // and an idempotent one also when the connection broke under it
@@ -120,7 +112,7 @@ impl Outbound {
         if endpoints.failed(attempt, failure) {
             let (service, namespace) = endpoints.names();
             tracing::info!(%service, %namespace, "endpoint ejected after failures");
-            self.metrics.ejection(&service, &namespace);
+            self.metrics.ejection(service, namespace);
         }
     }
 

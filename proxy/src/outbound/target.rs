@@ -15,9 +15,8 @@ use super::endpoint::{Attempt, EndpointHandle};
 use crate::balance;
 use crate::discovery::Resolved;
 use crate::errors::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics};
 use crate::outlier::{Failure, Policy};
-use trellis_proto::discovery::ServiceInfo;
 
 /// How long the answer "no such Service" is believed; then the next
 /// request asks again.
@@ -40,11 +39,12 @@ enum State {
     Ready(Arc<Endpoints>),
 }
 
-/// What a request reads: the Service (when the controller named it), how
-/// its endpoints are judged, and their handles.
+/// What a request reads: the Service's names (as the controller named
+/// it), how its endpoints are judged, and their handles.
 pub struct Endpoints {
     authority: String,
-    pub service: Option<ServiceInfo>,
+    /// The Service's name and namespace as metric labels, made once.
+    names: (Label, Label),
     pub policy: Policy,
     pub handles: Vec<EndpointHandle>,
 }
@@ -82,16 +82,21 @@ impl Target {
                             next.insert(key.clone(), handle);
                         }
                         handles = next;
-                        let service = resolved.service.clone();
-                        if let Some(service) = &service {
+                        let service = resolved.service.as_ref();
+                        if let Some(service) = service {
                             metrics.backend(&service.name, &service.namespace);
                         }
+                        let names = match service {
+                            Some(s) => (s.name.as_str().into(), s.namespace.as_str().into()),
+                            None => {
+                                let (name, namespace) = super::service_of(&name);
+                                (name.into(), namespace.into())
+                            }
+                        };
                         State::Ready(Arc::new(Endpoints {
                             authority: name.clone(),
-                            policy: Policy::from_proto(
-                                service.as_ref().and_then(|s| s.resilience.as_ref()),
-                            ),
-                            service,
+                            names,
+                            policy: Policy::from_proto(service.and_then(|s| s.resilience.as_ref())),
                             handles: handles.values().cloned().collect(),
                         }))
                     }
@@ -185,11 +190,8 @@ impl Drop for Linger {
 impl Endpoints {
     /// The Service's name and namespace, for metrics: as discovery named
     /// it, or (before it did) as the authority spells it.
-    pub fn names(&self) -> (String, String) {
-        match &self.service {
-            Some(service) => (service.name.clone(), service.namespace.clone()),
-            None => super::service_of(&self.authority),
-        }
+    pub fn names(&self) -> &(Label, Label) {
+        &self.names
     }
 
     /// Picks an endpoint for a request, skipping the ones it already failed
