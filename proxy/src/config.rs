@@ -656,6 +656,33 @@ mod tests {
     }
 
     #[test]
+    fn listen_addresses_are_one_per_family() {
+        let base = [
+            (CONTROLLER, "http://127.0.0.1:8090"),
+            (IDENTITY, "spiffe://cluster.local/ns/default/sa/hello"),
+            (TOKEN, "t"),
+        ];
+        let with = |name: &'static str, addrs: &str| {
+            let mut e = env(&base);
+            e.insert(name, addrs.to_string());
+            Config::from_strings(&e)
+        };
+        let dual = with(INBOUND_LISTEN, "0.0.0.0:4143, [::]:4143").unwrap();
+        let expected: Vec<SocketAddr> = vec![
+            "0.0.0.0:4143".parse().unwrap(),
+            "[::]:4143".parse().unwrap(),
+        ];
+        assert_eq!(dual.inbound_listen, expected);
+        for bad in ["0.0.0.0:4143,", "::1:4140", ""] {
+            let err = with(OUTBOUND_LISTEN, bad).unwrap_err().to_string();
+            assert!(
+                err.contains(OUTBOUND_LISTEN) && err.contains("one per family"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn opaque_ports_are_a_list_or_none() {
         let base = [
             (CONTROLLER, "http://127.0.0.1:8090"),
