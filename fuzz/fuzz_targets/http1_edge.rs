@@ -40,7 +40,7 @@ fn edge() -> &'static Edge {
         let metrics = Arc::new(Metrics::new(Workload {
             name: "edge".into(),
             namespace: "fuzz".into(),
-            version: String::new(),
+            version: "".into(),
         }));
         Edge {
             runtime: tokio::runtime::Builder::new_current_thread()
