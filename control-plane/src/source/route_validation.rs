@@ -1,11 +1,13 @@
 //! Checks on HTTPRoutes and HTTPFaults before they may serve: each problem
-//! names the field and what to write instead.
+//! names the field and what to write instead. GRPCRoutes: `grpc`.
+
+mod grpc;
+pub use grpc::{check_grpc_fields, validate_grpc_route};
 
 use super::manifest::{Lookup, References};
 use crate::model::{
-    GrpcMethodMatch, GrpcRoute, HttpFault, HttpPathModifier, HttpRequestMirror,
-    HttpRequestRedirect, HttpRoute, HttpRouteFilter, HttpRouteRule, HttpRouteTimeouts, ObjectKey,
-    ParentReference, TRELLIS_GROUP,
+    HttpFault, HttpPathModifier, HttpRequestMirror, HttpRequestRedirect, HttpRoute,
+    HttpRouteFilter, HttpRouteRule, HttpRouteTimeouts, ObjectKey, ParentReference, TRELLIS_GROUP,
 };
 use crate::store::parse_gateway_duration;
 
@@ -40,78 +42,6 @@ pub fn validate_route(route: &HttpRoute, references: &References) -> Result<(), 
         return Err(unresolved.refusal);
     }
     check_fields(route, references)
-}
-
-/// A GRPCRoute: its method matches and filter types here, everything else
-/// as the HTTPRoute it routes as (the field paths are the same in both).
-pub fn validate_grpc_route(route: &GrpcRoute, references: &References) -> Result<(), RouteRefusal> {
-    check_grpc_fields(route)?;
-    validate_route(&route.to_http(), references)
-}
-
-/// What only a GRPCRoute has: method matches, and fewer filter types.
-pub fn check_grpc_fields(route: &GrpcRoute) -> Result<(), RouteRefusal> {
-    for (i, rule) in route.spec.rules.iter().enumerate() {
-        for (j, m) in rule.matches.iter().enumerate() {
-            if let Some(method) = &m.method {
-                let at = format!("spec.rules[{i}].matches[{j}].method");
-                check_grpc_method(&at, method).map_err(RouteRefusal::UnsupportedValue)?;
-            }
-        }
-        for (j, filter) in rule.filters.iter().enumerate() {
-            let grpc = [
-                "RequestHeaderModifier",
-                "ResponseHeaderModifier",
-                "RequestMirror",
-                "ExtensionRef",
-            ];
-            if !grpc.contains(&filter.kind.as_str()) {
-                return Err(RouteRefusal::UnsupportedValue(format!(
-                    "spec.rules[{i}].filters[{j}]: filter type {:?} is not one of GRPCRoute's ({}); \
-                     redirects and rewrites are HTTPRoute's",
-                    filter.kind,
-                    grpc.join(", ")
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn check_grpc_method(at: &str, m: &GrpcMethodMatch) -> Result<(), String> {
-    if m.service.is_none() && m.method.is_none() {
-        return Err(format!("{at}: give a service, a method or both"));
-    }
-    let parts = [("service", &m.service), ("method", &m.method)];
-    for (field, value) in parts {
-        let Some(value) = value else { continue };
-        match m.kind.as_str() {
-            "Exact" => {
-                let name = |c: char| c.is_ascii_alphanumeric() || c == '_';
-                let valid = match field {
-                    // `package.Service`: dot-separated identifiers.
-                    "service" => value
-                        .split('.')
-                        .all(|p| !p.is_empty() && p.chars().all(name)),
-                    _ => !value.is_empty() && value.chars().all(name),
-                };
-                if !valid {
-                    return Err(format!(
-                        "{at}.{field}: {value:?} is not a gRPC {field} name (such as package.Service and Method)"
-                    ));
-                }
-            }
-            "RegularExpression" => {
-                check_regex(value).map_err(|e| format!("{at}.{field}: {e}"))?;
-            }
-            other => {
-                return Err(format!(
-                    "{at}.type: {other:?} is not Exact or RegularExpression"
-                ))
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Whether `parent` exists, so the route can attach to it.
