@@ -196,18 +196,22 @@ impl State {
     /// several pods share (host networking) names none of them.
     fn pod_endpoint(&self, ip: IpAddr, port: u16) -> Option<ServiceEndpoints> {
         let is_ip = |a: &String| a.parse::<IpAddr>().ok() == Some(ip);
-        // In name order, so a pod behind several Services is always
-        // reported as the same one.
-        let mut slices: Vec<(&ObjectKey, &EndpointSlice)> =
-            self.slices.iter().filter(|(_, s)| lists_ips(s)).collect();
-        slices.sort_unstable_by_key(|(key, _)| *key);
-        let listed = slices.into_iter().find_map(|(_, slice)| {
-            let endpoint = slice
-                .endpoints
-                .iter()
-                .find(|e| e.addresses.iter().any(is_ip))?;
-            Some((slice, endpoint))
-        });
+        // The first slice by name that lists it, so a pod behind several
+        // Services is always reported as the same one (one pass, no sort:
+        // this runs for every watch of a pod IP on every store change).
+        let listed = self
+            .slices
+            .iter()
+            .filter(|(_, slice)| lists_ips(slice))
+            .filter_map(|(key, slice)| {
+                let endpoint = slice
+                    .endpoints
+                    .iter()
+                    .find(|e| e.addresses.iter().any(is_ip))?;
+                Some((key, slice, endpoint))
+            })
+            .min_by_key(|(key, _, _)| *key)
+            .map(|(_, slice, endpoint)| (slice, endpoint));
         let mut with_ip = self.pods.values().filter(|p| {
             let pod_ip = p.status.as_ref().and_then(|s| s.pod_ip.as_ref());
             pod_ip.is_some_and(is_ip)
