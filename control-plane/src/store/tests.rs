@@ -41,8 +41,17 @@ spec:
 "#;
 
 fn store() -> Arc<Store> {
+    store_with(&[])
+}
+
+/// The store holding `MESH` and each of `files` (YAML documents).
+fn store_with(files: &[&str]) -> Arc<Store> {
     let store = Store::new("cluster.local");
-    store.replace_all(manifest::parse(Path::new("mesh.yaml"), MESH).unwrap());
+    let mut objects = manifest::parse(Path::new("mesh.yaml"), MESH).unwrap();
+    for (i, file) in files.iter().enumerate() {
+        objects.extend(manifest::parse(Path::new(&format!("extra-{i}.yaml")), file).unwrap());
+    }
+    store.replace_all(objects);
     store
 }
 
@@ -115,10 +124,7 @@ addressType: IPv6
 endpoints: [{addresses: ["fd00:10::3"], targetRef: {kind: Pod, name: hello-v1}}]
 ports: [{name: http, port: 8080}]
 "#;
-    let store = store();
-    let mut objects = manifest::parse(Path::new("mesh.yaml"), MESH).unwrap();
-    objects.extend(manifest::parse(Path::new("dual.yaml"), DUAL).unwrap());
-    store.replace_all(objects);
+    let store = store_with(&[DUAL]);
     for authority in ["10.96.0.50:8080", "[fd00:96::50]:8080", "dual.default:8080"] {
         let resolved = store.resolve(authority).expect(authority);
         assert_eq!(resolved.service.name, "dual");
@@ -194,10 +200,7 @@ metadata: {name: host-b}
 spec: {containers: [{name: app, image: app}]}
 status: {podIP: 127.0.0.40}
 "#;
-    let store = store();
-    let mut objects = manifest::parse(Path::new("mesh.yaml"), MESH).unwrap();
-    objects.extend(manifest::parse(Path::new("more.yaml"), MORE).unwrap());
-    store.replace_all(objects);
+    let store = store_with(&[MORE]);
     let only = |authority: &str| {
         let resolved = store.resolve(authority).expect(authority);
         assert_eq!(resolved.endpoints.len(), 1, "{authority}: {resolved:?}");
@@ -390,15 +393,8 @@ spec:
         names.sort();
         names
     };
-    let with = |routes: &[&String]| {
-        let store = store();
-        let mut objects = manifest::parse(Path::new("mesh.yaml"), MESH).unwrap();
-        for (i, route) in routes.iter().enumerate() {
-            objects.extend(manifest::parse(Path::new(&format!("r{i}.yaml")), route).unwrap());
-        }
-        store.replace_all(objects);
-        store
-    };
+    let with =
+        |routes: &[&String]| store_with(&routes.iter().map(|r| r.as_str()).collect::<Vec<_>>());
     let http = route("HTTPRoute", "http-new", "2026-02-01T00:00:00Z");
     let http_old = route("HTTPRoute", "http-old", "2026-01-01T00:00:00Z");
     let grpc = route("GRPCRoute", "grpc", "2026-01-15T00:00:00Z");
