@@ -89,13 +89,16 @@ pub fn grpcio_available() -> bool {
     ok
 }
 
-/// Logs for tests, once per process; `RUST_LOG` picks the level.
+/// Logs for tests, once per process; `RUST_LOG` picks the level. They go
+/// to stderr, never stdout: the benches share this harness, and their
+/// stdout is a report whose last line `--output json` promises is the JSON
+/// (a warning logged at shutdown once landed after it).
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
-        .with_test_writer()
+        .with_writer(std::io::stderr)
         .try_init();
 }
 

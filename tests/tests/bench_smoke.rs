@@ -7,13 +7,7 @@ fn quick_benchmark_produces_all_figures() {
         .args(["--quick", "--output", "json"])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let figures: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let figures = json_report(&output);
     let number = |value: &serde_json::Value, what: &str| {
         value
             .as_f64()
@@ -119,13 +113,7 @@ fn the_webhook_benchmark_produces_its_figures() {
         .args(["--seconds", "1", "--clients", "20", "--rate", "200"])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let figures: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let figures = json_report(&output);
     assert_eq!(figures["clients"], 20, "{figures}");
     for phase in ["paced", "saturated"] {
         let figures = &figures[phase];
@@ -140,4 +128,18 @@ fn the_webhook_benchmark_produces_its_figures() {
             );
         }
     }
+}
+
+/// A bench's figures: the last line of its stdout, which must be JSON, from
+/// a run that succeeded.
+fn json_report(output: &std::process::Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("the last stdout line is not the JSON ({e}):\n{stdout}"))
 }
