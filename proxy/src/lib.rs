@@ -8,6 +8,7 @@ pub mod admin;
 pub mod authz;
 pub mod balance;
 pub mod cache;
+pub mod coalesce;
 pub mod config;
 pub mod control;
 pub mod detect;

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::coalesce::Coalesced;
 use crate::config::{Config, MAX_HEADER_BYTES_CEILING};
 use crate::detect;
 #[cfg(doc)]
@@ -162,10 +163,10 @@ impl Server {
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         let activity = Arc::new(Activity::new(version));
-        let io = TokioIo::new(Watched {
+        let io = Watched {
             inner: io,
             activity: activity.clone(),
-        });
+        };
         let service = {
             let activity = activity.clone();
             service_fn(move |request| {
@@ -205,7 +206,7 @@ impl Server {
                     // What hyper reads ahead of the handler is its read
                     // buffer: bounded, a body streams with backpressure.
                     .max_buf_size(self.max_body_in_flight.max(self.max_header_bytes) as usize)
-                    .serve_connection(io, service)
+                    .serve_connection(TokioIo::new(io), service)
                     // A CONNECT the handler agrees to hands the connection over.
                     .with_upgrades();
                 watchdog
@@ -236,7 +237,9 @@ impl Server {
                             MESH_MAX_CONCURRENT_STREAMS.max(self.max_concurrent_streams),
                         ),
                 };
-                let connection = builder.serve_connection(io, service);
+                // A batch of frames goes out as one write (`coalesce`).
+                let connection =
+                    builder.serve_connection(TokioIo::new(Coalesced::new(io)), service);
                 watchdog
                     .drive(connection, |c| c.graceful_shutdown(), shutdown)
                     .await

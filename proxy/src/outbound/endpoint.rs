@@ -15,6 +15,7 @@ use trellis_proto::discovery::Endpoint;
 use trellis_proto::SpiffeId;
 
 use crate::balance::{InFlight, Load, Weighted};
+use crate::coalesce::Coalesced;
 use crate::errors::ProxyError;
 use crate::http::Body;
 use crate::metrics::Label;
@@ -220,7 +221,8 @@ impl EndpointHandle {
             // Responses as large as any sidecar lets through (see there).
             .max_header_list_size(crate::server::MESH_HEADER_LIST_SIZE)
             .max_frame_size(crate::server::MESH_FRAME_SIZE)
-            .handshake(TokioIo::new(stream))
+            // A batch of frames goes out as one TLS record and one write.
+            .handshake(TokioIo::new(Coalesced::new(stream)))
             .await
             .map_err(|e| error(e.to_string()))?;
         tokio::spawn(async move {
