@@ -38,6 +38,8 @@ where
                 continue;
             }
         };
+        // Answers go out as soon as they are written, as servers do.
+        let _ = tcp.set_nodelay(true);
         let handler = handler.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {

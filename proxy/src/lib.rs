@@ -169,6 +169,17 @@ fn bind_each(what: &'static str, addrs: &[SocketAddr]) -> Result<Vec<TcpListener
     Ok(listeners)
 }
 
+/// The log a proxy process writes: `RUST_LOG`, or `info`. Also what keeps
+/// the spans and events below that level cheap: without a subscriber,
+/// `tracing` hands each one to the `log` crate instead.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
 /// The runtime a proxy process runs on: one thread, or `worker_threads`.
 pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if worker_threads <= 1 {

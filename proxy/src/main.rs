@@ -85,11 +85,7 @@ impl Ipv6Rules {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    trellis_proxy::init_logging();
     match Cli::parse().command {
         Command::Init(args) => init(args),
         Command::Run => {

@@ -33,11 +33,23 @@ fn quick_benchmark_produces_all_figures() {
 
     for (protocol, suffix) in [("h1", ""), ("h2", "_h2")] {
         for path in &paths {
-            let row = format!("{path}{suffix}_500");
-            for key in ["p50_ms", "p99_ms", "p999_ms"] {
-                positive(&figures[&row][key], &format!("{row}.{key}"));
+            // The quick rate, and the row of 1,000 slow clients.
+            for load in ["500", "1000c"] {
+                let row = format!("{path}{suffix}_{load}");
+                for key in ["p50_ms", "p99_ms", "p999_ms"] {
+                    positive(&figures[&row][key], &format!("{row}.{key}"));
+                }
+                assert_eq!(figures[&row]["failed"], 0, "{row}: {figures}");
+                if *path != "direct" {
+                    positive(
+                        &figures[&row]["cpu_seconds_per_1000_requests"],
+                        &format!("{row}.cpu_seconds_per_1000_requests"),
+                    );
+                    for key in ["added_p50_ms", "added_p99_ms"] {
+                        number(&figures[&row][key], &format!("{row}.{key}"));
+                    }
+                }
             }
-            assert_eq!(figures[&row]["failed"], 0, "{row}: {figures}");
             positive(
                 &figures["max_rps"][protocol][path],
                 &format!("max_rps.{protocol}.{path}"),
@@ -45,13 +57,13 @@ fn quick_benchmark_produces_all_figures() {
             if *path == "direct" {
                 continue;
             }
-            for key in ["added_p50_ms", "added_p99_ms"] {
-                number(&figures[&row][key], &format!("{row}.{key}"));
-            }
             let proxies = &figures["proxies"][format!("{path}{suffix}")];
             for key in [
                 "rss_idle_kib",
                 "rss_under_load_kib",
+                "private_under_load_kib",
+                "rss_slow_clients_kib",
+                "private_slow_clients_kib",
                 "cpu_seconds_per_1000_requests",
             ] {
                 positive(&proxies[key], &format!("proxies.{path}{suffix}.{key}"));
@@ -79,6 +91,21 @@ fn quick_benchmark_produces_all_figures() {
         positive(&mesh_size[key], &format!("mesh_size.{key}"));
     }
     assert_eq!(mesh_size["added_services"], 1000, "{figures}");
+
+    // Instructions per request need valgrind, which CI installs.
+    let instructions = &figures["instructions"];
+    if std::env::var("CI").as_deref() == Ok("true") {
+        assert!(
+            instructions.is_object(),
+            "CI=true but no instruction count: {figures}"
+        );
+    }
+    if instructions.is_object() {
+        assert_eq!(instructions["requests"], 200, "{figures}");
+        for side in ["client_side_per_request", "server_side_per_request"] {
+            positive(&instructions[side], &format!("instructions.{side}"));
+        }
+    }
 }
 
 #[test]

@@ -15,6 +15,53 @@ pub const MESSAGE_BYTES: usize = 1024;
 /// connections, as gRPC channels do, instead of one connection per lane.
 const H2_CONNECTIONS: usize = 4;
 
+/// Lanes of the fixed-rate load, each one request at a time.
+pub const LANES: usize = 64;
+
+/// Clients of the slow-clients row: each its own connection, each sending
+/// one request a second, so the proxies hold many mostly idle connections.
+pub const SLOW_CLIENTS: usize = 1000;
+
+/// The shape of one fixed-rate row.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Load {
+    /// `rate` requests/s over `LANES` lanes (HTTP/2: on a few connections).
+    Steady(u64),
+    /// `SLOW_CLIENTS` clients, one request/s each, one connection each.
+    SlowClients,
+}
+
+impl Load {
+    pub fn rate(self) -> u64 {
+        match self {
+            Load::Steady(rate) => rate,
+            Load::SlowClients => SLOW_CLIENTS as u64,
+        }
+    }
+
+    /// As in row names and JSON keys: `5000`, `1000c`.
+    pub fn name(self) -> String {
+        match self {
+            Load::Steady(rate) => rate.to_string(),
+            Load::SlowClients => format!("{SLOW_CLIENTS}c"),
+        }
+    }
+
+    fn lanes(self) -> usize {
+        match self {
+            Load::Steady(_) => LANES,
+            Load::SlowClients => SLOW_CLIENTS,
+        }
+    }
+
+    fn connections(self, protocol: Protocol) -> usize {
+        match self {
+            Load::Steady(_) => protocol.connections(LANES),
+            Load::SlowClients => SLOW_CLIENTS,
+        }
+    }
+}
+
 /// What the load generator speaks to the first hop.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -42,21 +89,17 @@ impl Protocol {
         }
     }
 
-    /// `lanes` clients for `target`: one connection each for HTTP/1.1; for
-    /// HTTP/2, clones sharing a few connections.
-    fn clients(self, target: SocketAddr, lanes: usize) -> Vec<AppClient> {
-        let connections = match self {
+    /// Connections for `lanes` lanes: one each for HTTP/1.1; for HTTP/2, a
+    /// few that the lanes share.
+    fn connections(self, lanes: usize) -> usize {
+        match self {
             Protocol::Http1 => lanes,
             Protocol::Http2 => H2_CONNECTIONS.min(lanes),
-        };
-        let pool: Vec<AppClient> = (0..connections).map(|_| self.client(target)).collect();
-        (0..lanes)
-            .map(|lane| pool[lane % connections].clone())
-            .collect()
+        }
     }
 
     /// One request; whether a complete, successful answer came back.
-    async fn call(self, client: &AppClient, authority: &str) -> bool {
+    pub async fn call(self, client: &AppClient, authority: &str) -> bool {
         match self {
             Protocol::Http1 => client
                 .get(authority, "/")
@@ -114,15 +157,36 @@ pub struct Latencies {
     pub failed: usize,
 }
 
-/// Open-loop load: `rate` requests/s for `seconds` over `lanes` lanes (each
-/// one request at a time); latency from each request's intended start.
-pub async fn open_loop(target: &Target, rate: u64, seconds: u64, lanes: usize) -> Latencies {
+/// `lanes` clients for `target` over `connections` connections (HTTP/2
+/// clients share theirs), each connection opened and used once: a row
+/// measures requests, not connection set-up.
+async fn connect(target: &Target, lanes: usize, connections: usize) -> Vec<AppClient> {
+    let protocol = target.protocol;
+    let pool: Vec<AppClient> = (0..connections)
+        .map(|_| protocol.client(target.addr))
+        .collect();
+    let mut first = tokio::task::JoinSet::new();
+    for client in pool.clone() {
+        let authority = target.authority.clone();
+        first.spawn(async move { protocol.call(&client, &authority).await });
+    }
+    while first.join_next().await.is_some() {}
+    (0..lanes)
+        .map(|lane| pool[lane % pool.len()].clone())
+        .collect()
+}
+
+/// Open-loop load: `load.rate()` requests/s for `seconds` over its lanes
+/// (each one request at a time); latency from each request's intended start.
+pub async fn open_loop(target: &Target, load: Load, seconds: u64) -> Latencies {
+    let (rate, lanes) = (load.rate(), load.lanes());
+    let clients = connect(target, lanes, load.connections(target.protocol)).await;
     let total = (rate * seconds) as usize;
     let start = Instant::now() + Duration::from_millis(50);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let protocol = target.protocol;
     let mut tasks = Vec::new();
-    for (lane, client) in protocol.clients(target.addr, lanes).into_iter().enumerate() {
+    for (lane, client) in clients.into_iter().enumerate() {
         let authority = target.authority.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
@@ -173,10 +237,11 @@ pub async fn open_loop(target: &Target, rate: u64, seconds: u64, lanes: usize) -
 /// Closed-loop maximum: `workers` clients as fast as they can (over as many
 /// HTTP/1.1 connections, or multiplexed on a few HTTP/2 connections).
 pub async fn max_throughput(target: &Target, seconds: u64, workers: usize) -> f64 {
+    let clients = connect(target, workers, target.protocol.connections(workers)).await;
     let end = Instant::now() + Duration::from_secs(seconds);
     let protocol = target.protocol;
     let mut tasks = Vec::new();
-    for client in protocol.clients(target.addr, workers) {
+    for client in clients {
         let authority = target.authority.clone();
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;

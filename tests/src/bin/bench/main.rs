@@ -7,12 +7,15 @@
 //! 1 KiB answered with 1 KiB (gRPC-sized messages).
 //! Fixed-rate (open-loop) load: a lane that falls behind counts latency from
 //! each request's intended send time, so a stall is not hidden (no
-//! coordinated omission). The proxies run as separate processes, one thread
+//! coordinated omission). After the rates, a row of 1,000 slow clients (one
+//! connection and one request a second each). The proxies run as separate processes, one thread
 //! each, so their RSS and CPU are their own.
 //!
 //! cargo run --release -p trellis-tests --bin bench -- [--quick] [--output json]
-//!     [--rounds N] [--seconds S] [--rates R1,R2]
+//!     [--rounds N] [--seconds S] [--rates R1,R2] [--callgrind-dir DIR]
+//! (`--callgrind-dir` keeps callgrind's dumps there, for `callgrind_annotate`.)
 
+mod instructions;
 mod load;
 mod mesh_size;
 mod peer;
@@ -23,15 +26,14 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use load::{Latencies, Protocol, Target};
+use load::{Latencies, Load, Protocol, Target};
+use mesh_size::Memory;
 use peer::Peer;
+use serde_json::Value;
 use sidecar::ProxyProcess;
 use trellis_tests::{pod_yaml, service_yaml, AppClient, Mesh};
 
 const SERVICE: &str = "hello";
-
-/// Lanes of the fixed-rate load, each one request at a time.
-const LANES: usize = 64;
 
 /// Workers of the closed-loop maximum.
 const WORKERS: usize = 32;
@@ -42,6 +44,7 @@ pub struct Options {
     rounds: usize,
     seconds: u64,
     rates: Vec<u64>,
+    callgrind_dir: Option<std::path::PathBuf>,
 }
 
 fn options() -> Options {
@@ -64,7 +67,12 @@ fn options() -> Options {
             .unwrap_or(if quick { 2 } else { 5 }),
         rates: value("--rates")
             .map(|v| v.split(',').filter_map(|r| r.parse().ok()).collect())
-            .unwrap_or(if quick { vec![500] } else { vec![1000, 5000] }),
+            .unwrap_or(if quick {
+                vec![500]
+            } else {
+                vec![1000, 5000, 10_000]
+            }),
+        callgrind_dir: value("--callgrind-dir").map(Into::into),
     }
 }
 
@@ -109,13 +117,16 @@ impl Path {
 /// Everything measured on one path.
 #[derive(Default)]
 pub struct Figures {
-    /// Per rate, one entry per round.
-    pub latency: BTreeMap<u64, Vec<Latencies>>,
-    /// Per round and rate: proxy CPU seconds per 1,000 requests, per proxy.
-    pub cpu_per_1000: Vec<f64>,
-    /// KiB, the largest proxy on the path, after warm-up and after load.
-    pub rss_idle: u64,
-    pub rss_under_load: u64,
+    /// Per load, one entry per round.
+    pub latency: BTreeMap<Load, Vec<Latencies>>,
+    /// Per load, one entry per round: proxy CPU seconds per 1,000 requests,
+    /// per proxy.
+    pub cpu_per_1000: BTreeMap<Load, Vec<f64>>,
+    /// The largest proxy on the path: after warm-up, under the steady
+    /// rates, and holding the slow clients' connections.
+    pub idle: Memory,
+    pub under_load: Memory,
+    pub slow_clients: Memory,
     /// Closed-loop requests/s, per round.
     pub max_rps: Vec<f64>,
 }
@@ -124,6 +135,8 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some(sidecar::INTERNAL_PROXY) {
         return sidecar::internal_proxy();
     }
+    // The slow clients' connections, on every process of the bench.
+    trellis_tests::raise_fd_limit();
     tokio::runtime::Runtime::new()?.block_on(bench(options()))
 }
 
@@ -178,18 +191,31 @@ async fn bench(opts: Options) -> anyhow::Result<()> {
         }
     }
     let figures = measure(&paths, &opts).await;
+    let instructions = match instructions::find_valgrind()? {
+        Some(valgrind) => {
+            let requests = if opts.quick { 200 } else { 2_000 };
+            let dir = opts.callgrind_dir.as_deref();
+            let counted = instructions::measure(&mut mesh, &valgrind, requests, dir).await;
+            Some(counted.context("counting instructions per request")?)
+        }
+        None => None,
+    };
     let added = if opts.quick { 1_000 } else { 10_000 };
     let mesh_size = mesh_size::measure(&mesh, client_proxy.pid(), added).await?;
     let peer_version = peer.as_ref().map(|p| p.version.as_str());
     if opts.json {
         let mut json = report::json(&paths, &figures, &opts, peer_version);
         json["mesh_size"] = mesh_size.json();
+        json["instructions"] = instructions.as_ref().map_or(Value::Null, |i| i.json());
         println!("{json}");
     } else {
         print!(
-            "{}\n{}",
+            "{}\n{}{}",
             report::markdown(&paths, &figures, &opts, peer_version),
-            mesh_size.markdown()
+            mesh_size.markdown(),
+            instructions
+                .as_ref()
+                .map_or(String::new(), |i| i.markdown()),
         );
     }
     Ok(())
@@ -218,34 +244,43 @@ async fn start_peer(mesh: &mut Mesh, app: SocketAddr) -> anyhow::Result<Option<P
     Ok(Some(peer))
 }
 
-/// Runs every path at every rate, then the closed-loop maximum, each
+/// Runs every path at every load, then the closed-loop maximum, each
 /// interleaved round by round so machine noise hits all paths alike.
 async fn measure(paths: &[Path], opts: &Options) -> Vec<Figures> {
     // Warm up every path (connections, TLS, EWMA) before measuring.
     for path in paths {
-        load::open_loop(&path.target, 200, 1, 8).await;
+        load::open_loop(&path.target, Load::Steady(200), 1).await;
     }
     let mut figures: Vec<Figures> = paths
         .iter()
         .map(|path| Figures {
-            rss_idle: report::rss(&path.pids),
+            idle: report::memory(&path.pids),
             ..Figures::default()
         })
         .collect();
-    for &rate in &opts.rates {
+    let loads = opts.rates.iter().map(|&rate| Load::Steady(rate));
+    for load in loads.chain([Load::SlowClients]) {
         for _ in 0..opts.rounds {
             for (path, figures) in paths.iter().zip(&mut figures) {
                 let cpu_before = report::cpu(&path.pids);
-                let lat = load::open_loop(&path.target, rate, opts.seconds, LANES).await;
+                let run = load::open_loop(&path.target, load, opts.seconds);
+                let (lat, memory) = report::watch_memory(&path.pids, run).await;
                 if !path.pids.is_empty() {
                     let cpu = report::cpu(&path.pids) - cpu_before;
                     let thousands = lat.ok.max(1) as f64 / 1000.0;
+                    let per_proxy = cpu / path.pids.len() as f64 / thousands;
                     figures
                         .cpu_per_1000
-                        .push(cpu / path.pids.len() as f64 / thousands);
-                    figures.rss_under_load = figures.rss_under_load.max(report::rss(&path.pids));
+                        .entry(load)
+                        .or_default()
+                        .push(per_proxy);
+                    let peak = match load {
+                        Load::Steady(_) => &mut figures.under_load,
+                        Load::SlowClients => &mut figures.slow_clients,
+                    };
+                    *peak = peak.max(memory);
                 }
-                figures.latency.entry(rate).or_default().push(lat);
+                figures.latency.entry(load).or_default().push(lat);
             }
         }
     }

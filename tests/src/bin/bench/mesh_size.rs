@@ -38,6 +38,14 @@ impl Memory {
             private: field("Private_Clean:") + field("Private_Dirty:"),
         }
     }
+
+    /// Each figure the larger of the two.
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            rss: self.rss.max(other.rss),
+            private: self.private.max(other.private),
+        }
+    }
 }
 
 pub struct MeshSize {

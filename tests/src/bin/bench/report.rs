@@ -1,19 +1,17 @@
 //! From measurements to figures (medians over rounds, ratios), and the two
 //! ways to print them: Markdown tables for people, one JSON line for scripts.
 
+use std::future::Future;
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
-use crate::load::{Latencies, Protocol};
-use crate::{Figures, Options, Path, Via, LANES, WORKERS};
+use crate::load::{Latencies, Load, Protocol, LANES, SLOW_CLIENTS};
+use crate::mesh_size::Memory;
+use crate::{Figures, Options, Path, Via, WORKERS};
 
-/// RSS in KiB and CPU (user + system) in seconds of a process, from /proc.
-fn usage(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0);
+/// CPU (user + system) in seconds of a process so far, from /proc.
+fn cpu_of(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let fields: Vec<&str> = stat
@@ -26,17 +24,33 @@ fn usage(pid: u32) -> (u64, f64) {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (rss, (ticks(11) + ticks(12)) / 100.0)
-}
-
-/// The RSS of the largest of `pids`, KiB.
-pub fn rss(pids: &[u32]) -> u64 {
-    pids.iter().map(|p| usage(*p).0).max().unwrap_or(0)
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// CPU seconds used so far by all of `pids`.
 pub fn cpu(pids: &[u32]) -> f64 {
-    pids.iter().map(|p| usage(*p).1).sum()
+    pids.iter().map(|p| cpu_of(*p)).sum()
+}
+
+/// The memory of the largest of `pids` (each figure its own maximum).
+pub fn memory(pids: &[u32]) -> Memory {
+    pids.iter()
+        .map(|p| Memory::of(*p))
+        .fold(Memory::default(), Memory::max)
+}
+
+/// Runs `work`, sampling the memory of `pids` twice a second meanwhile:
+/// its result and the peak.
+pub async fn watch_memory<T>(pids: &[u32], work: impl Future<Output = T>) -> (T, Memory) {
+    let mut peak = memory(pids);
+    let mut sample = tokio::time::interval(Duration::from_millis(500));
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return (out, peak.max(memory(pids))),
+            _ = sample.tick() => peak = peak.max(memory(pids)),
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -51,46 +65,49 @@ fn spread(v: &[f64]) -> String {
     format!("{lo:.3}–{hi:.3}")
 }
 
-/// A path's latency at one rate: medians over the rounds.
+/// A path's latency under one load: medians over the rounds.
 struct LatencyRow {
     name: String,
-    rate: u64,
+    load: Load,
     p50: f64,
     p99: f64,
     p999: f64,
-    /// Over direct in the same protocol at the same rate; none for direct.
+    /// Over direct in the same protocol under the same load; none for direct.
     added: Option<(f64, f64)>,
     failed: usize,
     p50_spread: String,
+    /// CPU seconds per 1,000 requests, per proxy; none for direct.
+    cpu_per_1000: Option<f64>,
 }
 
 fn latency_rows(paths: &[Path], figures: &[Figures]) -> Vec<LatencyRow> {
-    let at = |f: &Figures, rate: u64| f.latency.get(&rate).cloned().unwrap_or_default();
-    let rates: Vec<u64> = figures
+    let at = |f: &Figures, load: Load| f.latency.get(&load).cloned().unwrap_or_default();
+    let loads: Vec<Load> = figures
         .first()
         .map(|f| f.latency.keys().copied().collect())
         .unwrap_or_default();
     let mut rows = Vec::new();
-    for rate in rates {
+    for load in loads {
         for (path, f) in paths.iter().zip(figures) {
-            let rounds = at(f, rate);
+            let rounds = at(f, load);
             let (p50, p99, p999) = medians(&rounds);
             let added = match find(paths, Via::Direct, path.target.protocol) {
                 Some(direct) if path.via != Via::Direct => {
-                    let (d50, d99, _) = medians(&at(&figures[direct], rate));
+                    let (d50, d99, _) = medians(&at(&figures[direct], load));
                     Some((p50 - d50, p99 - d99))
                 }
                 _ => None,
             };
             rows.push(LatencyRow {
                 name: path.name(),
-                rate,
+                load,
                 p50,
                 p99,
                 p999,
                 added,
                 failed: rounds.iter().map(|l| l.failed).sum(),
                 p50_spread: spread(&rounds.iter().map(|l| l.p50).collect::<Vec<_>>()),
+                cpu_per_1000: f.cpu_per_1000.get(&load).cloned().map(median),
             });
         }
     }
@@ -142,15 +159,30 @@ fn proxied<'a>(
         .filter(|(path, _)| !path.pids.is_empty())
 }
 
+/// CPU seconds per 1,000 requests per proxy: the median over every round
+/// of the steady rates.
+fn steady_cpu(f: &Figures) -> f64 {
+    let steady = f
+        .cpu_per_1000
+        .iter()
+        .filter(|(load, _)| matches!(load, Load::Steady(_)));
+    median(
+        steady
+            .flat_map(|(_, rounds)| rounds.iter().copied())
+            .collect(),
+    )
+}
+
 pub fn json(paths: &[Path], figures: &[Figures], opts: &Options, peer: Option<&str>) -> Value {
     let key = |name: &str| name.replace(' ', "_");
     let mut out = serde_json::Map::new();
     for row in latency_rows(paths, figures) {
         out.insert(
-            format!("{}_{}", key(&row.name), row.rate),
-            json!({"p50_ms": row.p50, "p99_ms": row.p99, "p999_ms": row.p999,
+            format!("{}_{}", key(&row.name), row.load.name()),
+            json!({"rate": row.load.rate(), "p50_ms": row.p50, "p99_ms": row.p99, "p999_ms": row.p999,
                    "added_p50_ms": row.added.map(|a| a.0), "added_p99_ms": row.added.map(|a| a.1),
-                   "failed": row.failed, "p50_spread_ms": row.p50_spread}),
+                   "failed": row.failed, "p50_spread_ms": row.p50_spread,
+                   "cpu_seconds_per_1000_requests": row.cpu_per_1000}),
         );
     }
     let mut max_rps = serde_json::Map::new();
@@ -167,8 +199,11 @@ pub fn json(paths: &[Path], figures: &[Figures], opts: &Options, peer: Option<&s
     out.insert("max_rps".into(), Value::Object(max_rps));
     let proxies: serde_json::Map<String, Value> = proxied(paths, figures)
         .map(|(path, f)| {
-            let figures = json!({"rss_idle_kib": f.rss_idle, "rss_under_load_kib": f.rss_under_load,
-                                 "cpu_seconds_per_1000_requests": median(f.cpu_per_1000.clone())});
+            let figures = json!({"rss_idle_kib": f.idle.rss, "rss_under_load_kib": f.under_load.rss,
+                                 "private_under_load_kib": f.under_load.private,
+                                 "rss_slow_clients_kib": f.slow_clients.rss,
+                                 "private_slow_clients_kib": f.slow_clients.private,
+                                 "cpu_seconds_per_1000_requests": steady_cpu(f)});
             (key(&path.name()), figures)
         })
         .collect();
@@ -176,7 +211,8 @@ pub fn json(paths: &[Path], figures: &[Figures], opts: &Options, peer: Option<&s
     out.insert(
         "config".into(),
         json!({"rounds": opts.rounds, "seconds": opts.seconds, "rates": opts.rates,
-               "quick": opts.quick, "lanes": LANES, "workers": WORKERS, "peer": peer}),
+               "quick": opts.quick, "lanes": LANES, "slow_clients": SLOW_CLIENTS,
+               "workers": WORKERS, "peer": peer}),
     );
     Value::Object(out)
 }
@@ -184,20 +220,25 @@ pub fn json(paths: &[Path], figures: &[Figures], opts: &Options, peer: Option<&s
 pub fn markdown(paths: &[Path], figures: &[Figures], opts: &Options, peer: Option<&str>) -> String {
     let num = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
     let mut out = String::from(
-        "| path | rate | p50 ms | p99 ms | p99.9 ms | added p50 | added p99 | failed |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| path | rate | p50 ms | p99 ms | p99.9 ms | added p50 | added p99 | failed | CPU s per 1,000 |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for row in latency_rows(paths, figures) {
+        let rate = match row.load {
+            Load::Steady(rate) => rate.to_string(),
+            Load::SlowClients => format!("{} ({SLOW_CLIENTS} slow clients)", row.load.rate()),
+        };
         out += &format!(
-            "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {} | {} |\n",
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
             row.name,
-            row.rate,
+            rate,
             row.p50,
             row.p99,
             row.p999,
             num(row.added.map(|a| a.0), 3),
             num(row.added.map(|a| a.1), 3),
             row.failed,
+            num(row.cpu_per_1000, 4),
         );
     }
     out += &format!(
@@ -217,16 +258,21 @@ pub fn markdown(paths: &[Path], figures: &[Figures], opts: &Options, peer: Optio
             num(t.trellis_over_peer, 3),
         );
     }
-    out += "\nProxies (RSS: the larger of the two; CPU: per proxy):\n\n\
-            | path | RSS idle KiB | RSS under load KiB | CPU s per 1,000 requests |\n\
-            |---|---|---|---|\n";
+    out += &format!(
+        "\nProxies (memory: the larger of the two, KiB; CPU: per proxy, over the steady rates):\n\n\
+         | path | RSS idle | RSS under load | private under load | RSS, {SLOW_CLIENTS} slow clients | private, {SLOW_CLIENTS} slow clients | CPU s per 1,000 requests |\n\
+         |---|---|---|---|---|---|---|\n"
+    );
     for (path, f) in proxied(paths, figures) {
         out += &format!(
-            "| {} | {} | {} | {:.4} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.4} |\n",
             path.name(),
-            f.rss_idle,
-            f.rss_under_load,
-            median(f.cpu_per_1000.clone()),
+            f.idle.rss,
+            f.under_load.rss,
+            f.under_load.private,
+            f.slow_clients.rss,
+            f.slow_clients.private,
+            steady_cpu(f),
         );
     }
     out += &format!(

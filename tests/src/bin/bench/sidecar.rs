@@ -2,6 +2,7 @@
 //! re-executed as `internal-proxy`), so their RSS and CPU are their own.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -21,8 +22,29 @@ pub struct ProxyProcess {
     pub inbound: SocketAddr,
 }
 
+/// How a sidecar process is started: as it is, or under a tool (valgrind).
+pub struct Launch {
+    /// The program, with its arguments, that runs this binary's sidecar.
+    pub wrapper: Vec<OsString>,
+    /// How long it may take to become ready.
+    pub ready_within: Duration,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            wrapper: Vec::new(),
+            ready_within: Duration::from_secs(20),
+        }
+    }
+}
+
 impl ProxyProcess {
     pub async fn start(mesh: &Mesh, ip: IpAddr, sa: &str) -> anyhow::Result<Self> {
+        Self::launch(mesh, ip, sa, Launch::default()).await
+    }
+
+    pub async fn launch(mesh: &Mesh, ip: IpAddr, sa: &str, how: Launch) -> anyhow::Result<Self> {
         use trellis_proxy::config::*;
         let identity = trellis_proto::SpiffeId::new(trellis_tests::TRUST_DOMAIN, "default", sa);
         let (outbound, inbound, admin) = (
@@ -43,7 +65,16 @@ impl ProxyProcess {
             mesh.controller_addr(),
             mesh.dir.path(),
         ));
-        let child = Command::new(std::env::current_exe().context("own path")?)
+        let own = std::env::current_exe().context("own path")?;
+        let mut command = match how.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(own);
+                command
+            }
+            None => Command::new(own),
+        };
+        let child = command
             .arg(INTERNAL_PROXY)
             .envs(env)
             .env("RUST_LOG", "warn")
@@ -55,14 +86,18 @@ impl ProxyProcess {
             .spawn()
             .context("starting a proxy process")?;
         let client = AppClient::http1(admin);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + how.ready_within;
         while client
             .get(&admin.to_string(), "/ready")
             .await
             .map(|a| a.status.as_u16())
             != Ok(200)
         {
-            anyhow::ensure!(Instant::now() < deadline, "proxy {sa} not ready in 20 s");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "proxy {sa} not ready in {:?}",
+                how.ready_within
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(Self {
@@ -77,10 +112,12 @@ impl ProxyProcess {
     }
 }
 
-/// The sidecar process: the proxy on the runtime `trellis-proxy run` uses
+/// The sidecar process: the proxy with the log and on the runtime
+/// `trellis-proxy run` uses
 /// (one thread unless `TRELLIS_WORKER_THREADS` says otherwise, inherited
 /// from the bench's environment), so the bench measures what ships.
 pub fn internal_proxy() -> anyhow::Result<()> {
+    trellis_proxy::init_logging();
     let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
     let runtime = trellis_proxy::runtime(config.worker_threads).context("proxy runtime")?;
     runtime.block_on(async {
