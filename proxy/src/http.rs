@@ -28,24 +28,23 @@ where
 /// Removes connection-specific headers (RFC 9110 §7.6.1), which must not be
 /// forwarded and are forbidden in HTTP/2 (RFC 9113 §8.2.2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // Most messages have none: one pass over the names finds that, where
+    // removing each candidate would hash every one of them.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let named = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        HeaderName::from_static("proxy-connection"),
-        HeaderName::from_static("keep-alive"),
-    ] {
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+    let always = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) && *name != header::TE)
+        .cloned();
+    let remove: Vec<HeaderName> = named.chain(always).collect();
+    for name in remove {
         headers.remove(name);
     }
     // `TE: trailers` is the one TE value HTTP/2 allows (gRPC needs it).
@@ -55,6 +54,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !te_trailers {
         headers.remove(header::TE);
     }
+}
+
+/// A header that is connection-specific wherever it appears (`TE` is,
+/// unless its value is `trailers`).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+    ]
+    .contains(name)
+        || matches!(name.as_str(), "proxy-connection" | "keep-alive")
 }
 
 /// The longest request target (path and query) the
@@ -85,4 +98,48 @@ pub fn refuse_at_edge<B>(request: &http::Request<B>) -> Result<(), crate::errors
         return Err(ProxyError::UriTooLong(target));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn connection_specific_headers_are_removed_and_the_rest_kept() {
+        let mut h = headers(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic eA=="),
+            ("te", "trailers"),
+            ("x-request-id", "7"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["te", "x-request-id"]);
+
+        let mut h = headers(&[("te", "gzip"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["accept"], "TE other than trailers goes");
+
+        let mut h = headers(&[("accept", "*/*"), ("x-b3-traceid", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["accept", "x-b3-traceid"], "nothing to strip");
+    }
 }

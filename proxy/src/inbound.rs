@@ -13,11 +13,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -35,6 +33,9 @@ use crate::metrics::{Label, Metrics, RequestLabels};
 use crate::server::{self, Peer, ServeError, Server};
 use crate::socket::{self, Counted};
 use crate::tls::{self, FailureReason};
+
+mod app;
+use app::{AppConnections, AppVersion};
 
 /// An accepted connection, counted in the metrics.
 type Accepted = Counted<TcpStream>;
@@ -150,8 +151,7 @@ pub struct Inbound {
     opaque_ports: Vec<u16>,
     /// Who may call which port: checked before the application sees a byte.
     authz: Arc<Authz>,
-    app_h1: Client<HttpConnector, Body>,
-    app_h2: Client<HttpConnector, Body>,
+    app: Arc<AppConnections>,
     server: Server,
     /// Turns for TLS handshakes (`TRELLIS_MAX_TLS_HANDSHAKES`).
     handshakes: Semaphore,
@@ -159,6 +159,8 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// Must be called on the proxy's runtime: it starts the task that
+    /// closes idle connections to the application.
     pub fn new(
         identity: Arc<IdentityManager>,
         metrics: Arc<Metrics>,
@@ -166,13 +168,11 @@ impl Inbound {
         server: Server,
         config: &Config,
     ) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
         // The application gets what the client's edge accepted (requests
         // within the limit); its responses are held to the same limit, so
         // every response fits the connection between sidecars.
-        let limit = server.max_header_bytes;
+        let app = Arc::new(AppConnections::new(config.app_ip, server.max_header_bytes));
+        tokio::spawn(AppConnections::close_idle(Arc::downgrade(&app)));
         Arc::new(Self {
             identity,
             metrics,
@@ -180,13 +180,7 @@ impl Inbound {
             app_ip: config.app_ip,
             opaque_ports: config.opaque_ports.clone(),
             authz,
-            app_h1: Client::builder(TokioExecutor::new())
-                .http1_max_buf_size(limit as usize)
-                .build(connector.clone()),
-            app_h2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .http2_max_header_list_size(limit)
-                .build(connector),
+            app,
             server,
             handshakes: Semaphore::new(config.max_tls_handshakes),
             refusals: ThrottledByKind::every(REFUSAL_LOG_EVERY),
@@ -477,35 +471,40 @@ impl Inbound {
         if let Some(id) = client.and_then(|c| c.header.clone()) {
             parts.headers.insert(CLIENT_ID, id);
         }
-        let app = SocketAddr::new(self.app_ip, port);
-        let authority = parts.uri.authority().map(|a| a.to_string());
         let path = parts
             .uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(app.to_string())
-            .path_and_query(path)
-            .build()
-            .map_err(|_| ProxyError::NoTarget)?;
-        let client = if http1 {
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let version = if http1 {
             parts.version = Version::HTTP_11;
-            // The application sees the Host its client asked for.
-            if let Some(host) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
-                parts.headers.insert(http::header::HOST, host);
+            // The application sees the Host its client asked for, and the
+            // request target in origin form.
+            if let Some(host) = parts.uri.authority() {
+                if let Ok(host) = HeaderValue::from_str(host.as_str()) {
+                    parts.headers.insert(http::header::HOST, host);
+                }
             }
-            &self.app_h1
+            parts.uri = Uri::from(path);
+            AppVersion::Http1
         } else {
             parts.version = Version::HTTP_2;
-            &self.app_h2
+            // HTTP/2 needs `:scheme`; `:authority` stays the client's.
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.path_and_query = Some(path);
+            if uri.authority.is_none() {
+                uri.authority = SocketAddr::new(self.app_ip, port).to_string().parse().ok();
+            }
+            parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::NoTarget)?;
+            AppVersion::Http2
         };
-        let response = client
-            .request(Request::from_parts(parts, boxed(body)))
+        let response = self
+            .app
+            .send(port, version, Request::from_parts(parts, boxed(body)))
             .await
             .map_err(|e| ProxyError::Connect {
-                endpoint: app.to_string(),
+                endpoint: SocketAddr::new(self.app_ip, port).to_string(),
                 reason: e.to_string(),
             })?;
         let (mut parts, body) = response.into_parts();

@@ -96,7 +96,9 @@ pub async fn accept<F, Fut>(
                     }
                     continue;
                 };
-                let connection = serve(tcp, peer, watch.clone());
+                // Boxed: the connection's future is large, and `select!`
+                // would otherwise hold it twice (as captured, and pinned).
+                let connection = Box::pin(serve(tcp, peer, watch.clone()));
                 let mut deadline = watch.clone();
                 tokio::spawn(async move {
                     let _slot = slot;

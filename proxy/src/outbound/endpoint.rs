@@ -177,7 +177,9 @@ impl EndpointHandle {
         if let Some(open) = self.0.connection.sender.load_full().filter(|o| o.usable()) {
             return Ok(open.sender.clone());
         }
-        let open = self.connect(tls, expected).await?;
+        // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is rare and its
+        // future is large; unboxed, every request's future would carry it.
+        let open = Box::pin(self.connect(tls, expected)).await?;
         let sender = open.sender.clone();
         self.0.connection.sender.store(Some(Arc::new(open)));
         Ok(sender)
