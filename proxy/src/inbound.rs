@@ -509,7 +509,7 @@ impl Inbound {
             })?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, boxed(body)))
+        Ok(Response::from_parts(parts, body))
     }
 }
 

@@ -17,6 +17,7 @@ pub mod drain;
 pub mod errors;
 pub mod grpc;
 pub mod http;
+pub mod http2;
 pub mod identity;
 pub mod inbound;
 pub mod init;

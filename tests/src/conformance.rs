@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -50,12 +50,17 @@ impl Echoed {
     }
 }
 
-/// Answers every request with an [`Echoed`] as JSON.
+/// Answers every request with an [`Echoed`] as JSON at once, and reads
+/// its body meanwhile (as servers do: one that answers and closes with
+/// the body unread resets the connection, and its client may lose the
+/// answer).
 pub fn echo_http_app(listener: TcpListener, pod: &str, namespace: &str) {
     let (pod, namespace) = (pod.to_string(), namespace.to_string());
     tokio::spawn(trellis_common::serve::serve(
         listener,
         move |request: http::Request<hyper::body::Incoming>| {
+            let (request, body) = request.into_parts();
+            let request = http::Request::from_parts(request, ());
             let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (name, value) in request.headers() {
                 headers
@@ -81,6 +86,7 @@ pub fn echo_http_app(listener: TcpListener, pod: &str, namespace: &str) {
                 pod: pod.clone(),
             };
             async move {
+                let _ = body.collect().await;
                 let mut response = http::Response::new(Full::new(Bytes::from(
                     serde_json::to_vec(&echoed).unwrap_or_default(),
                 )));

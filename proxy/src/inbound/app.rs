@@ -6,17 +6,17 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 
 use super::{connect_app, InboundError, APP_CONNECT_TIMEOUT};
 use crate::coalesce::Coalesced;
-use crate::http::Body;
+use crate::http::{boxed, Body};
+use crate::http2;
 
 /// An HTTP/1.1 connection unused this long is closed: shorter than the
 /// shortest keep-alive timeout common servers have (Node.js: 5 s), so the
@@ -40,6 +40,8 @@ pub enum AppError {
     Connect(#[from] InboundError),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Http2(#[from] h2::Error),
 }
 
 /// The application's connections, by port.
@@ -54,7 +56,7 @@ pub struct AppConnections {
 struct Port {
     /// Most recently used last; each with when it was kept.
     http1: Vec<(Instant, http1::SendRequest<Body>)>,
-    http2: Option<http2::SendRequest<Body>>,
+    http2: Option<Arc<http2::Connection>>,
 }
 
 impl AppConnections {
@@ -74,8 +76,9 @@ impl AppConnections {
         port: u16,
         version: AppVersion,
         mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, AppError> {
+    ) -> Result<Response<Body>, AppError> {
         loop {
+            // Each failure with the request when none of it was sent.
             let (kept, sent) = match version {
                 AppVersion::Http1 => {
                     let (kept, mut sender) = match self.kept_http1(port) {
@@ -85,22 +88,24 @@ impl AppConnections {
                     let sent = sender.try_send_request(request).await;
                     // Busy until its response body ends; taken again once ready.
                     self.keep_http1(port, sender);
+                    let sent = sent.map(|response| response.map(boxed)).map_err(|mut e| {
+                        (e.take_message(), AppError::from(e.into_error()))
+                    });
                     (kept, sent)
                 }
                 AppVersion::Http2 => {
-                    let (kept, mut sender) = match self.kept_http2(port) {
-                        Some(sender) => (true, sender),
+                    let (kept, connection) = match self.kept_http2(port) {
+                        Some(connection) => (true, connection),
                         None => (false, self.connect_http2(port).await?),
                     };
-                    (kept, sender.try_send_request(request).await)
+                    let sent = connection.send(request).await;
+                    (kept, sent.map_err(|e| (e.unsent, e.error.into())))
                 }
             };
             match sent {
                 Ok(response) => return Ok(response),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if kept => request = unsent,
-                    _ => return Err(error.into_error().into()),
-                },
+                Err((Some(unsent), _)) if kept => request = unsent,
+                Err((_, error)) => return Err(error),
             }
         }
     }
@@ -130,10 +135,8 @@ impl AppConnections {
         });
     }
 
-    fn kept_http2(&self, port: u16) -> Option<http2::SendRequest<Body>> {
-        self.port(port, |p| {
-            p.http2.as_ref().filter(|sender| sender.is_ready()).cloned()
-        })
+    fn kept_http2(&self, port: u16) -> Option<Arc<http2::Connection>> {
+        self.port(port, |p| p.http2.clone().filter(|c| !c.is_closed()))
     }
 
     async fn connect_http1(&self, port: u16) -> Result<http1::SendRequest<Body>, AppError> {
@@ -149,17 +152,20 @@ impl AppConnections {
     /// A new HTTP/2 connection, kept for the next requests. (Two requests
     /// that find none at once both connect; the later one is kept, the
     /// other closes when its stream ends.)
-    async fn connect_http2(&self, port: u16) -> Result<http2::SendRequest<Body>, AppError> {
+    async fn connect_http2(&self, port: u16) -> Result<Arc<http2::Connection>, AppError> {
         let tcp = connect_app(self.addr(port), APP_CONNECT_TIMEOUT).await?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(self.max_header_bytes)
-            // Writes wait for h2's flush: one write per batch of frames.
-            .handshake(TokioIo::new(Coalesced::new(tcp)))
-            .await?;
-        tokio::spawn(connection);
-        self.port(port, |p| p.http2 = Some(sender.clone()));
-        Ok(sender)
+        let settings = http2::Settings {
+            max_header_list_size: self.max_header_bytes,
+            max_frame_size: None,
+            // The application is local: a dead one closes its sockets.
+            keepalive: false,
+        };
+        // Writes wait for h2's flush: one write per batch of frames.
+        let connection =
+            http2::Connection::handshake(Coalesced::new(tcp), &settings, self.addr(port)).await?;
+        let connection = Arc::new(connection);
+        self.port(port, |p| p.http2 = Some(connection.clone()));
+        Ok(connection)
     }
 
     fn addr(&self, port: u16) -> SocketAddr {
@@ -185,7 +191,7 @@ impl AppConnections {
                 };
                 p.http1
                     .retain(|(since, s)| !(s.is_closed() || idle_too_long(*since, s)));
-                p.http2.take_if(|s| s.is_closed());
+                p.http2.take_if(|c| c.is_closed());
                 p.http2.is_some() || !p.http1.is_empty()
             });
         }
@@ -195,8 +201,8 @@ impl AppConnections {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper_util::rt::TokioExecutor;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     use http_body_util::{BodyExt, Empty};
     use tokio::net::TcpListener;

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use trellis_proto::discovery::Endpoint;
@@ -17,12 +15,21 @@ use trellis_proto::SpiffeId;
 use crate::balance::{InFlight, Load, Weighted};
 use crate::coalesce::Coalesced;
 use crate::errors::ProxyError;
-use crate::http::Body;
+use crate::http2;
 use crate::metrics::Label;
 use crate::outlier::{Failure, Health, Policy};
 use crate::tls::{self, TlsConfigs};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The HTTP/2 between sidecars: responses as large as any sidecar lets
+/// through (see there), and PINGs that find a dead peer, whose pooled
+/// connection is then replaced.
+const MESH_HTTP2: http2::Settings = http2::Settings {
+    max_header_list_size: crate::server::MESH_HEADER_LIST_SIZE,
+    max_frame_size: Some(crate::server::MESH_FRAME_SIZE),
+    keepalive: true,
+};
 
 /// Cheap to clone: clones share load and connection.
 #[derive(Clone)]
@@ -43,7 +50,7 @@ struct Inner {
 
 #[derive(Default)]
 struct Connection {
-    sender: ArcSwapOption<Open>,
+    open: ArcSwapOption<Open>,
     /// Held while connecting, so concurrent requests share one handshake.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -51,14 +58,14 @@ struct Connection {
 /// An HTTP/2 connection and when it must stop being used: when our
 /// certificate or the peer's expires (renewal makes new connections; old
 /// ones never outlive the certificates they were authenticated with).
-struct Open {
-    sender: SendRequest<Body>,
+pub struct Open {
+    pub peer: http2::Connection,
     valid_until: SystemTime,
 }
 
 impl Open {
     fn usable(&self) -> bool {
-        !self.sender.is_closed() && SystemTime::now() < self.valid_until
+        !self.peer.is_closed() && SystemTime::now() < self.valid_until
     }
 }
 
@@ -169,20 +176,19 @@ impl EndpointHandle {
         &self,
         tls: &TlsConfigs,
         expected: &SpiffeId,
-    ) -> Result<SendRequest<Body>, ProxyError> {
-        if let Some(open) = self.0.connection.sender.load_full().filter(|o| o.usable()) {
-            return Ok(open.sender.clone());
+    ) -> Result<Arc<Open>, ProxyError> {
+        if let Some(open) = self.0.connection.open.load_full().filter(|o| o.usable()) {
+            return Ok(open);
         }
         let _connecting = self.0.connection.connecting.lock().await;
-        if let Some(open) = self.0.connection.sender.load_full().filter(|o| o.usable()) {
-            return Ok(open.sender.clone());
+        if let Some(open) = self.0.connection.open.load_full().filter(|o| o.usable()) {
+            return Ok(open);
         }
         // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is rare and its
         // future is large; unboxed, every request's future would carry it.
-        let open = Box::pin(self.connect(tls, expected)).await?;
-        let sender = open.sender.clone();
-        self.0.connection.sender.store(Some(Arc::new(open)));
-        Ok(sender)
+        let open = Arc::new(Box::pin(self.connect(tls, expected)).await?);
+        self.0.connection.open.store(Some(open.clone()));
+        Ok(open)
     }
 
     /// A new mTLS connection to the endpoint's proxy, speaking `alpn`.
@@ -206,7 +212,7 @@ impl EndpointHandle {
 
     async fn connect(&self, tls: &TlsConfigs, expected: &SpiffeId) -> Result<Open, ProxyError> {
         let stream = self.connect_tls(tls, expected, tls::ALPN_H2).await?;
-        let addr = stream.get_ref().0.peer_addr().ok();
+        let addr = stream.get_ref().0.peer_addr().unwrap_or(self.0.key);
         let error = |reason: String| ProxyError::Connect {
             endpoint: self.key().to_string(),
             reason,
@@ -214,29 +220,12 @@ impl EndpointHandle {
         let peer_not_after =
             tls::chain_not_after(stream.get_ref().1.peer_certificates().unwrap_or_default());
         let valid_until = peer_not_after.map_or(tls.not_after, |p| p.min(tls.not_after));
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            // PINGs find a dead peer; its pooled connection is replaced.
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(crate::server::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(crate::server::KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            // Responses as large as any sidecar lets through (see there).
-            .max_header_list_size(crate::server::MESH_HEADER_LIST_SIZE)
-            .max_frame_size(crate::server::MESH_FRAME_SIZE)
-            // A batch of frames goes out as one TLS record and one write.
-            .handshake(TokioIo::new(Coalesced::new(stream)))
+        // A batch of frames goes out as one TLS record and one write.
+        let peer = http2::Connection::handshake(Coalesced::new(stream), &MESH_HTTP2, addr)
             .await
             .map_err(|e| error(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(peer = ?addr, error = %e, "connection to peer proxy closed");
-            }
-        });
-        tracing::debug!(peer = ?addr, identity = %expected, "connected to peer proxy");
-        Ok(Open {
-            sender,
-            valid_until,
-        })
+        tracing::debug!(peer = %addr, identity = %expected, "connected to peer proxy");
+        Ok(Open { peer, valid_until })
     }
 }
 

@@ -5,7 +5,7 @@
 //! that falls behind is abandoned rather than waited for.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,9 +21,11 @@ use super::{service_of, Outbound};
 use crate::http::{boxed, Body, BoxError};
 use crate::metrics::RequestLabels;
 
-/// How many body frames a copy may lag behind the request before it is
-/// abandoned: a slow mirror costs at most this much memory per request.
+/// How far a copy may lag behind the request before it is abandoned, in
+/// body frames and in bytes: a slow mirror costs at most this much memory
+/// per request (a frame can be as large as a read, so both are bounded).
 const MIRROR_LAG_FRAMES: usize = 16;
+const MIRROR_LAG_BYTES: usize = 1024 * 1024;
 
 impl Outbound {
     /// Starts the rule's mirrors that fire for this request (their share
@@ -57,9 +59,14 @@ impl Outbound {
             let abandoned = Arc::new(AtomicBool::new(false));
             if !bodiless {
                 let (tx, rx) = mpsc::channel(MIRROR_LAG_FRAMES);
-                copies.push(tx);
+                let lag = Arc::new(AtomicUsize::new(0));
+                copies.push(Feed {
+                    tx,
+                    lag: lag.clone(),
+                });
                 *copy.body_mut() = boxed(CopiedBody {
                     rx,
+                    lag,
                     abandoned: abandoned.clone(),
                     hint: body.size_hint(),
                 });
@@ -122,19 +129,39 @@ enum Copied {
     End,
 }
 
+/// Where the tee feeds one copy its frames, and the bytes handed over
+/// that the copy has not taken yet.
+struct Feed {
+    tx: mpsc::Sender<Copied>,
+    lag: Arc<AtomicUsize>,
+}
+
+impl Feed {
+    /// Hands `copied` over; false when the copy lags too far behind for it.
+    fn offer(&self, copied: Copied) -> bool {
+        let size = match &copied {
+            Copied::Frame(frame) => frame.data_ref().map_or(0, Bytes::len),
+            Copied::End => 0,
+        };
+        // Counted before the copy can take it (and count it off).
+        let lag = self.lag.fetch_add(size, Ordering::Relaxed) + size;
+        lag <= MIRROR_LAG_BYTES && self.tx.try_send(copied).is_ok()
+    }
+}
+
 /// The request body on its way to the backend, handing each frame to the
 /// copies without ever waiting for them.
 struct Tee {
     inner: Body,
-    copies: Vec<mpsc::Sender<Copied>>,
+    copies: Vec<Feed>,
 }
 
 impl Tee {
-    /// Offers `item` to every copy; one whose buffer is full is dropped
-    /// (its body then fails, which abandons that copy).
+    /// Offers `item` to every copy; one that lags too far behind is
+    /// dropped (its body then fails, which abandons that copy).
     fn offer(&mut self, item: impl Fn() -> Option<Copied>) {
-        self.copies.retain(|tx| match item() {
-            Some(copied) => tx.try_send(copied).is_ok(),
+        self.copies.retain(|copy| match item() {
+            Some(copied) => copy.offer(copied),
             None => false,
         });
     }
@@ -191,6 +218,7 @@ impl hyper::body::Body for Tee {
 /// tee's end marker means the copy was abandoned.
 struct CopiedBody {
     rx: mpsc::Receiver<Copied>,
+    lag: Arc<AtomicUsize>,
     abandoned: Arc<AtomicBool>,
     hint: SizeHint,
 }
@@ -204,7 +232,11 @@ impl hyper::body::Body for CopiedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Copied::Frame(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Copied::Frame(frame))) => {
+                let size = frame.data_ref().map_or(0, Bytes::len);
+                self.lag.fetch_sub(size, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(Some(Copied::End)) => Poll::Ready(None),
             Poll::Ready(None) => {
                 self.abandoned.store(true, Ordering::Relaxed);
@@ -234,15 +266,17 @@ mod tests {
 
     fn tee(body: Body) -> (Tee, CopiedBody) {
         let (tx, rx) = mpsc::channel(MIRROR_LAG_FRAMES);
+        let lag = Arc::new(AtomicUsize::new(0));
         let copied = CopiedBody {
             rx,
+            lag: lag.clone(),
             abandoned: Arc::default(),
             hint: SizeHint::default(),
         };
         (
             Tee {
                 inner: body,
-                copies: vec![tx],
+                copies: vec![Feed { tx, lag }],
             },
             copied,
         )
@@ -284,6 +318,20 @@ mod tests {
             BodyExt::collect(copied).await.is_err(),
             "the copy must fail, not end short"
         );
+        assert!(abandoned.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_copy_may_lag_only_so_many_bytes_however_few_frames() {
+        // Two frames, but more bytes than a copy may hold back.
+        let half = Bytes::from(vec![b'x'; MIRROR_LAG_BYTES / 2 + 1]);
+        let chunks = [half.clone(), half].map(|b| Ok::<_, BoxError>(Frame::data(b)));
+        let body = boxed(StreamBody::new(futures_util::stream::iter(chunks)));
+        let (tee, copied) = tee(body);
+        let abandoned = copied.abandoned.clone();
+        let sent = BodyExt::collect(tee).await.unwrap().to_bytes();
+        assert_eq!(sent.len(), MIRROR_LAG_BYTES + 2);
+        assert!(BodyExt::collect(copied).await.is_err());
         assert!(abandoned.load(Ordering::Relaxed));
     }
 }

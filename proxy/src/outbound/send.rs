@@ -126,8 +126,8 @@ impl Outbound {
         let response = match endpoint.identity() {
             Some(expected) => {
                 let tls = self.identity.current().ok_or(ProxyError::NoIdentity)?;
-                let mut sender = match endpoint.connection(&tls, expected).await {
-                    Ok(sender) => sender,
+                let open = match endpoint.connection(&tls, expected).await {
+                    Ok(open) => open,
                     Err(error) => {
                         return Err(SendError {
                             error,
@@ -137,14 +137,14 @@ impl Outbound {
                 };
                 attempt.connected();
                 let request = to_peer(request, endpoint, authority)?;
-                sender.try_send_request(request).await.map_err(|mut e| {
-                    // Given back when the connection closed (a GOAWAY, say)
-                    // before the request left.
-                    let unsent = e.take_message();
-                    SendError {
-                        error: upstream_error(endpoint, e.into_error()),
-                        unsent,
-                    }
+                // Given back unsent when the connection closed (a GOAWAY,
+                // say) before the request left.
+                open.peer.send(request).await.map_err(|e| SendError {
+                    error: ProxyError::Upstream {
+                        endpoint: endpoint.key().to_string(),
+                        reason: e.error.to_string(),
+                    },
+                    unsent: e.unsent,
                 })?
             }
             None => {
@@ -166,19 +166,20 @@ impl Outbound {
                 } else {
                     &self.plain_h1
                 };
-                client.request(request).await.map_err(|e| {
+                let response = client.request(request).await.map_err(|e| {
                     let reason = e.to_string();
                     let endpoint = endpoint.key().to_string();
                     match e.is_connect() {
                         true => ProxyError::Connect { endpoint, reason },
                         false => ProxyError::Upstream { endpoint, reason },
                     }
-                })?
+                })?;
+                response.map(boxed)
             }
         };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, boxed(body)))
+        Ok(Response::from_parts(parts, body))
     }
 }
 
@@ -195,13 +196,6 @@ impl From<ProxyError> for SendError {
             error,
             unsent: None,
         }
-    }
-}
-
-fn upstream_error(endpoint: &EndpointHandle, e: hyper::Error) -> ProxyError {
-    ProxyError::Upstream {
-        endpoint: endpoint.key().to_string(),
-        reason: e.to_string(),
     }
 }
 
