@@ -88,9 +88,9 @@ impl AppConnections {
                     let sent = sender.try_send_request(request).await;
                     // Busy until its response body ends; taken again once ready.
                     self.keep_http1(port, sender);
-                    let sent = sent.map(|response| response.map(boxed)).map_err(|mut e| {
-                        (e.take_message(), AppError::from(e.into_error()))
-                    });
+                    let sent = sent
+                        .map(|response| response.map(boxed))
+                        .map_err(|mut e| (e.take_message(), AppError::from(e.into_error())));
                     (kept, sent)
                 }
                 AppVersion::Http2 => {
