@@ -4,22 +4,40 @@
 //!
 //! Reads take a read lock (uncontended on the proxy's one thread) and mark
 //! the entry used; inserts and evictions take the write lock and touch only
-//! their own entries.
+//! their own entries. A holder that skips the lookup (a connection that
+//! keeps what it resolved) marks its entry used with [`Cache::touch`].
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+/// Authorities are short and chosen by the application, not by an
+/// attacker who could aim at the hash: a fast hash, not SipHash.
+type Entries<V> = HashMap<String, Shared<V>, foldhash::fast::FixedState>;
+
 pub struct Cache<V> {
-    entries: RwLock<HashMap<String, Entry<V>>>,
+    entries: RwLock<Entries<V>>,
     epoch: Instant,
 }
 
-struct Entry<V> {
-    value: Arc<V>,
-    /// Milliseconds since `epoch` of the last use.
+/// What a lookup gives: shared with the cache and with other holders.
+pub type Shared<V> = Arc<Cached<V>>;
+
+/// A cached value and when it was last used.
+pub struct Cached<V> {
+    value: V,
+    /// Milliseconds since the cache's epoch of the last use.
     used_ms: AtomicU64,
+}
+
+impl<V> Deref for Cached<V> {
+    type Target = V;
+
+    fn deref(&self) -> &V {
+        &self.value
+    }
 }
 
 impl<V> Default for Cache<V> {
@@ -37,7 +55,7 @@ impl<V> Cache<V> {
     }
 
     /// The value for `key`, made by `make` the first time.
-    pub fn get_or_insert_with(&self, key: &str, make: impl FnOnce() -> V) -> Arc<V> {
+    pub fn get_or_insert_with(&self, key: &str, make: impl FnOnce() -> V) -> Shared<V> {
         self.get_fresh_or_insert_with(key, |_| true, make)
     }
 
@@ -48,30 +66,32 @@ impl<V> Cache<V> {
         key: &str,
         fresh: impl Fn(&V) -> bool,
         make: impl FnOnce() -> V,
-    ) -> Arc<V> {
+    ) -> Shared<V> {
         let now = self.now_ms();
-        let found = |entries: &HashMap<String, Entry<V>>| {
+        let found = |entries: &Entries<V>| {
             let entry = entries.get(key).filter(|e| fresh(&e.value))?;
             entry.used_ms.store(now, Ordering::Relaxed);
-            Some(entry.value.clone())
+            Some(entry.clone())
         };
-        if let Some(value) = found(&self.entries.read().unwrap_or_else(|p| p.into_inner())) {
-            return value;
+        if let Some(entry) = found(&self.entries.read().unwrap_or_else(|p| p.into_inner())) {
+            return entry;
         }
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         // Another request may have made it while we waited for the lock.
-        if let Some(value) = found(&entries) {
-            return value;
+        if let Some(entry) = found(&entries) {
+            return entry;
         }
-        let value = Arc::new(make());
-        entries.insert(
-            key.to_string(),
-            Entry {
-                value: value.clone(),
-                used_ms: AtomicU64::new(now),
-            },
-        );
-        value
+        let entry = Arc::new(Cached {
+            value: make(),
+            used_ms: AtomicU64::new(now),
+        });
+        entries.insert(key.to_string(), entry.clone());
+        entry
+    }
+
+    /// Marks an entry used, as a lookup would.
+    pub fn touch(&self, entry: &Cached<V>) {
+        entry.used_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// Removes the entries unused for `idle` or longer, and those `stale`
@@ -111,8 +131,8 @@ mod tests {
             made += 1;
             2
         });
-        assert_eq!((*a, *again, made), (1, 1, 1));
-        assert_eq!(*cache.get_or_insert_with("b", || 3), 3);
+        assert_eq!((**a, **again, made), (1, 1, 1));
+        assert_eq!(**cache.get_or_insert_with("b", || 3), 3);
     }
 
     #[test]
@@ -120,7 +140,7 @@ mod tests {
         let cache = Cache::default();
         cache.get_or_insert_with("a", || 1);
         let fresh = cache.get_fresh_or_insert_with("a", |v| *v != 1, || 2);
-        assert_eq!(*fresh, 2);
+        assert_eq!(**fresh, 2);
         assert_eq!(cache.len(), 1);
     }
 
@@ -129,11 +149,14 @@ mod tests {
         let cache = Cache::default();
         cache.get_or_insert_with("idle", || 1);
         cache.get_or_insert_with("busy", || 2);
+        let held = cache.get_or_insert_with("held", || 3);
         std::thread::sleep(Duration::from_millis(30));
         cache.get_or_insert_with("busy", || 0);
+        cache.touch(&held);
         assert_eq!(cache.evict(Duration::from_millis(20), |_| false), 1);
-        assert_eq!(cache.len(), 1);
-        assert_eq!(*cache.get_or_insert_with("busy", || 0), 2);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.evict(Duration::from_secs(60), |v| *v == 3), 1);
+        assert_eq!(**cache.get_or_insert_with("busy", || 0), 2);
         assert_eq!(cache.evict(Duration::from_secs(60), |v| *v == 2), 1);
         assert!(cache.is_empty());
     }

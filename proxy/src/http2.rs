@@ -90,7 +90,10 @@ impl Connection {
         let pings = connection.ping_pong().filter(|_| settings.keepalive);
         let ended = closed.clone();
         tokio::spawn(async move {
+            // `biased`: the connection first, and no random number drawn
+            // each time it wakes (every frame).
             let outcome = tokio::select! {
+                biased;
                 result = &mut connection => result.map_err(|e| e.to_string()),
                 dead = keepalive(pings) => Err(dead.to_string()),
             };
@@ -188,6 +191,7 @@ async fn pump(mut body: Body, mut stream: SendStream<Bytes>) {
             }
         }
         let frame = tokio::select! {
+            biased;
             frame = body.frame() => frame,
             _ = poll_fn(|cx| stream.poll_reset(cx)) => return,
         };

@@ -1,10 +1,12 @@
 //! Outbound: application → mesh. One request's path, top-down: the
-//! Service the application named (its routes and retry budget) → the rule
-//! that matches, with its filters (`filters`: a redirect answered here,
-//! rewrites, header modifiers; `mirror`: copies to other Services) → the
-//! backend Service the rule's weights pick → the
-//! endpoint the balancer picks among the healthy ones → that endpoint's
-//! proxy over mTLS (or the endpoint itself when it is not meshed).
+//! Service the application named (its routes, retry budget and endpoints;
+//! looked up once per connection while its requests name the same one) →
+//! the rule that matches, with its filters (`filters`: a redirect answered
+//! here, rewrites, header modifiers; `mirror`: copies to other Services) →
+//! the backend Service the rule's weights pick → the endpoint the balancer
+//! picks among the healthy ones → that endpoint's proxy over mTLS (or the
+//! endpoint itself when it is not meshed). The request's labels are made
+//! once, at the end, from how far it got.
 
 mod body;
 mod connection;
@@ -15,8 +17,9 @@ mod retry;
 mod send;
 mod target;
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -27,13 +30,13 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use trellis_proto::discovery::{Backend, Retry, Rule};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Cached, Shared};
 use crate::config::Config;
 use crate::discovery::{Discovery, RoutesState};
 use crate::errors::{respond, ProxyError};
 use crate::http::{boxed, refuse_at_edge, Body};
 use crate::identity::IdentityManager;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Label, Metrics, RequestLabels};
 use crate::route::{self, CompiledRoutes};
 use body::Timed;
 pub use endpoint::{Attempt, EndpointHandle};
@@ -105,28 +108,23 @@ impl Outbound {
         outbound
     }
 
-    /// Handles one request from the application, for `authority` (the
-    /// original destination of a redirected connection) or else the one the
-    /// request names. Never fails: problems become responses with a
-    /// `trellis-proxy-error` header.
+    /// Handles one request from the application on a connection that
+    /// resolved `recent`, for `authority` (the original destination of a
+    /// redirected connection) or else the one the request names. Never
+    /// fails: problems become responses with a `trellis-proxy-error` header.
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
         authority: Option<&str>,
+        recent: &Recent,
     ) -> Response<Body> {
         let started = Instant::now();
-        let workload = &self.metrics.workload;
-        let mut labels = RequestLabels {
-            direction: "outbound",
-            src_workload: workload.name.clone(),
-            src_namespace: workload.namespace.clone(),
-            src_version: workload.version.clone(),
-            ..RequestLabels::default()
-        };
+        let mut reached = Reached::default();
         let response = respond(
-            self.forward(request, authority, &mut labels).await,
+            self.forward(request, authority, recent, &mut reached).await,
             "outbound",
         );
+        let labels = reached.labels(&self.metrics.workload);
         crate::grpc::record(&self.metrics, labels, started.elapsed(), response)
     }
 
@@ -134,25 +132,24 @@ impl Outbound {
         self: &Arc<Self>,
         request: Request<Incoming>,
         authority: Option<&str>,
-        labels: &mut RequestLabels,
+        recent: &Recent,
+        reached: &mut Reached,
     ) -> Result<Response<Body>, ProxyError> {
         refuse_at_edge(&request)?;
         let authority = match authority {
-            Some(authority) => authority.to_string(),
-            None => authority_of(&request)?,
+            Some(authority) => Cow::Borrowed(authority),
+            None => Cow::Owned(authority_of(&request)?),
         };
-        // Only a mesh Service gets routes, watches and a label of its own.
-        labels.dst_service = UNKNOWN_SERVICE.into();
-        let own = self.endpoints(&authority).await?;
-        (labels.dst_service, labels.dst_namespace) = own.names().clone();
-        labels.dst_backend = labels.dst_service.clone();
-        let logical = self.logical(&authority);
+        let (logical, own) = self.named(recent, &authority).await?;
+        reached.service = Some(own.names().clone());
         let routes = logical.routes(self.discovery_timeout).await?;
         let (mut parts, body) = request.into_parts();
         let rule = match routes.select(&parts) {
             Some(rule) => Some(rule),
             // Routes exist but none matches: Gateway API answers 404.
-            None if !routes.is_empty() => return Err(ProxyError::NoRouteMatch(authority)),
+            None if !routes.is_empty() => {
+                return Err(ProxyError::NoRouteMatch(authority.into_owned()))
+            }
             None => None,
         };
         let _admitted = match rule {
@@ -173,13 +170,13 @@ impl Outbound {
         let work = async {
             if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
                 if route::fires(fault.delay_percent) {
-                    self.metrics
-                        .fault(&labels.dst_service, &labels.dst_namespace, "delay");
+                    let (service, namespace) = own.names();
+                    self.metrics.fault(service, namespace, "delay");
                     tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
                 }
                 if route::fires(fault.abort_percent) {
-                    self.metrics
-                        .fault(&labels.dst_service, &labels.dst_namespace, "abort");
+                    let (service, namespace) = own.names();
+                    self.metrics.fault(service, namespace, "abort");
                     return Err(ProxyError::FaultInjected(fault.abort_status as u16));
                 }
             }
@@ -199,7 +196,7 @@ impl Outbound {
                 match rule {
                     Some(rule) => {
                         let backend = route::pick_backend(&rule.backends)
-                            .ok_or_else(|| ProxyError::NoBackend(authority.clone()))?;
+                            .ok_or_else(|| ProxyError::NoBackend(authority.to_string()))?;
                         Ok((Some(backend), self.endpoints(&backend.authority).await?))
                     }
                     None => Ok::<_, ProxyError>((None, own.clone())),
@@ -210,7 +207,7 @@ impl Outbound {
                 let (backend, endpoints) = backend().await?;
                 let request = Request::from_parts(parts, body);
                 return self
-                    .attempt(rule, backend, &endpoints, &authority, request, labels)
+                    .attempt(rule, backend, &endpoints, &authority, request, reached)
                     .await;
             };
             // A retryable request has no body, so it can be sent again as is.
@@ -220,7 +217,7 @@ impl Outbound {
                 let (backend, endpoints) = backend().await?;
                 let request = head_of(&template);
                 let result = self
-                    .attempt(rule, backend, &endpoints, &authority, request, labels)
+                    .attempt(rule, backend, &endpoints, &authority, request, reached)
                     .await;
                 let failed = match &result {
                     Ok(response) => should_retry(retry, response.status()),
@@ -231,9 +228,9 @@ impl Outbound {
                 if !failed || attempt > retry.attempts || !logical.budget.withdraw() {
                     return result;
                 }
-                tracing::debug!(backend = %labels.dst_backend, attempt, "retrying");
-                self.metrics
-                    .retry(&labels.dst_service, &labels.dst_namespace);
+                tracing::debug!(backend = %endpoints.names().0, attempt, "retrying");
+                let (service, namespace) = own.names();
+                self.metrics.retry(service, namespace);
                 if retry.backoff_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
                 }
@@ -247,7 +244,9 @@ impl Outbound {
             sent.await;
             tokio::time::sleep(timeout).await;
         };
+        // `biased`: in order, without drawing a random number per poll.
         let response = tokio::select! {
+            biased;
             response = work => response?,
             () = deadline => return Err(ProxyError::Timeout(timeout)),
         };
@@ -265,12 +264,12 @@ impl Outbound {
         endpoints: &Endpoints,
         authority: &str,
         mut request: Request<Body>,
-        labels: &mut RequestLabels,
+        reached: &mut Reached,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(modifier) = backend.and_then(|b| b.request_headers.as_ref()) {
             filters::modify_headers(request.headers_mut(), modifier);
         }
-        let send = self.send_to(endpoints, authority, request, labels);
+        let send = self.send_to(endpoints, authority, request, reached);
         let per_attempt = rule
             .map(|r| r.backend_timeout_ms)
             .filter(|ms| *ms > 0)
@@ -299,8 +298,47 @@ impl Outbound {
             .await
     }
 
+    /// The Service `authority` names: its routes and its own endpoints.
+    async fn named(
+        &self,
+        recent: &Recent,
+        authority: &str,
+    ) -> Result<(Shared<Logical>, Arc<Endpoints>), ProxyError> {
+        if let Some((logical, own)) = self.recall(recent, authority) {
+            return Ok((logical, own.endpoints(self.discovery_timeout).await?));
+        }
+        let own = self.target(authority);
+        let endpoints = own.endpoints(self.discovery_timeout).await?;
+        // Only a mesh Service gets routes (and their watch).
+        let logical = self.logical(authority);
+        *recent.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Named {
+            authority: authority.to_string(),
+            logical: Arc::downgrade(&logical),
+            own: Arc::downgrade(&own),
+        });
+        Ok((logical, endpoints))
+    }
+
+    /// The connection's last Service, when it is the one `authority` names
+    /// and still current.
+    fn recall(
+        &self,
+        recent: &Recent,
+        authority: &str,
+    ) -> Option<(Shared<Logical>, Shared<Target>)> {
+        let last = recent.0.lock().unwrap_or_else(|p| p.into_inner());
+        let named = last.as_ref().filter(|n| n.authority == authority)?;
+        let (logical, own) = (named.logical.upgrade()?, named.own.upgrade()?);
+        if !own.fresh() {
+            return None;
+        }
+        self.logicals.touch(&logical);
+        self.targets.touch(&own);
+        Some((logical, own))
+    }
+
     /// The routes and retry budget of an authority, created on first use.
-    fn logical(&self, authority: &str) -> Arc<Logical> {
+    fn logical(&self, authority: &str) -> Shared<Logical> {
         self.logicals.get_or_insert_with(authority, || Logical {
             authority: authority.to_string(),
             routes: self.discovery.routes(authority),
@@ -310,7 +348,7 @@ impl Outbound {
 
     /// The cached state of one authority, created on first use (and again
     /// once a "no such Service" answer is old).
-    fn target(&self, authority: &str) -> Arc<Target> {
+    fn target(&self, authority: &str) -> Shared<Target> {
         self.targets
             .get_fresh_or_insert_with(authority, Target::fresh, || {
                 Target::spawn(
@@ -377,6 +415,54 @@ pub fn authority_of<B>(request: &Request<B>) -> Result<String, ProxyError> {
     key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
     let _ = write!(key, ":{port}");
     Ok(key)
+}
+
+/// What one application connection resolved last: a keep-alive
+/// connection's requests look their Service up once. Weak, because the
+/// caches decide when a Service nobody asks for is forgotten.
+#[derive(Default)]
+pub struct Recent(Mutex<Option<Named>>);
+
+struct Named {
+    authority: String,
+    logical: Weak<Cached<Logical>>,
+    own: Weak<Cached<Target>>,
+}
+
+/// How far a request got, recorded as the path decides (the Service, then
+/// each attempt's backend and endpoint); its labels are made from it once.
+#[derive(Default)]
+pub(super) struct Reached {
+    service: Option<(Label, Label)>,
+    backend: Option<Label>,
+    endpoint: Option<EndpointHandle>,
+}
+
+impl Reached {
+    /// Only a mesh Service gets a label of its own; without a backend, the
+    /// Service is its own.
+    fn labels(self, workload: &crate::metrics::Workload) -> RequestLabels {
+        let (dst_service, dst_namespace) = self
+            .service
+            .unwrap_or_else(|| (UNKNOWN_SERVICE.into(), Label::default()));
+        let endpoint = self.endpoint.as_ref();
+        RequestLabels {
+            direction: "outbound",
+            src_workload: workload.name.clone(),
+            src_namespace: workload.namespace.clone(),
+            src_version: workload.version.clone(),
+            dst_backend: self.backend.unwrap_or_else(|| dst_service.clone()),
+            dst_service,
+            dst_namespace,
+            dst_version: endpoint
+                .map(|e| e.version_label().clone())
+                .unwrap_or_default(),
+            tls: endpoint.is_some_and(|e| e.identity().is_some()),
+            peer_identity: endpoint
+                .map(|e| e.identity_label().clone())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// Retries may add at most 20% load on top of the original requests…

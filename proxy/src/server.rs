@@ -270,7 +270,10 @@ impl Watchdog<'_> {
         tokio::pin!(shutdown);
         let mut closing = false;
         loop {
+            // `biased`: the connection first, and no random number drawn
+            // each time it wakes.
             tokio::select! {
+                biased;
                 result = connection.as_mut() => return result.map_err(ServeError::Http),
                 () = shutdown.as_mut(), if !closing => {
                     // hyper would keep an HTTP/1 connection that has not had

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::endpoint::connect_tcp;
 use super::target::Endpoints;
-use super::{Outbound, CONNECT_ATTEMPTS};
+use super::{Outbound, Recent, CONNECT_ATTEMPTS};
 use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::errors::{respond, ProxyError};
@@ -64,16 +64,23 @@ impl Outbound {
         let explicit_h1 = authority.is_none() && version == Version::Http1;
         let authority: Option<Arc<str>> = authority.map(Into::into);
         let (tunnels, mut opened) = mpsc::channel::<Tunnel>(1);
+        let recent = Arc::new(Recent::default());
         let handler = {
             let outbound = self.clone();
             move |request: Request<Incoming>| {
-                let (outbound, authority, tunnels) =
-                    (outbound.clone(), authority.clone(), tunnels.clone());
+                let (outbound, authority, tunnels, recent) = (
+                    outbound.clone(),
+                    authority.clone(),
+                    tunnels.clone(),
+                    recent.clone(),
+                );
                 async move {
                     if explicit_h1 && request.method() == Method::CONNECT {
                         respond(outbound.connect(request, &tunnels).await, "outbound")
                     } else {
-                        outbound.handle(request, authority.as_deref()).await
+                        outbound
+                            .handle(request, authority.as_deref(), &recent)
+                            .await
                     }
                 }
             }

@@ -17,9 +17,8 @@ use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::sync::mpsc;
 use trellis_proto::discovery::Mirror;
 
-use super::{service_of, Outbound};
+use super::{service_of, Outbound, Reached};
 use crate::http::{boxed, Body, BoxError};
-use crate::metrics::RequestLabels;
 
 /// How far a copy may lag behind the request before it is abandoned, in
 /// body frames and in bytes: a slow mirror costs at most this much memory
@@ -101,9 +100,8 @@ impl Outbound {
             let endpoints = self.endpoints(&authority).await?;
             // Mirrors are not the client's requests: their own counter
             // records them, not the request metrics.
-            let mut labels = RequestLabels::default();
             let response = self
-                .send_to(&endpoints, &authority, copy, &mut labels)
+                .send_to(&endpoints, &authority, copy, &mut Reached::default())
                 .await?;
             let _ = response.into_body().collect().await;
             Ok::<_, crate::errors::ProxyError>(())

@@ -4,15 +4,15 @@
 //! outlier detection; when nothing reached an application, another
 //! endpoint gets it.
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 
 use super::body::ClientBodyFailure;
 use super::endpoint::{Attempt, EndpointHandle};
 use super::target::Endpoints;
-use super::{Outbound, CONNECT_ATTEMPTS};
+use super::{Outbound, Reached, CONNECT_ATTEMPTS};
 use crate::errors::ProxyError;
 use crate::http::{boxed, strip_hop_by_hop, Body, DST_PORT, ORIG_PROTO};
-use crate::metrics::RequestLabels;
 use crate::outlier::Failure;
 
 impl Outbound {
@@ -24,9 +24,9 @@ impl Outbound {
         endpoints: &Endpoints,
         authority: &str,
         mut request: Request<Body>,
-        labels: &mut RequestLabels,
+        reached: &mut Reached,
     ) -> Result<Response<Body>, ProxyError> {
-        labels.dst_backend = endpoints.names().0.clone();
+        reached.backend = Some(endpoints.names().0.clone());
         let mut tried = Vec::new();
         // When no other endpoint is left, the client hears what went wrong.
         let mut last_error = None;
@@ -35,9 +35,7 @@ impl Outbound {
                 Ok(endpoint) => endpoint.clone(),
                 Err(none_left) => return Err(last_error.unwrap_or(none_left)),
             };
-            labels.dst_version = endpoint.version_label().clone();
-            labels.tls = endpoint.identity().is_some();
-            labels.peer_identity = endpoint.identity_label().clone();
+            reached.endpoint = Some(endpoint.clone());
             // A request without a body can go elsewhere if the peer says
             // it reached no application (its app refused the connection),
             // and an idempotent one also when the connection broke under it
@@ -220,17 +218,27 @@ fn to_peer(
     }
     // The application behind the peer sees the authority its client used
     // (a name, not the ClusterIP it resolved to).
-    let visible = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            let host = parts.headers.get(http::header::HOST)?;
-            host.to_str().ok().map(str::to_string)
-        })
-        .unwrap_or_else(|| authority.to_string());
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = uri(&visible, path)?;
+    // Built from the parts already parsed, not from strings parsed again.
+    let visible = match parts.uri.authority() {
+        Some(visible) => visible.clone(),
+        None => parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+            .map_or_else(|| Authority::try_from(authority), Ok)
+            .map_err(|_| ProxyError::NoAuthority)?,
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(visible);
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::NoAuthority)?;
     parts.version = Version::HTTP_2;
     parts.headers.remove(http::header::HOST);
     parts.headers.insert(DST_PORT, endpoint.port().into());
