@@ -25,6 +25,14 @@ where
     body.map_err(Into::into).boxed()
 }
 
+/// A request's path and query, `/` when it has none (an authority-form
+/// target), without parsing it again.
+pub fn path_of(uri: &http::Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
 /// Removes connection-specific headers (RFC 9110 §7.6.1), which must not be
 /// forwarded and are forbidden in HTTP/2 (RFC 9113 §8.2.2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

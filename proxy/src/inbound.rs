@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::Scheme;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tokio::net::{TcpListener, TcpStream};
@@ -26,7 +26,9 @@ use crate::config::{Config, InboundMode};
 use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::errors::{respond_to, ProxyError};
-use crate::http::{boxed, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO};
+use crate::http::{
+    boxed, path_of, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO,
+};
 use crate::identity::IdentityManager;
 use crate::listen::ThrottledByKind;
 use crate::metrics::{Label, Metrics, RequestLabels};
@@ -471,11 +473,7 @@ impl Inbound {
         if let Some(id) = client.and_then(|c| c.header.clone()) {
             parts.headers.insert(CLIENT_ID, id);
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = path_of(&parts.uri);
         let version = if http1 {
             parts.version = Version::HTTP_11;
             // The application sees the Host its client asked for, and the

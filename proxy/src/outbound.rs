@@ -432,7 +432,7 @@ struct Named {
 /// How far a request got, recorded as the path decides (the Service, then
 /// each attempt's backend and endpoint); its labels are made from it once.
 #[derive(Default)]
-pub(super) struct Reached {
+struct Reached {
     service: Option<(Label, Label)>,
     backend: Option<Label>,
     endpoint: Option<EndpointHandle>,

@@ -4,7 +4,7 @@
 //! outlier detection; when nothing reached an application, another
 //! endpoint gets it.
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 
 use super::body::ClientBodyFailure;
@@ -12,7 +12,7 @@ use super::endpoint::{Attempt, EndpointHandle};
 use super::target::Endpoints;
 use super::{Outbound, Reached, CONNECT_ATTEMPTS};
 use crate::errors::ProxyError;
-use crate::http::{boxed, strip_hop_by_hop, Body, DST_PORT, ORIG_PROTO};
+use crate::http::{boxed, path_of, strip_hop_by_hop, Body, DST_PORT, ORIG_PROTO};
 use crate::outlier::Failure;
 
 impl Outbound {
@@ -225,19 +225,13 @@ fn to_peer(
             .headers
             .get(http::header::HOST)
             .and_then(|host| Authority::try_from(host.as_bytes()).ok())
-            .map_or_else(|| Authority::try_from(authority), Ok)
-            .map_err(|_| ProxyError::NoAuthority)?,
+            .or_else(|| Authority::try_from(authority).ok())
+            .ok_or(ProxyError::NoAuthority)?,
     };
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(visible);
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
+    uri.path_and_query = Some(path_of(&parts.uri));
     parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::NoAuthority)?;
     parts.version = Version::HTTP_2;
     parts.headers.remove(http::header::HOST);
