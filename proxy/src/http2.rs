@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::{Body, BoxError};
 use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::woken::when_woken;
 
 /// Flow-control windows, as hyper's client has them: a stream may have
 /// this much unread response data in flight…
@@ -91,11 +92,12 @@ impl Connection {
         let ended = closed.clone();
         tokio::spawn(async move {
             // `biased`: the connection first, and no random number drawn
-            // each time it wakes (every frame).
+            // each time it wakes (every frame); the keep-alive timer is
+            // looked at only when it fires.
             let outcome = tokio::select! {
                 biased;
                 result = &mut connection => result.map_err(|e| e.to_string()),
-                dead = keepalive(pings) => Err(dead.to_string()),
+                dead = when_woken(keepalive(pings)) => Err(dead.to_string()),
             };
             ended.store(true, Ordering::Release);
             if let Err(error) = outcome {

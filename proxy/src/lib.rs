@@ -29,6 +29,7 @@ pub mod route;
 pub mod server;
 pub mod socket;
 pub mod tls;
+pub mod woken;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::drain::Watch;
 use crate::metrics::ListenerMetrics;
+use crate::woken::when_woken;
 
 /// The first pause after a failed accept; doubled on each further failure.
 const BACKOFF_START: Duration = Duration::from_millis(5);
@@ -102,9 +103,12 @@ pub async fn accept<F, Fut>(
                 let mut deadline = watch.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
+                    // The deadline is looked at only when the drain's
+                    // phase changes, not on each wake-up of the connection.
                     tokio::select! {
+                        biased;
                         () = connection => {}
-                        () = deadline.forced() => {}
+                        () = when_woken(deadline.forced()) => {}
                     }
                 });
             }

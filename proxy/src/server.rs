@@ -17,7 +17,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::coalesce::Coalesced;
@@ -27,6 +26,7 @@ use crate::detect;
 use crate::drain::Watch;
 use crate::http::{Body, BoxError};
 use crate::metrics::{ListenerMetrics, Timeout};
+use crate::woken::when_woken;
 
 /// Between sidecars, an HTTP/2 PING this often finds a dead peer…
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -267,51 +267,71 @@ impl Watchdog<'_> {
         C: Future<Output = hyper::Result<()>>,
     {
         tokio::pin!(connection);
-        tokio::pin!(shutdown);
+        // The drain and the timeouts, polled only when one of them is due
+        // rather than on every wake-up of the connection (every frame).
+        let events = when_woken(async {
+            tokio::select! {
+                biased;
+                () = shutdown => Event::Drain,
+                expired = self.activity.expired(self.server, self.peer) => Event::Expired(expired),
+            }
+        });
+        tokio::pin!(events);
         let mut closing = false;
         loop {
             // `biased`: the connection first, and no random number drawn
             // each time it wakes.
-            tokio::select! {
+            let event = tokio::select! {
                 biased;
                 result = connection.as_mut() => return result.map_err(ServeError::Http),
-                () = shutdown.as_mut(), if !closing => {
+                event = events.as_mut(), if !closing => event,
+            };
+            match event {
+                Event::Drain => {
                     // hyper would keep an HTTP/1 connection that has not had
                     // a request yet for one more request: close it now.
                     if self.version == Version::Http1 && self.activity.is_idle() {
                         return Ok(());
                     }
-                    // HTTP/2: GOAWAY, then the open streams finish. HTTP/1:
-                    // the response in flight says `connection: close`.
-                    graceful_shutdown(connection.as_mut());
-                    closing = true;
                 }
-                expired = self.activity.expired(self.server, self.peer), if !closing => {
-                    self.server.metrics.timed_out(self.server.direction, expired);
+                Event::Expired(expired) => {
+                    self.server
+                        .metrics
+                        .timed_out(self.server.direction, expired);
                     match expired {
                         Timeout::HeaderRead => {
                             return Err(ServeError::HeaderRead(self.server.header_read_timeout));
                         }
                         _ if self.version == Version::Http1 => return Ok(()),
-                        // GOAWAY tells the client not to send more on it.
-                        _ => {
-                            graceful_shutdown(connection.as_mut());
-                            closing = true;
-                        }
+                        // HTTP/2: GOAWAY tells the client not to send more on it.
+                        _ => {}
                     }
                 }
             }
+            // HTTP/2: GOAWAY, then the open streams finish. HTTP/1: the
+            // response in flight says `connection: close`.
+            graceful_shutdown(connection.as_mut());
+            closing = true;
         }
     }
 }
 
+/// What the watchdog saw happen.
+enum Event {
+    Drain,
+    Expired(Timeout),
+}
+
 /// What a connection is doing, for its watchdog: requests in flight, and
 /// since when it has had none (or since when a request head is arriving).
+///
+/// Nothing wakes the watchdog when a request starts or ends (that would
+/// be a wake-up of the connection per request): it sleeps until the first
+/// moment a timeout could expire and looks again.
 struct Activity {
     version: Version,
     in_flight: AtomicUsize,
     since: Mutex<Since>,
-    changed: Notify,
 }
 
 #[derive(Clone, Copy)]
@@ -332,7 +352,6 @@ impl Activity {
                 // A new connection owes its first request head at once.
                 awaiting_head: version == Version::Http1,
             }),
-            changed: Notify::new(),
         }
     }
 
@@ -340,25 +359,23 @@ impl Activity {
         if let Ok(mut since) = self.since.lock() {
             change(&mut since);
         }
-        self.changed.notify_one();
     }
 
     /// Bytes arrived. On an idle HTTP/1 connection they start the next
     /// request head. (On HTTP/2 PINGs and window updates also arrive: only
     /// streams count there.)
     fn on_read(&self) {
-        if self.version != Version::Http1 || self.in_flight.load(Ordering::Acquire) > 0 {
+        if self.version != Version::Http1 || !self.is_idle() {
             return;
         }
-        let starts_head = self.since.lock().map(|s| !s.awaiting_head).unwrap_or(false);
-        if starts_head {
-            self.update(|since| {
+        self.update(|since| {
+            if !since.awaiting_head {
                 *since = Since {
                     at: Instant::now(),
                     awaiting_head: true,
                 }
-            });
-        }
+            }
+        });
     }
 
     /// A request arrived (its head is complete); the guard ends it.
@@ -376,35 +393,60 @@ impl Activity {
     /// request head that has not arrived, or the idle timeout.
     async fn expired(&self, server: &Server, peer: Peer) -> Timeout {
         loop {
-            let changed = self.changed.notified();
-            match self.deadline(server, peer) {
-                Some((deadline, timeout)) if deadline <= Instant::now() => return timeout,
-                Some((deadline, _)) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(deadline) => {}
-                        () = changed => {}
-                    }
-                }
-                None => changed.await,
+            let now = Instant::now();
+            match self.next_look(server, peer, now) {
+                Look::Expired(timeout) => return timeout,
+                Look::At(at) => tokio::time::sleep_until(at).await,
+                Look::Never => std::future::pending().await,
             }
         }
     }
 
-    fn deadline(&self, server: &Server, peer: Peer) -> Option<(Instant, Timeout)> {
-        if !self.is_idle() {
-            return None;
-        }
-        let since = *self.since.lock().ok()?;
-        let (after, timeout) = if since.awaiting_head {
-            (server.header_read_timeout, Timeout::HeaderRead)
-        } else if peer == Peer::App {
-            (server.idle_timeout, Timeout::Idle)
-        } else {
-            return None;
+    /// When the watchdog must look again, given what it sees `now`.
+    fn next_look(&self, server: &Server, peer: Peer, now: Instant) -> Look {
+        let header_read = server.header_read_timeout;
+        // A head may start on an idle HTTP/1 connection at any moment; its
+        // timeout then expires no sooner than one header-read timeout
+        // from now. (Checked: a deadline past what Instant holds is none.)
+        let mut next = match self.version {
+            Version::Http1 => now.checked_add(header_read),
+            Version::Http2 => None,
         };
-        // Checked: a deadline past what Instant holds is no deadline.
-        Some((since.at.checked_add(after)?, timeout))
+        let mut look_by = |at: Option<Instant>| {
+            if let Some(at) = at {
+                next = Some(next.map_or(at, |next| next.min(at)));
+            }
+        };
+        if !self.is_idle() {
+            // The connection may go idle at any moment, and be idle too
+            // long no sooner than one idle timeout from now.
+            if peer == Peer::App {
+                look_by(now.checked_add(server.idle_timeout));
+            }
+        } else if let Ok(since) = self.since.lock().map(|since| *since) {
+            let timeout = if since.awaiting_head {
+                Some((header_read, Timeout::HeaderRead))
+            } else if peer == Peer::App {
+                Some((server.idle_timeout, Timeout::Idle))
+            } else {
+                None
+            };
+            if let Some((after, timeout)) = timeout {
+                match since.at.checked_add(after) {
+                    Some(deadline) if deadline <= now => return Look::Expired(timeout),
+                    deadline => look_by(deadline),
+                }
+            }
+        }
+        next.map_or(Look::Never, Look::At)
     }
+}
+
+/// What the watchdog does next.
+enum Look {
+    Expired(Timeout),
+    At(Instant),
+    Never,
 }
 
 /// A request in flight; dropped when its response body is done (or the
@@ -493,5 +535,127 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::{CONTROLLER, IDENTITY, TOKEN};
+    use crate::metrics::{Metrics, Workload};
+
+    const HEADER_READ: Duration = Duration::from_millis(300);
+    /// Much longer than the header-read timeout: a head that starts on a
+    /// kept-alive connection is timed from its start, not at the next
+    /// idle deadline.
+    const IDLE: Duration = Duration::from_millis(1_200);
+    /// Longer than either timeout: a request this slow must not be cut.
+    const SLOW: Duration = Duration::from_millis(1_400);
+
+    /// Serves one connection; `/slow` answers after [`SLOW`]. Returns the
+    /// address and how serving ended.
+    async fn serve_one(
+        version: Version,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Result<(), ServeError>>) {
+        let env: HashMap<&str, String> = [
+            (CONTROLLER, "http://127.0.0.1:1"),
+            (IDENTITY, "spiffe://cluster.local/ns/default/sa/test"),
+            (TOKEN, "t"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        let config = Config::from_strings(&env).unwrap();
+        let metrics = Metrics::new(Workload::default());
+        let mut server = Server::new(&config, "inbound", metrics.listeners.clone());
+        server.header_read_timeout = HEADER_READ;
+        server.idle_timeout = IDLE;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let handler = |request: Request<Incoming>| async move {
+                if request.uri().path() == "/slow" {
+                    tokio::time::sleep(SLOW).await;
+                }
+                Response::new(Body::new(
+                    Full::new(bytes::Bytes::from("ok")).map_err(Into::into),
+                ))
+            };
+            let never = std::future::pending();
+            server.serve(tcp, version, Peer::App, never, handler).await
+        });
+        (addr, served)
+    }
+
+    /// Reads until the server closes; how long that took.
+    async fn until_closed(tcp: &mut TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0; 1024];
+        while tcp.read(&mut buf).await.unwrap_or(0) > 0 {}
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn http1_head_after_a_request_is_timed_from_its_first_byte() {
+        let (addr, served) = serve_one(Version::Http1).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = [0; 64];
+        let n = tcp.read(&mut response).await.unwrap();
+        assert!(
+            response[..n].starts_with(b"HTTP/1.1 200"),
+            "a request slower than both timeouts is answered: {:?}",
+            String::from_utf8_lossy(&response[..n])
+        );
+        // Idle for a while, short of either timeout, then half a head.
+        tokio::time::sleep(HEADER_READ / 2).await;
+        tcp.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let after = until_closed(&mut tcp).await;
+        assert!(
+            after >= HEADER_READ - Duration::from_millis(50) && after < HEADER_READ * 2,
+            "closed {after:?} after the head started (header-read timeout {HEADER_READ:?})"
+        );
+        assert!(matches!(
+            served.await.unwrap(),
+            Err(ServeError::HeaderRead(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn http2_connection_is_closed_once_idle_not_while_a_stream_is_open() {
+        let (addr, served) = serve_one(Version::Http2).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let request = Request::get("http://a/slow").body(()).unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let response = response
+            .await
+            .expect("a stream slower than the idle timeout is answered");
+        assert_eq!(response.status(), 200);
+        let answered = Instant::now();
+        // The server says GOAWAY once idle; the connection then ends.
+        tokio::time::timeout(IDLE * 5, connection)
+            .await
+            .expect("the idle connection is closed")
+            .unwrap()
+            .unwrap();
+        let after = answered.elapsed();
+        assert!(
+            after >= IDLE - Duration::from_millis(50),
+            "closed {after:?} after the last stream"
+        );
+        served.await.unwrap().unwrap();
     }
 }
