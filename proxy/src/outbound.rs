@@ -165,7 +165,9 @@ impl Outbound {
             .and_then(|r| r.retry.as_ref())
             .filter(|_| retryable(&parts, &body));
         let (body, sent, client_failure) = Timed::request(boxed(body), self.body_idle_timeout);
-        parts.extensions.insert(client_failure);
+        if let Some(client_failure) = client_failure {
+            parts.extensions.insert(client_failure);
+        }
         let work = async {
             if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
                 if route::fires(fault.delay_percent) {

@@ -66,12 +66,12 @@ impl Future for Sent {
 
 impl Timed {
     /// A request body with its idle timeout, when it was sent, and where
-    /// a failure of the client's own body is recorded.
-    pub fn request(inner: Body, idle: Duration) -> (Body, Sent, ClientBodyFailure) {
-        let failure = ClientBodyFailure::default();
+    /// a failure of the client's own body is recorded (none without a body).
+    pub fn request(inner: Body, idle: Duration) -> (Body, Sent, Option<ClientBodyFailure>) {
         if inner.is_end_stream() {
-            return (inner, Sent(None), failure);
+            return (inner, Sent(None), None);
         }
+        let failure = ClientBodyFailure::default();
         let (tx, rx) = oneshot::channel();
         let body = Self {
             inner,
@@ -81,7 +81,7 @@ impl Timed {
             ended: Some(tx),
             client_failure: Some(failure.clone()),
         };
-        (Body::new(body), Sent(Some(rx)), failure)
+        (Body::new(body), Sent(Some(rx)), Some(failure))
     }
 
     /// A response body with its idle timeout.
@@ -209,9 +209,10 @@ mod tests {
 
     #[test]
     fn a_request_without_a_body_is_sent_at_once() {
-        let (body, sent, _) =
+        let (body, sent, failure) =
             Timed::request(crate::http::full(Bytes::new()), Duration::from_secs(1));
         assert!(body.is_end_stream());
         assert!(sent.0.is_none());
+        assert!(failure.is_none(), "nothing of the client's can fail");
     }
 }

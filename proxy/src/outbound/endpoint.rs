@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
+use http::HeaderValue;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use trellis_proto::discovery::Endpoint;
@@ -42,6 +43,8 @@ struct Inner {
     /// The metric labels of requests sent here, made once.
     version_label: Label,
     identity_label: Label,
+    /// The target port as the peer's proxy reads it (`DST_PORT`), made once.
+    port_header: HeaderValue,
     load: Arc<Load>,
     health: Arc<Health>,
     /// The multiplexed HTTP/2 connection to the endpoint's proxy.
@@ -99,6 +102,7 @@ impl EndpointHandle {
             identity,
             version_label,
             identity_label,
+            port_header: port.into(),
             endpoint,
             load,
             health,
@@ -139,6 +143,11 @@ impl EndpointHandle {
 
     pub fn port(&self) -> u16 {
         self.0.key.port()
+    }
+
+    /// [`Self::port`] as the header that tells the peer's proxy.
+    pub fn port_header(&self) -> HeaderValue {
+        self.0.port_header.clone()
     }
 
     /// Whether the balancer may send a request here now: not ejected, and

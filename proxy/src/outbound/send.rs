@@ -235,7 +235,7 @@ fn to_peer(
     parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::NoAuthority)?;
     parts.version = Version::HTTP_2;
     parts.headers.remove(http::header::HOST);
-    parts.headers.insert(DST_PORT, endpoint.port().into());
+    parts.headers.insert(DST_PORT, endpoint.port_header());
     Ok(Request::from_parts(parts, body))
 }
 
