@@ -12,7 +12,7 @@ use crate::drain::{Drain, Watch};
 use crate::http::{full, Body};
 use crate::identity::IdentityManager;
 use crate::metrics::Metrics;
-use crate::server::{Peer, Server};
+use crate::server::Server;
 
 pub struct Admin {
     identity: Arc<IdentityManager>,
@@ -59,7 +59,7 @@ impl Admin {
                 };
                 let served = admin
                     .server
-                    .serve(tcp, version, Peer::App, watch.draining(), handler);
+                    .serve(tcp, version, watch.draining(), handler);
                 if let Err(error) = served.await {
                     tracing::debug!(%peer, %error, "admin connection closed");
                 }

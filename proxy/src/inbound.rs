@@ -15,7 +15,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::uri::Scheme;
 use http::{HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -32,7 +31,7 @@ use crate::http::{
 use crate::identity::IdentityManager;
 use crate::listen::ThrottledByKind;
 use crate::metrics::{Label, Metrics, RequestLabels};
-use crate::server::{self, Peer, ServeError, Server};
+use crate::server::{self, ServeError, Server};
 use crate::socket::{self, Counted};
 use crate::tls::{self, FailureReason};
 
@@ -300,10 +299,7 @@ impl Inbound {
             let (inbound, client) = (inbound.clone(), client.clone());
             async move { inbound.handle(request, Some(&client), None).await }
         };
-        let version = server::Version::Http2;
-        self.server
-            .serve(stream, version, Peer::Sidecar, shutdown, handler)
-            .await?;
+        self.server.serve_mesh(stream, shutdown, handler).await?;
         Ok(())
     }
 
@@ -402,19 +398,19 @@ impl Inbound {
             _ => server::Version::Http1,
         };
         let inbound = self.clone();
-        let handler = move |request| {
+        let handler = move |request: Request<hyper::body::Incoming>| {
             let inbound = inbound.clone();
-            async move { inbound.handle(request, None, original).await }
+            async move { inbound.handle(request.map(boxed), None, original).await }
         };
         self.server
-            .serve(tcp, version, Peer::App, watch.draining(), handler)
+            .serve(tcp, version, watch.draining(), handler)
             .await?;
         Ok(())
     }
 
     async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
         client: Option<&MeshClient>,
         port: Option<u16>,
     ) -> Response<Body> {
@@ -441,7 +437,7 @@ impl Inbound {
 
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
         client: Option<&MeshClient>,
         port: Option<u16>,
     ) -> Result<Response<Body>, ProxyError> {
@@ -499,7 +495,7 @@ impl Inbound {
         };
         let response = self
             .app
-            .send(port, version, Request::from_parts(parts, boxed(body)))
+            .send(port, version, Request::from_parts(parts, body))
             .await
             .map_err(|e| ProxyError::Connect {
                 endpoint: SocketAddr::new(self.app_ip, port).to_string(),

@@ -1,7 +1,9 @@
 //! Serving HTTP connections, the same way on every listener: hyper builders
 //! with the proxy's header limit and keep-alive PINGs, a watchdog that closes
 //! connections whose request head stalls or that sit idle, and graceful
-//! shutdown when the proxy drains.
+//! shutdown when the proxy drains. The mesh listener's connections from
+//! peer sidecars are HTTP/2 served by [`http2::serve`], with the limits
+//! set here.
 
 use std::future::Future;
 use std::io;
@@ -25,13 +27,9 @@ use crate::detect;
 #[cfg(doc)]
 use crate::drain::Watch;
 use crate::http::{Body, BoxError};
+use crate::http2::{self, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::metrics::{ListenerMetrics, Timeout};
 use crate::woken::when_woken;
-
-/// Between sidecars, an HTTP/2 PING this often finds a dead peer…
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-/// …when its answer takes longer than this.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The header list size allowed on the HTTP/2 connections between sidecars:
 /// anything any sidecar's edge accepts (at most [`MAX_HEADER_BYTES_CEILING`]),
@@ -86,18 +84,6 @@ pub enum Version {
     Http2,
 }
 
-/// Who is on the other end; it decides what idleness means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Peer {
-    /// An application, a client outside the mesh, or the kubelet: a
-    /// connection with no request in flight for the idle timeout is closed.
-    App,
-    /// Another sidecar, whose pooled HTTP/2 connection carries all requests
-    /// between the two pods: it stays open, and keep-alive PINGs find a
-    /// dead one.
-    Sidecar,
-}
-
 /// Why a connection ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -109,6 +95,8 @@ pub enum ServeError {
     HeaderRead(Duration),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Http2(#[from] http2::Error),
 }
 
 impl Server {
@@ -148,12 +136,13 @@ impl Server {
 
     /// Serves HTTP on `io` until the client closes, a timeout closes it, or
     /// `shutdown` (the drain, typically: [`Watch::draining`]) resolved and
-    /// the requests in flight finished.
+    /// the requests in flight finished. The client is an application, a
+    /// client outside the mesh, or the kubelet: a connection with no
+    /// request in flight for the idle timeout is closed.
     pub async fn serve<I, F, Fut>(
         &self,
         io: I,
         version: Version,
-        peer: Peer,
         shutdown: impl Future<Output = ()>,
         handler: F,
     ) -> Result<(), ServeError>
@@ -189,7 +178,6 @@ impl Server {
             server: self,
             activity: &activity,
             version,
-            peer,
         };
         match version {
             Version::Http1 => {
@@ -224,19 +212,10 @@ impl Server {
                     // Flow control bounds the body bytes a connection has
                     // in the proxy (RFC 9113 §5.2).
                     .initial_connection_window_size(self.max_body_in_flight)
-                    .initial_stream_window_size(self.max_body_in_flight);
-                match peer {
+                    .initial_stream_window_size(self.max_body_in_flight)
                     // h2 answers 431 on the stream for a header list over it.
-                    Peer::App => builder
-                        .max_header_list_size(self.max_header_bytes)
-                        .max_concurrent_streams(self.max_concurrent_streams),
-                    Peer::Sidecar => builder
-                        .max_header_list_size(MESH_HEADER_LIST_SIZE)
-                        .max_frame_size(MESH_FRAME_SIZE)
-                        .max_concurrent_streams(
-                            MESH_MAX_CONCURRENT_STREAMS.max(self.max_concurrent_streams),
-                        ),
-                };
+                    .max_header_list_size(self.max_header_bytes)
+                    .max_concurrent_streams(self.max_concurrent_streams);
                 // A batch of frames goes out as one write (`coalesce`).
                 let connection =
                     builder.serve_connection(TokioIo::new(Coalesced::new(io)), service);
@@ -248,12 +227,49 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Serves the HTTP/2 connection of a peer sidecar until it closes, a
+    /// keep-alive PING goes unanswered, or `shutdown` resolved and the
+    /// streams in flight finished. The pooled connection carries every
+    /// request between the two pods: it has no idle timeout.
+    pub async fn serve_mesh<I, F, Fut>(
+        &self,
+        io: I,
+        shutdown: impl Future<Output = ()>,
+        handler: F,
+    ) -> Result<(), ServeError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+        F: Fn(Request<Body>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let mut builder = h2::server::Builder::new();
+        builder
+            // Flow control bounds the body bytes a connection has in the
+            // proxy (RFC 9113 §5.2).
+            .initial_window_size(self.max_body_in_flight)
+            .initial_connection_window_size(self.max_body_in_flight)
+            .max_send_buffer_size(http2::SEND_BUFFER)
+            .max_header_list_size(MESH_HEADER_LIST_SIZE)
+            .max_frame_size(MESH_FRAME_SIZE)
+            .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS.max(self.max_concurrent_streams))
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
+        // The client's preface and SETTINGS are part of the handshake. A
+        // batch of frames goes out as one write (`coalesce`).
+        let connection = self
+            .handshake(builder.handshake(Coalesced::new(io)))
+            .await?
+            .map_err(http2::Error::from)?;
+        Ok(http2::serve(connection, shutdown, handler).await?)
+    }
+}
+
 /// One connection's timeouts and drain, around hyper's connection future.
 struct Watchdog<'a> {
     server: &'a Server,
     activity: &'a Activity,
     version: Version,
-    peer: Peer,
 }
 
 impl Watchdog<'_> {
@@ -273,7 +289,7 @@ impl Watchdog<'_> {
             tokio::select! {
                 biased;
                 () = shutdown => Event::Drain,
-                expired = self.activity.expired(self.server, self.peer) => Event::Expired(expired),
+                expired = self.activity.expired(self.server) => Event::Expired(expired),
             }
         });
         tokio::pin!(events);
@@ -391,10 +407,10 @@ impl Activity {
 
     /// Resolves when a timeout expires: the header-read timeout of a
     /// request head that has not arrived, or the idle timeout.
-    async fn expired(&self, server: &Server, peer: Peer) -> Timeout {
+    async fn expired(&self, server: &Server) -> Timeout {
         loop {
             let now = Instant::now();
-            match self.next_look(server, peer, now) {
+            match self.next_look(server, now) {
                 Look::Expired(timeout) => return timeout,
                 Look::At(at) => tokio::time::sleep_until(at).await,
                 Look::Never => std::future::pending().await,
@@ -403,7 +419,7 @@ impl Activity {
     }
 
     /// When the watchdog must look again, given what it sees `now`.
-    fn next_look(&self, server: &Server, peer: Peer, now: Instant) -> Look {
+    fn next_look(&self, server: &Server, now: Instant) -> Look {
         let header_read = server.header_read_timeout;
         // A head may start on an idle HTTP/1 connection at any moment; its
         // timeout then expires no sooner than one header-read timeout
@@ -420,22 +436,16 @@ impl Activity {
         if !self.is_idle() {
             // The connection may go idle at any moment, and be idle too
             // long no sooner than one idle timeout from now.
-            if peer == Peer::App {
-                look_by(now.checked_add(server.idle_timeout));
-            }
+            look_by(now.checked_add(server.idle_timeout));
         } else if let Ok(since) = self.since.lock().map(|since| *since) {
-            let timeout = if since.awaiting_head {
-                Some((header_read, Timeout::HeaderRead))
-            } else if peer == Peer::App {
-                Some((server.idle_timeout, Timeout::Idle))
+            let (after, timeout) = if since.awaiting_head {
+                (header_read, Timeout::HeaderRead)
             } else {
-                None
+                (server.idle_timeout, Timeout::Idle)
             };
-            if let Some((after, timeout)) = timeout {
-                match since.at.checked_add(after) {
-                    Some(deadline) if deadline <= now => return Look::Expired(timeout),
-                    deadline => look_by(deadline),
-                }
+            match since.at.checked_add(after) {
+                Some(deadline) if deadline <= now => return Look::Expired(timeout),
+                deadline => look_by(deadline),
             }
         }
         next.map_or(Look::Never, Look::At)
@@ -559,11 +569,8 @@ mod tests {
     /// Longer than either timeout: a request this slow must not be cut.
     const SLOW: Duration = Duration::from_millis(1_400);
 
-    /// Serves one connection; `/slow` answers after [`SLOW`]. Returns the
-    /// address and how serving ended.
-    async fn serve_one(
-        version: Version,
-    ) -> (SocketAddr, tokio::task::JoinHandle<Result<(), ServeError>>) {
+    /// A server with the default limits, and short timeouts.
+    fn server() -> Server {
         let env: HashMap<&str, String> = [
             (CONTROLLER, "http://127.0.0.1:1"),
             (IDENTITY, "spiffe://cluster.local/ns/default/sa/test"),
@@ -577,6 +584,15 @@ mod tests {
         let mut server = Server::new(&config, "inbound", metrics.listeners.clone());
         server.header_read_timeout = HEADER_READ;
         server.idle_timeout = IDLE;
+        server
+    }
+
+    /// Serves one connection; `/slow` answers after [`SLOW`]. Returns the
+    /// address and how serving ended.
+    async fn serve_one(
+        version: Version,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Result<(), ServeError>>) {
+        let server = server();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = tokio::spawn(async move {
@@ -590,7 +606,7 @@ mod tests {
                 ))
             };
             let never = std::future::pending();
-            server.serve(tcp, version, Peer::App, never, handler).await
+            server.serve(tcp, version, never, handler).await
         });
         (addr, served)
     }
@@ -657,5 +673,54 @@ mod tests {
             "closed {after:?} after the last stream"
         );
         served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_mesh_connection_flooded_with_reset_streams_is_closed() {
+        let server = server();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let handler = |_request| async { Response::new(crate::http::full("ok")) };
+            let never = std::future::pending();
+            server.serve_mesh(tcp, never, handler).await
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        // HEADERS then RST_STREAM, as fast as the client can.
+        let mut sent = 0;
+        for _ in 0..1_000 {
+            match client.clone().ready().await {
+                Ok(ready) => client = ready,
+                Err(_) => break,
+            }
+            let request = Request::get("http://a/").body(()).unwrap();
+            let Ok((_, mut stream)) = client.send_request(request, true) else {
+                break;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            sent += 1;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(5), connection)
+            .await
+            .expect("the flooding connection ends")
+            .unwrap();
+        let Err(error) = ended else {
+            panic!("{sent} streams opened and reset, and the connection ended cleanly");
+        };
+        // The GOAWAY, or the closed socket when the client was still writing.
+        assert!(error.is_go_away() || error.is_io(), "{error}");
+        let served = served.await.unwrap();
+        let reason = match &served {
+            Err(ServeError::Http2(http2::Error::Protocol(error))) => error.reason(),
+            _ => None,
+        };
+        assert_eq!(
+            reason,
+            Some(h2::Reason::ENHANCE_YOUR_CALM),
+            "the server ended the connection for the flood: {served:?}"
+        );
     }
 }

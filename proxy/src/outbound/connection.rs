@@ -25,7 +25,7 @@ use crate::drain::Watch;
 use crate::errors::{respond, ProxyError};
 use crate::http::{full, Body};
 use crate::outlier::Failure;
-use crate::server::{Peer, Server, Version};
+use crate::server::{Server, Version};
 use crate::socket::{self, Counted};
 use crate::tls;
 
@@ -85,10 +85,7 @@ impl Outbound {
                 }
             }
         };
-        if let Err(error) = server
-            .serve(io, version, Peer::App, watch.draining(), handler)
-            .await
-        {
+        if let Err(error) = server.serve(io, version, watch.draining(), handler).await {
             tracing::debug!(%error, "outbound connection closed with an error");
         }
         if let Ok(tunnel) = opened.try_recv() {
