@@ -13,7 +13,10 @@
 //!
 //! cargo run --release -p trellis-tests --bin bench -- [--quick] [--output json]
 //!     [--rounds N] [--seconds S] [--rates R1,R2] [--callgrind-dir DIR]
-//! (`--callgrind-dir` keeps callgrind's dumps there, for `callgrind_annotate`.)
+//!     [--proxy PATH]
+//! (`--callgrind-dir` keeps callgrind's dumps there, for `callgrind_annotate`;
+//! `--proxy` runs that `trellis-proxy` binary as the sidecars, see
+//! [`sidecar`].)
 
 mod instructions;
 mod load;
@@ -45,6 +48,9 @@ pub struct Options {
     seconds: u64,
     rates: Vec<u64>,
     callgrind_dir: Option<std::path::PathBuf>,
+    /// The `trellis-proxy` binary the sidecars run, or none for this
+    /// binary's own copy of the proxy.
+    proxy: Option<std::path::PathBuf>,
 }
 
 fn options() -> Options {
@@ -73,6 +79,7 @@ fn options() -> Options {
                 vec![1000, 5000, 10_000]
             }),
         callgrind_dir: value("--callgrind-dir").map(Into::into),
+        proxy: value("--proxy").map(Into::into),
     }
 }
 
@@ -141,6 +148,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(opts: Options) -> anyhow::Result<()> {
+    if let Some(proxy) = &opts.proxy {
+        sidecar::run_binary(proxy)?;
+    }
     let mut mesh = Mesh::start().await;
     let (client_ip, server_ip) = (mesh.pod_ip(), mesh.pod_ip());
     let listener = tokio::net::TcpListener::bind((server_ip, 0))

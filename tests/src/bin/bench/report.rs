@@ -212,7 +212,8 @@ pub fn json(paths: &[Path], figures: &[Figures], opts: &Options, peer: Option<&s
         "config".into(),
         json!({"rounds": opts.rounds, "seconds": opts.seconds, "rates": opts.rates,
                "quick": opts.quick, "lanes": LANES, "slow_clients": SLOW_CLIENTS,
-               "workers": WORKERS, "peer": peer}),
+               "workers": WORKERS, "peer": peer,
+               "proxy": opts.proxy.as_ref().map_or("built in".into(), |p| p.display().to_string())}),
     );
     Value::Object(out)
 }

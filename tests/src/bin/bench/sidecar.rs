@@ -1,10 +1,20 @@
-//! The trellis path's sidecars, each in its own process (this binary
-//! re-executed as `internal-proxy`), so their RSS and CPU are their own.
+//! The trellis path's sidecars, each in its own process, so their RSS and
+//! CPU are their own: this binary re-executed as `internal-proxy`, or with
+//! `--proxy PATH` a `trellis-proxy` binary (`trellis-proxy run`).
+//!
+//! The two differ. This binary is built with the whole workspace's
+//! features, and kube-client turns on `tracing`'s `log` feature, which
+//! makes every disabled trace span in h2 (a dozen per request) cost a
+//! check and an out-of-line drop: about 7% more instructions per request.
+//! `cargo build --release -p trellis-proxy` builds the proxy with its own
+//! features, as it ships.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +24,22 @@ use trellis_tests::{AppClient, Mesh};
 
 /// The argument that turns this binary into a sidecar.
 pub const INTERNAL_PROXY: &str = "internal-proxy";
+
+/// The `trellis-proxy` binary sidecars run, when not this one.
+static BINARY: OnceLock<PathBuf> = OnceLock::new();
+
+/// Sidecars run `binary` (`trellis-proxy run`) from now on.
+pub fn run_binary(binary: &Path) -> anyhow::Result<()> {
+    let binary = binary.canonicalize().with_context(|| {
+        format!(
+            "--proxy {}: build it with `cargo build --release -p trellis-proxy`",
+            binary.display()
+        )
+    })?;
+    BINARY
+        .set(binary)
+        .map_err(|_| anyhow::anyhow!("the sidecars' binary is already chosen"))
+}
 
 /// A sidecar process, killed when dropped.
 pub struct ProxyProcess {
@@ -65,17 +91,20 @@ impl ProxyProcess {
             mesh.controller_addr(),
             mesh.dir.path(),
         ));
-        let own = std::env::current_exe().context("own path")?;
+        let (program, subcommand) = match BINARY.get() {
+            Some(binary) => (binary.clone(), "run"),
+            None => (std::env::current_exe().context("own path")?, INTERNAL_PROXY),
+        };
         let mut command = match how.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(own);
+            Some((wrapper, args)) => {
+                let mut command = Command::new(wrapper);
+                command.args(args).arg(program);
                 command
             }
-            None => Command::new(own),
+            None => Command::new(program),
         };
         let child = command
-            .arg(INTERNAL_PROXY)
+            .arg(subcommand)
             .envs(env)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::piped())
@@ -113,9 +142,9 @@ impl ProxyProcess {
 }
 
 /// The sidecar process: the proxy with the log and on the runtime
-/// `trellis-proxy run` uses
-/// (one thread unless `TRELLIS_WORKER_THREADS` says otherwise, inherited
-/// from the bench's environment), so the bench measures what ships.
+/// `trellis-proxy run` uses (one thread unless `TRELLIS_WORKER_THREADS`
+/// says otherwise, inherited from the bench's environment), with the
+/// workspace's features (see above).
 pub fn internal_proxy() -> anyhow::Result<()> {
     trellis_proxy::init_logging();
     let config = trellis_proxy::Config::from_strings(&trellis_proxy::config::Env)?;
