@@ -8,7 +8,8 @@ use http::HeaderName;
 /// iptables).
 pub const DST_PORT: HeaderName = HeaderName::from_static("trellis-dst-port");
 /// The HTTP version the application spoke, so the server's proxy can speak
-/// it to its application although the hop between proxies is HTTP/2.
+/// it to its application although the hop between proxies is HTTP/2. Sent
+/// for HTTP/1 (`HTTP/1.1`); a request without it is HTTP/2, as it arrives.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("trellis-orig-proto");
 /// The verified SPIFFE ID of the client, set by the server's proxy for the
 /// application (any value the client sent is removed first).

@@ -464,11 +464,12 @@ impl Inbound {
             None => parts.version != Version::HTTP_2,
         };
         strip_hop_by_hop(&mut parts.headers);
-        // Only this proxy may say who the client is.
-        parts.headers.remove(CLIENT_ID);
-        if let Some(id) = client.and_then(|c| c.header.clone()) {
-            parts.headers.insert(CLIENT_ID, id);
-        }
+        // Only this proxy may say who the client is (an insert replaces
+        // every value the client sent).
+        match client.and_then(|c| c.header.clone()) {
+            Some(id) => parts.headers.insert(CLIENT_ID, id),
+            None => parts.headers.remove(CLIENT_ID),
+        };
         let path = path_of(&parts.uri);
         let version = if http1 {
             parts.version = Version::HTTP_11;

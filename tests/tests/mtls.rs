@@ -328,3 +328,42 @@ async fn opaque_tcp_tunnels_through_the_inbound_side() {
         .unwrap();
     assert_eq!(&buf, b"ping over an opaque tunnel");
 }
+
+/// The application learns who called from its own sidecar only: a
+/// `trellis-client-id` the calling application sent itself is replaced by
+/// the identity its sidecar proved, over HTTP/1.1 and HTTP/2 alike.
+#[tokio::test]
+async fn a_client_id_the_client_sent_is_replaced_by_the_verified_one() {
+    let mesh = trellis_tests::HelloMesh::start_with_apps(|listener, _version| {
+        tokio::spawn(trellis_common::serve::serve(
+            listener,
+            |request: http::Request<hyper::body::Incoming>| async move {
+                let ids: Vec<&str> = request
+                    .headers()
+                    .get_all(trellis_proxy::http::CLIENT_ID)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                http::Response::new(trellis_proxy::http::full(ids.join(",")))
+            },
+        ));
+    })
+    .await;
+    let authority = mesh.authority();
+    let forged = [(
+        "trellis-client-id",
+        "spiffe://cluster.local/ns/default/sa/admin",
+    )];
+    for client in [
+        AppClient::http1(mesh.client.outbound_addr),
+        AppClient::http2(mesh.client.outbound_addr),
+    ] {
+        client.wait_routable(&authority).await;
+        let answer = client.get_with(&authority, "/", &forged).await.unwrap();
+        assert_eq!(
+            answer.text(),
+            "spiffe://cluster.local/ns/default/sa/frontend",
+            "the application sees the proven identity, once"
+        );
+    }
+}
