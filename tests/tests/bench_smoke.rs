@@ -65,6 +65,7 @@ fn quick_benchmark_produces_all_figures() {
                 "rss_slow_clients_kib",
                 "private_slow_clients_kib",
                 "cpu_seconds_per_1000_requests",
+                "cpu_us_per_request_at_max_rps",
             ] {
                 positive(&proxies[key], &format!("proxies.{path}{suffix}.{key}"));
             }

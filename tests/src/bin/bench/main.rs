@@ -136,6 +136,8 @@ pub struct Figures {
     pub slow_clients: Memory,
     /// Closed-loop requests/s, per round.
     pub max_rps: Vec<f64>,
+    /// At that maximum, CPU µs per request per proxy, per round.
+    pub saturated_cpu_us: Vec<f64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -296,8 +298,15 @@ async fn measure(paths: &[Path], opts: &Options) -> Vec<Figures> {
     }
     for _ in 0..opts.rounds {
         for (path, figures) in paths.iter().zip(&mut figures) {
+            let cpu_before = report::cpu(&path.pids);
             let rps = load::max_throughput(&path.target, opts.seconds, WORKERS).await;
             figures.max_rps.push(rps);
+            if !path.pids.is_empty() {
+                let cpu = report::cpu(&path.pids) - cpu_before;
+                let requests = (rps * opts.seconds as f64).max(1.0);
+                let per_proxy = cpu / path.pids.len() as f64 / requests;
+                figures.saturated_cpu_us.push(per_proxy * 1e6);
+            }
         }
     }
     figures

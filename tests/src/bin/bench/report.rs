@@ -203,7 +203,8 @@ pub fn json(paths: &[Path], figures: &[Figures], opts: &Options, peer: Option<&s
                                  "private_under_load_kib": f.under_load.private,
                                  "rss_slow_clients_kib": f.slow_clients.rss,
                                  "private_slow_clients_kib": f.slow_clients.private,
-                                 "cpu_seconds_per_1000_requests": steady_cpu(f)});
+                                 "cpu_seconds_per_1000_requests": steady_cpu(f),
+                                 "cpu_us_per_request_at_max_rps": median(f.saturated_cpu_us.clone())});
             (key(&path.name()), figures)
         })
         .collect();
@@ -260,13 +261,13 @@ pub fn markdown(paths: &[Path], figures: &[Figures], opts: &Options, peer: Optio
         );
     }
     out += &format!(
-        "\nProxies (memory: the larger of the two, KiB; CPU: per proxy, over the steady rates):\n\n\
-         | path | RSS idle | RSS under load | private under load | RSS, {SLOW_CLIENTS} slow clients | private, {SLOW_CLIENTS} slow clients | CPU s per 1,000 requests |\n\
-         |---|---|---|---|---|---|---|\n"
+        "\nProxies (memory: the larger of the two, KiB; CPU: per proxy, over the steady rates, and during the closed-loop maximum):\n\n\
+         | path | RSS idle | RSS under load | private under load | RSS, {SLOW_CLIENTS} slow clients | private, {SLOW_CLIENTS} slow clients | CPU s per 1,000 requests | CPU µs per request at max rps |\n\
+         |---|---|---|---|---|---|---|---|\n"
     );
     for (path, f) in proxied(paths, figures) {
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {:.4} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.4} | {:.1} |\n",
             path.name(),
             f.idle.rss,
             f.under_load.rss,
@@ -274,6 +275,7 @@ pub fn markdown(paths: &[Path], figures: &[Figures], opts: &Options, peer: Optio
             f.slow_clients.rss,
             f.slow_clients.private,
             steady_cpu(f),
+            median(f.saturated_cpu_us.clone()),
         );
     }
     out += &format!(
