@@ -16,7 +16,7 @@ use trellis_proxy::errors::respond;
 use trellis_proxy::http::{full, refuse_at_edge};
 use trellis_proxy::metrics::{Metrics, Workload};
 use trellis_proxy::outbound::authority_of;
-use trellis_proxy::server::{Peer, Server, Version};
+use trellis_proxy::server::{Server, Version};
 
 struct Edge {
     runtime: tokio::runtime::Runtime,
@@ -56,7 +56,7 @@ fuzz_target!(|input: &[u8]| {
     let edge = edge();
     edge.runtime.block_on(async {
         let (mut client, proxy) = tokio::io::duplex(64 * 1024);
-        let handler = |request: http::Request<hyper::body::Incoming>| async move {
+        let handler = |request: http::Request<trellis_proxy::http::Body>| async move {
             let checked = refuse_at_edge(&request).and_then(|()| authority_of(&request));
             // The body is read to its end, as forwarding would stream it.
             let (_, body) = request.into_parts();
@@ -66,7 +66,6 @@ fuzz_target!(|input: &[u8]| {
         let serving = edge.server.serve(
             proxy,
             Version::Http1,
-            Peer::App,
             std::future::pending(),
             handler,
         );

@@ -1,10 +1,10 @@
-//! HTTP/2 on the h2 crate itself, both ends of the hop between sidecars:
-//! the client (to peer proxies, and to an application that speaks
-//! HTTP/2) and the mesh listener's server. hyper would put a channel hop
-//! and a spawned task per request on the client side, and its own task,
-//! body type and header conversions per stream on the server side; here a
-//! request goes from its task straight onto the connection, and a stream
-//! served is one task that answers it.
+//! HTTP/2 on the h2 crate itself: the client (to peer proxies, and to an
+//! application that speaks HTTP/2) and the server (every listener's
+//! HTTP/2 connections: from peer sidecars and from applications). hyper
+//! would put a channel hop and a spawned task per request on the client
+//! side, and its own task, body type and header conversions per stream on
+//! the server side; here a request goes from its task straight onto the
+//! connection, and a stream served is one task that answers it.
 //!
 //! Shared by both ends: bodies as they arrive ([`RecvBody`]), bodies sent
 //! with backpressure ([`send_body`]), and keep-alive PINGs.
@@ -19,7 +19,7 @@ use h2::{Reason, RecvStream, SendStream};
 use http::header::CONTENT_LENGTH;
 use http::HeaderMap;
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Frame, SizeHint};
+use hyper::body::{Frame, SizeHint};
 
 use crate::http::{Body, BoxError};
 
@@ -71,7 +71,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Sets `content-length` from a body of known, non-zero size, as hyper
 /// would: the peer (and an HTTP/1 hop after it) learns the length.
-fn set_content_length(headers: &mut HeaderMap, body: &Body) {
+fn set_content_length(headers: &mut HeaderMap, body: &impl hyper::body::Body) {
     if let Some(length) = body.size_hint().exact().filter(|n| *n > 0) {
         headers
             .entry(CONTENT_LENGTH)
@@ -84,7 +84,10 @@ fn set_content_length(headers: &mut HeaderMap, body: &Body) {
 /// is read only while the stream has room for more (h2 buffers what one
 /// frame brings beyond it, up to [`SEND_BUFFER`]), so a slow reader holds
 /// the body back rather than filling memory.
-async fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {
+async fn send_body<B>(mut body: B, mut stream: SendStream<Bytes>)
+where
+    B: hyper::body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     loop {
         stream.reserve_capacity(1);
         while stream.capacity() == 0 {

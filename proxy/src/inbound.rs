@@ -26,7 +26,7 @@ use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::errors::{respond_to, ProxyError};
 use crate::http::{
-    boxed, path_of, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO,
+    path_of, refuse_at_edge, strip_hop_by_hop, Body, CLIENT_ID, DST_PORT, ORIG_PROTO,
 };
 use crate::identity::IdentityManager;
 use crate::listen::ThrottledByKind;
@@ -398,9 +398,9 @@ impl Inbound {
             _ => server::Version::Http1,
         };
         let inbound = self.clone();
-        let handler = move |request: Request<hyper::body::Incoming>| {
+        let handler = move |request| {
             let inbound = inbound.clone();
-            async move { inbound.handle(request.map(boxed), None, original).await }
+            async move { inbound.handle(request, None, original).await }
         };
         self.server
             .serve(tcp, version, watch.draining(), handler)

@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -33,7 +32,7 @@ use crate::cache::{Cache, Cached, Shared};
 use crate::config::Config;
 use crate::discovery::{Discovery, RoutesState};
 use crate::errors::{respond, ProxyError};
-use crate::http::{boxed, refuse_at_edge, Body};
+use crate::http::{refuse_at_edge, Body};
 use crate::identity::IdentityManager;
 use crate::metrics::{Label, Metrics, RequestLabels};
 use crate::route::{self, CompiledRoutes};
@@ -113,7 +112,7 @@ impl Outbound {
     /// fails: problems become responses with a `trellis-proxy-error` header.
     pub async fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<Body>,
         authority: Option<&str>,
         recent: &Recent,
     ) -> Response<Body> {
@@ -129,7 +128,7 @@ impl Outbound {
 
     async fn forward(
         self: &Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<Body>,
         authority: Option<&str>,
         recent: &Recent,
         reached: &mut Reached,
@@ -164,7 +163,7 @@ impl Outbound {
         let retry = rule
             .and_then(|r| r.retry.as_ref())
             .filter(|_| retryable(&parts, &body));
-        let (body, sent, client_failure) = Timed::request(boxed(body), self.body_idle_timeout);
+        let (body, sent, client_failure) = Timed::request(body, self.body_idle_timeout);
         if let Some(client_failure) = client_failure {
             parts.extensions.insert(client_failure);
         }
@@ -502,7 +501,7 @@ impl Logical {
 /// Only requests without a body and with an idempotent method are retried
 /// (RFC 9110 §9.2.2), so a retry never repeats a side effect or needs a
 /// buffered body.
-fn retryable(parts: &http::request::Parts, body: &Incoming) -> bool {
+fn retryable(parts: &http::request::Parts, body: &Body) -> bool {
     use hyper::body::Body as _;
     parts.method.is_idempotent() && body.size_hint().exact() == Some(0)
 }

@@ -1,9 +1,9 @@
-//! Serving HTTP connections, the same way on every listener: hyper builders
-//! with the proxy's header limit and keep-alive PINGs, a watchdog that closes
-//! connections whose request head stalls or that sit idle, and graceful
-//! shutdown when the proxy drains. The mesh listener's connections from
-//! peer sidecars are HTTP/2 served by [`http2::serve`], with the limits
-//! set here.
+//! Serving HTTP connections, the same way on every listener: HTTP/1 on
+//! hyper, HTTP/2 on [`http2::serve`], with the proxy's header limit, a
+//! watchdog that closes connections whose request head stalls or that sit
+//! idle, and graceful shutdown when the proxy drains. The mesh listener's
+//! connections from peer sidecars are HTTP/2 with limits of their own and
+//! no idle timeout.
 
 use std::future::Future;
 use std::io;
@@ -13,10 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -26,8 +27,8 @@ use crate::config::{Config, MAX_HEADER_BYTES_CEILING};
 use crate::detect;
 #[cfg(doc)]
 use crate::drain::Watch;
-use crate::http::{Body, BoxError};
-use crate::http2::{self, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::http::{boxed, Body, BoxError};
+use crate::http2;
 use crate::metrics::{ListenerMetrics, Timeout};
 use crate::woken::when_woken;
 
@@ -77,7 +78,7 @@ pub struct Server {
     pub max_body_in_flight: u32,
 }
 
-/// The HTTP version of a connection, known before hyper sees it.
+/// The HTTP version of a connection, known before it is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
     Http1,
@@ -148,39 +149,38 @@ impl Server {
     ) -> Result<(), ServeError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        F: Fn(Request<Body>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         let activity = Arc::new(Activity::new(version));
-        let io = Watched {
-            inner: io,
-            activity: activity.clone(),
-        };
-        let service = {
+        // A request is in flight until its response body is done. Its
+        // future is boxed: it is large (routing, retries, filters), and
+        // hyper and h2's stream tasks move what they are given; a pointer
+        // moves for the price of one allocation.
+        let handler = {
             let activity = activity.clone();
-            service_fn(move |request| {
+            move |request| {
                 let guard = activity.start();
-                // Boxed: a request's future is large (routing, retries,
-                // filters) and hyper moves what the service returns (into
-                // its dispatcher, into a task per HTTP/2 stream); a pointer
-                // moves for the price of one allocation.
                 let response = Box::pin(handler(request));
                 async move {
                     let response = response.await;
-                    Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                    response.map(|body| Tracked {
                         body,
                         _guard: guard,
-                    }))
+                    })
                 }
-            })
-        };
-        let watchdog = Watchdog {
-            server: self,
-            activity: &activity,
-            version,
+            }
         };
         match version {
             Version::Http1 => {
+                let io = Watched {
+                    inner: io,
+                    activity: activity.clone(),
+                };
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let response = handler(request.map(boxed));
+                    async move { Ok::<_, std::convert::Infallible>(response.await) }
+                });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     // The watchdog times request heads: hyper's own timer
@@ -197,37 +197,35 @@ impl Server {
                     .serve_connection(TokioIo::new(io), service)
                     // A CONNECT the handler agrees to hands the connection over.
                     .with_upgrades();
-                watchdog
-                    .drive(connection, |c| c.graceful_shutdown(), shutdown)
-                    .await
+                let watchdog = Watchdog {
+                    server: self,
+                    activity: &activity,
+                };
+                watchdog.drive(connection, shutdown).await
             }
             Version::Http2 => {
-                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                builder
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                    .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
-                    .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
-                    // Flow control bounds the body bytes a connection has
-                    // in the proxy (RFC 9113 §5.2).
-                    .initial_connection_window_size(self.max_body_in_flight)
-                    .initial_stream_window_size(self.max_body_in_flight)
+                // GOAWAY on the drain, or once idle for the idle timeout
+                // (HTTP/2 has no request head to time: h2 reads frames).
+                let closing = async {
+                    tokio::select! {
+                        biased;
+                        () = shutdown => {}
+                        expired = activity.expired(self) => {
+                            self.metrics.timed_out(self.direction, expired);
+                        }
+                    }
+                };
+                let limits = Http2Limits {
                     // h2 answers 431 on the stream for a header list over it.
-                    .max_header_list_size(self.max_header_bytes)
-                    .max_concurrent_streams(self.max_concurrent_streams);
-                // A batch of frames goes out as one write (`coalesce`).
-                let connection =
-                    builder.serve_connection(TokioIo::new(Coalesced::new(io)), service);
-                watchdog
-                    .drive(connection, |c| c.graceful_shutdown(), shutdown)
-                    .await
+                    max_header_list_size: self.max_header_bytes,
+                    max_frame_size: None,
+                    max_concurrent_streams: self.max_concurrent_streams,
+                };
+                self.serve_http2(io, limits, closing, handler).await
             }
         }
     }
-}
 
-impl Server {
     /// Serves the HTTP/2 connection of a peer sidecar until it closes, a
     /// keep-alive PING goes unanswered, or `shutdown` resolved and the
     /// streams in flight finished. The pooled connection carries every
@@ -243,6 +241,31 @@ impl Server {
         F: Fn(Request<Body>) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
+        // Boxed, as `serve` does.
+        let handler = move |request| Box::pin(handler(request));
+        let limits = Http2Limits {
+            max_header_list_size: MESH_HEADER_LIST_SIZE,
+            max_frame_size: Some(MESH_FRAME_SIZE),
+            max_concurrent_streams: MESH_MAX_CONCURRENT_STREAMS.max(self.max_concurrent_streams),
+        };
+        self.serve_http2(io, limits, shutdown, handler).await
+    }
+
+    /// HTTP/2 on h2 with these limits, until `closing` (then GOAWAY, and
+    /// the streams in flight finish).
+    async fn serve_http2<I, F, Fut, B>(
+        &self,
+        io: I,
+        limits: Http2Limits,
+        closing: impl Future<Output = ()>,
+        handler: F,
+    ) -> Result<(), ServeError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+        F: Fn(Request<Body>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: hyper::body::Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
+    {
         let mut builder = h2::server::Builder::new();
         builder
             // Flow control bounds the body bytes a connection has in the
@@ -250,37 +273,47 @@ impl Server {
             .initial_window_size(self.max_body_in_flight)
             .initial_connection_window_size(self.max_body_in_flight)
             .max_send_buffer_size(http2::SEND_BUFFER)
-            .max_header_list_size(MESH_HEADER_LIST_SIZE)
-            .max_frame_size(MESH_FRAME_SIZE)
-            .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS.max(self.max_concurrent_streams))
+            .max_header_list_size(limits.max_header_list_size)
+            .max_concurrent_streams(limits.max_concurrent_streams)
             .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
             .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
+        if let Some(size) = limits.max_frame_size {
+            builder.max_frame_size(size);
+        }
         // The client's preface and SETTINGS are part of the handshake. A
         // batch of frames goes out as one write (`coalesce`).
         let connection = self
             .handshake(builder.handshake(Coalesced::new(io)))
             .await?
             .map_err(http2::Error::from)?;
-        Ok(http2::serve(connection, shutdown, handler).await?)
+        Ok(http2::serve(connection, closing, handler).await?)
     }
 }
 
-/// One connection's timeouts and drain, around hyper's connection future.
+/// What an HTTP/2 connection's client may send.
+struct Http2Limits {
+    max_header_list_size: u32,
+    /// h2's default (16 KiB) when `None`.
+    max_frame_size: Option<u32>,
+    max_concurrent_streams: u32,
+}
+
+/// An HTTP/1 connection's timeouts and drain, around hyper's connection
+/// future.
 struct Watchdog<'a> {
     server: &'a Server,
     activity: &'a Activity,
-    version: Version,
 }
 
 impl Watchdog<'_> {
-    async fn drive<C>(
+    async fn drive<I, S>(
         &self,
-        connection: C,
-        graceful_shutdown: impl Fn(Pin<&mut C>),
+        connection: hyper::server::conn::http1::UpgradeableConnection<I, S>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError>
     where
-        C: Future<Output = hyper::Result<()>>,
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming, ResBody = Tracked>,
     {
         tokio::pin!(connection);
         // The drain and the timeouts, polled only when one of them is due
@@ -303,31 +336,26 @@ impl Watchdog<'_> {
                 event = events.as_mut(), if !closing => event,
             };
             match event {
+                // hyper would keep a connection that has not had a request
+                // yet for one more request: close it now.
+                Event::Drain if self.activity.is_idle() => return Ok(()),
+                // The response in flight says `connection: close`.
                 Event::Drain => {
-                    // hyper would keep an HTTP/1 connection that has not had
-                    // a request yet for one more request: close it now.
-                    if self.version == Version::Http1 && self.activity.is_idle() {
-                        return Ok(());
-                    }
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
                 }
                 Event::Expired(expired) => {
                     self.server
                         .metrics
                         .timed_out(self.server.direction, expired);
-                    match expired {
+                    return match expired {
                         Timeout::HeaderRead => {
-                            return Err(ServeError::HeaderRead(self.server.header_read_timeout));
+                            Err(ServeError::HeaderRead(self.server.header_read_timeout))
                         }
-                        _ if self.version == Version::Http1 => return Ok(()),
-                        // HTTP/2: GOAWAY tells the client not to send more on it.
-                        _ => {}
-                    }
+                        _ => Ok(()),
+                    };
                 }
             }
-            // HTTP/2: GOAWAY, then the open streams finish. HTTP/1: the
-            // response in flight says `connection: close`.
-            graceful_shutdown(connection.as_mut());
-            closing = true;
         }
     }
 }
@@ -597,7 +625,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let served = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let handler = |request: Request<Incoming>| async move {
+            let handler = |request: Request<Body>| async move {
                 if request.uri().path() == "/slow" {
                     tokio::time::sleep(SLOW).await;
                 }

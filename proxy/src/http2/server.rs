@@ -1,5 +1,5 @@
-//! The HTTP/2 server of the mesh listener: every request from peer
-//! sidecars comes through it. The connection's task accepts streams and
+//! The HTTP/2 server, on every listener ([`crate::server::Server`] sets
+//! its limits and timeouts). The connection's task accepts streams and
 //! spawns one task per stream, which runs the handler and sends its
 //! response; nothing else sits between h2 and the handler.
 
@@ -8,17 +8,16 @@ use std::future::{poll_fn, Future};
 use bytes::Bytes;
 use h2::server::{Connection, SendResponse};
 use http::{Request, Response};
-use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{keepalive, send_body, set_content_length, Error, RecvBody};
-use crate::http::Body;
+use crate::http::{Body, BoxError};
 use crate::woken::when_woken;
 
 /// Serves `connection` (its handshake done) until the client closes it, a
 /// keep-alive PING goes unanswered, or `shutdown` resolved and the streams
 /// in flight finished (GOAWAY tells the client to open no more).
-pub async fn serve<T, F, Fut>(
+pub async fn serve<T, F, Fut, B>(
     mut connection: Connection<T, Bytes>,
     shutdown: impl Future<Output = ()>,
     handler: F,
@@ -26,7 +25,8 @@ pub async fn serve<T, F, Fut>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Request<Body>) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
 {
     // The drain and the PINGs are looked at only when they are due, not
     // on every wake-up of the connection (every frame).
@@ -56,23 +56,23 @@ where
 /// One stream: the handler's response, then its body. A client that
 /// resets the stream no longer wants the answer: the handler's work (and
 /// the request it forwarded) is dropped.
-async fn answer<F, Fut>(
+async fn answer<F, Fut, B>(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     handler: F,
 ) where
     F: Fn(Request<Body>) -> Fut,
-    Fut: Future<Output = Response<Body>>,
+    Fut: Future<Output = Response<B>>,
+    B: hyper::body::Body<Data = Bytes, Error = BoxError> + Unpin,
 {
     let (head, stream) = request.into_parts();
     let body = RecvBody::boxed(stream, &head.headers);
-    // Boxed: a request's future is large (routing, authorization, the
-    // application's connection), and inline it would make this task's
-    // future as large, moved into place when the task is spawned.
-    let response = Box::pin(handler(Request::from_parts(head, body)));
+    // Held inline: a large handler future (routing, retries, the
+    // application's connection) comes boxed, or it would make this task's
+    // future as large, copied as the task is spawned and run.
     let response = tokio::select! {
         biased;
-        response = response => response,
+        response = handler(Request::from_parts(head, body)) => response,
         _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
     let (mut head, body) = response.into_parts();
@@ -134,7 +134,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_body_and_trailers_reach_the_handler_and_its_answer_has_a_length() {
         let handler = |request: Request<Body>| async move {
-            let length = request.body().size_hint().exact();
+            let length = hyper::body::Body::size_hint(request.body()).exact();
             let collected = request.into_body().collect().await.unwrap();
             let trailers = collected.trailers().cloned().unwrap_or_default();
             let answer = format!(

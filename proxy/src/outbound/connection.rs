@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -67,7 +66,7 @@ impl Outbound {
         let recent = Arc::new(Recent::default());
         let handler = {
             let outbound = self.clone();
-            move |request: Request<Incoming>| {
+            move |request: Request<Body>| {
                 let (outbound, authority, tunnels, recent) = (
                     outbound.clone(),
                     authority.clone(),
@@ -99,7 +98,7 @@ impl Outbound {
     /// tunnel once the 200 is sent.
     async fn connect(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<Body>,
         tunnels: &mpsc::Sender<Tunnel>,
     ) -> Result<Response<Body>, ProxyError> {
         let authority = request
