@@ -11,7 +11,7 @@ use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{keepalive, send_body, set_content_length, Error, RecvBody};
-use crate::http::{Body, BoxError};
+use crate::http::{strip_hop_by_hop, Body, BoxError};
 use crate::woken::when_woken;
 
 /// Serves `connection` (its handshake done) until the client closes it, a
@@ -76,6 +76,9 @@ async fn answer<F, Fut, B>(
         _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
     let (mut head, body) = response.into_parts();
+    // h2 refuses to send connection-specific headers (RFC 9113 §8.2.2),
+    // which a route's response header filter could have set.
+    strip_hop_by_hop(&mut head.headers);
     let end_of_stream = body.is_end_stream();
     set_content_length(&mut head.headers, &body);
     // Fails only when the stream or the connection is already gone.
@@ -169,6 +172,26 @@ mod tests {
             received.extend_from_slice(&data.unwrap());
         }
         assert_eq!(String::from_utf8_lossy(&received), expected);
+    }
+
+    #[tokio::test]
+    async fn connection_specific_response_headers_are_not_sent() {
+        let handler = |_request: Request<Body>| async {
+            let mut response = Response::new(full("ok"));
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, "close".parse().unwrap());
+            response
+        };
+        let (_drain, shutdown) = oneshot::channel();
+        let (addr, _served) = serve_one(handler, shutdown).await;
+        let mut client = client(addr).await;
+        let (response, _) = client
+            .send_request(Request::get("http://a/").body(()).unwrap(), true)
+            .unwrap();
+        let response = response.await.expect("answered, not reset");
+        assert_eq!(response.status(), 200);
+        assert!(!response.headers().contains_key(http::header::CONNECTION));
     }
 
     #[tokio::test]
