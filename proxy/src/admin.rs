@@ -52,7 +52,7 @@ impl Admin {
                 };
                 let handler = {
                     let admin = admin.clone();
-                    move |request: http::Request<crate::http::Body>| {
+                    move |request: http::Request<Body>| {
                         let admin = admin.clone();
                         async move { admin.handle(request.method(), request.uri().path(), peer) }
                     }
