@@ -29,7 +29,8 @@ mod server;
 pub use client::{Connection, SendError, Settings};
 pub use server::serve;
 
-/// Between sidecars, an HTTP/2 PING this often finds a dead peer…
+/// An HTTP/2 PING this often finds a dead peer (on every connection
+/// served, and on the client's connections to peer sidecars)…
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// …when its answer takes longer than this.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
