@@ -1,13 +1,20 @@
-//! Writes held until the writer flushes, so that one flush is one write.
+//! Writes held until the connection's poll ends, so that one poll is one
+//! write.
 //!
-//! h2 hands every DATA frame of 256 bytes or more to the I/O on its own, so
-//! a batch of small responses became a `writev` per frame and, over TLS, a
-//! record per frame. HTTP/2 connections write through [`Coalesced`]
-//! instead: h2 flushes after each batch, and the batch goes out as one write
-//! (over TLS, as full-size records).
+//! h2 hands every DATA frame of 256 bytes or more to the I/O on its own and
+//! flushes before it queues the next frame, so a batch of 1 KiB responses
+//! was a flush, a `writev` and (over TLS) a record per frame. HTTP/2
+//! connections write through [`Coalesced`] instead, and are driven through
+//! [`Batch::drive`]: while the connection is polled, a flush only notes
+//! that bytes are held; when the poll ends, the driver polls once more with
+//! flushes let through, and h2's flush at the end of that poll writes the
+//! whole batch at once (over TLS, as full-size records).
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,12 +28,24 @@ const LIMIT: usize = 16 * 1024;
 /// small frames reuses its buffer.
 const KEEP: usize = 4 * 1024;
 
-/// An I/O whose writes wait in a buffer (at most [`LIMIT`]) for a flush.
+/// An I/O whose writes wait in a buffer (at most [`LIMIT`]) for a flush
+/// outside the driver's poll.
 pub struct Coalesced<T> {
     inner: T,
     held: Vec<u8>,
     /// How much of `held` is already written.
     written: usize,
+    gate: Arc<Gate>,
+}
+
+/// What a [`Coalesced`] I/O and the future that drives it share. Only the
+/// connection's own task touches either, so `Relaxed` is enough.
+#[derive(Default)]
+struct Gate {
+    /// The driver is polling: flushes are put off.
+    polling: AtomicBool,
+    /// A flush was put off during this poll.
+    put_off: AtomicBool,
 }
 
 impl<T> Coalesced<T> {
@@ -35,7 +54,54 @@ impl<T> Coalesced<T> {
             inner,
             held: Vec::new(),
             written: 0,
+            gate: Arc::default(),
         }
+    }
+
+    /// What drives the connection over this I/O.
+    pub fn batch(&self) -> Batch {
+        Batch(self.gate.clone())
+    }
+}
+
+/// Drives the future that writes to one [`Coalesced`] I/O.
+pub struct Batch(Arc<Gate>);
+
+impl Batch {
+    /// `future`, polled so that what it flushes during a poll is written
+    /// once at the poll's end. Its writes must be followed by a flush in
+    /// the same poll (h2 flushes at the end of every poll).
+    pub fn drive<F: Future>(self, future: F) -> Batched<F> {
+        Batched {
+            future,
+            gate: self.0,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`Batch::drive`].
+    pub struct Batched<F> {
+        #[pin]
+        future: F,
+        gate: Arc<Gate>,
+    }
+}
+
+impl<F: Future> Future for Batched<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut this = self.project();
+        this.gate.polling.store(true, Relaxed);
+        let poll = this.future.as_mut().poll(cx);
+        this.gate.polling.store(false, Relaxed);
+        if poll.is_ready() || !this.gate.put_off.swap(false, Relaxed) {
+            return poll;
+        }
+        // Once more, flushes let through: the held batch is written now
+        // (or waits for the socket, which then wakes this task).
+        this.future.poll(cx)
     }
 }
 
@@ -107,6 +173,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.gate.polling.load(Relaxed) && this.written < this.held.len() {
+            this.gate.put_off.store(true, Relaxed);
+            return Poll::Ready(Ok(()));
+        }
         ready!(this.poll_write_held(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -184,6 +254,28 @@ mod tests {
             .chain([7; LIMIT + 1])
             .collect();
         assert_eq!(io.inner.bytes, expected, "every byte, in order");
+    }
+
+    #[tokio::test]
+    async fn flushes_during_a_driven_poll_are_one_write_when_it_ends() {
+        let mut io = Coalesced::new(Counting::default());
+        let batch = io.batch();
+        batch
+            .drive(async move {
+                // As h2 writes DATA frames: each one flushed before the next.
+                for frame in 0..8u8 {
+                    io.write_all(&[frame; 1033]).await.unwrap();
+                    io.flush().await.unwrap();
+                }
+                assert_eq!(io.inner.writes, 0, "flushes within the poll are put off");
+                // The poll ends here; the driver's second poll lets the
+                // flush at its end through.
+                tokio::task::yield_now().await;
+                io.flush().await.unwrap();
+                assert_eq!(io.inner.writes, 1, "eight frames, one write");
+                assert_eq!(io.inner.bytes.len(), 8 * 1033);
+            })
+            .await;
     }
 
     #[tokio::test]

@@ -282,11 +282,15 @@ impl Server {
         }
         // The client's preface and SETTINGS are part of the handshake. A
         // batch of frames goes out as one write (`coalesce`).
+        let io = Coalesced::new(io);
+        let batch = io.batch();
         let connection = self
-            .handshake(builder.handshake(Coalesced::new(io)))
+            .handshake(builder.handshake(io))
             .await?
             .map_err(http2::Error::from)?;
-        Ok(http2::serve(connection, closing, handler).await?)
+        Ok(batch
+            .drive(http2::serve(connection, closing, handler))
+            .await?)
     }
 }
 

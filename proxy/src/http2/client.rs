@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{keepalive, send_body, set_content_length, RecvBody, SEND_BUFFER};
 #[cfg(doc)]
 use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::coalesce::Coalesced;
 use crate::http::Body;
 use crate::woken::when_woken;
 
@@ -58,7 +59,8 @@ pub struct SendError {
 
 impl Connection {
     /// The HTTP/2 handshake over `io` (to `server`), and the task that runs
-    /// the connection.
+    /// the connection. A batch of frames goes out as one write
+    /// ([`Coalesced`]).
     pub async fn handshake<T>(
         io: T,
         settings: &Settings,
@@ -77,11 +79,13 @@ impl Connection {
         if let Some(size) = settings.max_frame_size {
             builder.max_frame_size(size);
         }
+        let io = Coalesced::new(io);
+        let batch = io.batch();
         let (sender, mut connection) = builder.handshake(io).await?;
         let closed = Arc::new(AtomicBool::new(false));
         let pings = connection.ping_pong().filter(|_| settings.keepalive);
         let ended = closed.clone();
-        tokio::spawn(async move {
+        tokio::spawn(batch.drive(async move {
             // `biased`: the connection first, and no random number drawn
             // each time it wakes (every frame); the keep-alive timer is
             // looked at only when it fires.
@@ -94,7 +98,7 @@ impl Connection {
             if let Err(error) = outcome {
                 tracing::debug!(%server, %error, "HTTP/2 connection closed");
             }
-        });
+        }));
         Ok(Self { sender, closed })
     }
 

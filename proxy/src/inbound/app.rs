@@ -14,7 +14,6 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use super::{connect_app, InboundError, APP_CONNECT_TIMEOUT};
-use crate::coalesce::Coalesced;
 use crate::http::{boxed, Body};
 use crate::http2;
 
@@ -160,9 +159,7 @@ impl AppConnections {
             // The application is local: a dead one closes its sockets.
             keepalive: false,
         };
-        // Writes wait for h2's flush: one write per batch of frames.
-        let connection =
-            http2::Connection::handshake(Coalesced::new(tcp), &settings, self.addr(port)).await?;
+        let connection = http2::Connection::handshake(tcp, &settings, self.addr(port)).await?;
         let connection = Arc::new(connection);
         self.port(port, |p| p.http2 = Some(connection.clone()));
         Ok(connection)

@@ -14,7 +14,6 @@ use trellis_proto::discovery::Endpoint;
 use trellis_proto::SpiffeId;
 
 use crate::balance::{InFlight, Load, Weighted};
-use crate::coalesce::Coalesced;
 use crate::errors::ProxyError;
 use crate::http2;
 use crate::metrics::Label;
@@ -229,8 +228,7 @@ impl EndpointHandle {
         let peer_not_after =
             tls::chain_not_after(stream.get_ref().1.peer_certificates().unwrap_or_default());
         let valid_until = peer_not_after.map_or(tls.not_after, |p| p.min(tls.not_after));
-        // A batch of frames goes out as one TLS record and one write.
-        let peer = http2::Connection::handshake(Coalesced::new(stream), &MESH_HTTP2, addr)
+        let peer = http2::Connection::handshake(stream, &MESH_HTTP2, addr)
             .await
             .map_err(|e| error(e.to_string()))?;
         tracing::debug!(peer = %addr, identity = %expected, "connected to peer proxy");

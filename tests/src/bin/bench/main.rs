@@ -13,10 +13,11 @@
 //!
 //! cargo run --release -p trellis-tests --bin bench -- [--quick] [--output json]
 //!     [--rounds N] [--seconds S] [--rates R1,R2] [--callgrind-dir DIR]
-//!     [--proxy PATH]
+//!     [--proxy PATH] [--only PATHS]
 //! (`--callgrind-dir` keeps callgrind's dumps there, for `callgrind_annotate`;
 //! `--proxy` runs that `trellis-proxy` binary as the sidecars, see
-//! [`sidecar`].)
+//! [`sidecar`]; `--only trellis-h2,peer-h2` measures just those paths, to
+//! profile one of them with `perf record -p`.)
 
 mod instructions;
 mod load;
@@ -51,6 +52,8 @@ pub struct Options {
     /// The `trellis-proxy` binary the sidecars run, or none for this
     /// binary's own copy of the proxy.
     proxy: Option<std::path::PathBuf>,
+    /// Path names (`trellis-h2`) to measure, or none for all.
+    only: Option<Vec<String>>,
 }
 
 fn options() -> Options {
@@ -80,6 +83,7 @@ fn options() -> Options {
             }),
         callgrind_dir: value("--callgrind-dir").map(Into::into),
         proxy: value("--proxy").map(Into::into),
+        only: value("--only").map(|v| v.split(',').map(str::to_string).collect()),
     }
 }
 
@@ -201,6 +205,10 @@ async fn bench(opts: Options) -> anyhow::Result<()> {
                 peer.pids(),
             ));
         }
+    }
+    if let Some(only) = &opts.only {
+        paths.retain(|path| only.contains(&path.name().replace(' ', "-")));
+        anyhow::ensure!(!paths.is_empty(), "--only {only:?} names no path");
     }
     let figures = measure(&paths, &opts).await;
     let instructions = match instructions::find_valgrind()? {
