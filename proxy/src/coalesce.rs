@@ -5,11 +5,14 @@
 //! flushes before it queues the next frame, so a batch of 1 KiB responses
 //! was a flush, a `writev` and (over TLS) a record per frame. HTTP/2
 //! connections write through [`Coalesced`] instead, and are driven through
-//! [`Batch::drive`]: while the connection is polled, a flush only notes
-//! that bytes are held; when the poll ends, the driver polls once more with
-//! flushes let through, and h2's flush at the end of that poll writes the
-//! whole batch at once (over TLS, as full-size records).
+//! [`Batch::drive`]: while the connection is polled, the first flush writes
+//! (a lone response is written at once, as before) and any later one only
+//! notes that bytes are held; when the poll ends, the driver polls once
+//! more with flushes let through, and h2's flush at the end of that poll
+//! writes the rest of the batch at once (over TLS, as full-size records).
+//! A batch of responses is two writes, not one per response.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -23,10 +26,31 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// one write this large goes straight through. One TLS record's worth.
 const LIMIT: usize = 16 * 1024;
 
-/// A buffer grown past this is freed once written out: a mostly idle
-/// connection (of thousands) holds little, while the usual batch of a few
-/// small frames reuses its buffer.
-const KEEP: usize = 4 * 1024;
+/// Written-out buffers kept per thread for the next batch. A connection
+/// holds a buffer only from its first write to its flush, and connections
+/// on one thread flush one after another, so a few serve them all.
+const SPARES: usize = 4;
+
+thread_local! {
+    /// Empty buffers of [`LIMIT`] bytes: a batch neither allocates nor
+    /// regrows its buffer, and an idle connection (of thousands) holds none.
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn spare_buffer() -> Vec<u8> {
+    SPARE
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| Vec::with_capacity(LIMIT))
+}
+
+fn return_buffer(mut buffer: Vec<u8>) {
+    buffer.clear();
+    SPARE.with_borrow_mut(|spare| {
+        if spare.len() < SPARES {
+            spare.push(buffer);
+        }
+    });
+}
 
 /// An I/O whose writes wait in a buffer (at most [`LIMIT`]) for a flush
 /// outside the driver's poll.
@@ -42,8 +66,10 @@ pub struct Coalesced<T> {
 /// connection's own task touches either, so `Relaxed` is enough.
 #[derive(Default)]
 struct Gate {
-    /// The driver is polling: flushes are put off.
+    /// The driver is polling: flushes after the first are put off.
     polling: AtomicBool,
+    /// A flush wrote during this poll.
+    flushed: AtomicBool,
     /// A flush was put off during this poll.
     put_off: AtomicBool,
 }
@@ -68,9 +94,9 @@ impl<T> Coalesced<T> {
 pub struct Batch(Arc<Gate>);
 
 impl Batch {
-    /// `future`, polled so that what it flushes during a poll is written
-    /// once at the poll's end. Its writes must be followed by a flush in
-    /// the same poll (h2 flushes at the end of every poll).
+    /// `future`, polled so that what it flushes after its first flush in a
+    /// poll is written once at the poll's end. Its writes must be followed
+    /// by a flush in the same poll (h2 flushes at the end of every poll).
     pub fn drive<F: Future>(self, future: F) -> Batched<F> {
         Batched {
             future,
@@ -94,6 +120,7 @@ impl<F: Future> Future for Batched<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let mut this = self.project();
         this.gate.polling.store(true, Relaxed);
+        this.gate.flushed.store(false, Relaxed);
         let poll = this.future.as_mut().poll(cx);
         this.gate.polling.store(false, Relaxed);
         if poll.is_ready() || !this.gate.put_off.swap(false, Relaxed) {
@@ -115,10 +142,8 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
             }
             self.written += n;
         }
-        if self.held.capacity() > KEEP {
-            self.held = Vec::new();
-        } else {
-            self.held.clear();
+        if self.held.capacity() > 0 {
+            return_buffer(std::mem::take(&mut self.held));
         }
         self.written = 0;
         Poll::Ready(Ok(()))
@@ -127,11 +152,16 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
     /// Makes room for `len` more bytes; `false` when they are better
     /// written straight through.
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
-        if self.held.len() + len <= LIMIT {
-            return Poll::Ready(Ok(true));
+        if self.held.len() + len > LIMIT {
+            ready!(self.poll_write_held(cx))?;
+            if len >= LIMIT {
+                return Poll::Ready(Ok(false));
+            }
         }
-        ready!(self.poll_write_held(cx))?;
-        Poll::Ready(Ok(len < LIMIT))
+        if self.held.capacity() == 0 {
+            self.held = spare_buffer();
+        }
+        Poll::Ready(Ok(true))
     }
 }
 
@@ -174,8 +204,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.gate.polling.load(Relaxed) && this.written < this.held.len() {
-            this.gate.put_off.store(true, Relaxed);
-            return Poll::Ready(Ok(()));
+            // The first flush of a poll writes: most polls have one.
+            if this.gate.flushed.swap(true, Relaxed) {
+                this.gate.put_off.store(true, Relaxed);
+                return Poll::Ready(Ok(()));
+            }
         }
         ready!(this.poll_write_held(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
@@ -237,6 +270,11 @@ mod tests {
         assert_eq!(io.inner.writes, 0, "nothing is written before a flush");
         io.flush().await.unwrap();
         assert_eq!(io.inner.writes, 1);
+        assert_eq!(
+            io.held.capacity(),
+            0,
+            "a flushed connection holds no buffer"
+        );
 
         // More than the limit between flushes: written as the buffer fills.
         for frame in 0..40u8 {
@@ -267,12 +305,12 @@ mod tests {
                     io.write_all(&[frame; 1033]).await.unwrap();
                     io.flush().await.unwrap();
                 }
-                assert_eq!(io.inner.writes, 0, "flushes within the poll are put off");
+                assert_eq!(io.inner.writes, 1, "flushes after the first are put off");
                 // The poll ends here; the driver's second poll lets the
                 // flush at its end through.
                 tokio::task::yield_now().await;
                 io.flush().await.unwrap();
-                assert_eq!(io.inner.writes, 1, "eight frames, one write");
+                assert_eq!(io.inner.writes, 2, "eight frames, two writes");
                 assert_eq!(io.inner.bytes.len(), 8 * 1033);
             })
             .await;
