@@ -1,5 +1,5 @@
-//! Writes held until the connection's poll ends, so that one poll is one
-//! write.
+//! Writes held until the connection's poll ends, so that a batch of frames
+//! goes out at once.
 //!
 //! h2 hands every DATA frame of 256 bytes or more to the I/O on its own and
 //! flushes before it queues the next frame, so a batch of 1 KiB responses
