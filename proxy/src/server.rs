@@ -281,7 +281,7 @@ impl Server {
             builder.max_frame_size(size);
         }
         // The client's preface and SETTINGS are part of the handshake. A
-        // batch of frames goes out as one write (`coalesce`).
+        // batch of frames goes out together (`coalesce`).
         let io = Coalesced::new(io);
         let batch = io.batch();
         let connection = self

@@ -59,7 +59,7 @@ pub struct SendError {
 
 impl Connection {
     /// The HTTP/2 handshake over `io` (to `server`), and the task that runs
-    /// the connection. A batch of frames goes out as one write
+    /// the connection. A batch of frames goes out together
     /// ([`Coalesced`]).
     pub async fn handshake<T>(
         io: T,
