@@ -26,6 +26,8 @@ fn quick_benchmark_produces_all_figures() {
     if std::env::var("CI").as_deref() == Ok("true") {
         assert!(peer_ran, "CI=true but the peer path did not run: {figures}");
     }
+    // As between sidecars, unless `--peer-hop` asks otherwise.
+    assert_eq!(figures["config"]["peer_hop"], "http2", "{figures}");
     let mut paths = vec!["direct", "trellis"];
     if peer_ran {
         paths.push("peer");

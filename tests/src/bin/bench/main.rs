@@ -13,11 +13,13 @@
 //!
 //! cargo run --release -p trellis-tests --bin bench -- [--quick] [--output json]
 //!     [--rounds N] [--seconds S] [--rates R1,R2] [--callgrind-dir DIR]
-//!     [--proxy PATH] [--only PATHS]
+//!     [--proxy PATH] [--only PATHS] [--peer-hop http2|http1]
 //! (`--callgrind-dir` keeps callgrind's dumps there, for `callgrind_annotate`;
 //! `--proxy` runs that `trellis-proxy` binary as the sidecars, see
 //! [`sidecar`]; `--only trellis-h2,peer-h2` measures just those paths, to
-//! profile one of them with `perf record -p`.)
+//! profile one of them with `perf record -p`; `--peer-hop http1` has the
+//! HAProxy pair speak HTTP/1.1 between them for HTTP/1.1 clients, to
+//! measure what that choice of hop costs.)
 
 mod instructions;
 mod load;
@@ -54,9 +56,11 @@ pub struct Options {
     proxy: Option<std::path::PathBuf>,
     /// Path names (`trellis-h2`) to measure, or none for all.
     only: Option<Vec<String>>,
+    /// What the HAProxy pair speaks between them for HTTP/1.1 clients.
+    peer_hop: peer::Hop,
 }
 
-fn options() -> Options {
+fn options() -> anyhow::Result<Options> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let value = |flag: &str| {
@@ -65,7 +69,7 @@ fn options() -> Options {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    Options {
+    Ok(Options {
         quick,
         json: value("--output").as_deref() == Some("json"),
         rounds: value("--rounds")
@@ -84,7 +88,8 @@ fn options() -> Options {
         callgrind_dir: value("--callgrind-dir").map(Into::into),
         proxy: value("--proxy").map(Into::into),
         only: value("--only").map(|v| v.split(',').map(str::to_string).collect()),
-    }
+        peer_hop: peer::Hop::parse(value("--peer-hop").as_deref().unwrap_or("http2"))?,
+    })
 }
 
 /// What stands between the load generator and the server.
@@ -150,7 +155,7 @@ fn main() -> anyhow::Result<()> {
     }
     // The slow clients' connections, on every process of the bench.
     trellis_tests::raise_fd_limit();
-    tokio::runtime::Runtime::new()?.block_on(bench(options()))
+    tokio::runtime::Runtime::new()?.block_on(bench(options()?))
 }
 
 async fn bench(opts: Options) -> anyhow::Result<()> {
@@ -177,7 +182,7 @@ async fn bench(opts: Options) -> anyhow::Result<()> {
     AppClient::http1(client_proxy.outbound)
         .wait_routable(&authority)
         .await;
-    let peer = start_peer(&mut mesh, server).await?;
+    let peer = start_peer(&mut mesh, server, opts.peer_hop).await?;
 
     let mut paths = Vec::new();
     for protocol in Protocol::ALL {
@@ -244,7 +249,11 @@ async fn bench(opts: Options) -> anyhow::Result<()> {
 /// The HAProxy pair on two fresh pod IPs, or `None` (said on stderr) when
 /// HAProxy is not installed — except under `CI=true`, where the comparison
 /// must not silently disappear.
-async fn start_peer(mesh: &mut Mesh, app: SocketAddr) -> anyhow::Result<Option<Peer>> {
+async fn start_peer(
+    mesh: &mut Mesh,
+    app: SocketAddr,
+    hop: peer::Hop,
+) -> anyhow::Result<Option<Peer>> {
     let Some(haproxy) = peer::find_haproxy() else {
         anyhow::ensure!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -258,7 +267,7 @@ async fn start_peer(mesh: &mut Mesh, app: SocketAddr) -> anyhow::Result<Option<P
         return Ok(None);
     };
     let (client_ip, server_ip) = (mesh.pod_ip(), mesh.pod_ip());
-    let peer = Peer::start(&haproxy, client_ip, server_ip, app)
+    let peer = Peer::start(&haproxy, client_ip, server_ip, app, hop)
         .await
         .context("starting the peer path (haproxy)")?;
     Ok(Some(peer))

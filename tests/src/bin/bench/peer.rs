@@ -59,6 +59,7 @@ impl Peer {
         client_ip: IpAddr,
         server_ip: IpAddr,
         app: SocketAddr,
+        hop: Hop,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         write_certificates(dir.path())?;
@@ -66,13 +67,13 @@ impl Peer {
             haproxy,
             dir.path(),
             "server",
-            &server_config(server_ip, app, dir.path()),
+            &server_config(server_ip, app, dir.path(), hop),
         )?;
         let client = spawn(
             haproxy,
             dir.path(),
             "client",
-            &client_config(client_ip, server_ip, dir.path()),
+            &client_config(client_ip, server_ip, dir.path(), hop),
         )?;
         let mut peer = Self {
             version: version(haproxy).await?,
@@ -182,10 +183,46 @@ fn h2c(protocol: Protocol) -> &'static str {
     }
 }
 
+/// What the TLS hop between the two HAProxies speaks for HTTP/1.1 clients
+/// (`--peer-hop`); HTTP/2 clients' requests always cross it as HTTP/2.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// As between sidecars, and the default.
+    Http2,
+    /// To measure what the other choice costs a proxy that has both.
+    Http1,
+}
+
+impl Hop {
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "http2" => Ok(Hop::Http2),
+            "http1" => Ok(Hop::Http1),
+            other => anyhow::bail!("--peer-hop {other:?}: expected http2 or http1"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hop::Http2 => "http2",
+            Hop::Http1 => "http1",
+        }
+    }
+
+    /// The ALPN protocol both ends of the hop offer for `protocol`'s clients.
+    fn alpn(self, protocol: Protocol) -> &'static str {
+        match (self, protocol) {
+            (Hop::Http1, Protocol::Http1) => "http/1.1",
+            _ => "h2",
+        }
+    }
+}
+
 /// Client side: plaintext in, TLS with the client certificate out, the
 /// server's certificate checked against the CA and `SERVER_NAME`. The TLS
-/// hop speaks HTTP/2 (ALPN h2) for both variants, as between sidecars.
-fn client_config(ip: IpAddr, server_ip: IpAddr, dir: &Path) -> String {
+/// hop speaks HTTP/2 (ALPN h2) for both variants, as between sidecars,
+/// unless `hop` says otherwise.
+fn client_config(ip: IpAddr, server_ip: IpAddr, dir: &Path, hop: Hop) -> String {
     let mut config = COMMON.to_string();
     for protocol in Protocol::ALL {
         let (listen, upstream) = ports(protocol);
@@ -195,10 +232,11 @@ fn client_config(ip: IpAddr, server_ip: IpAddr, dir: &Path) -> String {
     bind {ip}:{listen}{h2c}
     default_backend mesh_{name}
 backend mesh_{name}
-    server peer {server_ip}:{upstream} ssl alpn h2 crt {dir}/client.pem ca-file {dir}/ca.pem verify required sni str({SERVER_NAME}) verifyhost {SERVER_NAME}
+    server peer {server_ip}:{upstream} ssl alpn {alpn} crt {dir}/client.pem ca-file {dir}/ca.pem verify required sni str({SERVER_NAME}) verifyhost {SERVER_NAME}
 ",
             h2c = h2c(protocol),
             dir = dir.display(),
+            alpn = hop.alpn(protocol),
         );
     }
     config
@@ -206,19 +244,20 @@ backend mesh_{name}
 
 /// Server side: TLS in, a client certificate from the CA required,
 /// plaintext to the app in the variant's protocol.
-fn server_config(ip: IpAddr, app: SocketAddr, dir: &Path) -> String {
+fn server_config(ip: IpAddr, app: SocketAddr, dir: &Path, hop: Hop) -> String {
     let mut config = COMMON.to_string();
     for protocol in Protocol::ALL {
         let (_, listen) = ports(protocol);
         let name = protocol.name();
         config += &format!(
             "frontend mesh_{name}
-    bind {ip}:{listen} ssl alpn h2 crt {dir}/server.pem ca-file {dir}/ca.pem verify required
+    bind {ip}:{listen} ssl alpn {alpn} crt {dir}/server.pem ca-file {dir}/ca.pem verify required
     default_backend app_{name}
 backend app_{name}
     server app {app}{h2c}
 ",
             h2c = h2c(protocol),
+            alpn = hop.alpn(protocol),
             dir = dir.display(),
         );
     }
@@ -255,4 +294,48 @@ fn write_certificates(dir: &Path) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ALPN lines of a rendered configuration, in order.
+    fn alpns(config: &str) -> Vec<&str> {
+        config
+            .lines()
+            .filter_map(|line| line.split(" alpn ").nth(1)?.split(' ').next())
+            .collect()
+    }
+
+    #[test]
+    fn the_hop_speaks_http1_only_for_http1_clients_when_asked() {
+        let (ip, app) = ([127, 0, 0, 1].into(), ([127, 0, 0, 2], 80).into());
+        let dir = Path::new("/certs");
+        for (hop, expected) in [(Hop::Http2, ["h2", "h2"]), (Hop::Http1, ["http/1.1", "h2"])] {
+            assert_eq!(alpns(&client_config(ip, ip, dir, hop)), expected);
+            assert_eq!(alpns(&server_config(ip, app, dir, hop)), expected);
+        }
+    }
+
+    /// HAProxy takes the HTTP/1.1 hop's configuration and serves both
+    /// protocols through it (`start` waits for a 200 on each).
+    #[tokio::test]
+    async fn the_pair_serves_through_an_http1_hop() {
+        let Some(haproxy) = find_haproxy() else {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "haproxy not found"
+            );
+            return eprintln!("haproxy not found: install the Debian package `haproxy`");
+        };
+        let mut mesh = trellis_tests::Mesh::start().await;
+        let (client_ip, server_ip) = (mesh.pod_ip(), mesh.pod_ip());
+        let listener = tokio::net::TcpListener::bind((server_ip, 0)).await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(crate::load::serve_app(listener));
+        let peer = Peer::start(&haproxy, client_ip, server_ip, app, Hop::Http1).await;
+        assert!(peer.is_ok(), "{:?}", peer.err());
+    }
 }

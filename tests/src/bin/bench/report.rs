@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::load::{Latencies, Load, Protocol, LANES, SLOW_CLIENTS};
 use crate::mesh_size::Memory;
+use crate::peer::Hop;
 use crate::{Figures, Options, Path, Via, WORKERS};
 
 /// CPU (user + system) in seconds of a process so far, from /proc.
@@ -213,7 +214,7 @@ pub fn json(paths: &[Path], figures: &[Figures], opts: &Options, peer: Option<&s
         "config".into(),
         json!({"rounds": opts.rounds, "seconds": opts.seconds, "rates": opts.rates,
                "quick": opts.quick, "lanes": LANES, "slow_clients": SLOW_CLIENTS,
-               "workers": WORKERS, "peer": peer,
+               "workers": WORKERS, "peer": peer, "peer_hop": opts.peer_hop.name(),
                "proxy": opts.proxy.as_ref().map_or("built in".into(), |p| p.display().to_string())}),
     );
     Value::Object(out)
@@ -279,10 +280,14 @@ pub fn markdown(paths: &[Path], figures: &[Figures], opts: &Options, peer: Optio
         );
     }
     out += &format!(
-        "\n{} rounds of {} s, medians; open-loop latency from intended send time; peer: {}\n",
+        "\n{} rounds of {} s, medians; open-loop latency from intended send time; peer: {}{}\n",
         opts.rounds,
         opts.seconds,
         peer.unwrap_or("skipped (haproxy not found)"),
+        match opts.peer_hop {
+            Hop::Http2 => "",
+            Hop::Http1 => " (HTTP/1.1 between the two for HTTP/1.1 clients)",
+        },
     );
     out
 }
