@@ -300,7 +300,7 @@ fn write_certificates(dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    /// The ALPN lines of a rendered configuration, in order.
+    /// The ALPN protocols a rendered configuration offers, line by line.
     fn alpns(config: &str) -> Vec<&str> {
         config
             .lines()
