@@ -185,7 +185,7 @@ fn h2c(protocol: Protocol) -> &'static str {
 
 /// What the TLS hop between the two HAProxies speaks for HTTP/1.1 clients
 /// (`--peer-hop`); HTTP/2 clients' requests always cross it as HTTP/2.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum Hop {
     /// As between sidecars, and the default.
     Http2,
