@@ -5,19 +5,17 @@
 //! flushes before it queues the next frame, so a batch of 1 KiB responses
 //! was a flush, a `writev` and (over TLS) a record per frame. HTTP/2
 //! connections write through [`Coalesced`] instead, and are driven through
-//! [`Batch::drive`]: while the connection is polled, the first flush writes
-//! (a lone response is written at once, as before) and any later one only
-//! notes that bytes are held; when the poll ends, the driver polls once
-//! more with flushes let through, and h2's flush at the end of that poll
-//! writes the rest of the batch at once (over TLS, as full-size records).
-//! A batch of responses is two writes, not one per response.
+//! [`Batch::drive`]: while the connection is polled, its flushes only note
+//! that bytes are held; when the poll ends, the driver writes what is held
+//! (over TLS, as full-size records) and flushes. A batch of responses is
+//! one write, and a lone response is written as the poll that made it
+//! ends (after h2 has read the socket dry, not later).
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -53,86 +51,106 @@ fn return_buffer(mut buffer: Vec<u8>) {
 }
 
 /// An I/O whose writes wait in a buffer (at most [`LIMIT`]) for a flush
-/// outside the driver's poll.
-pub struct Coalesced<T> {
+/// outside the driver's poll, or for the poll's end.
+pub struct Coalesced<T>(Arc<Mutex<Held<T>>>);
+
+/// What the connection (through [`Coalesced`]) and its driver ([`Batch`])
+/// share. Only the connection's own task touches it, one at a time: the
+/// lock is never contended.
+struct Held<T> {
     inner: T,
     held: Vec<u8>,
     /// How much of `held` is already written.
     written: usize,
-    gate: Arc<Gate>,
-}
-
-/// What a [`Coalesced`] I/O and the future that drives it share. Only the
-/// connection's own task touches either, so `Relaxed` is enough.
-#[derive(Default)]
-struct Gate {
-    /// The driver is polling: flushes after the first are put off.
-    polling: AtomicBool,
-    /// A flush wrote during this poll.
-    flushed: AtomicBool,
-    /// A flush was put off during this poll.
-    put_off: AtomicBool,
+    /// The driver is polling the connection: flushes are put off.
+    polling: bool,
+    /// Bytes went to `inner` since it was last flushed (a TLS stream may
+    /// still hold them as records).
+    unflushed: bool,
+    /// What writing a batch at a poll's end failed with, for the
+    /// connection's next use of its I/O (so h2 learns of it).
+    failed: Option<io::Error>,
 }
 
 impl<T> Coalesced<T> {
     pub fn new(inner: T) -> Self {
-        Self {
+        Self(Arc::new(Mutex::new(Held {
             inner,
             held: Vec::new(),
             written: 0,
-            gate: Arc::default(),
-        }
+            polling: false,
+            unflushed: false,
+            failed: None,
+        })))
     }
 
     /// What drives the connection over this I/O.
-    pub fn batch(&self) -> Batch {
-        Batch(self.gate.clone())
+    pub fn batch(&self) -> Batch<T> {
+        Batch(self.0.clone())
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held<T>> {
+        lock(&self.0)
     }
 }
 
-/// Drives the future that writes to one [`Coalesced`] I/O.
-pub struct Batch(Arc<Gate>);
+/// Nothing panics while holding the lock but the connection's own I/O,
+/// after which the connection is gone anyway.
+fn lock<T>(held: &Mutex<Held<T>>) -> MutexGuard<'_, Held<T>> {
+    held.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-impl Batch {
-    /// `future`, polled so that what it flushes after its first flush in a
-    /// poll is written once at the poll's end. Its writes must be followed
-    /// by a flush in the same poll (h2 flushes at the end of every poll).
-    pub fn drive<F: Future>(self, future: F) -> Batched<F> {
+/// Drives the future that writes to one [`Coalesced`] I/O.
+pub struct Batch<T>(Arc<Mutex<Held<T>>>);
+
+impl<T> Batch<T> {
+    /// `future`, polled so that what it flushes during a poll is written
+    /// once, when the poll ends.
+    pub fn drive<F: Future>(self, future: F) -> Batched<F, T> {
         Batched {
             future,
-            gate: self.0,
+            held: self.0,
         }
     }
 }
 
 pin_project_lite::pin_project! {
     /// See [`Batch::drive`].
-    pub struct Batched<F> {
+    pub struct Batched<F, T> {
         #[pin]
         future: F,
-        gate: Arc<Gate>,
+        held: Arc<Mutex<Held<T>>>,
     }
 }
 
-impl<F: Future> Future for Batched<F> {
+impl<F: Future, T: AsyncWrite + Unpin> Future for Batched<F, T> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let mut this = self.project();
-        this.gate.polling.store(true, Relaxed);
-        this.gate.flushed.store(false, Relaxed);
-        let poll = this.future.as_mut().poll(cx);
-        this.gate.polling.store(false, Relaxed);
-        if poll.is_ready() || !this.gate.put_off.swap(false, Relaxed) {
+        let this = self.project();
+        lock(this.held).polling = true;
+        let poll = this.future.poll(cx);
+        let mut held = lock(this.held);
+        held.polling = false;
+        if poll.is_ready() || !held.owes_a_flush() {
             return poll;
         }
-        // Once more, flushes let through: the held batch is written now
-        // (or waits for the socket, which then wakes this task).
-        this.future.poll(cx)
+        // The batch goes out now. A full socket wakes this task when it
+        // has room, and the rest goes at the end of that poll.
+        if let Poll::Ready(Err(error)) = held.poll_flush_held(cx) {
+            // The connection is broken: what is held is dropped, and the
+            // connection, polled again at once, learns why.
+            held.held.clear();
+            held.written = 0;
+            held.unflushed = false;
+            held.failed = Some(error);
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 }
 
-impl<T: AsyncWrite + Unpin> Coalesced<T> {
+impl<T: AsyncWrite + Unpin> Held<T> {
     /// Writes out everything held.
     fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.held.len() {
@@ -141,12 +159,37 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.written += n;
+            self.unflushed = true;
         }
         if self.held.capacity() > 0 {
             return_buffer(std::mem::take(&mut self.held));
         }
         self.written = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Writes out everything held, then flushes the I/O (a TLS stream
+    /// writes its records).
+    fn poll_flush_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_held(cx))?;
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.unflushed = false;
+        Poll::Ready(Ok(()))
+    }
+
+    fn owes_a_flush(&self) -> bool {
+        self.unflushed || self.written < self.held.len()
+    }
+
+    /// A write too large to hold, straight to `inner`.
+    fn poll_write_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        slices: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, slices))?;
+        self.unflushed = true;
+        Poll::Ready(Ok(n))
     }
 
     /// Makes room for `len` more bytes; `false` when they are better
@@ -165,17 +208,25 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
     }
 }
 
+impl<T> Held<T> {
+    /// The error a batch's write failed with, once.
+    fn take_failure(&mut self) -> io::Result<()> {
+        self.failed.take().map_or(Ok(()), Err)
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if !ready!(this.poll_room(cx, data.len()))? {
-            return Pin::new(&mut this.inner).poll_write(cx, data);
+        let mut held = self.held();
+        held.take_failure()?;
+        if !ready!(held.poll_room(cx, data.len()))? {
+            return held.poll_write_through(cx, &[IoSlice::new(data)]);
         }
-        this.held.extend_from_slice(data);
+        held.held.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
     }
 
@@ -184,13 +235,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         cx: &mut Context<'_>,
         slices: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
+        let mut held = self.held();
+        held.take_failure()?;
         let len = slices.iter().map(|s| s.len()).sum();
-        if !ready!(this.poll_room(cx, len))? {
-            return Pin::new(&mut this.inner).poll_write_vectored(cx, slices);
+        if !ready!(held.poll_room(cx, len))? {
+            return held.poll_write_through(cx, slices);
         }
         for slice in slices {
-            this.held.extend_from_slice(slice);
+            held.held.extend_from_slice(slice);
         }
         Poll::Ready(Ok(len))
     }
@@ -202,22 +254,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.gate.polling.load(Relaxed) && this.written < this.held.len() {
-            // The first flush of a poll writes: most polls have one.
-            if this.gate.flushed.swap(true, Relaxed) {
-                this.gate.put_off.store(true, Relaxed);
-                return Poll::Ready(Ok(()));
-            }
+        let mut held = self.held();
+        held.take_failure()?;
+        if held.polling {
+            // Written when the driver's poll ends.
+            return Poll::Ready(Ok(()));
         }
-        ready!(this.poll_write_held(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        held.poll_flush_held(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_write_held(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        let mut held = self.held();
+        held.take_failure()?;
+        ready!(held.poll_write_held(cx))?;
+        Pin::new(&mut held.inner).poll_shutdown(cx)
     }
 }
 
@@ -227,7 +277,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesced<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let mut held = self.held();
+        held.take_failure()?;
+        Pin::new(&mut held.inner).poll_read(cx, buf)
     }
 }
 
@@ -261,17 +313,46 @@ mod tests {
         }
     }
 
+    /// A connection whose writes fail.
+    struct Broken;
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl<T> Coalesced<T> {
+        fn inner<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+            f(&self.held().inner)
+        }
+    }
+
     #[tokio::test]
     async fn writes_until_a_flush_are_one_write_and_large_ones_go_straight_through() {
         let mut io = Coalesced::new(Counting::default());
         for frame in 0..10u8 {
             io.write_all(&[frame; 1033]).await.unwrap();
         }
-        assert_eq!(io.inner.writes, 0, "nothing is written before a flush");
-        io.flush().await.unwrap();
-        assert_eq!(io.inner.writes, 1);
         assert_eq!(
-            io.held.capacity(),
+            io.inner(|c| c.writes),
+            0,
+            "nothing is written before a flush"
+        );
+        io.flush().await.unwrap();
+        assert_eq!(io.inner(|c| c.writes), 1);
+        assert_eq!(
+            io.held().held.capacity(),
             0,
             "a flushed connection holds no buffer"
         );
@@ -281,17 +362,21 @@ mod tests {
             io.write_all(&[frame; 1033]).await.unwrap();
         }
         io.flush().await.unwrap();
-        assert_eq!(io.inner.writes, 1 + 3, "40 KiB in three writes");
+        assert_eq!(io.inner(|c| c.writes), 1 + 3, "40 KiB in three writes");
 
         io.write_all(&[7; LIMIT + 1]).await.unwrap();
-        assert_eq!(io.inner.writes, 5, "a large write is not held");
+        assert_eq!(io.inner(|c| c.writes), 5, "a large write is not held");
 
         let expected: Vec<u8> = (0..10u8)
             .flat_map(|f| [f; 1033])
             .chain((0..40u8).flat_map(|f| [f; 1033]))
             .chain([7; LIMIT + 1])
             .collect();
-        assert_eq!(io.inner.bytes, expected, "every byte, in order");
+        assert_eq!(
+            io.inner(|c| c.bytes.clone()),
+            expected,
+            "every byte, in order"
+        );
     }
 
     #[tokio::test]
@@ -305,15 +390,59 @@ mod tests {
                     io.write_all(&[frame; 1033]).await.unwrap();
                     io.flush().await.unwrap();
                 }
-                assert_eq!(io.inner.writes, 1, "flushes after the first are put off");
-                // The poll ends here; the driver's second poll lets the
-                // flush at its end through.
+                assert_eq!(io.inner(|c| c.writes), 0, "flushes are put off");
+                // The poll ends here, and the driver writes the batch.
                 tokio::task::yield_now().await;
+                assert_eq!(io.inner(|c| c.writes), 1, "eight frames, one write");
+                assert_eq!(io.inner(|c| c.bytes.len()), 8 * 1033);
                 io.flush().await.unwrap();
-                assert_eq!(io.inner.writes, 2, "eight frames, two writes");
-                assert_eq!(io.inner.bytes.len(), 8 * 1033);
+                tokio::task::yield_now().await;
+                assert_eq!(io.inner(|c| c.writes), 1, "nothing more to write");
             })
             .await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_to_go_out_fails_the_connections_next_use_of_its_io() {
+        let mut io = Coalesced::new(Broken);
+        let batch = io.batch();
+        batch
+            .drive(async move {
+                io.write_all(b"frame").await.unwrap();
+                io.flush().await.unwrap();
+                tokio::task::yield_now().await;
+                let error = io.flush().await.unwrap_err();
+                assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+                assert!(
+                    io.held().held.is_empty(),
+                    "a broken connection holds nothing"
+                );
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_driven_connection_gets_every_byte_to_a_slow_reader_in_order() {
+        let (client, mut server) = tokio::io::duplex(100);
+        let mut io = Coalesced::new(client);
+        let batch = io.batch();
+        let writer = tokio::spawn(batch.drive(async move {
+            for i in 0..5_000u32 {
+                io.write_all(&i.to_be_bytes()).await.unwrap();
+                if i % 7 == 0 {
+                    io.flush().await.unwrap();
+                }
+            }
+            // Put off, as the flushes before it: written as polls end
+            // while the reader makes room, and by the shutdown.
+            io.flush().await.unwrap();
+            io.shutdown().await.unwrap();
+        }));
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        writer.await.unwrap();
+        let expected: Vec<u8> = (0..5_000u32).flat_map(u32::to_be_bytes).collect();
+        assert_eq!(received, expected);
     }
 
     #[tokio::test]
